@@ -1,0 +1,5 @@
+"""User-facing errors: one clear line, never a traceback."""
+
+
+class GlimpseError(Exception):
+    """An error caused by the user's input (a file, a flag, a recipe); its message is shown as one line."""
