@@ -1,0 +1,85 @@
+"""Dual-encoder training-step throughput as a fraction of this machine's matmul rate.
+
+Measures, in one run and at the same precision, (a) the achieved GFLOP/s of a full CLIP
+training step (forward, backward, AdamW) at a fixed config, counting FLOPs with torch's
+FlopCounterMode, and (b) the GFLOP/s of a plain torch.matmul of a large square product.
+Prints the ratio for fp32 and for bf16 autocast.
+
+    python bench/train_throughput.py [--steps 10] [--batch 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from glimpse.models.dual_encoder import DualEncoder, DualEncoderConfig
+from glimpse.models.text import TextConfig
+from glimpse.models.vision import VisionConfig
+from glimpse.train.objectives import clip_loss
+
+# the fixed config: shapes-clip's towers at a width where matmuls dominate
+CONFIG = DualEncoderConfig(
+    vision=VisionConfig(image_size=64, patch_size=8, width=384, layers=6, heads=6),
+    text=TextConfig(vocab_size=1024, context_length=32, width=384, layers=4, heads=6),
+    embed_dim=256,
+)
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def train_step_gflops(precision: str, batch: int, steps: int) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model = DualEncoder(CONFIG)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    pixels = torch.randn(batch, 3, 64, 64)
+    ids = torch.randint(0, 1024, (batch, CONFIG.text.context_length))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            out = model(pixels, ids)
+            loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
+        loss.backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    for _ in range(2):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dt = (time.perf_counter() - t) / steps
+    return flops / dt / 1e9, batch / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=128)
+    a = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; config: ViT {CONFIG.vision.width}x"
+          f"{CONFIG.vision.layers} on 64px/8, text {CONFIG.text.width}x{CONFIG.text.layers}, batch {a.batch}")
+    print(f"{'precision':<10}{'step GFLOP/s':>14}{'samples/s':>11}{'matmul GFLOP/s':>16}{'ratio':>8}")
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        ref = matmul_gflops(dtype)
+        achieved, sps = train_step_gflops(precision, a.batch, a.steps)
+        print(f"{precision:<10}{achieved:>14.1f}{sps:>11.1f}{ref:>16.1f}{achieved / ref:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

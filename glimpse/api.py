@@ -1,0 +1,55 @@
+"""`glimpse.load`: a trained run (or one of its checkpoints) as a ready-to-use pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from glimpse.config import recipe_from_dict
+from glimpse.data.images import ImageTransform
+from glimpse.data.tokenizer import Tokenizer
+from glimpse.errors import GlimpseError
+from glimpse.train import checkpoint as ckpt
+
+
+def run_weights(path: str | Path) -> Path:
+    """The model weights of a run folder (its latest checkpoint) or of one checkpoint folder."""
+    p = Path(path)
+    if (p / "model.safetensors").is_file():
+        return p / "model.safetensors"
+    latest = ckpt.latest_checkpoint(p)
+    if latest is None:
+        raise GlimpseError(f"{p} is not a glimpse run: no checkpoints found")
+    return latest / "model.safetensors"
+
+
+def run_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise GlimpseError(f"no such run: {p}")
+    # a checkpoint folder lives at RUN/checkpoints/step_N
+    return p.parent.parent if p.parent.name == "checkpoints" else p
+
+
+def load(path: str | Path, device: str = "cpu"):
+    """Load a glimpse run; returns the family's pipeline (for a dual encoder: embed_images,
+    embed_texts, classify)."""
+    from glimpse.infer.dual import DualEncoderPipeline
+    from glimpse.train.tasks import TASKS
+
+    run = run_dir(path)
+    try:
+        recipe = recipe_from_dict(yaml.safe_load((run / "recipe.yaml").read_text()))
+        preprocess = json.loads((run / "preprocess.json").read_text())
+    except FileNotFoundError as e:
+        raise GlimpseError(f"{run} is not a glimpse run: missing {Path(e.filename).name}") from None
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise GlimpseError(f"{run} has a broken recipe or preprocess file: {str(e).splitlines()[0]}") from None
+    tokenizer = Tokenizer(run / "tokenizer.json")
+    model = TASKS[recipe.family](recipe, run, tokenizer).build_model()
+    ckpt.load_weights(model, run_weights(path))
+    model.to(device).eval()
+    return DualEncoderPipeline(model, tokenizer, ImageTransform.from_dict(preprocess), recipe.data.max_pixels,
+                               recipe.eval.templates)

@@ -1,0 +1,155 @@
+"""The `glimpse` command line.  Every user error is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from glimpse.errors import GlimpseError
+
+
+def cmd_data_shapes(a) -> None:
+    from glimpse.data.world import make_world
+
+    make_world(a.out, seed=a.seed, n_train=a.train, n_val=a.val, n_test=a.test, image_size=a.image_size,
+               shards=a.shards, progress=not a.quiet)
+    print(f"wrote the shapes world to {a.out}")
+
+
+def cmd_train(a) -> None:
+    from glimpse.config import load_recipe
+    from glimpse.train.trainer import train
+
+    recipe = load_recipe(a.recipe, a.set)
+    out = a.out or str(Path("runs") / recipe.name)
+    results = train(recipe, out, resume=a.resume, progress=not a.quiet)
+    if results:
+        print_table(results)
+        print(f"run saved in {out}")
+
+
+def cmd_eval(a) -> None:
+    import glimpse
+    from glimpse.api import run_dir
+    from glimpse.config import load_recipe
+    from glimpse.eval.dual import evaluate
+    from glimpse.train.trainer import data_root
+
+    recipe = load_recipe(run_dir(a.run) / "recipe.yaml", a.set)
+    pipe = glimpse.load(a.run)
+    splits = a.split or recipe.eval.splits
+    results = evaluate(pipe, recipe.data, data_root(recipe, not a.quiet), splits, recipe.eval.templates,
+                       recipe.eval.batch_size)
+    print_table(results)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def cmd_index_build(a) -> None:
+    from glimpse.infer.index import build_index
+
+    n, failures = build_index(a.run, a.images, a.out, progress=not a.quiet)
+    skipped = sum(failures.values())
+    print(f"indexed {n} images into {a.out}" + (f"; skipped {skipped} bad files (" +
+          ", ".join(f"{r} {c}" for r, c in sorted(failures.items())) + ")" if skipped else ""))
+
+
+def cmd_search(a) -> None:
+    from glimpse.infer.index import ImageIndex
+
+    if (a.text is None) == (a.image is None):
+        raise GlimpseError("give a text query or --image QUERY, not both")
+    index = ImageIndex(a.index, a.run)
+    hits = index.search_text(a.text, a.k) if a.text is not None else index.search_image(a.image, a.k)
+    for rank, (path, score) in enumerate(hits, 1):
+        print(f"{rank:3d}  {score:.4f}  {path}")
+
+
+def cmd_demo(a) -> None:
+    from glimpse.demo import run_demo
+
+    run_demo(a.out, progress=not a.quiet)
+
+
+def print_table(results: dict[str, float]) -> None:
+    width = max(len(k) for k in results)
+    for k, v in results.items():
+        print(f"  {k:<{width}}  {v:.4f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glimpse", description="Build, train, evaluate and serve vision-language models.")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="write data sets").add_subparsers(dest="what", required=True)
+    s = data.add_parser("shapes", help="write the synthetic shapes world in real formats")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train", type=int, default=20000)
+    s.add_argument("--val", type=int, default=500)
+    s.add_argument("--test", type=int, default=1000)
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--shards", action="store_true", help="also write WebDataset tar shards")
+    s.set_defaults(func=cmd_data_shapes)
+
+    t = sub.add_parser("train", help="train a recipe")
+    t.add_argument("recipe", help="a recipe YAML file or the name of a shipped one")
+    t.add_argument("--out", help="the run folder (default runs/RECIPE)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run")
+    e.add_argument("run")
+    e.add_argument("--split", action="append", help="split to evaluate (repeatable; default: the recipe's)")
+    e.add_argument("--task", choices=["retrieval"], default="retrieval")
+    e.add_argument("--json", help="also write the figures to this JSON file")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    e.set_defaults(func=cmd_eval)
+
+    idx = sub.add_parser("index", help="image indexes").add_subparsers(dest="what", required=True)
+    b = idx.add_parser("build", help="embed a folder of images into a searchable index")
+    b.add_argument("run")
+    b.add_argument("images")
+    b.add_argument("--out", required=True)
+    b.set_defaults(func=cmd_index_build)
+
+    q = sub.add_parser("search", help="search an image index by text or by image")
+    q.add_argument("index")
+    q.add_argument("text", nargs="?")
+    q.add_argument("--image", help="search by this image instead of text")
+    q.add_argument("--k", type=int, default=5)
+    q.add_argument("--run", help="embed queries with this run instead of the one that built the index")
+    q.set_defaults(func=cmd_search)
+
+    d = sub.add_parser("demo", help="the main job end to end on the shapes world")
+    d.add_argument("--out", default="runs/demo")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except GlimpseError as e:
+        print(f"glimpse: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("glimpse: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        if os.environ.get("GLIMPSE_DEBUG"):
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"glimpse: internal error: {type(e).__name__}: {first} (set GLIMPSE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Recipes: YAML files mapped onto typed dataclasses, with `--set a.b=value` overrides.
+
+A recipe's file name is its name.  Every key is checked: an unknown key is an error that
+lists the valid ones, and a value of the wrong type is an error that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from glimpse.errors import GlimpseError
+from glimpse.models.dual_encoder import DualEncoderConfig
+
+RECIPE_DIR = Path(__file__).parent / "configs"
+
+# family -> the dataclass its `model:` section maps onto
+MODEL_CONFIGS: dict[str, type] = {"dual_encoder": DualEncoderConfig}
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # shapes (generated on first use, cached) | coco | csv | wds
+    root: str | None = None  # shapes: where the world lives (None: the cache); others: base of relative paths
+    format: str = "coco"  # which written format training reads: coco | csv | wds
+    # the shapes world's generator settings (source: shapes)
+    seed: int = 0
+    train_size: int = 20000
+    val_size: int = 500
+    test_size: int = 1000
+    image_size: int = 64
+    # real data (source: coco | csv | wds): split -> annotation json / csv file / shard pattern, and COCO image folders
+    files: dict[str, str] = field(default_factory=dict)
+    images: dict[str, str] = field(default_factory=dict)
+    max_pixels: int = 40_000_000
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 128  # global batch per optimizer step, over all processes and accumulation steps
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    max_consecutive_failures: int = 50  # bad samples in a row before the run stops
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+
+
+@dataclass
+class EvalConfig:
+    splits: list[str] = field(default_factory=lambda: ["test", "test_novel"])
+    during_train: list[str] = field(default_factory=lambda: ["val"])
+    templates: list[str] = field(default_factory=lambda: ["a {}", "a photo of a {}"])
+    batch_size: int = 256
+
+
+@dataclass
+class Recipe:
+    name: str = ""
+    family: str = "dual_encoder"
+    model: Any = None  # the family's config dataclass
+    tokenizer: str | None = None  # a tokenizer.json; None: the shapes world's own
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    init: str | None = None  # start from another run's weights
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless (int -> float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except GlimpseError:
+                pass
+        raise GlimpseError(f"recipe key {key}: expected {tp}, got {value!r}".replace("typing.", ""))
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise GlimpseError(f"recipe key {key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise GlimpseError(f"recipe key {key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        return value
+    raise GlimpseError(f"recipe key {key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls, data: Any, prefix: str = ""):
+    """Build dataclass `cls` from a mapping, refusing unknown keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise GlimpseError(f"recipe section {prefix or '(top)'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise GlimpseError(f"unknown recipe key {key}; valid keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def recipe_from_dict(data: dict, name: str = "") -> Recipe:
+    if not isinstance(data, dict):
+        raise GlimpseError("a recipe must be a YAML mapping")
+    data = dict(data)
+    family = data.get("family", "dual_encoder")
+    if family not in MODEL_CONFIGS:
+        raise GlimpseError(f"unknown family {family!r}; known: {', '.join(MODEL_CONFIGS)}")
+    model = from_dict(MODEL_CONFIGS[family], data.pop("model", None), "model")
+    recipe = from_dict(Recipe, data)
+    recipe.model = model
+    recipe.name = recipe.name or name
+    return recipe
+
+
+def resolve_recipe_path(spec: str) -> Path:
+    """A path to a YAML file, or the name of a shipped recipe (`shapes-clip`)."""
+    p = Path(spec)
+    if p.is_file():
+        return p
+    shipped = RECIPE_DIR / (spec if spec.endswith(".yaml") else spec + ".yaml")
+    if shipped.is_file():
+        return shipped
+    known = ", ".join(sorted(q.stem for q in RECIPE_DIR.glob("*.yaml")))
+    raise GlimpseError(f"no recipe {spec!r}: not a file, nor a shipped recipe ({known})")
+
+
+def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = resolve_recipe_path(str(spec))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise GlimpseError(f"malformed recipe {path}{where}: {getattr(e, 'problem', e)}") from None
+    recipe = recipe_from_dict(data or {}, path.stem)
+    for item in overrides or []:
+        apply_override(recipe, item)
+    return recipe
+
+
+def apply_override(recipe: Recipe, item: str) -> None:
+    """Apply one `a.b=value` (value in YAML syntax) with the same checks as the file."""
+    if "=" not in item:
+        raise GlimpseError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    obj = recipe
+    for i, part in enumerate(parts):
+        prefix = ".".join(parts[:i])
+        if isinstance(obj, dict):  # a free mapping such as data.files: any key is allowed
+            if i != len(parts) - 1:
+                raise GlimpseError(f"recipe key {key}: {prefix} holds plain values")
+            obj[part] = str(value)
+            return
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            raise GlimpseError(f"unknown recipe key {key}; valid keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
+        if i == len(parts) - 1:
+            hint = typing.get_type_hints(type(obj))[part]
+            if hint is Any and dataclasses.is_dataclass(getattr(obj, part)):
+                raise GlimpseError(f"recipe key {key} is a section; set one of its keys")
+            setattr(obj, part, _coerce(value, hint, key))
+        else:
+            obj = getattr(obj, part)
+            if not (dataclasses.is_dataclass(obj) or isinstance(obj, dict)):
+                raise GlimpseError(f"recipe key {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))

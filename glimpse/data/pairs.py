@@ -1,0 +1,86 @@
+"""Image-caption pairs for contrastive training and retrieval evaluation, from any reader.
+
+Bad samples (corrupt, truncated, oversized, missing images) are not fatal in training:
+the dataset reports them, the collate drops them, and the trainer counts them by reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from glimpse.data.formats import ImageText, iter_webdataset, read_coco_captions, read_csv_captions
+from glimpse.data.images import ImageError, ImageTransform, load_image
+from glimpse.errors import GlimpseError
+
+
+def split_files(data_cfg, root: Path, split: str) -> tuple[str, str | None]:
+    """The annotation file (or shard pattern) of `split` and, for COCO, its image folder."""
+    fmt = data_cfg.format
+    if data_cfg.source == "shapes":
+        return {
+            "coco": (str(root / "annotations" / f"captions_{split}.json"), str(root / "images" / split)),
+            "csv": (str(root / f"{split}.csv"), str(root)),
+            "wds": (str(root / "shards" / f"{split}-*.tar"), None),
+        }[fmt]
+    if split not in data_cfg.files:
+        raise GlimpseError(f"no data.files.{split} in the recipe (set it with --set data.files.{split}=PATH)")
+    path = Path(data_cfg.files[split])
+    path = path if path.is_absolute() or not data_cfg.root else Path(data_cfg.root) / path
+    images = data_cfg.images.get(split)
+    if images and data_cfg.root and not Path(images).is_absolute():
+        images = str(Path(data_cfg.root) / images)
+    return str(path), images
+
+
+def load_pairs(data_cfg, root: Path, split: str) -> list[ImageText]:
+    fmt = data_cfg.format if data_cfg.source == "shapes" else data_cfg.source
+    if fmt not in ("coco", "csv", "wds"):
+        raise GlimpseError(f"unknown data format {fmt!r}; use coco, csv or wds")
+    files, images = split_files(data_cfg, root, split)
+    if fmt == "coco":
+        return read_coco_captions(files, images or Path(files).parent)
+    if fmt == "csv":
+        return read_csv_captions(files, images)
+    return list(iter_webdataset(files))
+
+
+class PairDataset(Dataset):
+    """Items are (index, caption choice) pairs, so the sampler alone decides what is read:
+    that is what makes a resumed run read exactly the samples an uninterrupted one would."""
+
+    def __init__(self, items: list[ImageText], transform: ImageTransform, max_pixels: int):
+        self.items, self.transform, self.max_pixels = items, transform, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        idx, choice = key
+        item = self.items[idx]
+        caption = item.captions[choice % len(item.captions)]
+        name = item.image_id if isinstance(item.image, bytes) else None
+        try:
+            pixels = self.transform(load_image(item.image, max_pixels=self.max_pixels, name=name))
+        except ImageError as e:
+            return {"error": e.reason, "message": str(e)}
+        return {"pixel_values": pixels, "caption": caption}
+
+
+class PairCollate:
+    """Stacks the good samples, tokenises their captions, and reports the bad ones in order."""
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer, self.context_length = tokenizer, context_length
+
+    def __call__(self, samples: list[dict]) -> dict:
+        good = [s for s in samples if "error" not in s]
+        batch: dict = {"status": [s.get("error") for s in samples],
+                       "messages": [s["message"] for s in samples if "error" in s]}
+        if good:
+            batch["pixel_values"] = torch.stack([s["pixel_values"] for s in good])
+            batch["input_ids"], batch["attention_mask"] = self.tokenizer.batch(
+                [s["caption"] for s in good], self.context_length)
+        return batch

@@ -1,0 +1,102 @@
+"""Tokenizers: any Hugging Face `tokenizer.json`, through the `tokenizers` library.
+
+glimpse trains a small byte-level BPE tokenizer for the shapes world and saves it in the
+same format, so a real tokenizer.json and ours are used by the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+from glimpse.errors import GlimpseError
+
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<image>", "<unk>"]
+# Names other tokenizer families use for the same roles, tried in order.
+ROLE_NAMES = {
+    "pad": ["<pad>", "[PAD]", "<|endoftext|>", "<|finetune_right_pad_id|>"],
+    "bos": ["<bos>", "<s>", "[CLS]", "<|startoftext|>", "<|begin_of_text|>", "<|im_start|>"],
+    "eos": ["<eos>", "</s>", "[SEP]", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>"],
+    "image": ["<image>"],
+}
+
+
+def train_tokenizer(texts: Iterable[str], path: str | Path, vocab_size: int = 1024) -> Tokenizer:
+    """Train a lowercase byte-level BPE on `texts` and save it as tokenizer.json."""
+    tok = HFTokenizer(models.BPE())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return Tokenizer(path)
+
+
+class Tokenizer:
+    """A tokenizer.json plus the ids of its special roles and batch encoding to tensors."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise GlimpseError(f"no tokenizer at {path}")
+        try:
+            self.hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises plain Exceptions with long texts
+            raise GlimpseError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
+        self.path = path
+        self.hf.no_padding()
+        self.hf.no_truncation()
+        vocab = self.hf.get_vocab()
+        self.ids = {role: next((vocab[n] for n in names if n in vocab), None) for role, names in ROLE_NAMES.items()}
+        if self.ids["pad"] is None:
+            self.ids["pad"] = self.ids["eos"] if self.ids["eos"] is not None else 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    @property
+    def pad_id(self) -> int:
+        return self.ids["pad"]
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        if add_bos and self.ids["bos"] is not None:
+            ids = [self.ids["bos"], *ids]
+        if add_eos and self.ids["eos"] is not None:
+            ids = [*ids, self.ids["eos"]]
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special)
+
+    def batch(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded [B, T] input_ids and attention_mask for a text tower: bos + text + eos,
+        truncated to `max_length` with the eos kept (the EOS-pooling towers read it)."""
+        rows = []
+        for t in texts:
+            ids = self.encode(t, add_bos=True, add_eos=True)
+            if len(ids) > max_length:
+                ids = ids[: max_length - 1] + ids[-1:]
+            rows.append(ids)
+        T = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return input_ids, mask

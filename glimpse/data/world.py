@@ -1,0 +1,67 @@
+"""Where a recipe's data lives: the shapes world is generated on first use and cached.
+
+The cache key holds every generator setting, and generation goes to a temporary folder
+that is renamed into place, so a half-written world is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from glimpse.data.tokenizer import train_tokenizer
+from glimpse.errors import GlimpseError
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GLIMPSE_CACHE", Path.home() / ".cache" / "glimpse"))
+
+
+def make_world(out: str | Path, *, seed: int, n_train: int, n_val: int, n_test: int, image_size: int,
+               shards: bool = False, progress: bool = True) -> Path:
+    """Generate the shapes world into `out` and train its tokenizer on the training captions."""
+    from glimpse.data.formats import read_coco_captions
+    from glimpse.data.shapes import generate_shapes
+
+    out = Path(out)
+    generate_shapes(out, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size,
+                    shards=shards, progress=progress)
+    items = read_coco_captions(out / "annotations" / "captions_train.json", out / "images" / "train")
+    train_tokenizer((c for it in items for c in it.captions), out / "tokenizer.json")
+    return out
+
+
+def ensure_shapes(data_cfg, progress: bool = True) -> Path:
+    """The root of the recipe's shapes world, generated now if it is not there yet."""
+    c = data_cfg
+    if c.root:
+        root = Path(c.root).expanduser()
+        if (root / "world.json").is_file():
+            return root
+        if root.exists() and any(root.iterdir()):
+            raise GlimpseError(f"data.root {root} exists but holds no shapes world (no world.json)")
+    else:
+        root = cache_dir() / f"shapes-s{c.seed}-n{c.train_size}-{c.val_size}-{c.test_size}-px{c.image_size}"
+        if (root / "world.json").is_file():
+            return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root.parent))
+    try:
+        make_world(tmp, seed=c.seed, n_train=c.train_size, n_val=c.val_size, n_test=c.test_size,
+                   image_size=c.image_size, shards=c.format == "wds", progress=progress)
+        if root.exists():
+            root.rmdir()  # an empty folder the user named
+        os.rename(tmp, root)
+    except OSError:
+        if not (root / "world.json").is_file():  # lost a race to another process: theirs is complete
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def world_info(root: Path) -> dict:
+    return json.loads((Path(root) / "world.json").read_text())

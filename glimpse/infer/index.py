@@ -1,0 +1,79 @@
+"""Image search: embeddings of a folder of images in a FAISS inner-product index.
+
+An index folder holds `index.faiss`, `paths.json` (one entry per vector, in order) and
+`meta.json` (the run that embedded them), so a search embeds the query with the same model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from glimpse.errors import GlimpseError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif"}
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise GlimpseError(f"no such image folder: {folder}")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def build_index(run: str | Path, image_dir: str | Path, out: str | Path, batch_size: int = 128,
+                progress: bool = True) -> tuple[int, Counter]:
+    """Embed every image under `image_dir`; bad files are skipped, reported and counted by reason."""
+    import faiss
+
+    import glimpse
+
+    paths = find_images(image_dir)
+    if not paths:
+        raise GlimpseError(f"no images (png, jpg, webp, gif) under {image_dir}")
+    pipe = glimpse.load(run)
+    with tqdm(total=len(paths), desc="embedding", unit="img", disable=not progress) as bar:
+        emb, good, failures = pipe.embed_image_stream(paths, batch_size, skip_bad=True, progress=bar)
+    if not good:
+        raise GlimpseError(f"none of the {len(paths)} images under {image_dir} could be read")
+    index = faiss.IndexFlatIP(emb.shape[1])
+    index.add(np.ascontiguousarray(emb.numpy(), dtype=np.float32))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(out / "index.faiss"))
+    (out / "paths.json").write_text(json.dumps([str(paths[i].resolve()) for i in good]))
+    (out / "meta.json").write_text(json.dumps({"run": str(Path(run).resolve()), "count": len(good),
+                                               "dim": int(emb.shape[1]), "skipped": dict(failures)}))
+    return len(good), failures
+
+
+class ImageIndex:
+    def __init__(self, folder: str | Path, run: str | Path | None = None):
+        import faiss
+
+        import glimpse
+
+        folder = Path(folder)
+        try:
+            self.meta = json.loads((folder / "meta.json").read_text())
+            self.paths = json.loads((folder / "paths.json").read_text())
+            self.index = faiss.read_index(str(folder / "index.faiss"))
+        except FileNotFoundError as e:
+            raise GlimpseError(f"{folder} is not an image index: missing {Path(e.filename).name}") from None
+        except (json.JSONDecodeError, RuntimeError) as e:
+            raise GlimpseError(f"broken image index {folder}: {str(e).splitlines()[0]}") from None
+        self.pipe = glimpse.load(run or self.meta["run"])
+
+    def search_text(self, text: str, k: int = 5) -> list[tuple[str, float]]:
+        return self._search(self.pipe.embed_texts([text]), k)
+
+    def search_image(self, image, k: int = 5) -> list[tuple[str, float]]:
+        return self._search(self.pipe.embed_images([image]), k)
+
+    def _search(self, query, k: int) -> list[tuple[str, float]]:
+        scores, ids = self.index.search(np.ascontiguousarray(query.numpy(), dtype=np.float32), min(k, len(self.paths)))
+        return [(self.paths[i], float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]

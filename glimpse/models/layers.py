@@ -1,0 +1,117 @@
+"""Transformer building blocks shared by every tower: attention, MLP, pre-norm block, pooling heads.
+
+Attention always goes through `scaled_dot_product_attention`. Linear layers keep the
+shapes of Hugging Face's CLIP/SigLIP so that their checkpoints map in without reshaping,
+except that q, k and v are fused into one `qkv` projection (one matmul instead of three);
+the checkpoint mapper concatenates them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    # OpenAI CLIP's sigmoid approximation of GELU
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (or cross-attention when `context` is given)."""
+
+    def __init__(self, dim: int, heads: int, bias: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.out = nn.Linear(dim, dim, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, D]
+        mask: torch.Tensor | None = None,  # bool [B, 1, T|1, S], True = attend
+        causal: bool = False,
+    ) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, hd]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, as in CLIP and SigLIP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu", eps: float = 1e-5):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads)
+        self.ln2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), act)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), mask, causal)
+        return x + self.mlp(self.ln2(x))
+
+
+class AttentionPool(nn.Module):
+    """SigLIP's multihead attention pooling ("MAP") head: one learned probe attends over all tokens."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu_tanh", eps: float = 1e-6):
+        super().__init__()
+        self.heads = heads
+        self.probe = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.ln = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, D]
+        B, T, D = x.shape
+        hd = D // self.heads
+        q = self.q(self.probe.expand(B, -1, -1)).view(B, 1, self.heads, hd).transpose(1, 2)
+        k, v = self.kv(x).view(B, T, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D)
+        y = self.out(y)
+        y = y + self.mlp(self.ln(y))
+        return y[:, 0]
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Truncated-normal linear/embedding weights and zero biases: the usual ViT/CLIP start."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def scaled_residual_init(blocks: nn.ModuleList) -> None:
+    """GPT-2's trick: shrink the output projections feeding the residual stream by 1/sqrt(2·layers)."""
+    scale = 1.0 / math.sqrt(2 * max(len(blocks), 1))
+    for b in blocks:
+        b.attn.out.weight.data.mul_(scale)
+        b.mlp.fc2.weight.data.mul_(scale)

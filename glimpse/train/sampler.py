@@ -1,0 +1,58 @@
+"""A deterministic, resumable stream of sample keys.
+
+Global position p of the infinite stream maps to epoch p // N and a seeded permutation
+of that epoch, so any step's batch can be computed from the step number alone: resuming
+needs no saved iterator state, and every process takes its own contiguous slice of each
+global batch, which is what makes a two-process step see the same global batch as one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+class StepBatchSampler(Sampler):
+    def __init__(self, n_items: int, global_batch: int, *, seed: int, start_step: int = 0, rank: int = 0,
+                 world_size: int = 1, grad_accum: int = 1, max_steps: int | None = None):
+        per_micro, rest = divmod(global_batch, world_size * grad_accum)
+        if rest or per_micro == 0:
+            raise ValueError(f"train.batch_size {global_batch} must be a multiple of processes x grad_accum "
+                             f"({world_size} x {grad_accum})")
+        if n_items == 0:
+            raise ValueError("the training set is empty")
+        self.n, self.B, self.seed = n_items, global_batch, seed
+        self.start, self.max_steps = start_step, max_steps
+        self.rank, self.accum, self.micro = rank, grad_accum, per_micro
+        self._epoch, self._perm, self._choice = -1, None, None
+
+    def _epoch_arrays(self, epoch: int):
+        if epoch != self._epoch:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
+            self._perm = rng.permutation(self.n)
+            self._choice = rng.integers(0, 2**31 - 1, self.n)  # which caption of the item
+            self._epoch = epoch
+        return self._perm, self._choice
+
+    def keys(self, positions: range) -> list[tuple[int, int]]:
+        out = []
+        for p in positions:
+            perm, choice = self._epoch_arrays(p // self.n)
+            out.append((int(perm[p % self.n]), int(choice[p % self.n])))
+        return out
+
+    def step_batches(self, step: int) -> list[list[tuple[int, int]]]:
+        """This process's micro-batches of one optimizer step."""
+        base = step * self.B + self.rank * self.micro * self.accum
+        return [self.keys(range(base + m * self.micro, base + (m + 1) * self.micro)) for m in range(self.accum)]
+
+    def __iter__(self):
+        step = self.start
+        while self.max_steps is None or step < self.max_steps:
+            yield from self.step_batches(step)
+            step += 1
+
+    def __len__(self) -> int:
+        if self.max_steps is None:
+            raise TypeError("an endless sampler has no length")
+        return (self.max_steps - self.start) * self.accum

@@ -1,0 +1,210 @@
+"""The training loop every family shares.
+
+AdamW with warmup + cosine, gradient accumulation and clipping, optional bf16 autocast,
+DDP under torchrun, periodic evaluation, atomic checkpoints and exact resume.  A run
+folder holds: recipe.yaml, tokenizer.json, metrics.jsonl, loss.png, eval.json and
+checkpoints/step_*/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from glimpse.config import Recipe, save_recipe
+from glimpse.data.tokenizer import Tokenizer
+from glimpse.data.world import ensure_shapes
+from glimpse.errors import GlimpseError
+from glimpse.train import checkpoint as ckpt
+from glimpse.train.distributed import all_reduce_mean, barrier, init_distributed
+from glimpse.train.plots import plot_metrics
+from glimpse.train.sampler import StepBatchSampler
+from glimpse.train.tasks import TASKS
+
+FAILURE_REASONS = ("missing", "format", "truncated", "corrupt", "oversized")
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup to lr, then a cosine down to lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def data_root(recipe: Recipe, progress: bool = True) -> Path:
+    if recipe.data.source == "shapes":
+        return ensure_shapes(recipe.data, progress)
+    return Path(recipe.data.root or ".")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, embeddings' positions and the temperature (as open_clip)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "pos_embed" in name or "token" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl, one JSON record per line; on resume, records past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(k + "\n" for k in keep))
+        elif enabled:
+            path.write_text("")
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train `recipe` into the run folder `out`; returns the final evaluation."""
+    dist_info = init_distributed()
+    main = dist_info.is_main
+    tc = recipe.train
+    out = Path(out)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
+
+    existing = ckpt.latest_checkpoint(out)
+    if existing is not None and not resume:
+        raise GlimpseError(f"{out} already holds a run (last checkpoint {existing.name}); "
+                           "pass --resume to continue it, or choose another --out")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        root = data_root(recipe, progress)
+    barrier()  # the other processes wait for the data the main one generated
+    if not main:
+        root = data_root(recipe, False)
+    tok_path = Path(recipe.tokenizer) if recipe.tokenizer else root / "tokenizer.json"
+    tokenizer = Tokenizer(tok_path)
+    task = TASKS[recipe.family](recipe, root, tokenizer)
+
+    torch.manual_seed(tc.seed)
+    model = task.build_model().to(device)
+    if recipe.init:
+        from glimpse.api import run_weights
+
+        ckpt.load_weights(model, run_weights(recipe.init))
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
+    state = {"failures": {}, "bad_in_a_row": 0}
+    start = 0
+    if existing is not None:
+        state = ckpt.load_checkpoint(existing, model, optimizer)
+        start = state["step"]
+        if main:
+            print(f"resuming {out} from step {start}")
+    if main:
+        save_recipe(recipe, out / "recipe.yaml")
+        if tok_path.resolve() != (out / "tokenizer.json").resolve():
+            shutil.copyfile(tok_path, out / "tokenizer.json")
+        (out / "preprocess.json").write_text(json.dumps(task.transform.to_dict()))
+
+    ddp = DistributedDataParallel(model) if dist_info.enabled else None
+    net = ddp or model
+    dataset, collate = task.train_data()
+    sampler = StepBatchSampler(len(dataset), tc.batch_size, seed=tc.seed, start_step=start, rank=dist_info.rank,
+                               world_size=dist_info.world_size, grad_accum=tc.grad_accum, max_steps=tc.max_steps)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=recipe.data.num_workers,
+                        persistent_workers=False, prefetch_factor=4 if recipe.data.num_workers else None)
+    log = MetricsLog(out / "metrics.jsonl", main, start if existing is not None else None)
+    failures = Counter(state["failures"])
+    bad_in_a_row = state["bad_in_a_row"]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
+    bar = tqdm(total=tc.max_steps, initial=start, desc=f"train {recipe.name}", disable=not (main and progress),
+               dynamic_ncols=True, mininterval=1.0)
+
+    batches = iter(loader)
+    step = start
+    model.train()
+    while step < tc.max_steps:
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, tc)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, n_samples = torch.zeros((), device=device), 0
+        for micro in range(tc.grad_accum):
+            batch = next(batches)
+            for status in batch["status"]:
+                if status is None:
+                    bad_in_a_row = 0
+                else:
+                    failures[status] += 1
+                    bad_in_a_row += 1
+            if bad_in_a_row > tc.max_consecutive_failures:
+                raise GlimpseError(f"stopping: {bad_in_a_row} bad samples in a row "
+                                   f"(last: {batch['messages'][-1]}); check the data")
+            if "pixel_values" not in batch:  # every sample of this micro-batch was bad
+                continue
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            sync = contextlib.nullcontext() if ddp is None or micro == tc.grad_accum - 1 else ddp.no_sync()
+            with sync:
+                with autocast:
+                    loss = task.loss(net, batch)
+                # every process must agree before backward, or DDP's all-reduce would hang
+                if not bool(all_reduce_mean(torch.isfinite(loss.detach()).float()) == 1.0):
+                    raise GlimpseError(f"non-finite loss at step {step} (loss={loss.item()}); stopped before "
+                                       "the optimizer step: lower train.lr or use train.precision=fp32")
+                (loss / tc.grad_accum).backward()
+            loss_sum += loss.detach()
+            n_samples += len(batch["status"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        if not torch.isfinite(grad_norm):
+            raise GlimpseError(f"non-finite gradient at step {step}; stopped before the optimizer step: "
+                               "lower train.lr or use train.precision=fp32")
+        optimizer.step()
+        step += 1
+        dt = time.perf_counter() - t0
+        loss_value = all_reduce_mean(loss_sum / tc.grad_accum).item()
+        throughput = n_samples * dist_info.world_size / dt
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{throughput:.0f}")
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            log.write({"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                       "grad_norm": grad_norm.item(), "samples_per_s": throughput,
+                       **({"bad_samples": dict(failures)} if failures else {})})
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+            if main:
+                figures = task.evaluate(model, recipe.eval.during_train)
+                log.write({"step": step, **figures})
+                bar.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+                model.train()
+            barrier()
+        if step % tc.save_every == 0 or step == tc.max_steps:
+            if main:
+                ckpt.save_checkpoint(out, step, model, optimizer,
+                                     {"failures": dict(failures), "bad_in_a_row": bad_in_a_row}, tc.keep_checkpoints)
+                plot_metrics(out / "metrics.jsonl", out / "loss.png")
+            barrier()
+    bar.close()
+
+    results: dict = {}
+    if main:
+        results = task.evaluate(model, recipe.eval.splits) if recipe.eval.splits else {}
+        log.write({"step": step, **results, "bad_samples": dict(failures)})
+        (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        plot_metrics(out / "metrics.jsonl", out / "loss.png")
+        if failures:
+            print("skipped bad samples: " + ", ".join(f"{r} {n}" for r, n in sorted(failures.items())))
+    barrier()
+    return results

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny shapes world (generated once per test session) and tiny recipes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    from glimpse.data.world import make_world
+
+    out = tmp_path_factory.mktemp("world") / "shapes"
+    make_world(out, seed=0, n_train=160, n_val=24, n_test=40, image_size=32, shards=True, progress=False)
+    return out
+
+
+def tiny_overrides(world: Path, **extra) -> list[str]:
+    """--set items that make shapes-clip tiny and point it at the session's world."""
+    base = {
+        "data.root": str(world), "data.image_size": 32, "data.num_workers": 0,
+        "model.vision.image_size": 32, "model.vision.patch_size": 8, "model.vision.width": 32,
+        "model.vision.layers": 2, "model.vision.heads": 2, "model.text.width": 32, "model.text.layers": 2,
+        "model.text.heads": 2, "model.embed_dim": 16, "train.batch_size": 16, "train.max_steps": 6,
+        "train.warmup_steps": 2, "train.log_every": 1, "train.save_every": 3, "train.eval_every": 0,
+        "eval.batch_size": 64,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture
+def cli_env(tmp_path) -> dict:
+    """Environment for running `python -m glimpse` in a subprocess, with its own cache."""
+    env = dict(os.environ)
+    env["GLIMPSE_CACHE"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("GLIMPSE_DEBUG", None)
+    return env
+
+
+PY = sys.executable
