@@ -52,4 +52,4 @@ def load(path: str | Path, device: str = "cpu"):
     ckpt.load_weights(model, run_weights(path))
     model.to(device).eval()
     return DualEncoderPipeline(model, tokenizer, ImageTransform.from_dict(preprocess), recipe.data.max_pixels,
-                               recipe.eval.templates)
+                               recipe.eval.templates, recipe.eval.prompt_ensemble)

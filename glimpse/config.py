@@ -40,6 +40,10 @@ class DataConfig:
     images: dict[str, str] = field(default_factory=dict)
     max_pixels: int = 40_000_000
     num_workers: int = 2
+    # pixel normalisation; None: CLIP's.  Data sets unlike photos want their own statistics
+    # (the shapes world is ~95% plain background, which CLIP's would map to one large constant)
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
 
 
 @dataclass
@@ -68,6 +72,7 @@ class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["test", "test_novel"])
     during_train: list[str] = field(default_factory=lambda: ["val"])
     templates: list[str] = field(default_factory=lambda: ["a {}", "a photo of a {}"])
+    prompt_ensemble: str = "mean"  # mean (CLIP) | max: how templates combine in zero-shot classification
     batch_size: int = 256
 
 

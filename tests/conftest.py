@@ -45,3 +45,15 @@ def cli_env(tmp_path) -> dict:
 
 
 PY = sys.executable
+
+
+@pytest.fixture(scope="session")
+def tiny_run(world, tmp_path_factory) -> Path:
+    """A tiny dual encoder trained in-process on the session's world (shared, read-only)."""
+    from glimpse.config import load_recipe
+    from glimpse.train.trainer import train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    recipe = load_recipe("shapes-clip", tiny_overrides(world, **{"train.max_steps": 8, "train.eval_every": 4}))
+    train(recipe, out, progress=False)
+    return out

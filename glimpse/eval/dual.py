@@ -27,9 +27,8 @@ def evaluate_split(pipe: DualEncoderPipeline, data_cfg, root: Path, split: str,
     if data_cfg.source == "shapes" and labels_csv.is_file():
         paths, labels, classes = read_labels(labels_csv, root)
         if paths:
-            emb = pipe.embed_images(paths, batch_size)
-            out[f"{split}/zeroshot_acc"] = zeroshot_accuracy(emb, pipe.class_embeddings(classes, templates),
-                                                             torch.tensor(labels))
+            scores = pipe.class_scores(pipe.embed_images(paths, batch_size), classes, templates)
+            out[f"{split}/zeroshot_acc"] = zeroshot_accuracy(scores, torch.tensor(labels))
     return out
 
 

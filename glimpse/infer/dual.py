@@ -18,10 +18,11 @@ DEFAULT_TEMPLATES = ["a {}", "a photo of a {}"]
 
 class DualEncoderPipeline:
     def __init__(self, model: DualEncoder, tokenizer: Tokenizer, transform: ImageTransform,
-                 max_pixels: int = 40_000_000, templates: list[str] | None = None):
+                 max_pixels: int = 40_000_000, templates: list[str] | None = None, ensemble: str = "mean"):
         self.model, self.tokenizer, self.transform = model, tokenizer, transform
         self.max_pixels = max_pixels
         self.templates = templates or DEFAULT_TEMPLATES
+        self.ensemble = ensemble
 
     @property
     def device(self) -> torch.device:
@@ -76,16 +77,25 @@ class DualEncoderPipeline:
         emb = torch.cat(embeds) if embeds else torch.zeros(0, self.model.cfg.embed_dim)
         return emb, good, failures
 
-    def class_embeddings(self, labels: list[str], templates: list[str] | None = None) -> torch.Tensor:
-        """One embedding per label: the normalised mean over prompt templates (CLIP's ensembling)."""
+    def class_scores(self, image_embeds: torch.Tensor, labels: list[str], templates: list[str] | None = None,
+                     ensemble: str | None = None) -> torch.Tensor:
+        """Cosine scores [N, L] of images against labels, over prompt templates.  "mean": CLIP's
+        ensembling (the normalised mean prompt embedding); "max": the best-matching prompt of each
+        label, for templates that spell out different variants (sizes, positions) of one class."""
         templates = templates or self.templates
+        ensemble = ensemble or self.ensemble
+        if ensemble not in ("mean", "max"):
+            raise ValueError(f"prompt ensemble {ensemble!r} must be mean or max")
         emb = self.embed_texts([t.format(label) for label in labels for t in templates])
-        return F.normalize(emb.view(len(labels), len(templates), -1).mean(1), dim=-1)
+        emb = emb.view(len(labels), len(templates), -1)  # [L, T, E]
+        if ensemble == "mean":
+            return image_embeds @ F.normalize(emb.mean(1), dim=-1).T
+        return torch.einsum("ne,lte->nlt", image_embeds, emb).max(-1).values
 
     def classify(self, images: list, labels: list[str], templates: list[str] | None = None,
                  return_probs: bool = False):
         """Zero-shot: the best label for each image (and, if asked, the softmax over labels [N, L])."""
-        sim = self.embed_images(images) @ self.class_embeddings(labels, templates).T
+        sim = self.class_scores(self.embed_images(images), labels, templates)
         probs = (self.model.logit_scale.exp().clamp(max=100).item() * sim).softmax(-1)
         best = [labels[i] for i in probs.argmax(-1).tolist()]
         return (best, probs) if return_probs else best

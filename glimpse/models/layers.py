@@ -8,8 +8,6 @@ the checkpoint mapper concatenates them.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,9 +107,14 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(m.bias)
 
 
-def scaled_residual_init(blocks: nn.ModuleList) -> None:
-    """GPT-2's trick: shrink the output projections feeding the residual stream by 1/sqrt(2·layers)."""
-    scale = 1.0 / math.sqrt(2 * max(len(blocks), 1))
+def clip_init(blocks: nn.ModuleList, width: int) -> None:
+    """CLIP's initialisation of the transformer blocks (as transformers' CLIPPreTrainedModel):
+    std width^-0.5 scaled down by sqrt(2·layers) on the inputs to each residual branch's end.
+    Small fixed stds (0.02) at these widths leave every image's pooled token nearly the same."""
+    layers = max(len(blocks), 1)
+    in_std = width**-0.5 * (2 * layers) ** -0.5
     for b in blocks:
-        b.attn.out.weight.data.mul_(scale)
-        b.mlp.fc2.weight.data.mul_(scale)
+        nn.init.normal_(b.attn.qkv.weight, std=in_std)
+        nn.init.normal_(b.attn.out.weight, std=width**-0.5)
+        nn.init.normal_(b.mlp.fc1.weight, std=(2 * width) ** -0.5)
+        nn.init.normal_(b.mlp.fc2.weight, std=in_std)

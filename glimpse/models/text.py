@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from glimpse.models.layers import Block, init_weights, scaled_residual_init
+from glimpse.models.layers import Block, clip_init, init_weights
 
 
 @dataclass
@@ -45,7 +45,7 @@ class TextTransformer(nn.Module):
         self.final_norm = nn.LayerNorm(D, eps=cfg.eps)
         init_weights(self)
         nn.init.normal_(self.pos_embed, std=0.01)
-        scaled_residual_init(self.blocks)
+        clip_init(self.blocks, D)
 
     def forward_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape  # [B, T]

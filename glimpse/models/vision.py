@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from glimpse.models.layers import AttentionPool, Block, init_weights, scaled_residual_init
+from glimpse.models.layers import AttentionPool, Block, clip_init, init_weights
 
 
 @dataclass
@@ -50,8 +50,8 @@ class VisionTransformer(nn.Module):
         init_weights(self)
         nn.init.normal_(self.pos_embed, std=0.02)
         if self.class_token is not None:
-            nn.init.normal_(self.class_token, std=0.02)
-        scaled_residual_init(self.blocks)
+            nn.init.normal_(self.class_token, std=D**-0.5)
+        clip_init(self.blocks, D)
 
     def forward_features(self, pixel_values: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """All token states [B, T, D]; `layer` (negative counts from the end, as HF's

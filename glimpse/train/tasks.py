@@ -21,7 +21,9 @@ class DualEncoderTask:
     def __init__(self, recipe, root: Path, tokenizer: Tokenizer):
         self.recipe, self.root, self.tokenizer = recipe, root, tokenizer
         self.recipe.model.text.vocab_size = self.recipe.model.text.vocab_size or tokenizer.vocab_size
-        self.transform = ImageTransform(recipe.model.vision.image_size)
+        d = recipe.data
+        stats = {k: tuple(v) for k, v in (("mean", d.image_mean), ("std", d.image_std)) if v is not None}
+        self.transform = ImageTransform(recipe.model.vision.image_size, **stats)
 
     def build_model(self) -> nn.Module:
         return DualEncoder(self.recipe.model)
@@ -37,7 +39,7 @@ class DualEncoderTask:
 
     def pipeline(self, model: DualEncoder) -> DualEncoderPipeline:
         return DualEncoderPipeline(model, self.tokenizer, self.transform, self.recipe.data.max_pixels,
-                                   self.recipe.eval.templates)
+                                   self.recipe.eval.templates, self.recipe.eval.prompt_ensemble)
 
     def evaluate(self, model: DualEncoder, splits: list[str]) -> dict[str, float]:
         e = self.recipe.eval

@@ -1,0 +1,86 @@
+"""The command line as a user meets it: real subprocesses, bad input gets one line and a non-zero exit."""
+
+import subprocess
+
+import pytest
+from conftest import PY
+
+
+def run(args, env, ok=True):
+    r = subprocess.run([PY, "-m", "glimpse", "--quiet", *args], env=env, capture_output=True, text=True, timeout=300)
+    if ok:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def assert_one_line_error(r, fragment):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("glimpse: error:"), r.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def test_data_shapes_writes_every_format(tmp_path, cli_env):
+    out = tmp_path / "w"
+    run(["data", "shapes", "--out", str(out), "--train", "20", "--val", "4", "--test", "6", "--image-size", "32",
+         "--shards"], cli_env)
+    for rel in ("world.json", "tokenizer.json", "train.csv", "labels/classes.txt", "annotations/captions_test.json",
+                "annotations/llava_train.json", "annotations/vqa_questions_val.json", "shards/train-000000.tar"):
+        assert (out / rel).is_file(), rel
+
+
+def test_index_build_and_search_by_text_and_image(tiny_run, world, tmp_path, cli_env):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for p in sorted((world / "images" / "test").glob("*.png"))[:12]:
+        (images / p.name).write_bytes(p.read_bytes())
+    (images / "notes.png").write_text("not an image at all")
+    (images / "cut.png").write_bytes((world / "images" / "test" / "test_000000.png").read_bytes()[:100])
+    r = run(["index", "build", str(tiny_run), str(images), "--out", str(tmp_path / "idx")], cli_env)
+    assert "indexed 12 images" in r.stdout and "skipped 2 bad files" in r.stdout
+    r = run(["search", str(tmp_path / "idx"), "a small red circle", "--k", "3"], cli_env)
+    rows = r.stdout.strip().splitlines()
+    assert len(rows) == 3 and all(row.split()[2].endswith(".png") for row in rows)
+    scores = [float(row.split()[1]) for row in rows]
+    assert scores == sorted(scores, reverse=True)
+    query = images / "test_000003.png"
+    r = run(["search", str(tmp_path / "idx"), "--image", str(query), "--k", "1"], cli_env)
+    assert r.stdout.split()[2].endswith("test_000003.png")  # an image finds itself first
+
+
+def test_eval_writes_flat_json(tiny_run, tmp_path, cli_env):
+    out = tmp_path / "e.json"
+    run(["eval", str(tiny_run), "--split", "test_novel", "--json", str(out)], cli_env)
+    import json
+
+    figures = json.loads(out.read_text())
+    assert "test_novel/t2i_r1" in figures and "test_novel/zeroshot_acc" in figures
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "shapes-clip", "--set", "train.lrr=1"], "valid keys in train"),
+    (["train", "no-such-recipe"], "no recipe 'no-such-recipe'"),
+    (["eval", "/nonexistent/run"], "no such run"),
+    (["search", "/nonexistent/index", "red"], "not an image index"),
+    (["index", "build", "/nonexistent/run", "/nonexistent/dir", "--out", "x"], "no such image folder"),
+])
+def test_bad_input_is_one_clear_line(args, fragment, cli_env, tmp_path):
+    assert_one_line_error(run(args, cli_env, ok=False), fragment)
+
+
+def test_broken_checkpoint_empty_folder_and_reused_out(tiny_run, tmp_path, cli_env):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    weights = broken / "checkpoints" / "step_0000008" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert_one_line_error(run(["eval", str(broken)], cli_env, ok=False), "broken checkpoint")
+
+    images = tmp_path / "empty"
+    images.mkdir()
+    r = run(["index", "build", str(tiny_run), str(images), "--out", str(tmp_path / "i")], cli_env, ok=False)
+    assert_one_line_error(r, "no images")
+    r = run(["train", "shapes-clip", "--out", str(tiny_run)], cli_env, ok=False)
+    assert_one_line_error(r, "already holds a run")

@@ -1,0 +1,74 @@
+"""DDP on 2 CPU processes (gloo): contrastive losses gather negatives across processes."""
+
+import json
+import os
+import socket
+import subprocess
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from conftest import PY, tiny_overrides
+
+from glimpse.train.objectives import clip_loss, siglip_loss
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(8, 6), dim=-1), F.normalize(torch.randn(8, 6), dim=-1)
+    scale, bias = torch.tensor(7.0), torch.tensor(-3.0)
+    out = {}
+    for name, fn in (("clip", lambda i, t: clip_loss(i, t, scale)), ("siglip", lambda i, t: siglip_loss(i, t, scale, bias))):
+        ref_i, ref_t = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        ref = fn(ref_i, ref_t)  # single process, the whole global batch
+        ref.backward()
+        rows = slice(rank * 4, rank * 4 + 4)
+        loc_i, loc_t = img[rows].clone().requires_grad_(), txt[rows].clone().requires_grad_()
+        local = fn(loc_i, loc_t)
+        local.backward()
+        mean = local.detach().clone()
+        dist.all_reduce(mean)
+        # each process's features collect gradient from every process's loss: world x d(mean loss)
+        out[name] = (ref.item(), (mean / world).item(),
+                     torch.allclose(loc_i.grad, world * ref_i.grad[rows], atol=1e-6),
+                     torch.allclose(loc_t.grad, world * ref_t.grad[rows], atol=1e-6))
+    results[rank] = out
+    dist.destroy_process_group()
+
+
+def test_gathered_losses_and_gradients_equal_the_single_process_ones():
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    for rank in range(2):
+        for name, (ref, mean, grad_i_ok, grad_t_ok) in results[rank].items():
+            assert abs(ref - mean) < 1e-5, (name, ref, mean)
+            assert grad_i_ok and grad_t_ok, name
+
+
+def test_torchrun_two_processes_train_like_one(world, tmp_path, cli_env):
+    sets = tiny_overrides(world, **{"train.max_steps": 3, "train.save_every": 3, "eval.splits": "[]",
+                                    "train.threads": 1})
+    args = ["--quiet", "train", "shapes-clip"] + [x for s in sets for x in ("--set", s)]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([PY, "-m", "glimpse", *args, "--out", str(one)], env=cli_env, check=True, capture_output=True)
+    env = dict(cli_env, OMP_NUM_THREADS="1")
+    r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+                        "-m", "glimpse", *args, "--out", str(two)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def losses(run):
+        return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 3
+    # the same global batch, the same weights: equal up to float summation order
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)

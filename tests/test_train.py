@@ -1,0 +1,109 @@
+"""Training end to end: the run folder, exact resume after SIGKILL, stopping on non-finite losses."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import PY, tiny_overrides
+
+import glimpse
+from glimpse.config import load_recipe
+from glimpse.errors import GlimpseError
+from glimpse.train.trainer import lr_at, train
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_folder_has_metrics_checkpoints_eval_and_plot(tiny_run):
+    recs = records(tiny_run)
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert all({"loss", "lr", "samples_per_s"} <= set(r) for r in steps)
+    assert any("val/t2i_r1" in r for r in recs)  # periodic evaluation shows in the log
+    ev = json.loads((tiny_run / "eval.json").read_text())
+    for key in ("test/t2i_r1", "test/i2t_r5", "test_novel/t2i_r1", "test/zeroshot_acc", "test_novel/zeroshot_acc"):
+        assert 0.0 <= ev[key] <= 1.0
+    assert (tiny_run / "loss.png").stat().st_size > 1000
+    ckpts = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
+    assert ckpts == ["step_0000006", "step_0000008"]  # keep_checkpoints=2, no temporary folders left
+    assert {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"} <= {
+        p.name for p in (tiny_run / "checkpoints" / "step_0000008").iterdir()}
+
+
+def test_load_embeds_and_classifies(tiny_run, world):
+    m = glimpse.load(tiny_run)
+    img = world / "images" / "test" / "test_000000.png"
+    e = m.embed_images([img, img.read_bytes()])
+    assert e.shape == (2, 16)
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(e[0], e[1])  # path and bytes decode the same
+    t = m.embed_texts(["a small red circle on the left", "a large blue cross"])
+    assert t.shape == (2, 16)
+    labels = ["red circle", "blue cross", "green square"]
+    best, probs = m.classify([img], labels, return_probs=True)
+    assert best[0] in labels and probs.shape == (1, 3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1))
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = load_recipe("shapes-clip", ["train.lr=1.0", "train.warmup_steps=10", "train.max_steps=110",
+                                      "train.min_lr_ratio=0.1"]).train
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_existing_run_needs_resume(tiny_run):
+    with pytest.raises(GlimpseError, match="already holds a run"):
+        train(load_recipe("shapes-clip", ["data.num_workers=0"]), tiny_run, progress=False)
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(world, tmp_path):
+    # a huge learning rate blows the weights up after the first update
+    recipe = load_recipe("shapes-clip", tiny_overrides(world, **{"train.lr": 1e30, "train.warmup_steps": 1,
+                                                                 "train.grad_clip": 0, "train.save_every": 1}))
+    with pytest.raises(GlimpseError, match="non-finite (loss|gradient) at step"):
+        train(recipe, tmp_path / "run", progress=False)
+
+
+def _train_cmd(world, out, steps, *extra):
+    sets = tiny_overrides(world, **{"train.max_steps": steps, "train.save_every": 4, "train.threads": 1,
+                                    "eval.splits": "[test]"})
+    cmd = [PY, "-m", "glimpse", "--quiet", "train", "shapes-clip", "--out", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd + list(extra)
+
+
+def test_resume_after_sigkill_logs_bit_identical_losses(world, tmp_path, cli_env):
+    steps = 40
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(world, straight, steps), env=cli_env, check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(world, killed, steps), env=cli_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    # kill once a checkpoint exists and the log has moved past it, so the resume must drop records
+    while time.time() < deadline and proc.poll() is None:
+        log = killed / "metrics.jsonl"
+        if (killed / "checkpoints" / "step_0000008").is_dir() and log.exists() and \
+                any(json.loads(x).get("step", 0) >= 10 for x in log.read_text().splitlines() if x.strip()):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+    resumed = subprocess.run(_train_cmd(world, killed, steps, "--resume"), env=cli_env, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    a = [(r["step"], r["loss"]) for r in records(straight) if "loss" in r]
+    b = [(r["step"], r["loss"]) for r in records(killed) if "loss" in r]
+    assert a == b and len(a) == steps
+    assert json.loads((straight / "eval.json").read_text()) == json.loads((killed / "eval.json").read_text())
