@@ -40,6 +40,7 @@ def cmd_eval(a) -> None:
 
     recipe = load_recipe(run_dir(a.run) / "recipe.yaml", a.set)
     pipe = glimpse.load(a.run)
+    pipe.templates, pipe.ensemble = recipe.eval.templates, recipe.eval.prompt_ensemble  # --set may change them
     splits = a.split or recipe.eval.splits
     results = evaluate(pipe, recipe.data, data_root(recipe, not a.quiet), splits, recipe.eval.templates,
                        recipe.eval.batch_size)

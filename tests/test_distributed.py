@@ -21,26 +21,34 @@ def _free_port() -> int:
 
 
 def _worker(rank, world, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     img, txt = F.normalize(torch.randn(8, 6), dim=-1), F.normalize(torch.randn(8, 6), dim=-1)
     scale, bias = torch.tensor(7.0), torch.tensor(-3.0)
-    out = {}
-    for name, fn in (("clip", lambda i, t: clip_loss(i, t, scale)), ("siglip", lambda i, t: siglip_loss(i, t, scale, bias))):
+    losses = {"clip": lambda i, t: clip_loss(i, t, scale), "siglip": lambda i, t: siglip_loss(i, t, scale, bias)}
+    # the single-process reference on the whole global batch, before joining the group
+    refs = {}
+    for name, fn in losses.items():
         ref_i, ref_t = img.clone().requires_grad_(), txt.clone().requires_grad_()
-        ref = fn(ref_i, ref_t)  # single process, the whole global batch
-        ref.backward()
-        rows = slice(rank * 4, rank * 4 + 4)
-        loc_i, loc_t = img[rows].clone().requires_grad_(), txt[rows].clone().requires_grad_()
-        local = fn(loc_i, loc_t)
-        local.backward()
-        mean = local.detach().clone()
-        dist.all_reduce(mean)
-        # each process's features collect gradient from every process's loss: world x d(mean loss)
-        out[name] = (ref.item(), (mean / world).item(),
-                     torch.allclose(loc_i.grad, world * ref_i.grad[rows], atol=1e-6),
-                     torch.allclose(loc_t.grad, world * ref_t.grad[rows], atol=1e-6))
+        loss = fn(ref_i, ref_t)
+        loss.backward()
+        refs[name] = (loss.item(), ref_i.grad, ref_t.grad)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out = {}
+    for split in ((0, 4, 8), (0, 5, 8)):  # equal shares, and unequal ones (a process dropped bad samples)
+        rows = slice(split[rank], split[rank + 1])
+        share = (rows.stop - rows.start) / 8
+        for name, fn in losses.items():
+            ref, ref_gi, ref_gt = refs[name]
+            loc_i, loc_t = img[rows].clone().requires_grad_(), txt[rows].clone().requires_grad_()
+            local = fn(loc_i, loc_t)  # a mean over this process's rows, against the whole global batch
+            local.backward()
+            weighted = local.detach() * share
+            dist.all_reduce(weighted)
+            # with equal shares, each process's rows collect world x the gradient of the global mean loss
+            grads_ok = torch.allclose(loc_i.grad, world * ref_gi[rows], atol=1e-6) and \
+                torch.allclose(loc_t.grad, world * ref_gt[rows], atol=1e-6)
+            out[(name, split[1])] = (ref, weighted.item(), grads_ok if split[1] == 4 else True)
     results[rank] = out
     dist.destroy_process_group()
 
@@ -49,9 +57,9 @@ def test_gathered_losses_and_gradients_equal_the_single_process_ones():
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(2, _free_port(), results), nprocs=2, join=True)
     for rank in range(2):
-        for name, (ref, mean, grad_i_ok, grad_t_ok) in results[rank].items():
-            assert abs(ref - mean) < 1e-5, (name, ref, mean)
-            assert grad_i_ok and grad_t_ok, name
+        for key, (ref, mean, grads_ok) in results[rank].items():
+            assert abs(ref - mean) < 1e-5, (key, ref, mean)
+            assert grads_ok, key
 
 
 def test_torchrun_two_processes_train_like_one(world, tmp_path, cli_env):

@@ -107,3 +107,58 @@ def test_resume_after_sigkill_logs_bit_identical_losses(world, tmp_path, cli_env
     b = [(r["step"], r["loss"]) for r in records(killed) if "loss" in r]
     assert a == b and len(a) == steps
     assert json.loads((straight / "eval.json").read_text()) == json.loads((killed / "eval.json").read_text())
+
+
+def _damaged_world(world, tmp_path, n_bad):
+    import shutil
+
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    train_images = sorted((copy / "images" / "train").glob("*.png"))
+    for i, p in enumerate(train_images[:n_bad]):
+        if i % 2:
+            p.write_bytes(p.read_bytes()[:60])  # truncated
+        else:
+            p.write_text("this is not a png")  # not an image
+    return copy
+
+
+def test_bad_training_samples_are_skipped_and_counted(world, tmp_path, capsys):
+    copy = _damaged_world(world, tmp_path, 6)
+    recipe = load_recipe("shapes-clip", tiny_overrides(copy, **{"train.max_steps": 20, "eval.splits": "[test]"}))
+    train(recipe, tmp_path / "run", progress=False)
+    final = records(tmp_path / "run")[-1]
+    # 20 steps x 16 samples = 2 epochs of 160: each bad image is met twice
+    assert sum(final["bad_samples"].values()) == 12
+    assert set(final["bad_samples"]) <= {"truncated", "format", "corrupt"}
+    assert "skipped bad samples" in capsys.readouterr().out
+
+
+def test_too_many_bad_samples_in_a_row_stop_the_run(world, tmp_path):
+    copy = _damaged_world(world, tmp_path, 160)
+    recipe = load_recipe("shapes-clip", tiny_overrides(copy, **{"train.max_consecutive_failures": 5}))
+    with pytest.raises(GlimpseError, match="bad samples in a row .*bad image"):
+        train(recipe, tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "wds"])
+def test_training_reads_csv_and_webdataset(world, tmp_path, fmt):
+    recipe = load_recipe("shapes-clip", tiny_overrides(world, **{"data.format": fmt, "train.max_steps": 2,
+                                                                 "eval.splits": "[test]"}))
+    results = train(recipe, tmp_path / "run", progress=False)
+    assert "test/t2i_r1" in results
+
+
+@pytest.mark.parametrize("extra", [
+    {"model.loss": "siglip"},
+    {"train.precision": "bf16"},
+    {"train.grad_accum": 2},
+    {"data.num_workers": 1},
+])
+def test_training_variants_run_and_learn(world, tmp_path, extra):
+    recipe = load_recipe("shapes-clip", tiny_overrides(world, **{"train.max_steps": 12, "train.lr": 2e-3,
+                                                                 "eval.splits": "[]", **extra}))
+    train(recipe, tmp_path / "run", progress=False)
+    losses = [r["loss"] for r in records(tmp_path / "run") if "loss" in r]
+    assert len(losses) == 12 and all(x == x for x in losses)
+    assert sum(losses[-3:]) < sum(losses[:3])  # it learns something

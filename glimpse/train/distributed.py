@@ -50,15 +50,36 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x / dist.get_world_size()
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from every process along dim 0, keeping the autograd graph so that
-    negatives from other processes also send gradient back to their owners."""
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every process's gradient for our rows.  Local batches may
+    differ in size (bad samples are dropped per process), so rows are padded to the largest."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        rank, top = dist.get_rank(), max(sizes)
+        padded = x.new_zeros((top, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        ctx.rank, ctx.start = rank, sum(sizes[:rank])
+        ctx.n = x.shape[0]
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.start : ctx.start + ctx.n], None
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate `x` [b, ...] from every process along dim 0, keeping the autograd graph so
+    negatives from other processes send gradient back to their owners.  Returns the gathered
+    tensor and the offset of this process's rows in it."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
-
-
-def rank_offset(local_batch: int) -> int:
-    return dist.get_rank() * local_batch if dist.is_initialized() else 0
+        return x, 0
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    return _GatherWithGrad.apply(x, sizes), sum(sizes[: dist.get_rank()])

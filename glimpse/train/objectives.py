@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glimpse.train.distributed import gather_with_grad, rank_offset
+from glimpse.train.distributed import gather_with_grad
 
 
 def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """CLIP's symmetric InfoNCE over normalised embeddings [B, E]."""
-    all_image, all_text = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
-    labels = torch.arange(image_embeds.shape[0], device=image_embeds.device) + rank_offset(image_embeds.shape[0])
+    (all_image, offset), (all_text, _) = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
+    labels = torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset
     logits_i2t = logit_scale * image_embeds @ all_text.T  # [b, B]
     logits_t2i = logit_scale * text_embeds @ all_image.T  # [b, B]
     return (F.cross_entropy(logits_i2t.float(), labels) + F.cross_entropy(logits_t2i.float(), labels)) / 2
@@ -26,11 +26,11 @@ def siglip_loss(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
 ) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss, normalised per image as in the paper: -Σ log σ(z·(s·x·y + b)) / B."""
-    all_text = gather_with_grad(text_embeds)
+    all_text, offset = gather_with_grad(text_embeds)
     b = image_embeds.shape[0]
     logits = (logit_scale * image_embeds @ all_text.T + logit_bias).float()  # [b, B]
     labels = -torch.ones_like(logits)
-    cols = torch.arange(b, device=logits.device) + rank_offset(b)
+    cols = torch.arange(b, device=logits.device) + offset
     labels[torch.arange(b, device=logits.device), cols] = 1.0
     return -F.logsigmoid(labels * logits).sum() / b
 
