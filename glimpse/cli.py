@@ -72,7 +72,7 @@ def cmd_search(a) -> None:
 def cmd_demo(a) -> None:
     from glimpse.demo import run_demo
 
-    run_demo(a.out, progress=not a.quiet)
+    run_demo(a.out, progress=not a.quiet, overrides=a.set)
 
 
 def print_table(results: dict[str, float]) -> None:
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job end to end on the shapes world")
     d.add_argument("--out", default="runs/demo")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the demo recipe")
     d.set_defaults(func=cmd_demo)
     return p
 

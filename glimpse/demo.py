@@ -19,9 +19,8 @@ from glimpse.config import load_recipe
 from glimpse.errors import GlimpseError
 
 MARKER = "demo.json"
-SEARCHES = ["a large red circle in the centre", "a small blue square on the left",
-            "a large green cross at the top", "a small yellow triangle at the bottom"]
-NOVEL_SEARCHES = ["a large blue triangle in the centre", "a small red cross on the right"]
+# example queries: a caption of these images (split, index in the split's COCO file)
+QUERIES = [("test", 0), ("test", 1), ("test", 2), ("test", 3), ("test_novel", 0), ("test_novel", 1)]
 
 
 def _prepare_out(out: Path) -> None:
@@ -44,8 +43,8 @@ def _img_tag(path_or_bytes, size: int = 96, title: str = "", cls: str = "") -> s
             f'title="{html.escape(title)}">')
 
 
-def run_demo(out: str | Path = "runs/demo", progress: bool = True) -> dict:
-    from glimpse.data.formats import read_labels
+def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: list[str] | None = None) -> dict:
+    from glimpse.data.formats import read_coco_captions, read_labels
     from glimpse.infer.index import ImageIndex, build_index
     from glimpse.train.trainer import data_root, train
 
@@ -54,16 +53,20 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True) -> dict:
     _prepare_out(out)
     (out / MARKER).write_text(json.dumps({"started": t0}))
 
-    recipe = load_recipe("shapes-clip-demo")
+    recipe = load_recipe("shapes-clip-demo", overrides)
     root = data_root(recipe, progress)
     print(f"[1/3] shapes world ready at {root} ({time.time() - t0:.0f} s)")
     run = out / "clip"
     results = train(recipe, run, progress=progress)
     print(f"[2/3] trained the dual encoder in {run} ({time.time() - t0:.0f} s)")
 
-    build_index(run, root / "images" / "test", out / "index", progress=False)
+    build_index(run, [root / "images" / "test", root / "images" / "test_novel"], out / "index", progress=False)
     index = ImageIndex(out / "index")
-    searches = [(q, index.search_text(q, 5)) for q in SEARCHES + NOVEL_SEARCHES]
+    searches = []
+    for split, i in QUERIES:
+        item = read_coco_captions(root / "annotations" / f"captions_{split}.json", root / "images" / split)[i]
+        query = item.captions[0]
+        searches.append((query, split, str(Path(item.image).resolve()), index.search_text(query, 5)))
     paths, labels, classes = read_labels(root / "labels" / "test.csv", root)
     shown = list(range(0, len(paths), max(1, len(paths) // 8)))[:8]
     preds = index.pipe.classify([paths[i] for i in shown], classes)
@@ -76,11 +79,11 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True) -> dict:
     for k in keys:
         if k in results:
             print(f"  {k:<24} {results[k]:.3f}")
-    print("\nexample searches over the test images (top 3):")
-    for q, hits in searches:
+    print("\nexample searches over the test and test_novel images (top 3; * = the image the caption describes):")
+    for q, _, truth, hits in searches:
         print(f"  {q!r}")
         for path, score in hits[:3]:
-            print(f"      {score:.3f}  {Path(path).name}")
+            print(f"    {'*' if path == truth else ' '} {score:.3f}  {Path(path).name}")
     elapsed = time.time() - t0
     report = out / "report.html"
     report.write_text(render_report(results, keys, run / "loss.png", searches, zeroshot, elapsed))
@@ -94,9 +97,10 @@ def render_report(results, keys, loss_png, searches, zeroshot, elapsed) -> str:
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{results[k]:.3f}</td></tr>" for k in keys if k in results)
     loss = base64.b64encode(Path(loss_png).read_bytes()).decode() if Path(loss_png).is_file() else ""
     search_html = "".join(
-        f"<div class='q'><div class='qt'>“{html.escape(q)}”{' <em>(novel combination)</em>' if q in NOVEL_SEARCHES else ''}"
-        "</div>" + "".join(f"<figure>{_img_tag(p, title=p)}<figcaption>{s:.3f}</figcaption></figure>" for p, s in hits)
-        + "</div>" for q, hits in searches)
+        f"<div class='q'><div class='qt'>“{html.escape(q)}”{' <em>(holds a novel combination)</em>' if split == 'test_novel' else ''}"
+        "</div>" + "".join(f"<figure>{_img_tag(p, title=p, cls='ok' if p == truth else '')}<figcaption>{s:.3f}"
+                           "</figcaption></figure>" for p, s in hits)
+        + "</div>" for q, split, truth, hits in searches)
     zs_html = "".join(
         f"<figure>{_img_tag(p, cls='ok' if truth == pred else 'bad')}<figcaption>{html.escape(pred)}"
         f"{'' if truth == pred else ' (truth: ' + html.escape(truth) + ')'}</figcaption></figure>"
@@ -117,7 +121,7 @@ img {{ image-rendering: pixelated; border: 2px solid #ccc; }} img.ok {{ border-c
 <code>test_novel</code> holds colour–shape combinations never seen in training.</p>
 <h2>Figures</h2><table>{rows}</table>
 <h2>Training</h2><img src="data:image/png;base64,{loss}" style="border:none">
-<h2>Text → image search over the test images (top 5, cosine score)</h2>{search_html}
+<h2>Text → image search over the test and test_novel images (top 5, cosine score; green: the image the caption was written for)</h2>{search_html}
 <h2>Zero-shot classification (green: right, red: wrong)</h2>{zs_html}
 </body></html>
 """

@@ -84,3 +84,24 @@ def test_broken_checkpoint_empty_folder_and_reused_out(tiny_run, tmp_path, cli_e
     assert_one_line_error(r, "no images")
     r = run(["train", "shapes-clip", "--out", str(tiny_run)], cli_env, ok=False)
     assert_one_line_error(r, "already holds a run")
+
+
+def test_demo_writes_a_self_contained_report(world, tmp_path, cli_env):
+    from conftest import tiny_overrides
+
+    out = tmp_path / "demo"
+    sets = tiny_overrides(world, **{"train.max_steps": 4, "train.eval_every": 2})
+    r = run(["demo", "--out", str(out)] + [x for s in sets for x in ("--set", s)], cli_env)
+    assert "test/t2i_r1" in r.stdout and "example searches" in r.stdout
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 6 * 5 + 1  # every search hit and the loss curve inline
+    assert "src=\"http" not in page and "src='http" not in page  # nothing fetched from elsewhere
+    assert "test_novel/t2i_r1" in page
+    # a second demo replaces the first; a folder that is not a demo's is never touched
+    run(["demo", "--out", str(out)] + [x for s in sets for x in ("--set", s)], cli_env)
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    bad = run(["demo", "--out", str(other)], cli_env, ok=False)
+    assert_one_line_error(bad, "not a glimpse demo folder")
+    assert (other / "precious.txt").read_text() == "keep me"

@@ -25,16 +25,18 @@ def find_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def build_index(run: str | Path, image_dir: str | Path, out: str | Path, batch_size: int = 128,
+def build_index(run: str | Path, image_dir: str | Path | list, out: str | Path, batch_size: int = 128,
                 progress: bool = True) -> tuple[int, Counter]:
-    """Embed every image under `image_dir`; bad files are skipped, reported and counted by reason."""
+    """Embed every image under `image_dir` (one folder or several); bad files are skipped,
+    reported and counted by reason."""
     import faiss
 
     import glimpse
 
-    paths = find_images(image_dir)
+    dirs = image_dir if isinstance(image_dir, list) else [image_dir]
+    paths = [p for d in dirs for p in find_images(d)]
     if not paths:
-        raise GlimpseError(f"no images (png, jpg, webp, gif) under {image_dir}")
+        raise GlimpseError(f"no images (png, jpg, webp, gif) under {', '.join(map(str, dirs))}")
     pipe = glimpse.load(run)
     with tqdm(total=len(paths), desc="embedding", unit="img", disable=not progress) as bar:
         emb, good, failures = pipe.embed_image_stream(paths, batch_size, skip_bad=True, progress=bar)
