@@ -1,8 +1,9 @@
 """Dual-encoder training-step throughput as a fraction of this machine's matmul rate.
 
 Measures, in one run and at the same precision, (a) the achieved GFLOP/s of a full CLIP
-training step (forward, backward, AdamW) at a fixed config, counting FLOPs with torch's
-FlopCounterMode, and (b) the GFLOP/s of a plain torch.matmul of a large square product.
+training step (forward, backward, AdamW; median step time) at a fixed config, counting FLOPs
+with torch's FlopCounterMode, and (b) the best GFLOP/s of a plain torch.matmul of a large
+square product over several rounds.
 Prints the ratio for fp32 and for bf16 autocast.
 
     python bench/train_throughput.py [--steps 10] [--batch 128]
@@ -11,6 +12,7 @@ Prints the ratio for fp32 and for bf16 autocast.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -21,22 +23,27 @@ from glimpse.models.text import TextConfig
 from glimpse.models.vision import VisionConfig
 from glimpse.train.objectives import clip_loss
 
-# the fixed config: shapes-clip's towers at a width where matmuls dominate
+# the fixed config: a ViT-S-sized pair of towers with SigLIP's tanh GELU (on CPU the exact erf
+# GELU costs 1.6x as much, about 15% of an fp32 step at this size)
 CONFIG = DualEncoderConfig(
-    vision=VisionConfig(image_size=64, patch_size=8, width=384, layers=6, heads=6),
-    text=TextConfig(vocab_size=1024, context_length=32, width=384, layers=4, heads=6),
+    vision=VisionConfig(image_size=64, patch_size=8, width=384, layers=6, heads=6, act="gelu_tanh"),
+    text=TextConfig(vocab_size=1024, context_length=32, width=384, layers=4, heads=6, act="gelu_tanh"),
     embed_dim=256,
 )
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5, rounds: int = 5) -> float:
+    """The best of several rounds: the machine's attainable rate, so the ratio errs low, not high."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+    best = 0.0
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def train_step_gflops(precision: str, batch: int, steps: int) -> tuple[float, float]:
@@ -60,10 +67,12 @@ def train_step_gflops(precision: str, batch: int, steps: int) -> tuple[float, fl
     flops = counter.get_total_flops()
     for _ in range(2):
         step()
-    t = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t = time.perf_counter()
         step()
-    dt = (time.perf_counter() - t) / steps
+        times.append(time.perf_counter() - t)
+    dt = statistics.median(times)
     return flops / dt / 1e9, batch / dt
 
 
