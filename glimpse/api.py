@@ -36,7 +36,6 @@ def run_dir(path: str | Path) -> Path:
 def load(path: str | Path, device: str = "cpu"):
     """Load a glimpse run; returns the family's pipeline (for a dual encoder: embed_images,
     embed_texts, classify)."""
-    from glimpse.infer.dual import DualEncoderPipeline
     from glimpse.train.tasks import TASKS
 
     run = run_dir(path)
@@ -48,8 +47,9 @@ def load(path: str | Path, device: str = "cpu"):
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise GlimpseError(f"{run} has a broken recipe or preprocess file: {str(e).splitlines()[0]}") from None
     tokenizer = Tokenizer(run / "tokenizer.json")
-    model = TASKS[recipe.family](recipe, run, tokenizer).build_model()
+    task = TASKS[recipe.family](recipe, run, tokenizer)
+    task.transform = ImageTransform.from_dict(preprocess)  # exactly the preprocessing the run trained with
+    model = task.build_model()
     ckpt.load_weights(model, run_weights(path))
     model.to(device).eval()
-    return DualEncoderPipeline(model, tokenizer, ImageTransform.from_dict(preprocess), recipe.data.max_pixels,
-                               recipe.eval.templates, recipe.eval.prompt_ensemble)
+    return task.pipeline(model)

@@ -40,10 +40,12 @@ def cmd_eval(a) -> None:
 
     recipe = load_recipe(run_dir(a.run) / "recipe.yaml", a.set)
     pipe = glimpse.load(a.run)
-    pipe.templates, pipe.ensemble = recipe.eval.templates, recipe.eval.prompt_ensemble  # --set may change them
+    pipe.ensemble = recipe.eval.prompt_ensemble  # --set may change it; templates are passed below
     splits = a.split or recipe.eval.splits
     results = evaluate(pipe, recipe.data, data_root(recipe, not a.quiet), splits, recipe.eval.templates,
                        recipe.eval.batch_size)
+    if not results:
+        raise GlimpseError("nothing to evaluate: no splits given (--split S, or eval.splits in the recipe)")
     print_table(results)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")

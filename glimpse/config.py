@@ -182,6 +182,7 @@ def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
     recipe = recipe_from_dict(data or {}, path.stem)
     for item in overrides or []:
         apply_override(recipe, item)
+    validate_recipe(recipe)
     return recipe
 
 
@@ -223,3 +224,65 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+
+
+def _check(ok: bool, key: str, value, what: str) -> None:
+    if not ok:
+        raise GlimpseError(f"recipe key {key}: {value!r} {what}")
+
+
+def _choice(key: str, value, options: tuple) -> None:
+    _check(value in options, key, value, f"is not one of {', '.join(options)}")
+
+
+def _validate_dual_encoder(m: DualEncoderConfig) -> None:
+    from glimpse.models.layers import ACTIVATIONS
+
+    _choice("model.loss", m.loss, ("clip", "siglip"))
+    _choice("model.vision.pool", m.vision.pool, ("cls", "mean", "map"))
+    _check(m.vision.pool != "cls" or m.vision.class_token, "model.vision.pool", "cls", "needs model.vision.class_token")
+    _choice("model.text.pool", m.text.pool, ("eos", "cls", "mean"))
+    for tower in ("vision", "text"):
+        t = getattr(m, tower)
+        _choice(f"model.{tower}.act", t.act, tuple(ACTIVATIONS))
+        for k in ("width", "layers", "heads"):
+            _check(getattr(t, k) >= 1, f"model.{tower}.{k}", getattr(t, k), "must be at least 1")
+        _check(t.width % t.heads == 0, f"model.{tower}.width", t.width, f"is not divisible by {t.heads} heads")
+    _check(m.vision.patch_size >= 1 and m.vision.image_size % m.vision.patch_size == 0, "model.vision.patch_size",
+           m.vision.patch_size, f"must divide image_size {m.vision.image_size}")
+    _check(m.text.context_length >= 3, "model.text.context_length", m.text.context_length, "must be at least 3")
+    _check(m.embed_dim >= 1, "model.embed_dim", m.embed_dim, "must be at least 1")
+
+
+MODEL_VALIDATORS = {"dual_encoder": _validate_dual_encoder}
+
+
+def validate_recipe(r: Recipe) -> None:
+    """Choices and ranges, checked before any work starts (types were checked on loading)."""
+    MODEL_VALIDATORS[r.family](r.model)
+    d, t, e = r.data, r.train, r.eval
+    _choice("data.source", d.source, ("shapes", "coco", "csv", "wds"))
+    _choice("data.format", d.format, ("coco", "csv", "wds"))
+    for k in ("train_size", "val_size", "test_size", "image_size", "max_pixels"):
+        _check(getattr(d, k) >= 1, f"data.{k}", getattr(d, k), "must be at least 1")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must not be negative")
+    for k in ("image_mean", "image_std"):
+        v = getattr(d, k)
+        _check(v is None or len(v) == 3, f"data.{k}", v, "must hold 3 values (R, G, B)")
+    _check(d.image_std is None or min(d.image_std) > 0, "data.image_std", d.image_std, "must be positive")
+    _choice("train.precision", t.precision, ("fp32", "bf16"))
+    for k in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
+        _check(getattr(t, k) >= 1, f"train.{k}", getattr(t, k), "must be at least 1")
+    for k in ("eval_every", "warmup_steps", "max_consecutive_failures", "threads"):
+        _check(getattr(t, k) >= 0, f"train.{k}", getattr(t, k), "must not be negative")
+    _check(t.lr > 0, "train.lr", t.lr, "must be positive")
+    _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be within [0, 1]")
+    _check(t.grad_clip >= 0 and t.weight_decay >= 0, "train.grad_clip/weight_decay", (t.grad_clip, t.weight_decay),
+           "must not be negative")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "must be two values in [0, 1)")
+    _check(t.batch_size % t.grad_accum == 0, "train.batch_size", t.batch_size,
+           f"must be a multiple of train.grad_accum ({t.grad_accum})")
+    _choice("eval.prompt_ensemble", e.prompt_ensemble, ("mean", "max"))
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be at least 1")
+    _check(bool(e.templates) and all("{}" in x for x in e.templates), "eval.templates", e.templates,
+           "must be a non-empty list of prompts with a {} for the class name")

@@ -32,12 +32,13 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _img_tag(path_or_bytes, size: int = 96, title: str = "", cls: str = "") -> str:
+def _img_tag(path, size: int = 96, title: str = "", cls: str = "") -> str:
     from PIL import Image
 
-    img = Image.open(path_or_bytes if not isinstance(path_or_bytes, bytes) else io.BytesIO(path_or_bytes))
+    from glimpse.data.images import load_image
+
     buf = io.BytesIO()
-    img.convert("RGB").resize((size, size), Image.NEAREST).save(buf, "PNG")
+    load_image(path).resize((size, size), Image.NEAREST).save(buf, "PNG")
     data = base64.b64encode(buf.getvalue()).decode()
     return (f'<img class="{cls}" src="data:image/png;base64,{data}" width="{size}" height="{size}" '
             f'title="{html.escape(title)}">')

@@ -105,3 +105,21 @@ def test_demo_writes_a_self_contained_report(world, tmp_path, cli_env):
     bad = run(["demo", "--out", str(other)], cli_env, ok=False)
     assert_one_line_error(bad, "not a glimpse demo folder")
     assert (other / "precious.txt").read_text() == "keep me"
+
+
+def test_broken_or_mismatched_index_is_a_clear_error(tiny_run, world, tmp_path, cli_env):
+    import json
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for p in sorted((world / "images" / "test").glob("*.png"))[:4]:
+        (images / p.name).write_bytes(p.read_bytes())
+    idx = tmp_path / "idx"
+    run(["index", "build", str(tiny_run), str(images), "--out", str(idx)], cli_env)
+    assert_one_line_error(run(["search", str(idx), "red", "--k", "0"], cli_env, ok=False), "--k must be at least 1")
+    paths = json.loads((idx / "paths.json").read_text())
+    (idx / "paths.json").write_text(json.dumps(paths[:2]))
+    assert_one_line_error(run(["search", str(idx), "red"], cli_env, ok=False), "4 vectors but 2 paths")
+    (idx / "paths.json").write_text(json.dumps(paths))
+    (idx / "meta.json").write_text("{}")
+    assert_one_line_error(run(["search", str(idx), "red"], cli_env, ok=False), "names no run")

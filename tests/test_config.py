@@ -59,3 +59,20 @@ def test_free_mapping_keys():
     r = load_recipe("shapes-clip")
     apply_override(r, "data.files.train=/data/coco/captions_train2017.json")
     assert r.data.files == {"train": "/data/coco/captions_train2017.json"}
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("eval.prompt_ensemble=maxx", "is not one of mean, max"),
+    ("train.precision=fp16", "is not one of fp32, bf16"),
+    ("train.log_every=0", "must be at least 1"),
+    ("train.grad_accum=3", "must be a multiple of train.grad_accum"),
+    ("model.vision.pool=cls", "needs model.vision.class_token"),
+    ("model.vision.patch_size=7", "must divide image_size"),
+    ("model.loss=triplet", "is not one of clip, siglip"),
+    ("data.image_std=[0.1,0.2]", "must hold 3 values"),
+    ("eval.templates=[a photo]", "with a {} for the class name"),
+])
+def test_values_out_of_range_are_refused_on_loading(item, fragment):
+    with pytest.raises(GlimpseError) as e:
+        load_recipe("shapes-clip", [item])
+    assert fragment in str(e.value)

@@ -33,18 +33,24 @@ def test_siglip_loss_matches_reference_formula():
 
 def test_retrieval_metrics_by_hand():
     images = torch.eye(3)
-    # captions 0,1 belong to image 0; caption 2 to image 1 but points at image 2; caption 3 to image 2
+    # captions 0 and 1 belong to image 0, caption 2 to image 1, caption 3 to image 2
     texts = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0, 0.2, 0.9], [0, 0, 1.0]])
     owner = torch.tensor([0, 0, 1, 2])
     m = retrieval_metrics(images, texts, owner, ks=(1, 2))
+    # text->image: caption 2 points at image 2 (rank 2), the others at their own image
     assert m["t2i_r1"] == 0.75 and m["t2i_r2"] == 1.0
-    # image 1's only caption ranks 2nd among texts for image 1 (caption 1 scores 0.1 < 0.2? no: 0.2 is best)
+    # image->text: image 1 scores caption 2 at 0.2 but caption 1 (not its own) at 0.1: a hit;
+    # image 2 scores its caption 3 (1.0) above caption 2 (0.9): a hit; image 0 has two own captions
     assert m["i2t_r1"] == 1.0
+    # now make caption 1 look more like image 1 than caption 2 does: image 1 misses at rank 1
+    texts[1] = torch.tensor([0.5, 0.5, 0])
+    m = retrieval_metrics(images, texts, owner, ks=(1, 2))
+    assert m["i2t_r1"] == pytest.approx(2 / 3) and m["i2t_r2"] == 1.0
 
 
 def test_ties_count_against_the_model():
     m = retrieval_metrics(torch.ones(4, 2), torch.ones(4, 2), torch.arange(4), ks=(1,))
-    assert m["t2i_r1"] == 0.0
+    assert m["t2i_r1"] == 0.0 and m["i2t_r1"] == 0.0
 
 
 def test_zeroshot_accuracy():

@@ -68,6 +68,12 @@ def test_non_finite_loss_stops_before_the_optimizer_step(world, tmp_path):
                                                                  "train.grad_clip": 0, "train.save_every": 1}))
     with pytest.raises(GlimpseError, match="non-finite (loss|gradient) at step"):
         train(recipe, tmp_path / "run", progress=False)
+    # the checkpoints written before the stop hold finite weights: no non-finite update was applied
+    from safetensors.torch import load_file
+
+    ckpts = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts, "the first step should have been checkpointed"
+    assert all(bool(torch.isfinite(t).all()) for t in load_file(str(ckpts[-1] / "model.safetensors")).values())
 
 
 def _train_cmd(world, out, steps, *extra):

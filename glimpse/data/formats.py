@@ -19,11 +19,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from glimpse.data.images import IMAGE_SUFFIXES
 from glimpse.errors import GlimpseError
 
 PathLike = str | os.PathLike
 
-_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+_IMAGE_EXTS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
 _BRACES = re.compile(r"\{([^{}]*)\}")
 
 

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from glimpse.errors import GlimpseError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")  # file names taken for images when scanning
 DEFAULT_MAX_PIXELS = 40_000_000  # a decompression-bomb guard; configurable per call
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

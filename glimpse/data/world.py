@@ -40,11 +40,15 @@ def ensure_shapes(data_cfg, progress: bool = True) -> Path:
     if c.root:
         root = Path(c.root).expanduser()
         if (root / "world.json").is_file():
+            if c.format == "wds" and not any((root / "shards").glob("train-*.tar")):
+                raise GlimpseError(f"the shapes world at {root} has no WebDataset shards; "
+                                   "write one with `glimpse data shapes --shards`")
             return root
         if root.exists() and any(root.iterdir()):
             raise GlimpseError(f"data.root {root} exists but holds no shapes world (no world.json)")
     else:
-        root = cache_dir() / f"shapes-s{c.seed}-n{c.train_size}-{c.val_size}-{c.test_size}-px{c.image_size}"
+        shards = "-wds" if c.format == "wds" else ""
+        root = cache_dir() / f"shapes-s{c.seed}-n{c.train_size}-{c.val_size}-{c.test_size}-px{c.image_size}{shards}"
         if (root / "world.json").is_file():
             return root
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from glimpse.data.images import IMAGE_SUFFIXES
 from glimpse.errors import GlimpseError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif"}
 
 
 def find_images(folder: str | Path) -> list[Path]:
@@ -68,7 +67,15 @@ class ImageIndex:
             raise GlimpseError(f"{folder} is not an image index: missing {Path(e.filename).name}") from None
         except (json.JSONDecodeError, RuntimeError) as e:
             raise GlimpseError(f"broken image index {folder}: {str(e).splitlines()[0]}") from None
+        if not isinstance(self.meta, dict) or not (run or self.meta.get("run")):
+            raise GlimpseError(f"broken image index {folder}: meta.json names no run (pass --run)")
+        if not isinstance(self.paths, list) or self.index.ntotal != len(self.paths):
+            raise GlimpseError(f"broken image index {folder}: {self.index.ntotal} vectors but "
+                               f"{len(self.paths) if isinstance(self.paths, list) else 'no'} paths")
         self.pipe = glimpse.load(run or self.meta["run"])
+        if self.pipe.model.cfg.embed_dim != self.index.d:
+            raise GlimpseError(f"the run embeds into {self.pipe.model.cfg.embed_dim} dimensions but the index "
+                               f"{folder} holds {self.index.d}: search it with the run that built it")
 
     def search_text(self, text: str, k: int = 5) -> list[tuple[str, float]]:
         return self._search(self.pipe.embed_texts([text]), k)
@@ -77,5 +84,7 @@ class ImageIndex:
         return self._search(self.pipe.embed_images([image]), k)
 
     def _search(self, query, k: int) -> list[tuple[str, float]]:
+        if k < 1:
+            raise GlimpseError(f"--k must be at least 1, got {k}")
         scores, ids = self.index.search(np.ascontiguousarray(query.numpy(), dtype=np.float32), min(k, len(self.paths)))
         return [(self.paths[i], float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]

@@ -133,21 +133,20 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
         load_weights(model, ckpt / "model.safetensors")
         tensors = load_file(str(ckpt / "optimizer.safetensors"))
         rng = load_file(str(ckpt / "rng.safetensors"))
-    except (OSError, json.JSONDecodeError, SafetensorError) as e:
-        raise GlimpseError(f"broken checkpoint {ckpt}: {str(e).splitlines()[0]}") from None
-    opt_state: dict = {}
-    for key, v in tensors.items():
-        pid, name = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[name] = v
-    for key, v in state["optimizer"]["scalars"].items():
-        pid, name = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    py = state["python_rng"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np_state = state["numpy_rng"]
-    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+        opt_state: dict = {}
+        for key, v in [*tensors.items(), *state["optimizer"]["scalars"].items()]:
+            pid, name = key.split(".", 1)
+            opt_state.setdefault(int(pid), {})[name] = v
+        optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        py = state["python_rng"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        np_state = state["numpy_rng"]
+        np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+        int(state["step"])
+    except (OSError, json.JSONDecodeError, SafetensorError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GlimpseError(f"broken checkpoint {ckpt}: {detail}") from None
     return state

@@ -1,13 +1,16 @@
 """Training objectives as plain functions of model outputs.
 
 Contrastive losses gather the other processes' embeddings, so under DDP each process
-scores its local rows against the whole global batch.  The mean of the per-process losses
-then equals the single-process loss on the same global batch, and so do the gradients.
+scores its local rows against the whole global batch.  Each process's loss is weighted by
+its share of the global batch (x world / total rows: 1 when shares are equal), so the mean
+DDP takes equals the single-process loss on the same global batch, and so do the
+gradients, even when processes dropped different numbers of bad samples.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from glimpse.train.distributed import gather_with_grad
@@ -19,7 +22,8 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
     labels = torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset
     logits_i2t = logit_scale * image_embeds @ all_text.T  # [b, B]
     logits_t2i = logit_scale * text_embeds @ all_image.T  # [b, B]
-    return (F.cross_entropy(logits_i2t.float(), labels) + F.cross_entropy(logits_t2i.float(), labels)) / 2
+    loss = (F.cross_entropy(logits_i2t.float(), labels) + F.cross_entropy(logits_t2i.float(), labels)) / 2
+    return loss * _share(image_embeds.shape[0], all_image.shape[0])
 
 
 def siglip_loss(
@@ -32,7 +36,13 @@ def siglip_loss(
     labels = -torch.ones_like(logits)
     cols = torch.arange(b, device=logits.device) + offset
     labels[torch.arange(b, device=logits.device), cols] = 1.0
-    return -F.logsigmoid(labels * logits).sum() / b
+    return -F.logsigmoid(labels * logits).sum() / b * _share(b, all_text.shape[0])
+
+
+def _share(local: int, total: int) -> float:
+    """local rows / the mean rows per process: the weight that makes DDP's mean the global mean."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return local * world / total
 
 
 def contrastive_loss(out: dict[str, torch.Tensor], kind: str) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from glimpse.config import Recipe, save_recipe
+from glimpse.config import Recipe, save_recipe, validate_recipe
 from glimpse.data.tokenizer import Tokenizer
 from glimpse.data.world import ensure_shapes
 from glimpse.errors import GlimpseError
@@ -32,6 +32,15 @@ from glimpse.train.sampler import StepBatchSampler
 from glimpse.train.tasks import TASKS
 
 FAILURE_REASONS = ("missing", "format", "truncated", "corrupt", "oversized")
+
+
+def agree(n_good: int, bad_in_a_row: int) -> tuple[int, int]:
+    """The smallest good-sample count and the longest bad run over all processes."""
+    if not torch.distributed.is_initialized():
+        return n_good, bad_in_a_row
+    t = torch.tensor([-n_good, bad_in_a_row])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return -int(t[0]), int(t[1])
 
 
 def lr_at(step: int, cfg) -> float:
@@ -49,13 +58,23 @@ def data_root(recipe: Recipe, progress: bool = True) -> Path:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, embeddings' positions and the temperature (as open_clip)."""
+    """Weight decay on weight matrices only: not on biases, norms, the temperature (all < 2-D),
+    nor on the embeddings (token, position, class token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "pos_embed" in name or "token" in name else decay).append(p)
+        embedding = name.endswith(("pos_embed", "class_token", "token_embed.weight"))
+        (no_decay if p.ndim < 2 or embedding else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics record; infinity for a blank or half-written line (dropped on resume)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
 
 
 class MetricsLog:
@@ -64,8 +83,7 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool, resume_step: int | None):
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.exists():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            keep = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
             path.write_text("".join(k + "\n" for k in keep))
         elif enabled:
             path.write_text("")
@@ -78,9 +96,13 @@ class MetricsLog:
 
 def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train `recipe` into the run folder `out`; returns the final evaluation."""
+    validate_recipe(recipe)
     dist_info = init_distributed()
     main = dist_info.is_main
     tc = recipe.train
+    if tc.batch_size % (dist_info.world_size * tc.grad_accum):
+        raise GlimpseError(f"train.batch_size {tc.batch_size} must be a multiple of processes x grad_accum "
+                           f"({dist_info.world_size} x {tc.grad_accum})")
     out = Path(out)
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -151,10 +173,12 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
                 else:
                     failures[status] += 1
                     bad_in_a_row += 1
-            if bad_in_a_row > tc.max_consecutive_failures:
-                raise GlimpseError(f"stopping: {bad_in_a_row} bad samples in a row "
-                                   f"(last: {batch['messages'][-1]}); check the data")
-            if "pixel_values" not in batch:  # every sample of this micro-batch was bad
+            # processes decide together, or one would wait in a collective the other skipped
+            n_good, worst_run = agree(len(batch["status"]) - len(batch["messages"]), bad_in_a_row)
+            if worst_run > tc.max_consecutive_failures:
+                last = batch["messages"][-1] if batch["messages"] else "on another process"
+                raise GlimpseError(f"stopping: {worst_run} bad samples in a row (last: {last}); check the data")
+            if n_good == 0:  # a micro-batch with no good sample (on some process): skip it everywhere
                 continue
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             sync = contextlib.nullcontext() if ddp is None or micro == tc.grad_accum - 1 else ddp.no_sync()
