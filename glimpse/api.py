@@ -34,21 +34,23 @@ def run_dir(path: str | Path) -> Path:
 
 
 def load(path: str | Path, device: str = "cpu"):
-    """Load a glimpse run; returns the family's pipeline (for a dual encoder: embed_images,
-    embed_texts, classify)."""
+    """Load a glimpse run; returns the family's pipeline (a dual encoder's: embed_images,
+    embed_texts, classify; a language model's: generate, perplexity)."""
     from glimpse.train.tasks import TASKS
 
     run = run_dir(path)
     try:
         recipe = recipe_from_dict(yaml.safe_load((run / "recipe.yaml").read_text()))
-        preprocess = json.loads((run / "preprocess.json").read_text())
+        has_images = recipe.family != "causal_lm"
+        preprocess = json.loads((run / "preprocess.json").read_text()) if has_images else None
     except FileNotFoundError as e:
         raise GlimpseError(f"{run} is not a glimpse run: missing {Path(e.filename).name}") from None
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise GlimpseError(f"{run} has a broken recipe or preprocess file: {str(e).splitlines()[0]}") from None
     tokenizer = Tokenizer(run / "tokenizer.json")
     task = TASKS[recipe.family](recipe, run, tokenizer)
-    task.transform = ImageTransform.from_dict(preprocess)  # exactly the preprocessing the run trained with
+    if preprocess is not None:
+        task.transform = ImageTransform.from_dict(preprocess)  # exactly the preprocessing the run trained with
     model = task.build_model()
     ckpt.load_weights(model, run_weights(path))
     model.to(device).eval()

@@ -16,12 +16,13 @@ from typing import Any
 import yaml
 
 from glimpse.errors import GlimpseError
+from glimpse.models.decoder import DecoderConfig
 from glimpse.models.dual_encoder import DualEncoderConfig
 
 RECIPE_DIR = Path(__file__).parent / "configs"
 
 # family -> the dataclass its `model:` section maps onto
-MODEL_CONFIGS: dict[str, type] = {"dual_encoder": DualEncoderConfig}
+MODEL_CONFIGS: dict[str, type] = {"dual_encoder": DualEncoderConfig, "causal_lm": DecoderConfig}
 
 
 @dataclass
@@ -254,7 +255,16 @@ def _validate_dual_encoder(m: DualEncoderConfig) -> None:
     _check(m.embed_dim >= 1, "model.embed_dim", m.embed_dim, "must be at least 1")
 
 
-MODEL_VALIDATORS = {"dual_encoder": _validate_dual_encoder}
+def _validate_causal_lm(m: DecoderConfig) -> None:
+    try:  # the vocabulary comes from the tokenizer later; everything else is checked now
+        dataclasses.replace(m, vocab_size=m.vocab_size or 1).resolved()
+    except ValueError as e:
+        raise GlimpseError(f"recipe section model: {e}") from None
+    _check(m.layers >= 1, "model.layers", m.layers, "must be at least 1")
+    _check(m.context_length >= 3, "model.context_length", m.context_length, "must be at least 3")
+
+
+MODEL_VALIDATORS = {"dual_encoder": _validate_dual_encoder, "causal_lm": _validate_causal_lm}
 
 
 def validate_recipe(r: Recipe) -> None:

@@ -69,6 +69,33 @@ class PairDataset(Dataset):
         return {"pixel_values": pixels, "caption": caption}
 
 
+class CaptionTexts(Dataset):
+    """The captions alone, for language-model pretraining; keys as PairDataset's."""
+
+    def __init__(self, items: list[ImageText]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        idx, choice = key
+        captions = self.items[idx].captions
+        return {"text": captions[choice % len(captions)]}
+
+
+class TextCollate:
+    """bos + text + eos, right-padded; labels are the ids with padding ignored (-100)."""
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer, self.context_length = tokenizer, context_length
+
+    def __call__(self, samples: list[dict]) -> dict:
+        ids, mask = self.tokenizer.batch([s["text"] for s in samples], self.context_length)
+        return {"status": [None] * len(samples), "messages": [], "input_ids": ids, "attention_mask": mask,
+                "labels": ids.masked_fill(mask == 0, -100)}
+
+
 class PairCollate:
     """Stacks the good samples, tokenises their captions, and reports the bad ones in order."""
 

@@ -39,6 +39,12 @@ def siglip_loss(
     return -F.logsigmoid(labels * logits).sum() / b * _share(b, all_text.shape[0])
 
 
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token cross-entropy: logits [B, T, V] at position t predict labels[:, t + 1];
+    positions labelled `ignore_index` (padding, prompts) carry no loss."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=ignore_index)
+
+
 def _share(local: int, total: int) -> float:
     """local rows / the mean rows per process: the weight that makes DDP's mean the global mean."""
     world = dist.get_world_size() if dist.is_initialized() else 1

@@ -9,12 +9,15 @@ import torch
 from torch import nn
 
 from glimpse.data.images import ImageTransform
-from glimpse.data.pairs import PairCollate, PairDataset, load_pairs
+from glimpse.data.pairs import CaptionTexts, PairCollate, PairDataset, TextCollate, load_pairs
 from glimpse.data.tokenizer import Tokenizer
 from glimpse.eval.dual import evaluate
+from glimpse.eval.lm import evaluate_lm
 from glimpse.infer.dual import DualEncoderPipeline
+from glimpse.infer.lm import LanguageModelPipeline
+from glimpse.models.decoder import CausalLM
 from glimpse.models.dual_encoder import DualEncoder
-from glimpse.train.objectives import contrastive_loss
+from glimpse.train.objectives import contrastive_loss, lm_loss
 
 
 class DualEncoderTask:
@@ -46,4 +49,32 @@ class DualEncoderTask:
         return evaluate(self.pipeline(model), self.recipe.data, self.root, splits, e.templates, e.batch_size)
 
 
-TASKS = {"dual_encoder": DualEncoderTask}
+class CausalLMTask:
+    """Language-model pretraining on the captions of the data set (for the shapes world: the
+    LM that the Frozen recipe later keeps frozen)."""
+
+    transform = None  # text only
+
+    def __init__(self, recipe, root: Path, tokenizer: Tokenizer):
+        self.recipe, self.root, self.tokenizer = recipe, root, tokenizer
+        self.recipe.model.vocab_size = self.recipe.model.vocab_size or tokenizer.vocab_size
+
+    def build_model(self) -> nn.Module:
+        return CausalLM(self.recipe.model)
+
+    def train_data(self):
+        items = load_pairs(self.recipe.data, self.root, "train")
+        return CaptionTexts(items), TextCollate(self.tokenizer, self.recipe.model.context_length)
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return lm_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+    def pipeline(self, model: CausalLM) -> LanguageModelPipeline:
+        return LanguageModelPipeline(model, self.tokenizer)
+
+    def evaluate(self, model: CausalLM, splits: list[str]) -> dict[str, float]:
+        return evaluate_lm(model, self.tokenizer, self.recipe.data, self.root, splits,
+                           self.recipe.model.context_length, self.recipe.eval.batch_size)
+
+
+TASKS = {"dual_encoder": DualEncoderTask, "causal_lm": CausalLMTask}

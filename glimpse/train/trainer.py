@@ -140,7 +140,8 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         save_recipe(recipe, out / "recipe.yaml")
         if tok_path.resolve() != (out / "tokenizer.json").resolve():
             shutil.copyfile(tok_path, out / "tokenizer.json")
-        (out / "preprocess.json").write_text(json.dumps(task.transform.to_dict()))
+        if task.transform is not None:
+            (out / "preprocess.json").write_text(json.dumps(task.transform.to_dict()))
 
     ddp = DistributedDataParallel(model) if dist_info.enabled else None
     net = ddp or model

@@ -1,0 +1,56 @@
+"""The causal_lm family: next-token loss, pretraining through the shared trainer, loading."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import glimpse
+from glimpse.config import load_recipe
+from glimpse.errors import GlimpseError
+from glimpse.infer.lm import LanguageModelPipeline
+from glimpse.train.objectives import lm_loss
+from glimpse.train.trainer import train
+
+
+def test_lm_loss_is_shifted_cross_entropy_ignoring_padding():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 7)
+    labels = torch.tensor([[1, 2, 3, -100], [4, 5, -100, -100]])
+    # position t predicts label t+1: pairs (row 0: t=0..2 -> 2,3,-) (row 1: t=0 -> 5)
+    expected = F.cross_entropy(torch.stack([logits[0, 0], logits[0, 1], logits[1, 0]]), torch.tensor([2, 3, 5]))
+    torch.testing.assert_close(lm_loss(logits, labels), expected)
+
+
+def lm_overrides(world, **extra):
+    base = {"data.root": str(world), "data.image_size": 32, "data.num_workers": 0, "model.width": 32,
+            "model.layers": 2, "model.heads": 4, "model.kv_heads": 2, "model.context_length": 48,
+            "train.batch_size": 16, "train.max_steps": 30, "train.warmup_steps": 3, "train.lr": 3e-3,
+            "train.log_every": 1, "train.save_every": 15, "train.eval_every": 15, "eval.batch_size": 64}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def test_pretraining_learns_the_captions_and_loads(world, tmp_path):
+    run = tmp_path / "lm"
+    results = train(load_recipe("shapes-lm", lm_overrides(world)), run, progress=False)
+    assert results["test/perplexity"] == pytest.approx(2.718281828 ** results["test/lm_loss"], rel=1e-6)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] - 1.0  # 30 steps on a tiny vocabulary: clearly learning
+    assert any("val/lm_loss" in r for r in records)
+    assert not (run / "preprocess.json").exists()  # no images in this family
+
+    m = glimpse.load(run)
+    assert isinstance(m, LanguageModelPipeline)
+    caption, scrambled = "a small red circle on the left", "left the on circle red small a"
+    ppl = m.perplexity([caption, scrambled])
+    assert ppl[0] < ppl[1]  # the word order of the world has been learned
+
+
+def test_bad_decoder_settings_are_refused(world):
+    with pytest.raises(GlimpseError, match="kv_heads 3 do not divide"):
+        load_recipe("shapes-lm", ["model.kv_heads=3"])
+    with pytest.raises(GlimpseError, match="arch 't5' must be llama or gpt2"):
+        load_recipe("shapes-lm", ["model.arch=t5"])
