@@ -48,6 +48,13 @@ def test_pretraining_learns_the_captions_and_loads(world, tmp_path):
     ppl = m.perplexity([caption, scrambled])
     assert ppl[0] < ppl[1]  # the word order of the world has been learned
 
+    prompts = ["a small red", "there is a large blue square on the left and"]
+    batched = m.generate(prompts, max_new_tokens=6)
+    assert batched == [m.generate([p], max_new_tokens=6)[0] for p in prompts]  # padding changes nothing
+    assert all(isinstance(t, str) and t for t in batched)
+    sampled = m.generate(prompts, max_new_tokens=6, do_sample=True, top_p=0.9, seed=1)
+    assert sampled == m.generate(prompts, max_new_tokens=6, do_sample=True, top_p=0.9, seed=1)
+
 
 def test_bad_decoder_settings_are_refused(world):
     with pytest.raises(GlimpseError, match="kv_heads 3 do not divide"):

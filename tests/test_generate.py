@@ -1,0 +1,211 @@
+"""Generation: parity with transformers (greedy, beams), batch invariance, sampling, stopping, streaming."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from test_decoder import LLAMA_KEYS, V, convert, hf_randomize, tiny
+
+from glimpse.infer.generate import GenerationConfig, _beam_events, _pick, generate, stream
+from glimpse.models.decoder import CausalLM, DecoderConfig
+
+PROMPTS = [[5, 17, 3, 40, 22, 9, 31, 2, 11], [7, 1, 50, 33, 12], [19, 28, 4, 45, 60, 8, 14]]
+
+
+def greedy(n=8, **kw) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=n, ignore_eos=True, **kw)
+
+
+def letters(ids: list[int]) -> str:
+    return "".join(chr(0x41 + i) for i in ids)  # one character per token
+
+
+@torch.no_grad()
+def logprob(model, prompt: list[int], new: list[int]) -> float:
+    """Total log-probability of `new` after `prompt`, from one full forward pass."""
+    logits = model(torch.tensor([prompt + new]))[0, len(prompt) - 1:-1].log_softmax(-1)
+    return logits.gather(-1, torch.tensor(new)[:, None]).sum().item()
+
+
+# ---- parity with transformers ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_pair():
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        attn_implementation="eager")
+    hf = hf_randomize(transformers.LlamaForCausalLM(hf_cfg))
+    hf.generation_config.eos_token_id = None  # compare fixed-length outputs (our ignore_eos)
+    hf.generation_config.pad_token_id = 0
+    rope = getattr(hf_cfg, "rope_parameters", None) or {"rope_theta": hf_cfg.rope_theta}
+    ours = CausalLM(DecoderConfig(
+        arch="llama", vocab_size=V, width=32, layers=2, heads=4, kv_heads=2, mlp_hidden=48,
+        context_length=64, rope_theta=rope["rope_theta"], tie_embeddings=False, norm_eps=1e-6)).eval()
+    ours.load_state_dict(convert(hf.state_dict(), LLAMA_KEYS, 2))
+    T = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in PROMPTS])
+    return ours, hf, ids, mask
+
+
+def test_greedy_matches_transformers(hf_pair):
+    ours, hf, ids, mask = hf_pair
+    ref = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10)
+    assert generate(ours, PROMPTS, greedy(10)) == ref[:, ids.shape[1]:].tolist()
+
+
+def test_beam_search_matches_transformers(hf_pair):
+    ours, hf, ids, mask = hf_pair
+    try:
+        ref = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=3,
+                          max_new_tokens=6, early_stopping=True)
+    except Exception as e:  # transformers moves decoding strategies around between versions
+        pytest.skip(f"transformers beam search unavailable: {e}")
+    base = ref[:, ids.shape[1]:].tolist()
+    assert generate(ours, PROMPTS, greedy(6, num_beams=3)) == base
+    for eos in sorted({t for row in base for t in row}):  # finished hypotheses, scoring, stopping
+        ref = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=3, max_new_tokens=6,
+                          early_stopping=True, eos_token_id=eos)[:, ids.shape[1]:].tolist()
+        ref = [row[:row.index(eos)] if eos in row else row for row in ref]  # HF keeps eos, then pads
+        assert generate(ours, PROMPTS, GenerationConfig(max_new_tokens=6, num_beams=3, eos_token_id=eos)) == ref
+
+
+# ---- greedy and batching --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batch_invariance(arch):
+    model = tiny(arch)
+    batch = generate(model, PROMPTS, greedy(10))
+    assert [generate(model, [p], greedy(10))[0] for p in PROMPTS] == batch
+    assert generate(model, PROMPTS[::-1], greedy(10)) == batch[::-1]
+    assert all(len(out) == 10 for out in batch)
+
+
+def test_prefix_embeds_and_validation():
+    model = tiny()
+    embeds = [model.embed(torch.tensor(p)).detach() for p in PROMPTS]
+    placeholders = [[0] * len(p) for p in PROMPTS]  # ids only give lengths when embeds are passed
+    assert generate(model, placeholders, greedy(), prefix_embeds=embeds) == generate(model, PROMPTS, greedy())
+    with pytest.raises(ValueError):
+        generate(model, [[1, 2]], greedy(), prefix_embeds=[embeds[0]])
+    with pytest.raises(ValueError):
+        generate(model, [[]], greedy())
+    with pytest.raises(ValueError):
+        generate(model, PROMPTS, greedy(stop_strings=["x"]))  # no decode
+    assert generate(model, PROMPTS, greedy(0)) == [[], [], []]
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+
+def test_sampling_seeds():
+    model = tiny()
+    cfg = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.5, seed=3, ignore_eos=True)
+    first = generate(model, PROMPTS, cfg)
+    assert generate(model, PROMPTS, cfg) == first
+    other = generate(model, PROMPTS, GenerationConfig(**{**cfg.__dict__, "seed": 4}))
+    assert other != first
+    assert first != generate(model, PROMPTS, greedy(12))
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    model = tiny()
+    ref = generate(model, PROMPTS, greedy())
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}):
+        cfg = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=2.0, seed=0, ignore_eos=True, **kw)
+        assert generate(model, PROMPTS, cfg) == ref
+
+
+def test_top_p_keeps_smallest_set_reaching_mass():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(2000, 4)
+    gen = torch.Generator().manual_seed(0)
+    for top_p, allowed in ((0.45, {0}), (0.7, {0, 1}), (0.9, {0, 1, 2})):
+        drawn = set(_pick(logits, GenerationConfig(do_sample=True, top_p=top_p), gen).tolist())
+        assert drawn == allowed
+    drawn = set(_pick(logits, GenerationConfig(do_sample=True, top_k=2), gen).tolist())
+    assert drawn == {0, 1}
+
+
+# ---- stopping -------------------------------------------------------------------------------------
+
+def test_eos_stops_each_row():
+    model = tiny()
+    full = generate(model, PROMPTS, greedy(12))
+    eos = full[1][4]  # row 1 stops where it first produces this token
+    expected = [out[:out.index(eos)] if eos in out else out for out in full]
+    assert expected[1] == full[1][:full[1].index(eos)]
+    cfg = GenerationConfig(max_new_tokens=12, eos_token_id=eos)
+    assert generate(model, PROMPTS, cfg) == expected
+    cfg.eos_token_id = [V - 1, eos]
+    assert generate(model, PROMPTS, cfg) == expected
+    cfg.ignore_eos = True
+    assert generate(model, PROMPTS, cfg) == full
+
+
+def test_stop_strings_cut_before_completing_token():
+    model = tiny()
+    full = generate(model, PROMPTS, greedy(12))
+    stop = letters(full[0][5:7])
+    k = next(i for i in range(12) if stop in letters(full[0][:i + 1]))  # the completing token
+    got = generate(model, PROMPTS, greedy(12, stop_strings=["\x00never", stop]), decode=letters)
+    assert got[0] == full[0][:k] and stop not in letters(got[0])
+    for out, ref in zip(got[1:], full[1:]):  # other rows stop only if they produce it too
+        assert out == ref[:len(out)]
+
+
+# ---- streaming ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [{}, {"do_sample": True, "seed": 5, "top_p": 0.9}, {"eos_token_id": 3}])
+def test_stream_and_on_token_match_generate(kw):
+    model = tiny()
+    cfg = GenerationConfig(max_new_tokens=10, **kw)
+    seen: list[list[int]] = [[] for _ in PROMPTS]
+    out = generate(model, PROMPTS, cfg, on_token=lambda row, tok: seen[row].append(tok))
+    assert seen == out
+    it = stream(model, PROMPTS[1], cfg)
+    assert next(it) == generate(model, [PROMPTS[1]], cfg)[0][0]  # a real generator, token by token
+    assert [next(it)] + list(it) == generate(model, [PROMPTS[1]], cfg)[0][1:]
+    assert torch.is_grad_enabled()  # no_grad does not leak out of the generator
+
+
+# ---- beam search ----------------------------------------------------------------------------------
+
+def test_one_beam_is_greedy():
+    model = tiny()
+    for cfg in (greedy(8), GenerationConfig(max_new_tokens=8, eos_token_id=generate(model, PROMPTS, greedy())[0][3])):
+        out: list[list[int]] = [[] for _ in PROMPTS]
+        list(_beam_events(model, PROMPTS, cfg, 0, None, out))
+        assert out == generate(model, PROMPTS, cfg)
+        cfg.num_beams = 1
+        assert generate(model, PROMPTS, cfg) == out
+
+
+def test_beams_score_at_least_greedy():
+    model = tiny()
+    ref = generate(model, PROMPTS, greedy(6))
+    beams = generate(model, PROMPTS, greedy(6, num_beams=4))
+    for p, g, b in zip(PROMPTS, ref, beams):
+        assert len(b) == 6 and logprob(model, p, b) >= logprob(model, p, g) - 1e-5
+    assert beams != ref  # the search did find something better somewhere
+
+
+def test_full_width_beams_are_exhaustive():
+    model = tiny()
+    got = generate(model, PROMPTS[:2], greedy(2, num_beams=V))
+    pairs = torch.tensor(list(itertools.product(range(V), repeat=2)))  # every 2-token continuation
+    for p, b in zip(PROMPTS, got):
+        with torch.no_grad():  # score all V * V of them in one batch
+            ids = torch.cat([torch.tensor(p).expand(len(pairs), -1), pairs], 1)
+            lp = model(ids)[:, len(p) - 1:-1].log_softmax(-1).gather(-1, pairs[..., None]).sum((1, 2))
+        assert b == pairs[lp.argmax()].tolist()
+
+
+def test_beam_eos_not_returned():
+    model = tiny()
+    ref = generate(model, PROMPTS, greedy(8, num_beams=3))
+    eos = ref[0][2]
+    got = generate(model, PROMPTS, GenerationConfig(max_new_tokens=8, num_beams=3, eos_token_id=eos))
+    assert all(eos not in out and len(out) <= 8 for out in got)
