@@ -123,3 +123,18 @@ def test_broken_or_mismatched_index_is_a_clear_error(tiny_run, world, tmp_path, 
     (idx / "paths.json").write_text(json.dumps(paths))
     (idx / "meta.json").write_text("{}")
     assert_one_line_error(run(["search", str(idx), "red"], cli_env, ok=False), "names no run")
+
+
+def test_data_shapes_is_byte_identical_for_a_seed(tmp_path, cli_env):
+    import hashlib
+
+    def digest(root):
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    args = ["data", "shapes", "--train", "12", "--val", "3", "--test", "4", "--image-size", "32", "--shards"]
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        run([*args, "--seed", seed, "--out", str(tmp_path / name)], cli_env)
+    a, b, c = (digest(tmp_path / n) for n in "abc")
+    assert "tokenizer.json" in a and a == b  # everything, the trained tokenizer included
+    assert a != c
