@@ -165,7 +165,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tc)
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, n_samples = torch.zeros((), device=device), 0
+        loss_sum, n_samples, n_micro = torch.zeros((), device=device), 0, 0
         for micro in range(tc.grad_accum):
             batch = next(batches)
             for status in batch["status"]:
@@ -192,6 +192,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
                                        "the optimizer step: lower train.lr or use train.precision=fp32")
                 (loss / tc.grad_accum).backward()
             loss_sum += loss.detach()
+            n_micro += 1
             n_samples += len(batch["status"])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
         if not torch.isfinite(grad_norm):
@@ -200,7 +201,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         optimizer.step()
         step += 1
         dt = time.perf_counter() - t0
-        loss_value = all_reduce_mean(loss_sum / tc.grad_accum).item()
+        loss_value = all_reduce_mean(loss_sum / max(n_micro, 1)).item()  # skipped micro-batches do not count
         throughput = n_samples * dist_info.world_size / dt
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{throughput:.0f}")
