@@ -1,0 +1,58 @@
+"""Connectors: image features -> tokens in the language model's embedding space.
+
+- `linear`: one projection (LLaVA-1.0).
+- `mlp2x_gelu`: Linear -> GELU -> Linear (LLaVA-1.5's projector; HF `multi_modal_projector.linear_1/2`).
+- `prefix`: Frozen/ClipCap's prefix mapper: the pooled image feature -> n prefix tokens.
+- `pixel_shuffle`: fold each f x f block of patch tokens into one token of f² times the width
+  (Idefics3, nanoVLM), cutting the image tokens by f² before projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """[B, N, D] patch tokens on a square grid -> [B, N / f², D·f²]; each output token holds a
+    f x f block of neighbouring patches, in row-major order."""
+    if factor == 1:
+        return x
+    B, N, D = x.shape
+    side = int(round(N**0.5))
+    if side * side != N or side % factor:
+        raise ValueError(f"pixel shuffle by {factor} needs a square grid of patches divisible by it, got {N}")
+    g = side // factor
+    x = x.view(B, g, factor, g, factor, D).permute(0, 1, 3, 2, 4, 5)  # [B, g, g, f, f, D]
+    return x.reshape(B, g * g, factor * factor * D)
+
+
+class Projector(nn.Module):
+    """`linear` or `mlp2x_gelu`: per token, [B, N, in] -> [B, N, out]."""
+
+    def __init__(self, kind: str, dim_in: int, dim_out: int):
+        super().__init__()
+        if kind not in ("linear", "mlp2x_gelu"):
+            raise ValueError(f"projector {kind!r} must be linear or mlp2x_gelu")
+        self.linear_1 = nn.Linear(dim_in, dim_out)
+        self.linear_2 = nn.Linear(dim_out, dim_out) if kind == "mlp2x_gelu" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear_1(x)
+        return x if self.linear_2 is None else self.linear_2(F.gelu(x))
+
+
+class PrefixMapper(nn.Module):
+    """Frozen / ClipCap: one pooled image feature [B, in] -> n prefix tokens [B, n, out]
+    through a two-layer MLP (ClipCap's MLP mapper)."""
+
+    def __init__(self, dim_in: int, dim_out: int, n_tokens: int):
+        super().__init__()
+        self.n_tokens, self.dim_out = n_tokens, dim_out
+        hidden = dim_out * n_tokens // 2
+        self.fc1 = nn.Linear(dim_in, hidden)
+        self.fc2 = nn.Linear(hidden, dim_out * n_tokens)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(pooled))).view(-1, self.n_tokens, self.dim_out)
