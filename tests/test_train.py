@@ -168,3 +168,23 @@ def test_training_variants_run_and_learn(world, tmp_path, extra):
     losses = [r["loss"] for r in records(tmp_path / "run") if "loss" in r]
     assert len(losses) == 12 and all(x == x for x in losses)
     assert sum(losses[-3:]) < sum(losses[:3])  # it learns something
+
+
+def test_init_parts_and_freeze(tiny_run, world, tmp_path):
+    from safetensors.torch import load_file
+
+    from glimpse.api import run_weights
+
+    run = tmp_path / "run"
+    recipe = load_recipe("shapes-clip", tiny_overrides(world, **{"train.max_steps": 3, "eval.splits": "[]"}))
+    recipe.init_parts = {"vision": str(tiny_run)}
+    recipe.freeze = ["vision"]
+    train(recipe, run, progress=False)
+    src, out = load_file(str(run_weights(tiny_run))), load_file(str(run_weights(run)))
+    vision = [k for k in out if k.startswith("vision.")]
+    assert vision and all(torch.equal(out[k], src[k]) for k in vision)  # started from the run, never moved
+    assert not torch.equal(out["text_projection.weight"], src["text_projection.weight"])  # the rest trained
+
+    recipe.freeze = ["eyes"]
+    with pytest.raises(GlimpseError, match="no part 'eyes'; its parts: vision, text"):
+        train(recipe, tmp_path / "other", progress=False)

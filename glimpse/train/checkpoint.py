@@ -99,15 +99,34 @@ def save_checkpoint(run: str | Path, step: int, model: torch.nn.Module, optimize
     return final
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Strictly load a safetensors file: a missing, unexpected or mis-shaped tensor is an error naming it."""
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise GlimpseError(f"no weights at {path}")
     try:
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise GlimpseError(f"broken checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Strictly load a safetensors file: a missing, unexpected or mis-shaped tensor is an error naming it."""
+    load_tensors(model, read_weights(path), Path(path))
+
+
+def load_part(model: torch.nn.Module, part: str, path: str | Path) -> None:
+    """Strictly load one top-level submodule from a run's weights: the tensors under "part." when the
+    file has any (the vision tower of a dual encoder), else the whole file (a language-model run)."""
+    if not isinstance(getattr(model, part, None), torch.nn.Module):
+        parts = ", ".join(n for n, _ in model.named_children())
+        raise GlimpseError(f"the model has no part {part!r}; its parts: {parts}")
+    tensors = read_weights(path)
+    prefix = part + "."
+    sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)} or tensors
+    load_tensors(getattr(model, part), sub, f"{path} (for {part})")
+
+
+def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
     expected = model.state_dict()
     # tied weights were saved once: fill in their aliases
     missing = [k for k in expected if k not in tensors]

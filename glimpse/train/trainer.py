@@ -124,10 +124,18 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
 
     torch.manual_seed(tc.seed)
     model = task.build_model().to(device)
-    if recipe.init:
+    if recipe.init or recipe.init_parts:
         from glimpse.api import run_weights
 
-        ckpt.load_weights(model, run_weights(recipe.init))
+        if recipe.init:
+            ckpt.load_weights(model, run_weights(recipe.init))
+        for part, run in recipe.init_parts.items():
+            ckpt.load_part(model, part, run_weights(run))
+    for part in recipe.freeze:
+        if not isinstance(getattr(model, part, None), torch.nn.Module):
+            parts = ", ".join(n for n, _ in model.named_children())
+            raise GlimpseError(f"freeze: the model has no part {part!r}; its parts: {parts}")
+        getattr(model, part).requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
     state = {"failures": {}, "bad_in_a_row": 0}
     start = 0
