@@ -114,16 +114,23 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     load_tensors(model, read_weights(path), Path(path))
 
 
+def model_part(model: torch.nn.Module, part: str, why: str = "") -> torch.nn.Module:
+    """A top-level submodule by name (vision, text, lm, ...), or an error listing the parts."""
+    sub = getattr(model, part, None)
+    if not isinstance(sub, torch.nn.Module):
+        parts = ", ".join(n for n, _ in model.named_children())
+        raise GlimpseError(f"{why}the model has no part {part!r}; its parts: {parts}")
+    return sub
+
+
 def load_part(model: torch.nn.Module, part: str, path: str | Path) -> None:
     """Strictly load one top-level submodule from a run's weights: the tensors under "part." when the
     file has any (the vision tower of a dual encoder), else the whole file (a language-model run)."""
-    if not isinstance(getattr(model, part, None), torch.nn.Module):
-        parts = ", ".join(n for n, _ in model.named_children())
-        raise GlimpseError(f"the model has no part {part!r}; its parts: {parts}")
+    sub = model_part(model, part, "init_parts: ")
     tensors = read_weights(path)
     prefix = part + "."
-    sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)} or tensors
-    load_tensors(getattr(model, part), sub, f"{path} (for {part})")
+    picked = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)} or tensors
+    load_tensors(sub, picked, f"{path} (for {part})")
 
 
 def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> None:

@@ -42,6 +42,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def agree(n_good: int, bad_in_a_row: int) -> tuple[int, int]:
+    """The smallest good-sample count and the longest bad run over all processes."""
+    if not dist.is_initialized():
+        return n_good, bad_in_a_row
+    t = torch.tensor([-n_good, bad_in_a_row])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return -int(t[0]), int(t[1])
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if not dist.is_initialized():
         return x

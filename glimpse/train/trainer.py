@@ -26,21 +26,12 @@ from glimpse.data.tokenizer import Tokenizer
 from glimpse.data.world import ensure_shapes
 from glimpse.errors import GlimpseError
 from glimpse.train import checkpoint as ckpt
-from glimpse.train.distributed import all_reduce_mean, barrier, init_distributed
+from glimpse.train.distributed import agree, all_reduce_mean, barrier, init_distributed
 from glimpse.train.plots import plot_metrics
 from glimpse.train.sampler import StepBatchSampler
 from glimpse.train.tasks import TASKS
 
 FAILURE_REASONS = ("missing", "format", "truncated", "corrupt", "oversized")
-
-
-def agree(n_good: int, bad_in_a_row: int) -> tuple[int, int]:
-    """The smallest good-sample count and the longest bad run over all processes."""
-    if not torch.distributed.is_initialized():
-        return n_good, bad_in_a_row
-    t = torch.tensor([-n_good, bad_in_a_row])
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return -int(t[0]), int(t[1])
 
 
 def lr_at(step: int, cfg) -> float:
@@ -132,10 +123,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         for part, run in recipe.init_parts.items():
             ckpt.load_part(model, part, run_weights(run))
     for part in recipe.freeze:
-        if not isinstance(getattr(model, part, None), torch.nn.Module):
-            parts = ", ".join(n for n, _ in model.named_children())
-            raise GlimpseError(f"freeze: the model has no part {part!r}; its parts: {parts}")
-        getattr(model, part).requires_grad_(False)
+        ckpt.model_part(model, part, "freeze: ").requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
     state = {"failures": {}, "bad_in_a_row": 0}
     start = 0
