@@ -35,12 +35,23 @@ def run_dir(path: str | Path) -> Path:
 
 def load(path: str | Path, device: str = "cpu"):
     """Load a glimpse run; returns the family's pipeline (a dual encoder's: embed_images,
-    embed_texts, classify; a language model's: generate, perplexity)."""
+    embed_texts, classify; a language model's: generate, perplexity; a vision-language
+    model's: caption, ask, chat)."""
+    task, model = load_run(path, device=device)
+    return task.pipeline(model)
+
+
+def load_run(path: str | Path, overrides: list[str] | None = None, device: str = "cpu"):
+    """(the family's task, the model in eval mode) of a run; `overrides` change its recipe
+    (`eval.*` settings, say) as `--set` does."""
+    from glimpse.config import apply_override
     from glimpse.train.tasks import TASKS
 
     run = run_dir(path)
     try:
         recipe = recipe_from_dict(yaml.safe_load((run / "recipe.yaml").read_text()))
+        for item in overrides or []:
+            apply_override(recipe, item)
         has_images = recipe.family != "causal_lm"
         preprocess = json.loads((run / "preprocess.json").read_text()) if has_images else None
     except FileNotFoundError as e:
@@ -54,4 +65,4 @@ def load(path: str | Path, device: str = "cpu"):
     model = task.build_model()
     ckpt.load_weights(model, run_weights(path))
     model.to(device).eval()
-    return task.pipeline(model)
+    return task, model

@@ -32,18 +32,15 @@ def cmd_train(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    import glimpse
-    from glimpse.api import run_dir
-    from glimpse.config import load_recipe
-    from glimpse.eval.dual import evaluate
+    from glimpse.api import load_run
+    from glimpse.config import validate_recipe
     from glimpse.train.trainer import data_root
 
-    recipe = load_recipe(run_dir(a.run) / "recipe.yaml", a.set)
-    pipe = glimpse.load(a.run)
-    pipe.ensemble = recipe.eval.prompt_ensemble  # --set may change it; templates are passed below
-    splits = a.split or recipe.eval.splits
-    results = evaluate(pipe, recipe.data, data_root(recipe, not a.quiet), splits, recipe.eval.templates,
-                       recipe.eval.batch_size)
+    task, model = load_run(a.run, a.set)
+    validate_recipe(task.recipe)
+    task.root = data_root(task.recipe, not a.quiet)  # the run folder holds no data: find the recipe's
+    splits = a.split or task.recipe.eval.splits
+    results = task.evaluate(model, splits) if splits else {}
     if not results:
         raise GlimpseError("nothing to evaluate: no splits given (--split S, or eval.splits in the recipe)")
     print_table(results)
@@ -69,6 +66,89 @@ def cmd_search(a) -> None:
     hits = index.search_text(a.text, a.k) if a.text is not None else index.search_image(a.image, a.k)
     for rank, (path, score) in enumerate(hits, 1):
         print(f"{rank:3d}  {score:.4f}  {path}")
+
+
+def _vlm(run):
+    import glimpse
+    from glimpse.infer.vlm import VisionLanguagePipeline
+
+    pipe = glimpse.load(run)
+    if not isinstance(pipe, VisionLanguagePipeline):
+        raise GlimpseError(f"{run} is not a vision-language model (caption, ask and chat need a vlm run)")
+    return pipe
+
+
+def _generation(a) -> dict:
+    opts = {"max_new_tokens": a.max_new_tokens}
+    if a.temperature > 0:
+        opts.update(do_sample=True, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+    return opts
+
+
+def cmd_caption(a) -> None:
+    pipe = _vlm(a.run)
+    for path, text in zip(a.images, pipe.caption(a.images, **_generation(a))):
+        print(f"{path}: {text}" if len(a.images) > 1 else text)
+
+
+def cmd_ask(a) -> None:
+    pipe = _vlm(a.run)
+    message = [{"role": "user", "content": [{"type": "image", "image": p} for p in a.images] +
+                [{"type": "text", "text": a.question}]}]
+    for piece in pipe.chat(message, stream=True, **_generation(a)):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(a) -> None:
+    """A conversation on the terminal: `/image PATH` attaches an image to the next message,
+    `/reset` forgets the conversation, `/quit` (or end of input) leaves."""
+    pipe = _vlm(a.run)
+    messages, pending = [], list(a.image or [])
+    print("glimpse chat: /image PATH attaches an image, /reset starts over, /quit leaves")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            messages, pending = [], []
+            print("(conversation cleared)")
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if not Path(path).is_file():
+                print(f"no such image: {path}")
+            else:
+                pending.append(path)
+                print(f"(attached {path})")
+            continue
+        user = {"role": "user", "content": [{"type": "image", "image": p} for p in pending] +
+                [{"type": "text", "text": line}]}
+        print("assistant> ", end="", flush=True)
+        reply = ""
+        try:
+            for piece in pipe.chat(messages + [user], stream=True, **_generation(a)):
+                reply += piece
+                print(piece, end="", flush=True)
+        except GlimpseError as e:  # a bad image or an over-long conversation: say so, keep the chat
+            print(f"\nerror: {e}")
+            continue
+        print()
+        messages += [user, {"role": "assistant", "content": reply}]
+        pending = []
+
+
+def _generation_args(p) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sample")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
 
 
 def cmd_demo(a) -> None:
@@ -109,7 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a run")
     e.add_argument("run")
     e.add_argument("--split", action="append", help="split to evaluate (repeatable; default: the recipe's)")
-    e.add_argument("--task", choices=["retrieval"], default="retrieval")
     e.add_argument("--json", help="also write the figures to this JSON file")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     e.set_defaults(func=cmd_eval)
@@ -128,6 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--k", type=int, default=5)
     q.add_argument("--run", help="embed queries with this run instead of the one that built the index")
     q.set_defaults(func=cmd_search)
+
+    c = sub.add_parser("caption", help="caption images with a vision-language run")
+    c.add_argument("run")
+    c.add_argument("images", nargs="+")
+    _generation_args(c)
+    c.set_defaults(func=cmd_caption)
+
+    k = sub.add_parser("ask", help="ask a question about an image (the answer streams)")
+    k.add_argument("run")
+    k.add_argument("images", nargs="+", metavar="IMAGE")
+    k.add_argument("question")
+    _generation_args(k)
+    k.set_defaults(func=cmd_ask)
+
+    h = sub.add_parser("chat", help="talk with a vision-language run on the terminal")
+    h.add_argument("run")
+    h.add_argument("--image", action="append", help="attach this image to the first message")
+    _generation_args(h)
+    h.set_defaults(func=cmd_chat)
 
     d = sub.add_parser("demo", help="the main job end to end on the shapes world")
     d.add_argument("--out", default="runs/demo")

@@ -18,18 +18,20 @@ import yaml
 from glimpse.errors import GlimpseError
 from glimpse.models.decoder import DecoderConfig
 from glimpse.models.dual_encoder import DualEncoderConfig
+from glimpse.models.vlm import VLMConfig
 
 RECIPE_DIR = Path(__file__).parent / "configs"
 
 # family -> the dataclass its `model:` section maps onto
-MODEL_CONFIGS: dict[str, type] = {"dual_encoder": DualEncoderConfig, "causal_lm": DecoderConfig}
+MODEL_CONFIGS: dict[str, type] = {"dual_encoder": DualEncoderConfig, "causal_lm": DecoderConfig, "vlm": VLMConfig}
 
 
 @dataclass
 class DataConfig:
     source: str = "shapes"  # shapes (generated on first use, cached) | coco | csv | wds
     root: str | None = None  # shapes: where the world lives (None: the cache); others: base of relative paths
-    format: str = "coco"  # which written format training reads: coco | csv | wds
+    format: str = "coco"  # which written format training reads: coco | csv | wds captions, or llava conversations
+    vqa_mix: bool = False  # vlm: add the training split's VQA questions as short-answer turns (LLaVA-1.5's mix)
     # the shapes world's generator settings (source: shapes)
     seed: int = 0
     train_size: int = 20000
@@ -75,6 +77,11 @@ class EvalConfig:
     templates: list[str] = field(default_factory=lambda: ["a {}", "a photo of a {}"])
     prompt_ensemble: str = "mean"  # mean (CLIP) | max: how templates combine in zero-shot classification
     batch_size: int = 256
+    # generative models (vlm): VQA and captions are scored on what the model generates
+    max_new_tokens: int = 32
+    caption_prompt: str = "<image>\ndescribe the image."
+    vqa_limit: int = 0  # score at most this many questions per split (0: all)
+    few_shot: list[int] = field(default_factory=list)  # also VQA with k solved examples first (Frozen: [0, 1, 4])
 
 
 @dataclass
@@ -268,7 +275,29 @@ def _validate_causal_lm(m: DecoderConfig) -> None:
     _check(m.context_length >= 3, "model.context_length", m.context_length, "must be at least 3")
 
 
-MODEL_VALIDATORS = {"dual_encoder": _validate_dual_encoder, "causal_lm": _validate_causal_lm}
+def _validate_vlm(m: VLMConfig) -> None:
+    from glimpse.data.chat import TEMPLATES
+
+    _validate_causal_lm(m.lm)
+    v = m.vision
+    _check(v.patch_size >= 1 and v.image_size % v.patch_size == 0, "model.vision.patch_size", v.patch_size,
+           f"must divide image_size {v.image_size}")
+    _check(v.width % v.heads == 0, "model.vision.width", v.width, f"is not divisible by {v.heads} heads")
+    _choice("model.connector", m.connector, ("linear", "mlp2x_gelu", "prefix"))
+    _choice("model.prefix_source", m.prefix_source, ("pooled", "patches"))
+    _choice("model.vision_feature_select", m.vision_feature_select, ("patch", "full"))
+    _check(-v.layers <= m.vision_feature_layer < v.layers, "model.vision_feature_layer", m.vision_feature_layer,
+           f"is not a layer of a {v.layers}-layer tower")
+    _check(m.prefix_tokens >= 1 and m.pixel_shuffle >= 1, "model.prefix_tokens/pixel_shuffle",
+           (m.prefix_tokens, m.pixel_shuffle), "must be at least 1")
+    grid = v.image_size // max(v.patch_size, 1)
+    _check(m.connector == "prefix" or grid % m.pixel_shuffle == 0, "model.pixel_shuffle", m.pixel_shuffle,
+           f"must divide the {grid}x{grid} patch grid")
+    _check(m.chat_template in TEMPLATES or "{" in m.chat_template, "model.chat_template", m.chat_template,
+           f"is neither a Jinja template nor one of {', '.join(TEMPLATES)}")
+
+
+MODEL_VALIDATORS = {"dual_encoder": _validate_dual_encoder, "causal_lm": _validate_causal_lm, "vlm": _validate_vlm}
 
 
 def validate_recipe(r: Recipe) -> None:
@@ -276,7 +305,8 @@ def validate_recipe(r: Recipe) -> None:
     MODEL_VALIDATORS[r.family](r.model)
     d, t, e = r.data, r.train, r.eval
     _choice("data.source", d.source, ("shapes", "coco", "csv", "wds"))
-    _choice("data.format", d.format, ("coco", "csv", "wds"))
+    _choice("data.format", d.format, ("coco", "csv", "wds", "llava"))
+    _check(d.format != "llava" or r.family == "vlm", "data.format", d.format, "is for vlm recipes")
     for k in ("train_size", "val_size", "test_size", "image_size", "max_pixels"):
         _check(getattr(d, k) >= 1, f"data.{k}", getattr(d, k), "must be at least 1")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must not be negative")
@@ -298,5 +328,8 @@ def validate_recipe(r: Recipe) -> None:
            f"must be a multiple of train.grad_accum ({t.grad_accum})")
     _choice("eval.prompt_ensemble", e.prompt_ensemble, ("mean", "max"))
     _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be at least 1")
+    _check(e.max_new_tokens >= 1 and e.vqa_limit >= 0 and all(k >= 0 for k in e.few_shot),
+           "eval.max_new_tokens/vqa_limit/few_shot", (e.max_new_tokens, e.vqa_limit, e.few_shot),
+           "must be positive / not negative")
     _check(bool(e.templates) and all("{}" in x for x in e.templates), "eval.templates", e.templates,
            "must be a non-empty list of prompts with a {} for the class name")

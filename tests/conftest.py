@@ -57,3 +57,27 @@ def tiny_run(world, tmp_path_factory) -> Path:
     recipe = load_recipe("shapes-clip", tiny_overrides(world, **{"train.max_steps": 8, "train.eval_every": 4}))
     train(recipe, out, progress=False)
     return out
+
+
+def tiny_vlm_overrides(world: Path, **extra) -> list[str]:
+    """--set items that make a vlm recipe tiny, untied from other runs, on the session's world."""
+    base = {
+        "data.root": str(world), "data.image_size": 32, "data.num_workers": 0, "init": "null", "init_parts": "{}",
+        "model.vision.image_size": 32, "model.vision.width": 32, "model.vision.layers": 2,
+        "model.lm.width": 32, "model.lm.layers": 2, "model.lm.heads": 2, "model.lm.kv_heads": 1,
+        "train.batch_size": 8, "train.max_steps": 4, "train.save_every": 2, "train.log_every": 1,
+        "eval.batch_size": 16, "eval.vqa_limit": 8, "eval.max_new_tokens": 6,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_run(world, tmp_path_factory) -> Path:
+    """A tiny LLaVA stage-2 style model trained in-process on the session's world (shared, read-only)."""
+    from glimpse.config import load_recipe
+    from glimpse.train.trainer import train
+
+    out = tmp_path_factory.mktemp("runs") / "vlm"
+    train(load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world)), out, progress=False)
+    return out

@@ -70,14 +70,27 @@ def test_pixel_shuffle_folds_neighbouring_patches():
         pixel_shuffle(torch.randn(1, 12, 2), 2)
 
 
-@pytest.mark.parametrize("connector, tokens", [("linear", 16), ("mlp2x_gelu", 16), ("prefix", 3)])
-def test_connectors(connector, tokens):
-    m = tiny(connector=connector, prefix_tokens=3)
+@pytest.mark.parametrize("connector, source, tokens", [("linear", "pooled", 16), ("mlp2x_gelu", "pooled", 16),
+                                                      ("prefix", "pooled", 3), ("prefix", "patches", 3)])
+def test_connectors(connector, source, tokens):
+    m = tiny(connector=connector, prefix_tokens=3, prefix_source=source)
     assert m.image_tokens == tokens
     feats = m.get_image_features(torch.randn(2, 3, 16, 16))
     assert feats.shape == (2, tokens, 24)
     ids = torch.tensor([[1] + [IMG] * tokens + [2]] * 2)
     assert m(ids, pixel_values=torch.randn(2, 3, 16, 16)).shape == (2, tokens + 2, 32)
+
+
+def test_patch_prefix_tokens_read_their_own_region():
+    """With prefix_source patches, token i depends only on the i-th group of patches."""
+    from glimpse.models.connectors import PrefixMapper
+
+    mapper = PrefixMapper(6, 8, 4, "patches")
+    x = torch.randn(1, 16, 6)
+    y = x.clone()
+    y[:, 12:] += 1.0  # change the last group of 4 patches only
+    a, b = mapper(x), mapper(y)
+    assert torch.equal(a[:, :3], b[:, :3]) and not torch.allclose(a[:, 3], b[:, 3])
 
 
 def test_prompts_with_images_generate_like_the_full_forward():

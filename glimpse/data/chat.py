@@ -59,6 +59,19 @@ TEMPLATES: dict[str, str] = {
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
     ),
+    # LLaVA-1.5's USER:/ASSISTANT: turns without its system prompt: for small models whose
+    # context the 30-word system prompt would crowd (the shapes-world LLaVA recipes).
+    "compact": (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] + ' ' }}"
+        "{% elif message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
+        "{% elif message['role'] == 'assistant' %}"
+        "{{ 'ASSISTANT: ' + message['content'] + (eos_token if eos_token else '</s>') }}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    ),
     # LLaVA stage-1 "plain": the user turn is reduced to its image placeholders (the
     # instruction text is dropped, as LLaVA does), then the caption and an end marker (the
     # eos, so the captioner learns to stop; LLaVA's "\n" when there is no eos).  No roles,
@@ -73,6 +86,11 @@ TEMPLATES: dict[str, str] = {
         "{% endfor %}"
     ),
 }
+
+# LLaVA-1.5's instruction for short VQA answers (its VQAv2 training mix and evaluation prompt).
+VQA_INSTRUCTION = "Answer the question using a single word or phrase."
+# Words the prompts above add to a conversation; the shapes world's tokenizer learns them.
+PROMPT_WORDS = ("USER:", "ASSISTANT:", "Question:", "Answer:", VQA_INSTRUCTION)
 
 # Marker strings that must be one special id when the tokenizer knows them.
 _MARKERS = ("<image>", "<|im_start|>", "<|im_end|>", "<bos>", "<eos>", "<pad>", "<s>", "</s>")
@@ -147,7 +165,7 @@ def from_llava(conversations: list[dict]) -> list[dict]:
     return out
 
 
-def _mark_specials(hf) -> None:
+def mark_specials(hf) -> None:
     # A marker the tokenizer has in its vocabulary but not as an added token would be split by
     # the pre-tokenizer; registering it (no new id) makes it match whole.  Markers the
     # tokenizer lacks stay plain text.
@@ -158,7 +176,7 @@ def _mark_specials(hf) -> None:
         hf.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in missing])
 
 
-def _token_text(hf, ids: dict, role: str) -> str:
+def token_text(hf, ids: dict, role: str) -> str:
     i = ids.get(role)
     return "" if i is None else (hf.id_to_token(i) or "")
 
@@ -202,9 +220,9 @@ def tokenize_conversation(tokenizer, template: str, messages: list[dict],
         raise ValueError(f"max_length must be at least 1, got {max_length}")
     hf = getattr(tokenizer, "hf", tokenizer)
     roles = getattr(tokenizer, "ids", {})
-    _mark_specials(hf)
-    full, spans = assistant_spans(template, messages, bos_token=_token_text(hf, roles, "bos"),
-                                  eos_token=_token_text(hf, roles, "eos"))
+    mark_specials(hf)
+    full, spans = assistant_spans(template, messages, bos_token=token_text(hf, roles, "bos"),
+                                  eos_token=token_text(hf, roles, "eos"))
     enc = hf.encode(full, add_special_tokens=False)
     input_ids = list(enc.ids)
     labels = [IGNORE] * len(input_ids)

@@ -22,16 +22,31 @@ def cache_dir() -> Path:
 
 def make_world(out: str | Path, *, seed: int, n_train: int, n_val: int, n_test: int, image_size: int,
                shards: bool = False, progress: bool = True) -> Path:
-    """Generate the shapes world into `out` and train its tokenizer on the training captions."""
-    from glimpse.data.formats import read_coco_captions
+    """Generate the shapes world into `out` and train its tokenizer on the training split's text."""
     from glimpse.data.shapes import generate_shapes
 
     out = Path(out)
     generate_shapes(out, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size,
                     shards=shards, progress=progress)
-    items = read_coco_captions(out / "annotations" / "captions_train.json", out / "images" / "train")
-    train_tokenizer((c for it in items for c in it.captions), out / "tokenizer.json")
+    train_tokenizer(world_texts(out), out / "tokenizer.json")
     return out
+
+
+def world_texts(root: Path):
+    """Every text a model of the world reads in training: captions, conversation turns, VQA
+    questions and answers, and the words glimpse's prompts add (roles, the VQA instruction), so
+    that none of them falls apart into single bytes."""
+    from glimpse.data.chat import PROMPT_WORDS
+
+    ann = Path(root) / "annotations"
+    for image in json.loads((ann / "captions_train.json").read_text())["annotations"]:
+        yield image["caption"]
+    for record in json.loads((ann / "llava_train.json").read_text()):
+        for turn in record["conversations"]:
+            yield turn["value"].replace("<image>", "")
+    for q in json.loads((ann / "vqa_questions_train.json").read_text())["questions"]:
+        yield q["question"]
+    yield from PROMPT_WORDS
 
 
 def ensure_shapes(data_cfg, progress: bool = True) -> Path:
@@ -48,7 +63,8 @@ def ensure_shapes(data_cfg, progress: bool = True) -> Path:
             raise GlimpseError(f"data.root {root} exists but holds no shapes world (no world.json)")
     else:
         shards = "-wds" if c.format == "wds" else ""
-        root = cache_dir() / f"shapes-s{c.seed}-n{c.train_size}-{c.val_size}-{c.test_size}-px{c.image_size}{shards}"
+        # v2: the tokenizer learns conversations and prompt words too, not only captions
+        root = cache_dir() / f"shapes-v2-s{c.seed}-n{c.train_size}-{c.val_size}-{c.test_size}-px{c.image_size}{shards}"
         if (root / "world.json").is_file():
             return root
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
 - `linear`: one projection (LLaVA-1.0).
 - `mlp2x_gelu`: Linear -> GELU -> Linear (LLaVA-1.5's projector; HF `multi_modal_projector.linear_1/2`).
-- `prefix`: Frozen/ClipCap's prefix mapper: the pooled image feature -> n prefix tokens.
+- `prefix`: Frozen/ClipCap's prefix mapper: the pooled image feature -> n prefix tokens
+  (or, `prefix_source: patches`, n tokens from n groups of patch tokens).
 - `pixel_shuffle`: fold each f x f block of patch tokens into one token of f² times the width
   (Idefics3, nanoVLM), cutting the image tokens by f² before projection.
 """
@@ -44,15 +45,25 @@ class Projector(nn.Module):
 
 
 class PrefixMapper(nn.Module):
-    """Frozen / ClipCap: one pooled image feature [B, in] -> n prefix tokens [B, n, out]
-    through a two-layer MLP (ClipCap's MLP mapper)."""
+    """Frozen / ClipCap: image features -> n prefix tokens [B, n, out] through a two-layer tanh MLP.
 
-    def __init__(self, dim_in: int, dim_out: int, n_tokens: int):
+    source "pooled": the pooled feature [B, in] maps to all n tokens at once (ClipCap's MLP mapper).
+    source "patches": the patch tokens [B, N, in] are averaged into n groups in reading order and
+    each group maps to one token (tokens that keep where things are, which one pooled vector blurs).
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, n_tokens: int, source: str = "pooled"):
         super().__init__()
-        self.n_tokens, self.dim_out = n_tokens, dim_out
-        hidden = dim_out * n_tokens // 2
+        if source not in ("pooled", "patches"):
+            raise ValueError(f"prefix source {source!r} must be pooled or patches")
+        self.n_tokens, self.dim_out, self.source = n_tokens, dim_out, source
+        per_token = source == "patches"
+        hidden = dim_out if per_token else dim_out * n_tokens // 2
         self.fc1 = nn.Linear(dim_in, hidden)
-        self.fc2 = nn.Linear(hidden, dim_out * n_tokens)
+        self.fc2 = nn.Linear(hidden, dim_out if per_token else dim_out * n_tokens)
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.fc1(pooled))).view(-1, self.n_tokens, self.dim_out)
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.source == "pooled":  # [B, in] -> [B, n, out]
+            return self.fc2(torch.tanh(self.fc1(features))).view(-1, self.n_tokens, self.dim_out)
+        groups = F.adaptive_avg_pool1d(features.transpose(1, 2), self.n_tokens).transpose(1, 2)  # [B, n, in]
+        return self.fc2(torch.tanh(self.fc1(groups)))

@@ -30,10 +30,12 @@ class VLMConfig:
     lm: DecoderConfig = field(default_factory=DecoderConfig)
     connector: str = "mlp2x_gelu"  # linear | mlp2x_gelu | prefix
     prefix_tokens: int = 4  # prefix connector: tokens per image
+    prefix_source: str = "pooled"  # prefix connector: from the pooled feature | groups of patch tokens
     vision_feature_layer: int = -1
     vision_feature_select: str = "patch"  # patch | full
     pixel_shuffle: int = 1  # fold f x f patches into one token (projector connectors)
-    image_token_id: int = -1  # the tokenizer's <image>
+    image_token_id: int = -1  # the tokenizer's <image>; set from the tokenizer when the model is built
+    chat_template: str = "compact"  # a glimpse.data.chat template name or a Jinja source
 
 
 class VisionLanguageModel(nn.Module):
@@ -48,25 +50,32 @@ class VisionLanguageModel(nn.Module):
         self.lm = CausalLM(cfg.lm)
         d_lm = self.lm.cfg.width
         if cfg.connector == "prefix":
-            self.connector = PrefixMapper(cfg.vision.width, d_lm, cfg.prefix_tokens)
+            self.connector = PrefixMapper(cfg.vision.width, d_lm, cfg.prefix_tokens, cfg.prefix_source)
         else:
             self.connector = Projector(cfg.connector, cfg.vision.width * cfg.pixel_shuffle**2, d_lm)
 
     @property
     def image_tokens(self) -> int:
         """How many `<image>` tokens stand for one image in the text."""
-        if self.cfg.connector == "prefix":
-            return self.cfg.prefix_tokens
-        n = self.vision.n_patches + int(self.cfg.vision_feature_select == "full" and self.vision.class_token is not None)
-        return n // self.cfg.pixel_shuffle**2
+        return self.count_image_tokens(self.cfg)
+
+    @staticmethod
+    def count_image_tokens(cfg: VLMConfig) -> int:
+        if cfg.connector == "prefix":
+            return cfg.prefix_tokens
+        v = cfg.vision
+        n = (v.image_size // v.patch_size) ** 2 + int(cfg.vision_feature_select == "full" and v.class_token)
+        return n // cfg.pixel_shuffle**2
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N_images, 3, H, W] -> [N_images, image_tokens, lm width]."""
-        if self.cfg.connector == "prefix":
+        if self.cfg.connector == "prefix" and self.cfg.prefix_source == "pooled":
             return self.connector(self.vision(pixel_values))
         x = self.vision.forward_features(pixel_values, layer=self.cfg.vision_feature_layer)  # [N, T, Dv]
         if self.cfg.vision_feature_select == "patch" and self.vision.class_token is not None:
             x = x[:, 1:]
+        if self.cfg.connector == "prefix":
+            return self.connector(x)
         return self.connector(pixel_shuffle(x, self.cfg.pixel_shuffle))
 
     def merge(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:

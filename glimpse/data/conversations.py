@@ -1,0 +1,187 @@
+"""Conversations with images, for training vision-language decoders.
+
+A record is {"images": [path or bytes, ...], "messages": [...]} in chat-message form, or
+{"images": [...], "captions": [...]} for caption data (the sampler's caption choice picks one,
+as a user turn holding only the image and an assistant turn holding the caption: LLaVA's
+stage-1 "plain" data).  Sources:
+
+- captions (COCO, CSV, WebDataset) through `load_pairs`;
+- LLaVA instruction files (`llava_{split}.json`), `<image>` placeholders in the human turns;
+- VQA questions, grouped per image into one multi-turn conversation, each question followed
+  by LLaVA-1.5's short-answer instruction (its VQAv2 training mix).
+
+Each `<image>` token of the tokenized conversation is expanded to `image_tokens` copies (the
+number of features an image becomes), labelled -100.  A sample that the context would cut
+inside or before an image, whose placeholders do not match its images, or that keeps no
+supervised token, is dropped and counted by reason, never silently misaligned.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from glimpse.data.chat import IGNORE, VQA_INSTRUCTION, from_llava, tokenize_conversation
+from glimpse.data.formats import read_llava, read_vqa
+from glimpse.data.images import ImageError, ImageTransform, load_image
+from glimpse.data.pairs import load_pairs, split_files
+from glimpse.errors import GlimpseError
+
+# reasons a sample is dropped, besides the image errors
+DROP_REASONS = {
+    "image_cut": "the context would cut it inside or before an image",
+    "image_count": "its <image> placeholders do not match its images",
+    "no_target": "no assistant token is left inside the context",
+}
+
+
+def vqa_question(question: str, instruction: bool = True) -> str:
+    return f"{question}\n{VQA_INSTRUCTION}" if instruction else question
+
+
+def vqa_items(data_cfg, root: Path, split: str) -> list[dict]:
+    """A split's VQA questions with answers and image paths (read_vqa's items)."""
+    if data_cfg.source == "shapes":
+        ann = Path(root) / "annotations"
+        return read_vqa(ann / f"vqa_questions_{split}.json", ann / f"vqa_annotations_{split}.json",
+                        Path(root) / "images" / split, images=ann / f"captions_{split}.json")
+    # real VQAv2: the questions, the annotations, and a COCO json whose "images" name each image_id's file
+    keys = [f"vqa_questions_{split}", f"vqa_annotations_{split}", f"vqa_images_{split}"]
+    if not all(k in data_cfg.files for k in keys) or split not in data_cfg.images:
+        raise GlimpseError(f"VQA on {split} needs data.files.{{{', '.join(keys)}}} and data.images.{split}")
+    q, a, names = (data_cfg.files[k] for k in keys)
+    return read_vqa(q, a, data_cfg.images[split], images=names)
+
+
+def caption_records(data_cfg, root: Path, split: str) -> list[dict]:
+    return [{"images": [it.image], "captions": it.captions} for it in load_pairs(data_cfg, root, split)]
+
+
+def llava_records(data_cfg, root: Path, split: str) -> list[dict]:
+    if data_cfg.source == "shapes":
+        path, images = Path(root) / "annotations" / f"llava_{split}.json", Path(root) / "images"
+    else:
+        path, images = split_files(data_cfg, root, split)
+        images = images or Path(path).parent
+    records = []
+    for r in read_llava(path, images):
+        try:
+            messages = from_llava(r["conversations"])
+        except ValueError as e:
+            raise GlimpseError(f"{path}: record {r['id']}: {e}") from None
+        if r["images"] and not any("<image>" in m["content"] for m in messages):
+            messages[0] = {**messages[0], "content": "<image>\n" + messages[0]["content"]}  # as LLaVA does
+        records.append({"images": r["images"], "messages": messages})
+    return records
+
+
+def vqa_records(data_cfg, root: Path, split: str) -> list[dict]:
+    """One conversation per image: its questions in turn, each answered by the annotators'
+    most common answer."""
+    by_image: dict[str, list[dict]] = defaultdict(list)
+    for item in vqa_items(data_cfg, root, split):
+        by_image[item["image"]].append(item)
+    records = []
+    for image, items in by_image.items():
+        messages = []
+        for k, item in enumerate(items):
+            prefix = "<image>\n" if k == 0 else ""
+            messages += [{"role": "user", "content": prefix + vqa_question(item["question"])},
+                         {"role": "assistant", "content": item["answer"]}]
+        records.append({"images": [image], "messages": messages})
+    return records
+
+
+def training_records(data_cfg, root: Path, split: str = "train") -> list[dict]:
+    records = llava_records(data_cfg, root, split) if data_cfg.format == "llava" else \
+        caption_records(data_cfg, root, split)
+    if data_cfg.vqa_mix:
+        records += vqa_records(data_cfg, root, split)
+    return records
+
+
+def expand_images(ids: list[int], labels: list[int], image_id: int, image_tokens: int) -> tuple[list, list]:
+    """Each `<image>` id becomes `image_tokens` copies, none of them supervised."""
+    out_ids, out_labels = [], []
+    for i, lab in zip(ids, labels):
+        if i == image_id:
+            out_ids += [image_id] * image_tokens
+            out_labels += [IGNORE] * image_tokens
+        else:
+            out_ids.append(i)
+            out_labels.append(lab)
+    return out_ids, out_labels
+
+
+def encode_sample(tokenizer, template: str, messages: list[dict], n_images: int, image_tokens: int,
+                  context_length: int) -> tuple[list[int], list[int]] | str:
+    """(input_ids, labels) ready for the model, or the reason the sample is dropped."""
+    image_id = tokenizer.ids["image"]
+    ids, labels = tokenize_conversation(tokenizer, template, messages)
+    if ids.count(image_id) != n_images:
+        return "image_count"
+    ids, labels = expand_images(ids, labels, image_id, image_tokens)
+    if len(ids) > context_length:
+        if image_id in ids[context_length:]:
+            return "image_cut"
+        ids, labels = ids[:context_length], labels[:context_length]
+    if all(lab == IGNORE for lab in labels[1:]):  # the first label is never a target (no token before it)
+        return "no_target"
+    return ids, labels
+
+
+class ConversationDataset(Dataset):
+    """Keys are (index, caption choice) pairs, as PairDataset's (the sampler decides everything read)."""
+
+    def __init__(self, records: list[dict], tokenizer, template: str, transform: ImageTransform, max_pixels: int,
+                 image_tokens: int, context_length: int):
+        self.records, self.tokenizer, self.template = records, tokenizer, template
+        self.transform, self.max_pixels = transform, max_pixels
+        self.image_tokens, self.context_length = image_tokens, context_length
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        idx, choice = key
+        r = self.records[idx]
+        messages = r.get("messages") or [
+            {"role": "user", "content": "<image>" * len(r["images"])},
+            {"role": "assistant", "content": r["captions"][choice % len(r["captions"])]}]
+        encoded = encode_sample(self.tokenizer, self.template, messages, len(r["images"]), self.image_tokens,
+                                self.context_length)
+        if isinstance(encoded, str):
+            return {"error": encoded, "message": f"sample {idx} dropped: {DROP_REASONS[encoded]}"}
+        try:
+            pixels = [self.transform(load_image(img, max_pixels=self.max_pixels, name=f"sample {idx}"
+                                                if isinstance(img, bytes) else None)) for img in r["images"]]
+        except ImageError as e:
+            return {"error": e.reason, "message": str(e)}
+        return {"input_ids": encoded[0], "labels": encoded[1], "pixel_values": pixels}
+
+
+class ConversationCollate:
+    """Right-pads the good samples; pixel_values holds all their images in reading order."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, samples: list[dict]) -> dict:
+        good = [s for s in samples if "error" not in s]
+        batch: dict = {"status": [s.get("error") for s in samples],
+                       "messages": [s["message"] for s in samples if "error" in s]}
+        if good:
+            T = max(len(s["input_ids"]) for s in good)
+            ids = torch.full((len(good), T), self.pad_id, dtype=torch.long)
+            labels = torch.full((len(good), T), IGNORE, dtype=torch.long)
+            mask = torch.zeros(len(good), T, dtype=torch.long)
+            for i, s in enumerate(good):
+                n = len(s["input_ids"])
+                ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
+            images = [p for s in good for p in s["pixel_values"]]
+            batch.update(input_ids=ids, labels=labels, attention_mask=mask,
+                         pixel_values=torch.stack(images) if images else None)
+        return batch
