@@ -10,9 +10,9 @@ import subprocess
 
 import pytest
 import torch
+from conftest import PY, tiny_vlm_overrides
 from PIL import Image
 
-from conftest import PY, tiny_vlm_overrides
 from glimpse.data.chat import IGNORE
 from glimpse.data.conversations import ConversationCollate, encode_sample, expand_images, training_records
 from glimpse.data.tokenizer import Tokenizer

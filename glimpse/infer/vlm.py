@@ -19,11 +19,12 @@ from collections.abc import Iterator
 
 import torch
 
-from glimpse.data.chat import VQA_INSTRUCTION, mark_specials, token_text, render
+from glimpse.data.chat import VQA_INSTRUCTION, mark_specials, render, token_text
 from glimpse.data.conversations import expand_images
 from glimpse.data.images import DEFAULT_MAX_PIXELS, ImageTransform, load_image
 from glimpse.errors import GlimpseError
-from glimpse.infer.generate import GenerationConfig, generate, stream as stream_tokens
+from glimpse.infer.generate import GenerationConfig, generate
+from glimpse.infer.generate import stream as stream_tokens
 from glimpse.models.vlm import VisionLanguageModel
 
 IMAGE = "<image>"
