@@ -68,6 +68,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_consecutive_failures: int = 50  # bad samples in a row before the run stops
     threads: int = 0  # torch intra-op threads; 0: torch's default
+    compile: bool = False  # run the training step's model through torch.compile (pays off on GPUs)
 
 
 @dataclass

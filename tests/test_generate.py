@@ -209,3 +209,19 @@ def test_beam_eos_not_returned():
     eos = ref[0][2]
     got = generate(model, PROMPTS, GenerationConfig(max_new_tokens=8, num_beams=3, eos_token_id=eos))
     assert all(eos not in out and len(out) <= 8 for out in got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cuda_graph_decoding_equals_eager(arch):
+    from glimpse.infer.generate import GenerationConfig, generate
+    from glimpse.models.decoder import CausalLM, DecoderConfig
+
+    torch.manual_seed(0)
+    m = CausalLM(DecoderConfig(arch=arch, vocab_size=97, width=64, layers=2, heads=4,
+                               kv_heads=2 if arch == "llama" else 4, context_length=64)).cuda().eval()
+    prompts = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]]
+    for cfg in (dict(), dict(do_sample=True, temperature=0.8, top_p=0.9, seed=3)):
+        eager = generate(m, prompts, GenerationConfig(max_new_tokens=12, cuda_graph=False, ignore_eos=True, **cfg))
+        graph = generate(m, prompts, GenerationConfig(max_new_tokens=12, cuda_graph=True, ignore_eos=True, **cfg))
+        assert graph == eager

@@ -61,3 +61,18 @@ def test_bad_decoder_settings_are_refused(world):
         load_recipe("shapes-lm", ["model.kv_heads=3"])
     with pytest.raises(GlimpseError, match="arch 't5' must be llama or gpt2"):
         load_recipe("shapes-lm", ["model.arch=t5"])
+
+
+def test_loss_at_targets_equals_the_full_loss():
+    from glimpse.models.decoder import CausalLM, DecoderConfig
+    from glimpse.train.objectives import lm_loss_at_targets
+
+    torch.manual_seed(0)
+    m = CausalLM(DecoderConfig(vocab_size=50, width=32, layers=2, heads=4, kv_heads=2))
+    ids = torch.randint(0, 50, (3, 9))
+    labels = ids.masked_fill(torch.rand(3, 9) < 0.6, -100)
+    full = lm_loss(m(ids), labels)
+    torch.testing.assert_close(lm_loss_at_targets(m(ids, return_hidden=True), m.lm_head, labels), full)
+    hidden = m(ids, return_hidden=True).detach().requires_grad_()
+    lm_loss_at_targets(hidden, m.lm_head, labels).backward()
+    assert hidden.grad[:, -1].abs().sum() == 0  # the last position predicts nothing

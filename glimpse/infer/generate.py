@@ -49,6 +49,7 @@ class GenerationConfig:
     stop_strings: list[str] = field(default_factory=list)  # needs a `decode` callable
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks decode a fixed number of tokens
+    cuda_graph: bool = True  # on CUDA, replay each greedy/sampling step as a CUDA graph (infer/cuda_graph.py)
 
 
 def _eos_ids(cfg: GenerationConfig) -> set[int]:
@@ -88,14 +89,11 @@ def _prefill(model, prompts, pad_id: int, prefix_embeds, extra: int):
         mask[i, T - len(p):] = 1
     pos = positions_from_mask(mask)
     cache = model.new_cache(B, T + extra)
-    if prefix_embeds is None:
-        logits = model(ids, mask, position_ids=pos, cache=cache)
-    else:
-        x = model.embed(ids)  # the padding keeps pad_id's embedding; the mask hides it anyway
-        for i, e in enumerate(prefix_embeds):
-            x[i, T - e.shape[0]:] = e.to(x)
-        logits = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, cache=cache)
-    return logits[:, -1], mask, pos[:, -1:], cache
+    x = model.embed(ids)  # the padding keeps pad_id's embedding; the mask hides it anyway
+    for i, e in enumerate(prefix_embeds or []):
+        x[i, T - e.shape[0]:] = e.to(x)
+    hidden = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, cache=cache, return_hidden=True)
+    return model.lm_head(hidden[:, -1]), mask, pos[:, -1:], cache  # logits of the last position only
 
 
 def _step(model, tokens: torch.Tensor, mask, pos, cache):
@@ -132,6 +130,20 @@ def _decode_events(model, prompts, cfg, pad_id, prefix_embeds, decode, out) -> I
     if cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=logits.device).manual_seed(cfg.seed)
     alive = [True] * len(prompts)
+    static = None
+    if cfg.cuda_graph and logits.is_cuda and cfg.max_new_tokens > 1:
+        from glimpse.infer.cuda_graph import StaticDecoder
+
+        static = StaticDecoder(model, cache, mask, pos)
+    try:
+        yield from _decode_loop(model, cfg, pad_id, decode, out, eos, logits, mask, pos, cache, generator, alive,
+                                static)
+    finally:
+        if static is not None:
+            static.close()
+
+
+def _decode_loop(model, cfg, pad_id, decode, out, eos, logits, mask, pos, cache, generator, alive, static):
     for step in range(cfg.max_new_tokens):
         tokens = _pick(logits, cfg, generator)
         for row, tok in enumerate(tokens.tolist()):
@@ -150,7 +162,10 @@ def _decode_events(model, prompts, cfg, pad_id, prefix_embeds, decode, out) -> I
             break  # the last chosen token needs no forward pass
         # finished rows keep stepping (the batch stays rectangular) on pad tokens nobody reads
         tokens = tokens.masked_fill(~torch.tensor(alive, device=tokens.device), pad_id)
-        logits, mask, pos = _step(model, tokens, mask, pos, cache)
+        if static is not None:
+            logits = static.step(tokens)
+        else:
+            logits, mask, pos = _step(model, tokens, mask, pos, cache)
 
 
 def _beam_events(model, prompts, cfg, pad_id, prefix_embeds, out) -> Iterator[tuple[int, int]]:

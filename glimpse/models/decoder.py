@@ -106,6 +106,9 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.length = 0
+        # A device tensor [1] while a CUDA graph decodes: the slot one new token writes, so the
+        # write position is data, not a Python number baked into the graph (see StaticDecoder).
+        self.slot: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -117,7 +120,12 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new k, v [B, kv, T, hd] after the cached ones; -> all of them [B, kv, length + T, hd].
-        `length` itself moves on in `advance`, once every layer has written."""
+        `length` itself moves on in `advance`, once every layer has written.  With `slot` set, the
+        one new token goes to that slot and all `max_len` positions come back (a mask hides the rest)."""
+        if self.slot is not None:
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions is full ({self.length} + {k.shape[2]})")
@@ -306,8 +314,11 @@ class CausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,  # [B, T, D], instead of input_ids
         position_ids: torch.Tensor | None = None,  # [B, T]; default past .. past + T - 1
         cache: KVCache | None = None,  # read, extended by T, and advanced
+        return_hidden: bool = False,  # the final-normed hidden states [B, T, D] instead of logits
     ) -> torch.Tensor:
-        """Logits [B, T, V].  Left-padded batches need `position_ids` (see the module docstring)."""
+        """Logits [B, T, V].  Left-padded batches need `position_ids` (see the module docstring).
+        `return_hidden` leaves `lm_head` to the caller, who can apply it only where logits are
+        needed (the supervised positions of a loss, the last position of a prompt)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
@@ -317,7 +328,10 @@ class CausalLM(nn.Module):
             raise ValueError(f"cache holds {cache.batch_size} sequences, the input {B}")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
-        mask, causal = attention_mask_for(attention_mask, T, past, x.device)
+        if attention_mask is not None and attention_mask.ndim == 4:  # a ready bool mask [B, 1, T, S]
+            mask, causal = attention_mask, False
+        else:
+            mask, causal = attention_mask_for(attention_mask, T, past, x.device)
         rope_cs = None
         if self.pos_embed is not None:
             if past + T > self.cfg.context_length:
@@ -327,6 +341,7 @@ class CausalLM(nn.Module):
             rope_cs = rope(position_ids, self.cfg.width // self.cfg.heads, self.cfg.rope_theta, x.dtype)
         for block in self.blocks:
             x = block(x, rope_cs, mask, causal, cache)
-        if cache is not None:
+        if cache is not None and cache.slot is None:
             cache.advance(T)
-        return self.lm_head(self.final_norm(x))  # [B, T, V]
+        x = self.final_norm(x)
+        return x if return_hidden else self.lm_head(x)  # [B, T, V]

@@ -95,8 +95,9 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Logits [B, T, V]; `pixel_values` holds every image of the batch in reading order."""
+                cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (or hidden states, see CausalLM); `pixel_values` holds every image of
+        the batch in reading order."""
         feats = None if pixel_values is None else self.get_image_features(pixel_values)
         return self.lm(inputs_embeds=self.merge(input_ids, feats), attention_mask=attention_mask,
-                       position_ids=position_ids, cache=cache)
+                       position_ids=position_ids, cache=cache, return_hidden=return_hidden)

@@ -45,6 +45,17 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=ignore_index)
 
 
+def lm_loss_at_targets(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
+                       ignore_index: int = -100) -> torch.Tensor:
+    """`lm_loss` computed from hidden states [B, T, D], with logits only at the positions that
+    have a target.  The same value; with few targets (assistant tokens only, never image tokens)
+    and a large vocabulary, most of the head's matmul and the [B, T, V] logits are never made."""
+    targets = labels[:, 1:]
+    keep = targets != ignore_index
+    logits = lm_head(hidden[:, :-1][keep])  # [N, V]
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
 def _share(local: int, total: int) -> float:
     """local rows / the mean rows per process: the weight that makes DDP's mean the global mean."""
     world = dist.get_world_size() if dist.is_initialized() else 1

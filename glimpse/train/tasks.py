@@ -22,7 +22,7 @@ from glimpse.infer.vlm import VisionLanguagePipeline
 from glimpse.models.decoder import CausalLM
 from glimpse.models.dual_encoder import DualEncoder
 from glimpse.models.vlm import VisionLanguageModel
-from glimpse.train.objectives import contrastive_loss, lm_loss
+from glimpse.train.objectives import contrastive_loss, lm_loss, lm_loss_at_targets
 
 
 def image_transform(recipe) -> ImageTransform:
@@ -110,8 +110,9 @@ class VisionLanguageTask:
         return dataset, ConversationCollate(self.tokenizer.pad_id)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        logits = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
-        return lm_loss(logits, batch["labels"])
+        hidden = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), return_hidden=True)
+        lm = model.module.lm if hasattr(model, "module") else model.lm  # DDP wraps the model
+        return lm_loss_at_targets(hidden, lm.lm_head, batch["labels"])
 
     def pipeline(self, model: VisionLanguageModel) -> VisionLanguagePipeline:
         return VisionLanguagePipeline(model, self.tokenizer, self.transform, self.recipe.data.max_pixels)

@@ -141,6 +141,8 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
 
     ddp = DistributedDataParallel(model) if dist_info.enabled else None
     net = ddp or model
+    if tc.compile:
+        net = torch.compile(net)  # the same parameters: checkpoints and eval use `model` as is
     dataset, collate = task.train_data()
     sampler = StepBatchSampler(len(dataset), tc.batch_size, seed=tc.seed, start_step=start, rank=dist_info.rank,
                                world_size=dist_info.world_size, grad_accum=tc.grad_accum, max_steps=tc.max_steps)
