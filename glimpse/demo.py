@@ -44,6 +44,51 @@ def _img_tag(path, size: int = 96, title: str = "", cls: str = "") -> str:
             f'title="{html.escape(title)}">')
 
 
+# The LLaVA part: LM pretraining, stage 1, stage 2, at a size that fits the demo's budget.
+# The towers and the data come from the demo's dual encoder (its vision tower is LLaVA's).
+LLAVA_STAGES = {
+    "lm": ("shapes-lm", ["train.max_steps=150", "train.eval_every=0", "train.save_every=150", "eval.splits=[]"]),
+    "stage1": ("shapes-llava-stage1", ["train.max_steps=120", "train.save_every=120", "model.pixel_shuffle=1",
+                                       "eval.splits=[]", "train.lr=3e-3"]),
+    "stage2": ("shapes-llava-stage2", ["train.max_steps=400", "train.save_every=400", "model.pixel_shuffle=1",
+                                       "eval.splits=[test]", "eval.vqa_limit=400", "train.lr=2e-3"]),
+}
+# (test split index, question) pairs the demo asks about
+QUESTIONS = [(0, "how many shapes are there?"), (1, "what shape is in the centre?"), (2, "what colour is the circle?"),
+             (3, "is there a red square?"), (4, "describe the image.")]
+
+
+def _split_overrides(overrides: list[str]) -> dict[str, list[str]]:
+    """`--set KEY=V` goes to the dual encoder; `--set lm.KEY=V`, `stage1.KEY=V`, `stage2.KEY=V` to the LLaVA part."""
+    out: dict[str, list[str]] = {"clip": [], **{k: [] for k in LLAVA_STAGES}}
+    for item in overrides:
+        head, _, rest = item.partition(".")
+        out[head if head in LLAVA_STAGES and rest else "clip"].append(rest if head in LLAVA_STAGES else item)
+    return out
+
+
+def train_llava(clip_recipe, clip_run: Path, out: Path, overrides: dict[str, list[str]], progress: bool) -> Path:
+    """LM pretraining -> LLaVA stage 1 (projector) -> stage 2 (projector + LM), each a normal run."""
+    import dataclasses
+
+    from glimpse.train.trainer import train
+
+    runs = {}
+    for stage, (name, settings) in LLAVA_STAGES.items():
+        recipe = load_recipe(name, settings + overrides[stage])
+        recipe.data = dataclasses.replace(clip_recipe.data, format=recipe.data.format, vqa_mix=recipe.data.vqa_mix)
+        if stage == "lm":
+            lm_cfg = recipe.model
+        else:
+            recipe.model.vision = dataclasses.replace(clip_recipe.model.vision)
+            recipe.model.lm = dataclasses.replace(lm_cfg, vocab_size=0, context_length=recipe.model.lm.context_length)
+            recipe.init = str(runs["stage1"]) if stage == "stage2" else None
+            recipe.init_parts = {} if stage == "stage2" else {"vision": str(clip_run), "lm": str(runs["lm"])}
+        runs[stage] = out / name
+        train(recipe, runs[stage], progress=progress)
+    return runs["stage2"]
+
+
 def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: list[str] | None = None) -> dict:
     from glimpse.data.formats import read_coco_captions, read_labels
     from glimpse.infer.index import ImageIndex, build_index
@@ -54,12 +99,15 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
     _prepare_out(out)
     (out / MARKER).write_text(json.dumps({"started": t0}))
 
-    recipe = load_recipe("shapes-clip-demo", overrides)
+    sets = _split_overrides(overrides or [])
+    recipe = load_recipe("shapes-clip-demo", sets["clip"])
     root = data_root(recipe, progress)
-    print(f"[1/3] shapes world ready at {root} ({time.time() - t0:.0f} s)")
+    print(f"[1/4] shapes world ready at {root} ({time.time() - t0:.0f} s)")
     run = out / "clip"
     results = train(recipe, run, progress=progress)
-    print(f"[2/3] trained the dual encoder in {run} ({time.time() - t0:.0f} s)")
+    print(f"[2/4] trained the dual encoder in {run} ({time.time() - t0:.0f} s)")
+    llava_run = train_llava(recipe, run, out, sets, progress)
+    print(f"[3/4] trained LLaVA (LM pretraining, stage 1, stage 2) in {llava_run.parent} ({time.time() - t0:.0f} s)")
 
     build_index(run, [root / "images" / "test", root / "images" / "test_novel"], out / "index", progress=False)
     index = ImageIndex(out / "index")
@@ -72,7 +120,9 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
     shown = list(range(0, len(paths), max(1, len(paths) // 8)))[:8]
     preds = index.pipe.classify([paths[i] for i in shown], classes)
     zeroshot = [(paths[i], classes[labels[i]], p) for i, p in zip(shown, preds)]
-    print(f"[3/3] evaluated ({time.time() - t0:.0f} s)\n")
+    llava_results = json.loads((llava_run / "eval.json").read_text())
+    answers = _ask_llava(llava_run, root)
+    print(f"[4/4] evaluated ({time.time() - t0:.0f} s)\n")
 
     keys = ["test/t2i_r1", "test/t2i_r5", "test/i2t_r1", "test/zeroshot_acc",
             "test_novel/t2i_r1", "test_novel/i2t_r1", "test_novel/zeroshot_acc"]
@@ -85,18 +135,44 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
         print(f"  {q!r}")
         for path, score in hits[:3]:
             print(f"    {'*' if path == truth else ' '} {score:.3f}  {Path(path).name}")
+    print("\nLLaVA (shapes-llava-stage2 at demo size)")
+    for k in ("test/vqa_acc", "test/cider", "test/bleu_4"):
+        if k in llava_results:
+            print(f"  {k:<24} {llava_results[k]:.3f}")
+    print("\nanswers about test images:")
+    for path, q, a in answers:
+        print(f"  {Path(path).name}: {q!r} -> {a!r}")
     elapsed = time.time() - t0
     report = out / "report.html"
-    report.write_text(render_report(results, keys, run / "loss.png", searches, zeroshot, elapsed))
-    summary = {"results": results, "seconds": elapsed, "report": str(report)}
+    report.write_text(render_report(results, keys, run / "loss.png", searches, zeroshot, elapsed,
+                                    llava_results, answers, llava_run / "loss.png"))
+    summary = {"results": results, "llava_results": llava_results, "seconds": elapsed, "report": str(report)}
     (out / MARKER).write_text(json.dumps(summary, indent=2))
     print(f"\nreport: {report}   ({elapsed:.0f} s in all)")
     return summary
 
 
-def render_report(results, keys, loss_png, searches, zeroshot, elapsed) -> str:
+def _ask_llava(run: Path, root: Path) -> list[tuple[str, str, str]]:
+    import glimpse
+
+    m = glimpse.load(run)
+    images = sorted((root / "images" / "test").glob("*.png"))
+    picked = [(str(images[i]), q) for i, q in QUESTIONS if i < len(images)]
+    replies = m.ask([p for p, _ in picked], [q for _, q in picked], max_new_tokens=32)
+    return [(p, q, a) for (p, q), a in zip(picked, replies)]
+
+
+def _loss_img(path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode() if Path(path).is_file() else ""
+    return f'<img src="data:image/png;base64,{data}" style="border:none">'
+
+
+def render_report(results, keys, loss_png, searches, zeroshot, elapsed, llava_results, answers, llava_loss) -> str:
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{results[k]:.3f}</td></tr>" for k in keys if k in results)
-    loss = base64.b64encode(Path(loss_png).read_bytes()).decode() if Path(loss_png).is_file() else ""
+    llava_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in llava_results.items()
+                         if k in ("test/vqa_acc", "test/vqa_acc_yes_no", "test/vqa_acc_other", "test/cider", "test/bleu_4"))
+    qa_html = "".join(f"<figure>{_img_tag(p, size=128)}<figcaption><b>{html.escape(q)}</b><br>{html.escape(a)}"
+                      "</figcaption></figure>" for p, q, a in answers)
     search_html = "".join(
         f"<div class='q'><div class='qt'>“{html.escape(q)}”{' <em>(holds a novel combination)</em>' if split == 'test_novel' else ''}"
         "</div>" + "".join(f"<figure>{_img_tag(p, title=p, cls='ok' if p == truth else '')}<figcaption>{s:.3f}"
@@ -114,15 +190,22 @@ table {{ border-collapse: collapse; }} td {{ padding: 3px 14px; border-bottom: 1
 td:last-child {{ text-align: right; font-variant-numeric: tabular-nums; }}
 figure {{ display: inline-block; margin: 4px; text-align: center; font-size: 12px; }}
 img {{ image-rendering: pixelated; border: 2px solid #ccc; }} img.ok {{ border-color: #3a3; }} img.bad {{ border-color: #c33; }}
-.q {{ margin: 10px 0; }} .qt {{ font-weight: 600; margin-bottom: 2px; }}
+.q {{ margin: 10px 0; }} .qa figure {{ width: 170px; vertical-align: top; }} .qt {{ font-weight: 600; margin-bottom: 2px; }}
 </style></head><body>
 <h1>glimpse demo</h1>
 <p>A CLIP-style dual encoder trained from scratch on the procedural shapes world
 (recipe <code>shapes-clip-demo</code>), end to end in {elapsed:.0f} s.
 <code>test_novel</code> holds colour–shape combinations never seen in training.</p>
 <h2>Figures</h2><table>{rows}</table>
-<h2>Training</h2><img src="data:image/png;base64,{loss}" style="border:none">
+<h2>Training</h2>{_loss_img(loss_png)}
 <h2>Text → image search over the test and test_novel images (top 5, cosine score; green: the image the caption was written for)</h2>{search_html}
 <h2>Zero-shot classification (green: right, red: wrong)</h2>{zs_html}
+<h2>LLaVA: questions about test images</h2>
+<p>The demo's vision tower, a language model pretrained on the world's captions, an MLP projector
+aligned on captions (stage 1), then projector and LM tuned on conversations (stage 2).
+Answers are greedy, generated by <code>m.ask</code>.</p>
+<table>{llava_rows}</table>
+<div class="qa">{qa_html}</div>
+<h3>Stage 2 training</h3>{_loss_img(llava_loss)}
 </body></html>
 """

@@ -91,12 +91,18 @@ def test_demo_writes_a_self_contained_report(world, tmp_path, cli_env):
 
     out = tmp_path / "demo"
     sets = tiny_overrides(world, **{"train.max_steps": 4, "train.eval_every": 2})
+    sets += ["lm.model.width=32", "lm.model.layers=2", "lm.model.heads=2", "lm.model.kv_heads=1"]
+    for stage in ("lm", "stage1", "stage2"):  # the LLaVA part, as tiny
+        sets += [f"{stage}.train.max_steps=2", f"{stage}.train.save_every=2", f"{stage}.train.batch_size=8"]
+    sets += ["stage2.eval.vqa_limit=8", "stage2.eval.batch_size=16", "stage2.eval.max_new_tokens=4"]
     r = run(["demo", "--out", str(out)] + [x for s in sets for x in ("--set", s)], cli_env)
     assert "test/t2i_r1" in r.stdout and "example searches" in r.stdout
+    assert "test/vqa_acc" in r.stdout and "'how many shapes are there?' ->" in r.stdout
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 6 * 5 + 1  # every search hit and the loss curve inline
     assert "src=\"http" not in page and "src='http" not in page  # nothing fetched from elsewhere
-    assert "test_novel/t2i_r1" in page
+    assert "test_novel/t2i_r1" in page and "LLaVA: questions about test images" in page
+    assert "test/vqa_acc" in page and "how many shapes are there?" in page
     # a second demo replaces the first; a folder that is not a demo's is never touched
     run(["demo", "--out", str(out)] + [x for s in sets for x in ("--set", s)], cli_env)
     other = tmp_path / "mine"

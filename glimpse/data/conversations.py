@@ -78,20 +78,22 @@ def llava_records(data_cfg, root: Path, split: str) -> list[dict]:
     return records
 
 
-def vqa_records(data_cfg, root: Path, split: str) -> list[dict]:
-    """One conversation per image: its questions in turn, each answered by the annotators'
-    most common answer."""
+def vqa_records(data_cfg, root: Path, split: str, per_conversation: int = 2) -> list[dict]:
+    """An image's questions as conversations of up to `per_conversation` turns, each answered by
+    the annotators' most common answer.  (Short conversations keep a batch's lengths alike: the
+    padding of one long sample is paid by every sample of its batch.)"""
     by_image: dict[str, list[dict]] = defaultdict(list)
     for item in vqa_items(data_cfg, root, split):
         by_image[item["image"]].append(item)
     records = []
     for image, items in by_image.items():
-        messages = []
-        for k, item in enumerate(items):
-            prefix = "<image>\n" if k == 0 else ""
-            messages += [{"role": "user", "content": prefix + vqa_question(item["question"])},
-                         {"role": "assistant", "content": item["answer"]}]
-        records.append({"images": [image], "messages": messages})
+        for start in range(0, len(items), per_conversation):
+            messages = []
+            for k, item in enumerate(items[start:start + per_conversation]):
+                prefix = "<image>\n" if k == 0 else ""
+                messages += [{"role": "user", "content": prefix + vqa_question(item["question"])},
+                             {"role": "assistant", "content": item["answer"]}]
+            records.append({"images": [image], "messages": messages})
     return records
 
 
