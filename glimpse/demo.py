@@ -47,10 +47,10 @@ def _img_tag(path, size: int = 96, title: str = "", cls: str = "") -> str:
 # The LLaVA part: LM pretraining, stage 1, stage 2, at a size that fits the demo's budget.
 # The towers and the data come from the demo's dual encoder (its vision tower is LLaVA's).
 LLAVA_STAGES = {
-    "lm": ("shapes-lm", ["train.max_steps=150", "train.eval_every=0", "train.save_every=150", "eval.splits=[]"]),
-    "stage1": ("shapes-llava-stage1", ["train.max_steps=120", "train.save_every=120", "model.pixel_shuffle=1",
+    "lm": ("shapes-lm", ["train.max_steps=120", "train.eval_every=0", "train.save_every=120", "eval.splits=[]"]),
+    "stage1": ("shapes-llava-stage1", ["train.max_steps=100", "train.save_every=100", "model.pixel_shuffle=1",
                                        "eval.splits=[]", "train.lr=3e-3"]),
-    "stage2": ("shapes-llava-stage2", ["train.max_steps=400", "train.save_every=400", "model.pixel_shuffle=1",
+    "stage2": ("shapes-llava-stage2", ["train.max_steps=350", "train.save_every=350", "model.pixel_shuffle=1",
                                        "eval.splits=[test]", "eval.vqa_limit=400", "train.lr=2e-3"]),
 }
 # (test split index, question) pairs the demo asks about
