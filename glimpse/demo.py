@@ -53,9 +53,7 @@ LLAVA_STAGES = {
     "stage2": ("shapes-llava-stage2", ["train.max_steps=350", "train.save_every=350", "model.pixel_shuffle=1",
                                        "eval.splits=[test]", "eval.vqa_limit=400", "train.lr=2e-3"]),
 }
-# (test split index, question) pairs the demo asks about
-QUESTIONS = [(0, "how many shapes are there?"), (1, "what shape is in the centre?"), (2, "what colour is the circle?"),
-             (3, "is there a red square?"), (4, "describe the image.")]
+N_ASKED = 6  # test images the demo asks its LLaVA about (each image's first VQA question)
 
 
 def _split_overrides(overrides: list[str]) -> dict[str, list[str]]:
@@ -121,7 +119,7 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
     preds = index.pipe.classify([paths[i] for i in shown], classes)
     zeroshot = [(paths[i], classes[labels[i]], p) for i, p in zip(shown, preds)]
     llava_results = json.loads((llava_run / "eval.json").read_text())
-    answers = _ask_llava(llava_run, root)
+    answers = _ask_llava(llava_run, recipe)
     print(f"[4/4] evaluated ({time.time() - t0:.0f} s)\n")
 
     keys = ["test/t2i_r1", "test/t2i_r5", "test/i2t_r1", "test/zeroshot_acc",
@@ -140,8 +138,8 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
         if k in llava_results:
             print(f"  {k:<24} {llava_results[k]:.3f}")
     print("\nanswers about test images:")
-    for path, q, a in answers:
-        print(f"  {Path(path).name}: {q!r} -> {a!r}")
+    for path, q, a, truth in answers:
+        print(f"  {Path(path).name}: {q!r} -> {a!r}  (annotators: {truth!r})")
     elapsed = time.time() - t0
     report = out / "report.html"
     report.write_text(render_report(results, keys, run / "loss.png", searches, zeroshot, elapsed,
@@ -152,14 +150,20 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
     return summary
 
 
-def _ask_llava(run: Path, root: Path) -> list[tuple[str, str, str]]:
+def _ask_llava(run: Path, recipe) -> list[tuple[str, str, str, str]]:
+    """(image, question, answer, the annotators' answer) for the first test images' first questions."""
     import glimpse
+    from glimpse.data.conversations import vqa_items
+    from glimpse.train.trainer import data_root
 
     m = glimpse.load(run)
-    images = sorted((root / "images" / "test").glob("*.png"))
-    picked = [(str(images[i]), q) for i, q in QUESTIONS if i < len(images)]
-    replies = m.ask([p for p, _ in picked], [q for _, q in picked], max_new_tokens=32)
-    return [(p, q, a) for (p, q), a in zip(picked, replies)]
+    picked, seen = [], set()
+    for item in vqa_items(recipe.data, data_root(recipe, False), "test"):
+        if item["image"] not in seen and len(picked) < N_ASKED:
+            seen.add(item["image"])
+            picked.append(item)
+    replies = m.ask([it["image"] for it in picked], [it["question"] for it in picked], max_new_tokens=32)
+    return [(it["image"], it["question"], a, it["answer"]) for it, a in zip(picked, replies)]
 
 
 def _loss_img(path) -> str:
@@ -172,7 +176,7 @@ def render_report(results, keys, loss_png, searches, zeroshot, elapsed, llava_re
     llava_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in llava_results.items()
                          if k in ("test/vqa_acc", "test/vqa_acc_yes_no", "test/vqa_acc_other", "test/cider", "test/bleu_4"))
     qa_html = "".join(f"<figure>{_img_tag(p, size=128)}<figcaption><b>{html.escape(q)}</b><br>{html.escape(a)}"
-                      "</figcaption></figure>" for p, q, a in answers)
+                      f"<br><small>annotators: {html.escape(t)}</small></figcaption></figure>" for p, q, a, t in answers)
     search_html = "".join(
         f"<div class='q'><div class='qt'>“{html.escape(q)}”{' <em>(holds a novel combination)</em>' if split == 'test_novel' else ''}"
         "</div>" + "".join(f"<figure>{_img_tag(p, title=p, cls='ok' if p == truth else '')}<figcaption>{s:.3f}"
