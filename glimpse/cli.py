@@ -92,10 +92,10 @@ def cmd_caption(a) -> None:
 
 
 def cmd_ask(a) -> None:
+    from glimpse.infer.vlm import user_message
+
     pipe = _vlm(a.run)
-    message = [{"role": "user", "content": [{"type": "image", "image": p} for p in a.images] +
-                [{"type": "text", "text": a.question}]}]
-    for piece in pipe.chat(message, stream=True, **_generation(a)):
+    for piece in pipe.chat([user_message(a.images, a.question)], stream=True, **_generation(a)):
         print(piece, end="", flush=True)
     print()
 
@@ -103,6 +103,8 @@ def cmd_ask(a) -> None:
 def cmd_chat(a) -> None:
     """A conversation on the terminal: `/image PATH` attaches an image to the next message,
     `/reset` forgets the conversation, `/quit` (or end of input) leaves."""
+    from glimpse.infer.vlm import user_message
+
     pipe = _vlm(a.run)
     messages, pending = [], list(a.image or [])
     print("glimpse chat: /image PATH attaches an image, /reset starts over, /quit leaves")
@@ -128,8 +130,7 @@ def cmd_chat(a) -> None:
                 pending.append(path)
                 print(f"(attached {path})")
             continue
-        user = {"role": "user", "content": [{"type": "image", "image": p} for p in pending] +
-                [{"type": "text", "text": line}]}
+        user = user_message(pending, line)
         print("assistant> ", end="", flush=True)
         reply = ""
         try:

@@ -119,7 +119,7 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
     preds = index.pipe.classify([paths[i] for i in shown], classes)
     zeroshot = [(paths[i], classes[labels[i]], p) for i, p in zip(shown, preds)]
     llava_results = json.loads((llava_run / "eval.json").read_text())
-    answers = _ask_llava(llava_run, recipe)
+    answers = _ask_llava(llava_run, recipe.data, root)
     print(f"[4/4] evaluated ({time.time() - t0:.0f} s)\n")
 
     keys = ["test/t2i_r1", "test/t2i_r5", "test/i2t_r1", "test/zeroshot_acc",
@@ -150,15 +150,14 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
     return summary
 
 
-def _ask_llava(run: Path, recipe) -> list[tuple[str, str, str, str]]:
+def _ask_llava(run: Path, data_cfg, root: Path) -> list[tuple[str, str, str, str]]:
     """(image, question, answer, the annotators' answer) for the first test images' first questions."""
     import glimpse
     from glimpse.data.conversations import vqa_items
-    from glimpse.train.trainer import data_root
 
     m = glimpse.load(run)
     picked, seen = [], set()
-    for item in vqa_items(recipe.data, data_root(recipe, False), "test"):
+    for item in vqa_items(data_cfg, root, "test"):
         if item["image"] not in seen and len(picked) < N_ASKED:
             seen.add(item["image"])
             picked.append(item)

@@ -7,8 +7,8 @@ stage-1 "plain" data).  Sources:
 
 - captions (COCO, CSV, WebDataset) through `load_pairs`;
 - LLaVA instruction files (`llava_{split}.json`), `<image>` placeholders in the human turns;
-- VQA questions, grouped per image into one multi-turn conversation, each question followed
-  by LLaVA-1.5's short-answer instruction (its VQAv2 training mix).
+- VQA questions, an image's questions as conversations of up to 2 turns, each question
+  followed by LLaVA-1.5's short-answer instruction (its VQAv2 training mix).
 
 Each `<image>` token of the tokenized conversation is expanded to `image_tokens` copies (the
 number of features an image becomes), labelled -100.  A sample that the context would cut

@@ -23,13 +23,8 @@ from glimpse.infer.vlm import VisionLanguagePipeline
 VQA_MAX_NEW_TOKENS = 8  # a word or a phrase
 
 
-def _batched(items: list, n: int):
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
-
-
-def vqa_scores(pipe: VisionLanguagePipeline, items: list[dict], batch_size: int, shots: list[list[tuple]] | None = None,
-               ) -> tuple[dict[str, float], list[str]]:
+def vqa_scores(pipe: VisionLanguagePipeline, items: list[dict], batch_size: int,
+               shots: list[list[tuple]] | None = None) -> dict[str, float]:
     """VQA accuracy over `items` (read_vqa's), optionally each after its own solved examples."""
     preds = []
     for start in range(0, len(items), batch_size):
@@ -44,7 +39,7 @@ def vqa_scores(pipe: VisionLanguagePipeline, items: list[dict], batch_size: int,
         of_kind = [a for a, it in zip(accs, items) if it["answer_type"] == kind]
         if of_kind:
             out[f"vqa_acc_{kind.replace('/', '_')}"] = sum(of_kind) / len(of_kind)
-    return out, preds
+    return out
 
 
 def caption_scores(pipe: VisionLanguagePipeline, data_cfg, root: Path, split: str, prompt: str, batch_size: int,
@@ -52,10 +47,10 @@ def caption_scores(pipe: VisionLanguagePipeline, data_cfg, root: Path, split: st
     if data_cfg.format == "llava":  # conversations train; the references are the split's COCO captions
         data_cfg = dataclasses.replace(data_cfg, format="coco")
     pairs = load_pairs(data_cfg, root, split)[: limit or None]
+    text = prompt.replace("<image>", "").strip()  # caption() puts the image first itself
     gts, res = {}, {}
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        text = prompt.replace("<image>", "").strip()
         for k, c in enumerate(pipe.caption([p.image for p in chunk], text, max_new_tokens)):
             gts[start + k] = [tokenize(r) for r in chunk[k].captions]
             res[start + k] = [tokenize(c)]
@@ -83,11 +78,10 @@ def evaluate_vlm(pipe: VisionLanguagePipeline, data_cfg, root: Path, splits: lis
     pool = vqa_items(data_cfg, root, "train") if eval_cfg.few_shot else []
     for split in splits:
         items = vqa_items(data_cfg, root, split)[: limit or None]
-        scores, _ = vqa_scores(pipe, items, bs)
-        results.update({f"{split}/{k}": v for k, v in scores.items()})
+        results.update({f"{split}/{k}": v for k, v in vqa_scores(pipe, items, bs).items()})
         for k in eval_cfg.few_shot:
             shots = few_shot_examples(pool, items, k) if k else None
-            results[f"{split}/vqa_acc_{k}shot"] = vqa_scores(pipe, items, bs, shots)[0]["vqa_acc"]
+            results[f"{split}/vqa_acc_{k}shot"] = vqa_scores(pipe, items, bs, shots)["vqa_acc"]
         caps = caption_scores(pipe, data_cfg, root, split, eval_cfg.caption_prompt, bs, eval_cfg.max_new_tokens,
                               limit // 4 if limit else 0)
         results.update({f"{split}/{k}": v for k, v in caps.items()})

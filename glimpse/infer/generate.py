@@ -130,42 +130,37 @@ def _decode_events(model, prompts, cfg, pad_id, prefix_embeds, decode, out) -> I
     if cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=logits.device).manual_seed(cfg.seed)
     alive = [True] * len(prompts)
-    static = None
+    static = None  # after the prefill, steps replay as a CUDA graph where there is one
     if cfg.cuda_graph and logits.is_cuda and cfg.max_new_tokens > 1:
         from glimpse.infer.cuda_graph import StaticDecoder
 
         static = StaticDecoder(model, cache, mask, pos)
     try:
-        yield from _decode_loop(model, cfg, pad_id, decode, out, eos, logits, mask, pos, cache, generator, alive,
-                                static)
+        for step in range(cfg.max_new_tokens):
+            tokens = _pick(logits, cfg, generator)
+            for row, tok in enumerate(tokens.tolist()):
+                if not alive[row]:
+                    continue
+                if tok in eos:
+                    alive[row] = False
+                    continue
+                out[row].append(tok)
+                if cfg.stop_strings and any(s in decode(out[row]) for s in cfg.stop_strings):
+                    out[row].pop()  # documented cut: drop the token that completed the stop string
+                    alive[row] = False
+                    continue
+                yield row, tok
+            if not any(alive) or step == cfg.max_new_tokens - 1:
+                break  # the last chosen token needs no forward pass
+            # finished rows keep stepping (the batch stays rectangular) on pad tokens nobody reads
+            tokens = tokens.masked_fill(~torch.tensor(alive, device=tokens.device), pad_id)
+            if static is not None:
+                logits = static.step(tokens)
+            else:
+                logits, mask, pos = _step(model, tokens, mask, pos, cache)
     finally:
         if static is not None:
             static.close()
-
-
-def _decode_loop(model, cfg, pad_id, decode, out, eos, logits, mask, pos, cache, generator, alive, static):
-    for step in range(cfg.max_new_tokens):
-        tokens = _pick(logits, cfg, generator)
-        for row, tok in enumerate(tokens.tolist()):
-            if not alive[row]:
-                continue
-            if tok in eos:
-                alive[row] = False
-                continue
-            out[row].append(tok)
-            if cfg.stop_strings and any(s in decode(out[row]) for s in cfg.stop_strings):
-                out[row].pop()  # documented cut: drop the token that completed the stop string
-                alive[row] = False
-                continue
-            yield row, tok
-        if not any(alive) or step == cfg.max_new_tokens - 1:
-            break  # the last chosen token needs no forward pass
-        # finished rows keep stepping (the batch stays rectangular) on pad tokens nobody reads
-        tokens = tokens.masked_fill(~torch.tensor(alive, device=tokens.device), pad_id)
-        if static is not None:
-            logits = static.step(tokens)
-        else:
-            logits, mask, pos = _step(model, tokens, mask, pos, cache)
 
 
 def _beam_events(model, prompts, cfg, pad_id, prefix_embeds, out) -> Iterator[tuple[int, int]]:

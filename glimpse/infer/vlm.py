@@ -19,8 +19,8 @@ from collections.abc import Iterator
 
 import torch
 
-from glimpse.data.chat import VQA_INSTRUCTION, mark_specials, render, token_text
-from glimpse.data.conversations import expand_images
+from glimpse.data.chat import mark_specials, render, token_text
+from glimpse.data.conversations import expand_images, vqa_question
 from glimpse.data.images import DEFAULT_MAX_PIXELS, ImageTransform, load_image
 from glimpse.errors import GlimpseError
 from glimpse.infer.generate import GenerationConfig, generate
@@ -71,6 +71,12 @@ def split_content(content) -> tuple[str, list]:
         else:
             raise GlimpseError(f"unknown message part {part!r:.80}: use text, image_url or image parts")
     return "\n".join(text), images
+
+
+def user_message(images: list, text: str) -> dict:
+    """An OpenAI-style user turn: the images (paths, bytes or PIL images) first, then the text."""
+    return {"role": "user", "content": [{"type": "image", "image": im} for im in images] +
+            [{"type": "text", "text": text}]}
 
 
 class VisionLanguagePipeline:
@@ -145,13 +151,8 @@ class VisionLanguagePipeline:
             return self.encode(text + f"{IMAGE}Question: {question} Answer:"), [s[0] for s in shots] + [image]
         messages = []
         for im, q, a in shots:
-            messages += [self._user(im, q, short), {"role": "assistant", "content": a}]
-        return self.chat_prompt(messages + [self._user(image, question, short)])
-
-    @staticmethod
-    def _user(image, question: str, short: bool) -> dict:
-        text = f"{question}\n{VQA_INSTRUCTION}" if short else question
-        return {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}
+            messages += [user_message([im], vqa_question(q, short)), {"role": "assistant", "content": a}]
+        return self.chat_prompt(messages + [user_message([image], vqa_question(question, short))])
 
     # -- generation -----------------------------------------------------------------------
     def _config(self, max_new_tokens: int, options: dict) -> GenerationConfig:
@@ -163,13 +164,12 @@ class VisionLanguagePipeline:
 
     @torch.no_grad()
     def _inputs(self, prompts: list[tuple[list[int], list]], max_new_tokens: int):
-        embeds = []
+        device, embeds = next(self.model.parameters()).device, []
         for ids, images in prompts:
             if len(ids) + max_new_tokens > self.context_length:
                 raise ContextLengthError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) "
                                          f"exceeds the model's context of {self.context_length} tokens")
             feats = torch.stack(self.image_features(images)) if images else None
-            device = next(self.model.parameters()).device
             embeds.append(self.model.merge(torch.tensor([ids], device=device), feats)[0])
         return [p[0] for p in prompts], embeds
 
@@ -205,7 +205,7 @@ class VisionLanguagePipeline:
     def caption(self, images: list, prompt: str = "describe the image.", max_new_tokens: int = 32,
                 **options) -> list[str]:
         """One caption per image (batched)."""
-        prompts = [self.chat_prompt([self._user(im, prompt, False)]) for im in images]
+        prompts = [self.chat_prompt([user_message([im], prompt)]) for im in images]
         return self.generate(prompts, max_new_tokens, **options)
 
     def ask(self, images: list, questions: list[str], short: bool = False, max_new_tokens: int = 32,
