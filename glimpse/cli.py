@@ -158,6 +158,15 @@ def cmd_demo(a) -> None:
     run_demo(a.out, progress=not a.quiet, overrides=a.set)
 
 
+def cmd_serve(a) -> None:
+    from glimpse.serve import ServerLimits, serve
+
+    limits = ServerLimits(max_batch=a.max_batch, max_pending=a.max_pending)
+    hosts = [h for item in a.allow_remote_images for h in item.split(",")]
+    serve(a.run, a.host, a.port, device=a.device, model_name=a.model_name, limits=limits,
+          allow_remote_images=hosts or None)
+
+
 def print_table(results: dict[str, float]) -> None:
     width = max(len(k) for k in results)
     for k, v in results.items():
@@ -227,6 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--image", action="append", help="attach this image to the first message")
     _generation_args(h)
     h.set_defaults(func=cmd_chat)
+
+    v = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API with a web chat page")
+    v.add_argument("run")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--model-name", help="the model id clients send (default: the run folder's name)")
+    v.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
+    v.add_argument("--max-pending", type=int, default=32, help="requests in flight before a 429")
+    v.add_argument("--allow-remote-images", action="append", default=[], metavar="HOST[,HOST]",
+                   help="fetch http(s) image URLs from these hosts (public addresses only); off by default")
+    v.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="the main job end to end on the shapes world")
     d.add_argument("--out", default="runs/demo")

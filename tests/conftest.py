@@ -81,3 +81,41 @@ def tiny_vlm_run(world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "vlm"
     train(load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world)), out, progress=False)
     return out
+
+
+class LiveServer:
+    """A glimpse API server on a free loopback port, run by uvicorn in a thread (as `glimpse serve`)."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.app, self.url = app, f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+def image_data_url(path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()

@@ -122,8 +122,10 @@ def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generato
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _decode_events(model, prompts, cfg, pad_id, prefix_embeds, decode, out) -> Iterator[tuple[int, int]]:
-    """Greedy / sampling loop: appends to `out[row]` and yields (row, token) for each kept token."""
+def _decode_events(model, prompts, cfg, pad_id, prefix_embeds, decode, out,
+                   cancelled=None) -> Iterator[tuple[int, int]]:
+    """Greedy / sampling loop: appends to `out[row]` and yields (row, token) for each kept token.
+    `cancelled(row)`, asked before each step, ends a row early (a server's client went away)."""
     eos = _eos_ids(cfg)
     logits, mask, pos, cache = _prefill(model, prompts, pad_id, prefix_embeds, cfg.max_new_tokens)
     generator = None
@@ -137,6 +139,10 @@ def _decode_events(model, prompts, cfg, pad_id, prefix_embeds, decode, out) -> I
         static = StaticDecoder(model, cache, mask, pos)
     try:
         for step in range(cfg.max_new_tokens):
+            if cancelled is not None:
+                alive = [a and not cancelled(row) for row, a in enumerate(alive)]
+                if not any(alive):
+                    break
             tokens = _pick(logits, cfg, generator)
             for row, tok in enumerate(tokens.tolist()):
                 if not alive[row]:
@@ -217,7 +223,7 @@ def _beam_events(model, prompts, cfg, pad_id, prefix_embeds, out) -> Iterator[tu
 
 
 @torch.no_grad()
-def _events(model, prompts, cfg, pad_id=0, prefix_embeds=None, decode=None, *, out):
+def _events(model, prompts, cfg, pad_id=0, prefix_embeds=None, decode=None, cancelled=None, *, out):
     """Dispatch to the greedy/sampling loop or beam search; yields (row, token), fills `out`.
     (torch.no_grad on a generator function holds only while the generator itself runs.)"""
     _check(prompts, cfg, prefix_embeds, decode)
@@ -226,13 +232,14 @@ def _events(model, prompts, cfg, pad_id=0, prefix_embeds=None, decode=None, *, o
     if cfg.num_beams > 1:
         yield from _beam_events(model, prompts, cfg, pad_id, prefix_embeds, out)
     else:
-        yield from _decode_events(model, prompts, cfg, pad_id, prefix_embeds, decode, out)
+        yield from _decode_events(model, prompts, cfg, pad_id, prefix_embeds, decode, out, cancelled)
 
 
 def generate(model, prompts: list[list[int]], cfg: GenerationConfig, *, pad_id: int = 0,
              prefix_embeds: list[torch.Tensor] | None = None,
              decode: Callable[[list[int]], str] | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+             on_token: Callable[[int, int], None] | None = None,
+             cancelled: Callable[[int], bool] | None = None) -> list[list[int]]:
     """New token ids per prompt (no prompt, no eos; see the module docstring for stopping rules).
 
     prompts: token ids, at least one each; left-padded with `pad_id` (its value never matters:
@@ -242,9 +249,10 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig, *, pad_id: 
       give lengths (their values are unused, placeholders are fine); generated tokens go through
       `model.embed` as usual.
     decode: ids -> text, needed by `cfg.stop_strings`.  on_token(row, token_id): streaming hook.
+    cancelled(row) -> bool: checked before every step; a True row stops (greedy / sampling only).
     """
     out: list[list[int]] = [[] for _ in prompts]
-    for row, tok in _events(model, prompts, cfg, pad_id, prefix_embeds, decode, out=out):
+    for row, tok in _events(model, prompts, cfg, pad_id, prefix_embeds, decode, cancelled, out=out):
         if on_token is not None:
             on_token(row, tok)
     return out

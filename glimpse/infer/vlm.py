@@ -79,6 +79,23 @@ def user_message(images: list, text: str) -> dict:
             [{"type": "text", "text": text}]}
 
 
+class TextStream:
+    """Tokens in, text pieces out: each piece is what the newest token added to the decoded text
+    (leading spaces dropped, half a multi-byte character held back), so the pieces join to the
+    stripped-at-the-start text of all tokens."""
+
+    def __init__(self, decode):
+        self.decode, self.tokens, self.text = decode, [], ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.decode(self.tokens).lstrip()
+        if text.endswith("\ufffd"):  # wait for the rest of the character
+            return ""
+        piece, self.text = text[len(self.text):], text
+        return piece
+
+
 class VisionLanguagePipeline:
     def __init__(self, model: VisionLanguageModel, tokenizer, transform: ImageTransform,
                  max_pixels: int = DEFAULT_MAX_PIXELS, cache_size: int = 256):
@@ -173,14 +190,20 @@ class VisionLanguagePipeline:
             embeds.append(self.model.merge(torch.tensor([ids], device=device), feats)[0])
         return [p[0] for p in prompts], embeds
 
-    def generate(self, prompts: list[tuple[list[int], list]], max_new_tokens: int = 32, on_token=None,
-                 **options) -> list[str]:
-        """Complete (ids, images) prompts in one batch; options are GenerationConfig's."""
+    def complete(self, prompts: list[tuple[list[int], list]], max_new_tokens: int = 32, on_token=None,
+                 cancelled=None, **options) -> list[list[int]]:
+        """New token ids for (ids, images) prompts, decoded in one batch; options are
+        GenerationConfig's.  on_token(row, id) streams; cancelled(row) ends a row early."""
         self.model.eval()
         cfg = self._config(max_new_tokens, options)
         ids, embeds = self._inputs(prompts, max_new_tokens)
-        out = generate(self.model.lm, ids, cfg, pad_id=self.tokenizer.pad_id, prefix_embeds=embeds,
-                       decode=self.tokenizer.decode, on_token=on_token)
+        return generate(self.model.lm, ids, cfg, pad_id=self.tokenizer.pad_id, prefix_embeds=embeds,
+                        decode=self.tokenizer.decode, on_token=on_token, cancelled=cancelled)
+
+    def generate(self, prompts: list[tuple[list[int], list]], max_new_tokens: int = 32, on_token=None,
+                 **options) -> list[str]:
+        """The completions of (ids, images) prompts as text (one batch)."""
+        out = self.complete(prompts, max_new_tokens, on_token, **options)
         return [self.tokenizer.decode(o).strip() for o in out]
 
     def stream(self, prompt: tuple[list[int], list], max_new_tokens: int = 32, **options) -> Iterator[str]:
@@ -188,16 +211,10 @@ class VisionLanguagePipeline:
         self.model.eval()
         cfg = self._config(max_new_tokens, options)
         ids, embeds = self._inputs([prompt], max_new_tokens)
-        tokens, said = [], ""
+        text = TextStream(self.tokenizer.decode)
         for tok in stream_tokens(self.model.lm, ids[0], cfg, pad_id=self.tokenizer.pad_id, prefix_embeds=embeds,
-                          decode=self.tokenizer.decode):
-            tokens.append(tok)
-            text = self.tokenizer.decode(tokens)
-            if not said:
-                text = text.lstrip()
-            if text.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
-                continue
-            piece, said = text[len(said):], text
+                                 decode=self.tokenizer.decode):
+            piece = text.push(tok)
             if piece:
                 yield piece
 

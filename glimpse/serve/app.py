@@ -1,0 +1,352 @@
+"""The OpenAI-compatible HTTP API over one glimpse model (FastAPI).
+
+    GET  /                      the web chat page (glimpse/serve/chat.html)
+    GET  /health                {"status": "ok", ...}
+    GET  /v1/models             the one model served
+    POST /v1/chat/completions   vision-language models; `stream: true` as server-sent events
+    POST /v1/embeddings         dual encoders; texts, and images as data: URLs (an extension)
+
+Every error is OpenAI's body {"error": {"message", "type", "param", "code"}} with a 4xx status for
+anything the client can fix.  Messages never carry a traceback or server internals: requests are
+checked (schemas.py), images decoded and prompts built before a request is queued, so the model
+worker only sees requests that can run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from glimpse.data.images import load_image
+from glimpse.errors import GlimpseError
+from glimpse.infer.dual import DualEncoderPipeline
+from glimpse.infer.vlm import TextStream, VisionLanguagePipeline, decode_data_url
+from glimpse.serve.engine import Engine, Job, QueueFull
+from glimpse.serve.schemas import ChatCompletionRequest, EmbeddingRequest
+
+PAGE = Path(__file__).with_name("chat.html")
+
+
+@dataclass
+class ServerLimits:
+    max_batch: int = 8  # rows decoded together
+    max_pending: int = 32  # requests admitted (running + waiting); beyond: 429
+    max_body_bytes: int = 20_000_000  # beyond: 413
+    max_images: int = 8  # per request
+    max_image_bytes: int = 10_000_000  # per encoded image
+    max_image_pixels: int = 16_000_000  # per decoded image
+    retry_after_s: int = 1
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param=None, code=None,
+                   headers=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with a 413, whether or not Content-Length says so
+    (the body is read here, counted, and replayed to the app)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            status = 413 if length.isdigit() else 400
+            msg = f"request body over the {self.max_bytes}-byte limit" if status == 413 else "bad Content-Length"
+            return await error_response(status, msg, code="request_too_large" if status == 413 else None)(
+                scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await error_response(413, f"request body over the {self.max_bytes}-byte limit",
+                                            code="request_too_large")(scope, receive, send)
+            if not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    # a union's branch names (str, list[...], tagged-union[...]) say nothing to a client: drop them
+    loc = [p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "list")]
+    param = ".".join(loc) or None
+    return (f"{param}: {err.get('msg', 'invalid value')}" if param else err.get("msg", "invalid request")), param
+
+
+def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, remote=None) -> FastAPI:
+    """The API over a loaded pipeline (`glimpse.load(RUN)`); `remote` is a RemoteImageFetcher to
+    allow http(s) image URLs from its allowlisted hosts (None: only data: URLs)."""
+    limits = limits or ServerLimits()
+    engine = Engine(pipeline, max_batch=limits.max_batch, max_pending=limits.max_pending)
+    app = FastAPI(title="glimpse", version="1", docs_url=None, redoc_url=None)
+    app.state.engine, app.state.model_name = engine, model_name
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.router.add_event_handler("shutdown", engine.close)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return error_response(400, message, param=param, code="invalid_value" if param else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), type)
+
+    @app.exception_handler(Exception)
+    async def _crash(request, exc: Exception):  # a bug: say nothing about it to the client
+        return error_response(500, "internal server error", "server_error")
+
+    # -- helpers ---------------------------------------------------------------------------
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+
+    def fetch_image(url: str) -> bytes:
+        if url.startswith("data:"):
+            data = decode_data_url(url)
+        elif url.split(":", 1)[0].lower() in ("http", "https") and remote is not None:
+            data = remote.fetch(url)
+        elif url.split(":", 1)[0].lower() in ("http", "https"):
+            raise GlimpseError("remote image URLs are disabled on this server: send the image as a base64 "
+                               "data: URL")
+        else:
+            raise GlimpseError("images must be base64 data: URLs (file: and other URLs are refused)")
+        if len(data) > limits.max_image_bytes:
+            raise GlimpseError(f"an image is over the {limits.max_image_bytes}-byte limit")
+        return data
+
+    def build_prompt(body: ChatCompletionRequest):
+        """(ids, images) of the request, its images decoded; 400s for what cannot run."""
+        messages, n_images = [], 0
+        for i, m in enumerate(body.messages):
+            role = "system" if m.role == "developer" else m.role
+            if isinstance(m.content, str):
+                messages.append({"role": role, "content": m.content})
+                continue
+            parts = []
+            for part in m.content:
+                if part.type == "text":
+                    parts.append({"type": "text", "text": part.text})
+                    continue
+                n_images += 1
+                if n_images > limits.max_images:
+                    raise APIError(400, f"too many images: at most {limits.max_images} per request",
+                                   param="messages")
+                try:
+                    image = load_image(fetch_image(part.image_url.url), max_pixels=limits.max_image_pixels,
+                                       name=f"#{n_images}")
+                except GlimpseError as e:
+                    raise APIError(400, str(e), param=f"messages.{i}.content") from None
+                parts.append({"type": "image", "image": image})
+            messages.append({"role": role, "content": parts})
+        try:
+            return pipeline.chat_prompt(messages)
+        except GlimpseError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    def submit(job: Job) -> None:
+        try:
+            engine.submit(job)
+        except QueueFull:
+            raise APIError(429, "the server is busy: too many requests in flight; retry later",
+                           type="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(limits.retry_after_s)}) from None
+
+    # -- routes ----------------------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse(PAGE.read_text())
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "pending": engine.pending, "batches": engine.batches,
+                "rows": engine.rows}
+
+    @app.get("/v1/models")
+    async def models():
+        kind = "chat" if isinstance(pipeline, VisionLanguagePipeline) else "embeddings"
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "glimpse", "capabilities": [kind]}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        if not isinstance(pipeline, VisionLanguagePipeline):
+            raise APIError(400, f"{model_name} is not a chat model (use /v1/embeddings)", param="model")
+        ids, images = await run_in_threadpool(build_prompt, body)
+        room = pipeline.context_length - len(ids)
+        max_new = body.max_completion_tokens or body.max_tokens or max(1, min(256, room))
+        if max_new > room:
+            raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_new}) exceeds the "
+                           f"model's context of {pipeline.context_length} tokens", param="messages",
+                           code="context_length_exceeded")
+        sampling = body.temperature > 0
+        options = {"do_sample": sampling, "stop_strings": body.stops(), "seed": body.seed,
+                   "temperature": body.temperature if sampling else 1.0, "top_p": body.top_p if sampling else 1.0}
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def on_token(choice, token):
+            loop.call_soon_threadsafe(events.put_nowait, ("token", choice, token))
+
+        def on_done(result, error):
+            loop.call_soon_threadsafe(events.put_nowait, ("done", result, error))
+
+        job = Job(on_done=on_done, prompts=[(ids, images)] * body.n, max_new_tokens=max_new, options=options,
+                  on_token=on_token if body.stream else None)
+        submit(job)
+        reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+
+        def usage(tokens):
+            done = sum(len(t) for t in tokens)
+            return {"prompt_tokens": len(ids), "completion_tokens": done, "total_tokens": len(ids) + done}
+
+        def finish(tokens):
+            return "length" if len(tokens) >= max_new else "stop"
+
+        if body.stream:
+            return StreamingResponse(_sse(engine, job, events, reply, body, pipeline.tokenizer.decode, usage, finish),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            while True:  # wait for the answer, noticing a client that leaves
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=0.2)
+                    break
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        engine.cancel(job)
+                        return JSONResponse({}, status_code=499)
+        except asyncio.CancelledError:
+            engine.cancel(job)
+            raise
+        _, tokens, error = event
+        if error is not None:
+            raise error
+        choices = [{"index": i, "message": {"role": "assistant", "content": pipeline.tokenizer.decode(t).strip()},
+                    "logprobs": None, "finish_reason": finish(t)} for i, t in enumerate(tokens)]
+        return {**reply, "object": "chat.completion", "choices": choices, "usage": usage(tokens)}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request):
+        check_model(body.model)
+        if not isinstance(pipeline, DualEncoderPipeline):
+            raise APIError(400, f"{model_name} has no embeddings (it is not a dual encoder)", param="model")
+        inputs = body.inputs()
+        images = {}
+        for i, text in enumerate(inputs):
+            if text.startswith("data:image/"):
+                try:
+                    images[i] = await run_in_threadpool(
+                        lambda t=text, k=i: load_image(fetch_image(t), max_pixels=limits.max_image_pixels,
+                                                       name=f"#{k}"))
+                except GlimpseError as e:
+                    raise APIError(400, str(e), param=f"input.{i}") from None
+        texts = [i for i in range(len(inputs)) if i not in images]
+        loop, done = asyncio.get_running_loop(), asyncio.Queue()
+
+        def embed():
+            out = [None] * len(inputs)
+            if texts:
+                for i, e in zip(texts, pipeline.embed_texts([inputs[i] for i in texts])):
+                    out[i] = e
+            if images:
+                for i, e in zip(images, pipeline.embed_images(list(images.values()))):
+                    out[i] = e
+            return out
+
+        job = Job(on_done=lambda r, e: loop.call_soon_threadsafe(done.put_nowait, (r, e)), call=embed)
+        submit(job)
+        try:
+            vectors, error = await done.get()
+        except asyncio.CancelledError:
+            engine.cancel(job)
+            raise
+        if error is not None:
+            raise error
+        tokens = sum(len(pipeline.tokenizer.encode(inputs[i])) for i in texts)
+        data = []
+        for i, v in enumerate(vectors):
+            v = v.float().numpy()
+            emb = base64.b64encode(v.astype(np.float32).tobytes()).decode() if body.encoding_format == "base64" \
+                else v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        return {"object": "list", "data": data, "model": model_name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    return app
+
+
+async def _sse(engine, job, events, reply, body, decode, usage, finish):
+    """The chunks of a streamed completion, as OpenAI sends them; the job is cancelled if the client
+    goes away (the response task is cancelled and this generator closed)."""
+    def chunk(choices, **extra):
+        return "data: " + json.dumps({**reply, "object": "chat.completion.chunk", "choices": choices,
+                                      **extra}) + "\n\n"
+
+    streams = [TextStream(decode) for _ in range(body.n)]
+    try:
+        for i in range(body.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        while True:
+            event = await events.get()
+            if event[0] == "token":
+                _, i, token = event
+                piece = streams[i].push(token)
+                if piece:
+                    yield chunk([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
+                continue
+            _, tokens, error = event
+            if error is not None:
+                err = {"message": "internal server error", "type": "server_error", "param": None, "code": None}
+                yield "data: " + json.dumps({"error": err}) + "\n\n"
+                break
+            for i, t in enumerate(tokens):
+                yield chunk([{"index": i, "delta": {}, "finish_reason": finish(t)}])
+            if body.stream_options is not None and body.stream_options.include_usage:
+                yield chunk([], usage=usage(tokens))
+            break
+        yield "data: [DONE]\n\n"
+    finally:
+        engine.cancel(job)

@@ -1,0 +1,113 @@
+"""Fetching `http(s)` image URLs, only when the server is started with an allowlist of hosts.
+
+A URL is a way to make the server connect somewhere, so every hop (the URL and each redirect) must
+name an allowlisted host whose addresses are all public: no private, loopback, link-local,
+multicast or reserved address.  The connection goes to the address that was checked (no second DNS
+lookup that could answer differently), the body is capped in bytes and the whole fetch in time.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import socket
+import ssl
+import time
+from urllib.parse import urljoin, urlsplit
+
+from glimpse.errors import GlimpseError
+
+
+def is_public_address(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_global and not (addr.is_multicast or addr.is_reserved)
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    def __init__(self, host, port, ip, timeout):
+        super().__init__(host, port, timeout=timeout)
+        self.ip = ip
+
+    def connect(self):
+        self.sock = socket.create_connection((self.ip, self.port), self.timeout)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    def __init__(self, host, port, ip, timeout):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self.ip = ip
+
+    def connect(self):
+        sock = socket.create_connection((self.ip, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class RemoteImageFetcher:
+    def __init__(self, allow_hosts, max_bytes: int = 10_000_000, timeout: float = 10.0, max_redirects: int = 3,
+                 address_ok=is_public_address):
+        self.allow_hosts = {h.strip().lower() for h in allow_hosts if h.strip()}
+        self.max_bytes, self.timeout, self.max_redirects = max_bytes, timeout, max_redirects
+        self.address_ok = address_ok  # tests swap in a policy; the server always uses is_public_address
+
+    def _address(self, host: str, port: int) -> str:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            raise GlimpseError(f"image host {host} cannot be resolved") from None
+        ips = sorted({info[4][0] for info in infos})
+        if not ips or not all(self.address_ok(ip) for ip in ips):
+            raise GlimpseError(f"image host {host} resolves to a non-public address; refused")
+        return ips[0]
+
+    def fetch(self, url: str) -> bytes:
+        deadline = time.monotonic() + self.timeout
+        for _ in range(self.max_redirects + 1):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise GlimpseError("only http(s) image URLs can be fetched")
+            host = parts.hostname.lower()
+            if host not in self.allow_hosts:
+                raise GlimpseError(f"image host {host} is not in the server's allowlist")
+            try:
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+            except ValueError:
+                raise GlimpseError("the image URL has an invalid port") from None
+            ip = self._address(host, port)
+            conn_cls = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP
+            conn = conn_cls(host, port, ip, timeout=max(0.1, deadline - time.monotonic()))
+            try:
+                path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+                conn.request("GET", path, headers={"User-Agent": "glimpse-image-fetch", "Accept": "image/*"})
+                resp = conn.getresponse()
+                if resp.status in (301, 302, 303, 307, 308):
+                    location = resp.getheader("Location")
+                    if not location:
+                        raise GlimpseError("the image URL redirects nowhere")
+                    url = urljoin(url, location)
+                    continue
+                if resp.status != 200:
+                    raise GlimpseError(f"the image URL answered HTTP {resp.status}")
+                return self._read(resp, deadline)
+            except (OSError, http.client.HTTPException):
+                raise GlimpseError("the image URL could not be fetched (connection failed or timed out)") from None
+            finally:
+                conn.close()
+        raise GlimpseError(f"the image URL redirects more than {self.max_redirects} times")
+
+    def _read(self, resp, deadline: float) -> bytes:
+        length = resp.getheader("Content-Length")
+        if length and length.isdigit() and int(length) > self.max_bytes:
+            raise GlimpseError(f"the remote image is over the {self.max_bytes}-byte limit")
+        chunks, size = [], 0
+        while True:
+            if time.monotonic() > deadline:
+                raise GlimpseError("fetching the image URL timed out")
+            chunk = resp.read(65536)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise GlimpseError(f"the remote image is over the {self.max_bytes}-byte limit")
+            chunks.append(chunk)
