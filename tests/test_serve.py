@@ -197,12 +197,13 @@ def test_a_client_that_leaves_frees_its_slot(vlm, images):
     body = {"model": MODEL, "messages": ask(image_data_url(images[0]), "hi"), "max_tokens": 4}
     with LiveServer(app) as s, Blocker(engine):
         with pytest.raises(httpx.ReadTimeout):  # a plain request, abandoned
-            httpx.post(s.url + "/v1/chat/completions", json=body, timeout=0.5)
-        wait_for(lambda: engine.pending == 1)  # only the blocker is left
+            httpx.post(s.url + "/v1/chat/completions", json=body, timeout=1.0)
+        wait_for(lambda: engine.cancelled == 1 and engine.pending == 1)  # only the blocker is left
         with httpx.stream("POST", s.url + "/v1/chat/completions", json={**body, "stream": True}) as r:
-            first = next(r.iter_lines())  # the role chunk comes before any token
-            assert first.startswith("data: ") and engine.pending == 2
-        wait_for(lambda: engine.pending == 1)  # a stream, closed early
+            lines = r.iter_lines()  # (kept: a dropped iterator closes the connection when collected)
+            assert next(lines).startswith("data: ")  # the role chunk comes before any token
+            wait_for(lambda: engine.pending == 2)
+        wait_for(lambda: engine.cancelled == 2 and engine.pending == 1)  # a stream, closed early
 
 
 # -- bad input ------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "pending": engine.pending, "batches": engine.batches,
-                "rows": engine.rows}
+                "rows": engine.rows, "cancelled": engine.cancelled}
 
     @app.get("/v1/models")
     async def models():

@@ -67,6 +67,7 @@ class Engine:
         self._stop = False
         self.batches = 0  # counters for /health and tests
         self.rows = 0
+        self.cancelled = 0
 
     # -- the request side ------------------------------------------------------------------
     @property
@@ -88,8 +89,11 @@ class Engine:
 
     def cancel(self, job: Job) -> None:
         """The client is gone: drop the job from the queue, or stop its rows, and free its slot."""
-        job.cancelled.set()
         with self._cond:
+            if job.released:
+                return  # already answered
+            job.cancelled.set()
+            self.cancelled += 1
             if job in self._waiting:
                 self._waiting.remove(job)
             self._release(job)
