@@ -315,6 +315,15 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
         return {"object": "list", "data": data, "model": model_name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
+    def openapi():  # the schema names the one model served (requests naming another get a 404)
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for name in ("ChatCompletionRequest", "EmbeddingRequest"):
+                schema["components"]["schemas"][name]["properties"]["model"]["enum"] = [model_name]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

@@ -104,7 +104,7 @@ class RemoteImageFetcher:
         while True:
             if time.monotonic() > deadline:
                 raise GlimpseError("fetching the image URL timed out")
-            chunk = resp.read(65536)
+            chunk = resp.read1(65536)  # what has arrived, so the deadline is checked between pieces
             if not chunk:
                 return b"".join(chunks)
             size += len(chunk)
