@@ -324,7 +324,34 @@ def test_embeddings_for_texts_and_images(tiny_run, world, vlm):
             assert r.status_code == 400, body
         r = httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny-clip", "messages": [
             {"role": "user", "content": "hi"}]})
-        assert r.status_code == 400 and "not a chat model" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "not a vision-language chat model" in r.json()["error"]["message"]
     with LiveServer(create_app(vlm, MODEL)) as s:
         r = httpx.post(s.url + "/v1/embeddings", json={"model": MODEL, "input": "x"})
         assert r.status_code == 400
+
+
+def test_glimpse_serve_command(tiny_vlm_run, cli_env):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "glimpse", "serve", str(tiny_vlm_run), "--port", str(port),
+                             "--model-name", "mine"], env=cli_env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert f"serving mine on http://127.0.0.1:{port}" in proc.stdout.readline()
+        wait_for(lambda: _up(f"http://127.0.0.1:{port}/health"), timeout=60)
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+        assert models["data"][0]["id"] == "mine"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def _up(url) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -215,7 +215,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         if not isinstance(pipeline, VisionLanguagePipeline):
-            raise APIError(400, f"{model_name} is not a chat model (use /v1/embeddings)", param="model")
+            raise APIError(400, f"{model_name} is not a vision-language chat model", param="model")
         ids, images = await run_in_threadpool(build_prompt, body)
         room = pipeline.context_length - len(ids)
         max_new = body.max_completion_tokens or body.max_tokens or max(1, min(256, room))
@@ -250,17 +250,13 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
             return StreamingResponse(_sse(engine, job, events, reply, body, pipeline.tokenizer.decode, usage, finish),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            while True:  # wait for the answer, noticing a client that leaves
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.2)
-                    break
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        engine.cancel(job)
-                        return JSONResponse({}, status_code=499)
-        except asyncio.CancelledError:
+            event = await _answer_or_disconnect(request, events)
+        except asyncio.CancelledError:  # the server is shutting down
             engine.cancel(job)
             raise
+        if event is None:  # the client left: free its slot
+            engine.cancel(job)
+            return JSONResponse({}, status_code=499)
         _, tokens, error = event
         if error is not None:
             raise error
@@ -325,6 +321,26 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
 
     app.openapi = openapi
     return app
+
+
+async def _answer_or_disconnect(request: Request, events: asyncio.Queue):
+    """The job's final event, or None as soon as the client disconnects (no polling: one task
+    waits for the answer, one for the connection's http.disconnect)."""
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    answer = asyncio.ensure_future(events.get())
+    gone = asyncio.ensure_future(disconnected())
+    done = set()
+    try:
+        done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (answer, gone):
+            if task not in done:
+                task.cancel()
+    return answer.result() if answer in done else None
 
 
 async def _sse(engine, job, events, reply, body, decode, usage, finish):
