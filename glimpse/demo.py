@@ -147,6 +147,7 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
     summary = {"results": results, "llava_results": llava_results, "seconds": elapsed, "report": str(report)}
     (out / MARKER).write_text(json.dumps(summary, indent=2))
     print(f"\nreport: {report}   ({elapsed:.0f} s in all)")
+    print(f"chat with it in a browser or through the OpenAI API: glimpse serve {llava_run}")
     return summary
 
 

@@ -118,6 +118,11 @@ def test_streaming_with_the_openai_client_matches_the_whole_answer(client, serve
     body = {"model": MODEL, "messages": messages, "stream": True, "max_tokens": 4}
     lines = [ln for ln in httpx.post(server.url + "/v1/chat/completions", json=body).text.split("\n") if ln]
     assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
+    # n streams, interleaved by choice index; greedy, so each is the whole answer
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=16,
+                                                 n=2, stream=True))
+    for i in range(2):
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i) == text
 
 
 def test_n_seed_stop_and_multi_turn(client, images):
