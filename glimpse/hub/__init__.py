@@ -357,3 +357,14 @@ def load_part(model: nn.Module, part: str, folder: str | Path) -> None:
 def describe(folder: str | Path) -> str:
     c = read_json(resolve(folder) / "config.json")
     return json.dumps({k: c.get(k) for k in ("model_type", "architectures")})
+
+
+def load_whole(model: nn.Module, folder: str | Path) -> None:
+    """A recipe's `init:` naming a Hugging Face folder: the whole glimpse model (which must have the
+    folder's architecture) from it, strictly."""
+    folder = resolve(folder)
+    _, built, rules, unused, sd = build(folder)
+    if type(built) is not type(model):
+        raise GlimpseError(f"{folder} holds a {type(built).__name__}, the recipe builds a {type(model).__name__}")
+    where = f"{folder} (init)"
+    _load_strict(model, from_hf(sd, rules, model.state_dict(), where, unused), where)
