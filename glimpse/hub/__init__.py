@@ -93,7 +93,9 @@ def image_transform(folder: Path, image_size: int):
         or size.get("shortest_edge") or image_size
     if side != image_size:
         raise GlimpseError(f"{pp}: images of {side} px, but the vision tower takes {image_size} px")
-    interp = {2: "bilinear", 3: "bicubic", 1: "lanczos", 0: "nearest"}.get(c.get("resample", 3), "bicubic")
+    from glimpse.data.images import _HF_RESAMPLE
+
+    interp = _HF_RESAMPLE.get(c.get("resample", 3), "bicubic")
     try:
         return ImageTransform(image_size, mean=c.get("image_mean", (0.48145466, 0.4578275, 0.40821073)),
                               std=c.get("image_std", (0.26862954, 0.26130258, 0.27577711)),

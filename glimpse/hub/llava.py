@@ -58,9 +58,14 @@ def llava_config(c: dict, where: str, chat_template: str | None) -> VLMConfig:
     token = c.get("image_token_index", c.get("image_token_id"))
     if token is None:
         raise GlimpseError(f"{where}: config.json names no image_token_index")
+    from glimpse.data.chat import TEMPLATES
+
+    # a glimpse export carries a built-in template's source: give it its name back ("plain" means
+    # a role-less captioner to the pipeline)
+    name = next((n for n, src in TEMPLATES.items() if src == chat_template), chat_template)
     return VLMConfig(vision=vision, lm=lm, connector="mlp2x_gelu", vision_feature_layer=layer,
                      vision_feature_select="patch" if strategy == "default" else "full", image_token_id=token,
-                     chat_template=chat_template or "compact")
+                     chat_template=name or "compact")
 
 
 def llava_rules(cfg: VLMConfig) -> list:

@@ -1,0 +1,112 @@
+"""`glimpse convert RUN DST --to hf`: transformers loads the folder with no missing or unexpected
+keys and computes the same logits / features; glimpse.load of the folder answers as the run does."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+from conftest import PY, tiny_overrides, tiny_vlm_overrides
+from PIL import Image
+from torch.testing import assert_close
+
+import glimpse
+from glimpse.api import load_run
+from glimpse.errors import GlimpseError
+from glimpse.hub.export import export
+from glimpse.models.decoder import positions_from_mask
+
+transformers = pytest.importorskip("transformers")
+
+
+def images():
+    return [Image.new("RGB", (40, 32), (200, 40, 40)), Image.new("RGB", (32, 32), (30, 60, 220))]
+
+
+def hf_load(cls, folder):
+    model, info = cls.from_pretrained(str(folder), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def llava_run(world, tmp_path_factory):
+    from glimpse.config import load_recipe
+    from glimpse.train.trainer import train
+
+    out = tmp_path_factory.mktemp("runs") / "llava-clip"
+    sets = tiny_vlm_overrides(world, **{"model.vision.class_token": "true", "model.vision.pool": "cls",
+                                        "model.pixel_shuffle": 1, "model.vision_feature_layer": -2,
+                                        "train.max_steps": 2, "eval.splits": "[]", "eval.during_train": "[]"})
+    train(load_recipe("shapes-llava-stage2", sets), out, progress=False)
+    return out
+
+
+def test_llava_export(llava_run, tmp_path, cli_env):
+    dst = tmp_path / "hf"
+    r = subprocess.run([PY, "-m", "glimpse", "convert", str(llava_run), str(dst), "--to", "hf"], env=cli_env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+              "preprocessor_config.json", "processor_config.json", "generation_config.json"):
+        assert (dst / f).is_file(), f
+    hf = hf_load(transformers.LlavaForConditionalGeneration, dst)
+
+    task, model = load_run(llava_run)
+    pipe = task.pipeline(model)
+    prompts = [pipe.question_prompt("what colour is the shape?", im) for im in images()]
+    rows = [ids for ids, _ in prompts]
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    px = torch.stack([task.transform(im) for im in images()])
+    pos = positions_from_mask(mask)
+    with torch.no_grad():
+        ours = model(ids, mask, px, position_ids=pos)
+        ref = hf(input_ids=ids, attention_mask=mask, pixel_values=px, position_ids=pos).logits
+    assert_close(ours[mask.bool()], ref[mask.bool()], atol=1e-4, rtol=1e-4)
+    # the processor transformers builds from the folder preprocesses as the run does
+    proc = transformers.AutoImageProcessor.from_pretrained(str(dst))
+    assert_close(proc(images(), return_tensors="pt")["pixel_values"], px, atol=2e-2, rtol=0)
+
+    again = glimpse.load(dst)
+    q = ["what colour is the shape?", "how many shapes are there?"]
+    assert again.ask(images(), q, max_new_tokens=6) == pipe.ask(images(), q, max_new_tokens=6)
+    assert again.caption(images(), max_new_tokens=6) == pipe.caption(images(), max_new_tokens=6)
+
+
+def test_clip_export(world, tmp_path):
+    from glimpse.config import load_recipe
+    from glimpse.train.trainer import train
+
+    run = tmp_path / "clip"
+    sets = tiny_overrides(world, **{"model.vision.class_token": "true", "model.vision.pool": "cls",
+                                    "train.max_steps": 2, "eval.splits": "[]", "eval.during_train": "[]"})
+    train(load_recipe("shapes-clip", sets), run, progress=False)
+    export(run, tmp_path / "hf")
+    hf = hf_load(transformers.CLIPModel, tmp_path / "hf")
+    pipe = glimpse.load(run)
+    texts = ["a red circle", "a small blue square at the top", "a cross"]
+    ids, mask = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "hf"))(
+        ["<bos>" + t + "<eos>" for t in texts], return_tensors="pt", padding=True).values()
+    px = torch.stack([pipe.transform(im) for im in images()])
+    with torch.no_grad():
+        t = hf.get_text_features(input_ids=ids, attention_mask=mask)
+        i = hf.get_image_features(pixel_values=px)
+    t = t if torch.is_tensor(t) else t.pooler_output
+    i = i if torch.is_tensor(i) else i.pooler_output
+    assert_close(torch.nn.functional.normalize(t, dim=-1), pipe.embed_texts(texts), atol=1e-5, rtol=1e-4)
+    assert_close(torch.nn.functional.normalize(i, dim=-1), pipe.embed_images(images()), atol=1e-5, rtol=1e-4)
+    again = glimpse.load(tmp_path / "hf")
+    assert_close(again.embed_texts(texts), pipe.embed_texts(texts))
+    labels, one = ["red circle", "blue square", "green cross"], ["a {}"]  # a folder has no recipe's templates
+    assert_close(again.classify(images(), labels, one, return_probs=True)[1],
+                 pipe.classify(images(), labels, one, return_probs=True)[1])
+
+
+def test_export_refuses_what_transformers_cannot_compute(tiny_run, tmp_path):
+    # shapes-clip's image tower: mean-pooled patches, no class token
+    with pytest.raises(GlimpseError, match="no Hugging Face model computes it exactly"):
+        export(tiny_run, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
