@@ -110,3 +110,46 @@ def test_export_refuses_what_transformers_cannot_compute(tiny_run, tmp_path):
     with pytest.raises(GlimpseError, match="no Hugging Face model computes it exactly"):
         export(tiny_run, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_real_recipe_path_siglip_qwen2(world, tmp_path):
+    """llava-siglip-qwen2 at tiny sizes: both parts start from Hugging Face folders (init_parts), train
+    frozen, and the run exports to a LlavaForConditionalGeneration folder transformers loads."""
+    from hf_helpers import randomize
+
+    from glimpse.config import load_recipe
+    from glimpse.data.tokenizer import Tokenizer
+    from glimpse.hub import load_model
+    from glimpse.train.checkpoint import read_weights
+    from glimpse.train.trainer import train
+
+    V = Tokenizer(world / "tokenizer.json").vocab_size
+    vis = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+               patch_size=8)
+    randomize(transformers.SiglipModel(transformers.SiglipConfig(
+        vision_config=vis, text_config=dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2)))).save_pretrained(tmp_path / "siglip")
+    randomize(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6))).save_pretrained(tmp_path / "qwen2")
+    sets = {"init_parts.vision": tmp_path / "siglip", "init_parts.lm": tmp_path / "qwen2",
+            "tokenizer": world / "tokenizer.json", "data.source": "shapes", "data.root": world, "data.image_size": 32,
+            "data.num_workers": 0, "data.files": "{}", "data.images": "{}",
+            "model.vision.image_size": 32, "model.vision.patch_size": 8, "model.vision.width": 32,
+            "model.vision.layers": 2, "model.vision.heads": 2, "model.vision.mlp_ratio": 2.0,
+            "model.lm.vocab_size": V, "model.lm.width": 32, "model.lm.layers": 2, "model.lm.heads": 4,
+            "model.lm.kv_heads": 2, "model.lm.mlp_hidden": 48, "model.lm.context_length": 64,
+            "train.batch_size": 4, "train.max_steps": 2, "train.save_every": 2, "train.warmup_steps": 1}
+    recipe = load_recipe("llava-siglip-qwen2", [f"{k}={v}" for k, v in sets.items()])
+    train(recipe, tmp_path / "run", progress=False)
+    saved = read_weights(next((tmp_path / "run" / "checkpoints").iterdir()) / "model.safetensors")
+    lm = load_model(tmp_path / "qwen2").model.state_dict()
+    assert torch.equal(saved["lm.blocks.1.attn.q.bias"], lm["blocks.1.attn.q.bias"])  # loaded, and frozen
+    export(tmp_path / "run", tmp_path / "hf")
+    hf = hf_load(transformers.LlavaForConditionalGeneration, tmp_path / "hf")
+    assert hf.config.vision_feature_select_strategy == "full"
+    task, model = load_run(tmp_path / "run")
+    ids = torch.tensor([[1] + [task.tokenizer.ids["image"]] * model.image_tokens + [5, 6, 7]])
+    px = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(model(ids, None, px), hf(input_ids=ids, pixel_values=px).logits, atol=1e-4, rtol=1e-4)
