@@ -85,12 +85,12 @@ def main() -> None:
             torch.testing.assert_close(g_vis.get_image_features(px), h_vis(pixel_values=px).pooler_output, **tol)
             if dtype == torch.float32:
                 torch.testing.assert_close(g_lm(ids), h_lm(input_ids=ids).logits, **tol)
-            tg = timed(lambda: g_vis.get_image_features(px), a.iters, sync)
-            th = timed(lambda: h_vis(pixel_values=px).pooler_output, a.iters, sync)
+            tg = timed(lambda g=g_vis, x=px: g.get_image_features(x), a.iters, sync)
+            th = timed(lambda h=h_vis, x=px: h(pixel_values=x).pooler_output, a.iters, sync)
             n = s["images"]
             print(f"{'image features/s, ' + name:34}{n / tg:12.1f}{n / th:14.1f}{th / tg:7.2f}x")
-            tg = timed(lambda: g_lm(ids), a.iters, sync)
-            th = timed(lambda: h_lm(input_ids=ids).logits, a.iters, sync)
+            tg = timed(lambda g=g_lm: g(ids), a.iters, sync)
+            th = timed(lambda h=h_lm: h(input_ids=ids).logits, a.iters, sync)
             n = s["batch"] * s["seq"]
             print(f"{'LM forward tokens/s, ' + name:34}{n / tg:12.1f}{n / th:14.1f}{th / tg:7.2f}x")
 
