@@ -70,7 +70,21 @@ def test_llava_export(llava_run, tmp_path, cli_env):
     proc = transformers.AutoImageProcessor.from_pretrained(str(dst))
     assert_close(proc(images(), return_tensors="pt")["pixel_values"], px, atol=2e-2, rtol=0)
 
+    # transformers' own processor builds the same prompt from the folder, and its greedy answer is the run's
+    proc = transformers.AutoProcessor.from_pretrained(str(dst))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the shape?"}]}]
+    inputs = proc(images=images()[0], text=proc.apply_chat_template(messages, add_generation_prompt=True),
+                  return_tensors="pt")
+    ours_ids, _ = pipe.chat_prompt([{"role": "user", "content": [{"type": "image", "image": images()[0]},
+                                                                 {"type": "text", "text": "what colour is the shape?"}]}])
+    assert inputs["input_ids"][0].tolist() == ours_ids
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=6, do_sample=False)
+    answer = proc.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert answer == pipe.ask(images()[:1], ["what colour is the shape?"], max_new_tokens=6)[0]
+
     again = glimpse.load(dst)
+    assert again.template == pipe.template  # the built-in template's name comes back
     q = ["what colour is the shape?", "how many shapes are there?"]
     assert again.ask(images(), q, max_new_tokens=6) == pipe.ask(images(), q, max_new_tokens=6)
     assert again.caption(images(), max_new_tokens=6) == pipe.caption(images(), max_new_tokens=6)

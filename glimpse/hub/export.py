@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from glimpse.errors import GlimpseError
 from glimpse.hub.decoder import decoder_rules, hf_decoder_config
-from glimpse.hub.llava import hf_llava_config, llava_rules
+from glimpse.hub.llava import PARTS_PREFIX, hf_llava_config, llava_rules
 from glimpse.hub.mapping import to_hf
 from glimpse.hub.towers import dual_rules, hf_dual_config
 
@@ -80,7 +80,7 @@ def export(run: str | Path, dst: str | Path, dtype: str = "fp32") -> Path:
     if family == "vlm":
         config, rules = hf_llava_config(model.cfg), llava_rules(model.cfg)
         t = model.cfg.chat_template
-        template = TEMPLATES.get(t, t)
+        template = PARTS_PREFIX + TEMPLATES.get(t, t)
     elif family == "dual_encoder":
         config, rules = hf_dual_config(model.cfg), dual_rules(model.cfg)
         eos, V = tok.ids["eos"], model.cfg.text.vocab_size

@@ -37,6 +37,25 @@ def normalize(sd: dict) -> dict:
     return out
 
 
+# Put before a glimpse template on export: transformers' processors (and vLLM) send message contents
+# as lists of parts; this turns them into glimpse's text with one <image> per image, parts joined by
+# newlines (glimpse.infer.vlm.split_content), and leaves string contents alone.
+PARTS_PREFIX = (
+    "{%- set ns = namespace(msgs=[]) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['content'] is string -%}{%- set ns.msgs = ns.msgs + [m] -%}"
+    "{%- else -%}{%- set acc = namespace(t=[]) -%}"
+    "{%- for p in m['content'] -%}"
+    "{%- if p['type'] == 'image' -%}{%- set acc.t = acc.t + ['<image>'] -%}"
+    "{%- elif p['type'] == 'text' -%}{%- set acc.t = acc.t + [p['text']] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set ns.msgs = ns.msgs + [{'role': m['role'], 'content': acc.t | join('\n')}] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = ns.msgs -%}"
+)
+
+
 def llava_config(c: dict, where: str, chat_template: str | None) -> VLMConfig:
     vc = c.get("vision_config") or {}
     vc = {"model_type": "clip_vision_model", **vc}
@@ -62,6 +81,8 @@ def llava_config(c: dict, where: str, chat_template: str | None) -> VLMConfig:
 
     # a glimpse export carries a built-in template's source: give it its name back ("plain" means
     # a role-less captioner to the pipeline)
+    if chat_template and chat_template.startswith(PARTS_PREFIX):
+        chat_template = chat_template[len(PARTS_PREFIX):]
     name = next((n for n, src in TEMPLATES.items() if src == chat_template), chat_template)
     return VLMConfig(vision=vision, lm=lm, connector="mlp2x_gelu", vision_feature_layer=layer,
                      vision_feature_select="patch" if strategy == "default" else "full", image_token_id=token,
