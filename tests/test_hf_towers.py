@@ -183,3 +183,21 @@ def test_strict_loading_names_the_tensor(tmp_path):
     (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(GlimpseError, match="model_type 't5'"):
         load_model(tmp_path / "odd")
+
+
+def test_siglip_text_only_and_bert_with_an_mlm_head(tmp_path):
+    hf_t = randomize(transformers.SiglipTextModel(transformers.SiglipTextConfig(**TEXT, projection_size=20)))
+    save(hf_t, tmp_path / "st")
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=16)
+    mlm = randomize(transformers.BertForMaskedLM(cfg))  # "bert." prefix; the MLM head is declared unused
+    save(mlm, tmp_path / "mlm")
+    torch.manual_seed(9)
+    ids = torch.randint(0, V, (2, 12))
+    ids_b, mask = bert_batch()
+    with torch.no_grad():
+        t = load_model(tmp_path / "st")
+        assert_close(t.model.get_text_features(ids), hf_t(input_ids=ids).pooler_output)
+        b = load_model(tmp_path / "mlm")
+        ref = mlm.bert(input_ids=ids_b, attention_mask=mask).last_hidden_state
+        assert_close(b.model(ids_b, mask)[mask.bool()], ref[mask.bool()])

@@ -20,7 +20,6 @@ family, GPT-2) and llava.py; mapping.py holds the strict rule engine they share.
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -354,11 +353,6 @@ def load_part(model: nn.Module, part: str, folder: str | Path) -> None:
     rules, sd, unused = _part_source(folder, read_json(folder / "config.json"), target)
     where = f"{folder} (for {part})"
     _load_strict(target, from_hf(sd, rules, target.state_dict(), where, unused), where)
-
-
-def describe(folder: str | Path) -> str:
-    c = read_json(resolve(folder) / "config.json")
-    return json.dumps({k: c.get(k) for k in ("model_type", "architectures")})
 
 
 def load_whole(model: nn.Module, folder: str | Path) -> None:
