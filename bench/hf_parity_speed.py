@@ -9,7 +9,8 @@ run, in fp32 and in bf16 (both sides cast):
 
     python bench/hf_parity_speed.py [--size small|base] [--device cpu|cuda] [--iters N]
 
-Prints each figure and the ratio glimpse / transformers.
+Prints each figure (median of rounds) and the ratio glimpse / transformers (the median of the
+per-round ratios; glimpse and transformers alternate round by round).
 """
 
 from __future__ import annotations
@@ -35,18 +36,20 @@ SIZES = {
 }
 
 
-def timed(fn, iters: int, sync) -> float:
-    """Median seconds of one call, after two warm-up calls."""
+def paired(ours, theirs, iters: int, sync) -> tuple[float, float, float]:
+    """Median seconds per call of each, and the median of the per-round ratios theirs / ours.
+    The two run alternately, round after round, so that a busy (shared) machine slows both alike."""
     for _ in range(2):
-        fn()
+        ours(), theirs()
     sync()
-    times = []
+    a, b = [], []
     for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, out in ((ours, a), (theirs, b)):
+            t = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - t)
+    return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
 
 
 def main() -> None:
@@ -85,15 +88,13 @@ def main() -> None:
             torch.testing.assert_close(g_vis.get_image_features(px), h_vis(pixel_values=px).pooler_output, **tol)
             if dtype == torch.float32:
                 torch.testing.assert_close(g_lm(ids), h_lm(input_ids=ids).logits, **tol)
-            tg = timed(lambda g=g_vis, x=px: g.get_image_features(x), a.iters, sync)
-            th = timed(lambda h=h_vis, x=px: h(pixel_values=x).pooler_output, a.iters, sync)
+            tg, th, r = paired(lambda g=g_vis, x=px: g.get_image_features(x),
+                               lambda h=h_vis, x=px: h(pixel_values=x).pooler_output, a.iters, sync)
             n = s["images"]
-            print(f"{'image features/s, ' + name:34}{n / tg:12.1f}{n / th:14.1f}{th / tg:7.2f}x")
-            tg = timed(lambda g=g_lm: g(ids), a.iters, sync)
-            th = timed(lambda h=h_lm: h(input_ids=ids).logits, a.iters, sync)
+            print(f"{'image features/s, ' + name:34}{n / tg:12.1f}{n / th:14.1f}{r:7.2f}x")
+            tg, th, r = paired(lambda g=g_lm: g(ids), lambda h=h_lm: h(input_ids=ids).logits, a.iters, sync)
             n = s["batch"] * s["seq"]
-            print(f"{'LM forward tokens/s, ' + name:34}{n / tg:12.1f}{n / th:14.1f}{th / tg:7.2f}x")
-
+            print(f"{'LM forward tokens/s, ' + name:34}{n / tg:12.1f}{n / th:14.1f}{r:7.2f}x")
 
 if __name__ == "__main__":
     main()
