@@ -167,3 +167,30 @@ def test_real_recipe_path_siglip_qwen2(world, tmp_path):
     px = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert_close(model(ids, None, px), hf(input_ids=ids, pixel_values=px).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_language_model_export_and_init_from_a_folder(world, tmp_path, arch):
+    from test_lm import lm_overrides
+
+    from glimpse.config import load_recipe
+    from glimpse.hub import load_whole
+    from glimpse.train.trainer import train
+
+    run = tmp_path / "lm"
+    sets = lm_overrides(world, **{"train.max_steps": 2, "train.save_every": 2, "train.eval_every": 0,
+                                  "eval.splits": "[]", "eval.during_train": "[]", "model.arch": arch,
+                                  "model.kv_heads": 2 if arch == "llama" else 0, "model.qkv_bias": arch == "llama"})
+    train(load_recipe("shapes-lm", sets), run, progress=False)
+    export(run, tmp_path / "hf", dtype="fp32")
+    cls = transformers.Qwen2ForCausalLM if arch == "llama" else transformers.GPT2LMHeadModel  # qkv bias: Qwen2
+    hf = hf_load(cls, tmp_path / "hf")
+    task, model = load_run(run)
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        assert_close(model(ids), hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    prompts = ["a small red", "there is a"]
+    assert glimpse.load(tmp_path / "hf").generate(prompts, 6) == task.pipeline(model).generate(prompts, 6)
+    fresh = task.build_model()  # a recipe's `init:` may name the folder: the whole model, strictly
+    load_whole(fresh, tmp_path / "hf")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
