@@ -33,10 +33,15 @@ def run_dir(path: str | Path) -> Path:
     return p.parent.parent if p.parent.name == "checkpoints" else p
 
 
-def load(path: str | Path, device: str = "cpu"):
+def load(path: str | Path, device: str = "cpu", dtype=None):
     """Load a glimpse run; returns the family's pipeline (a dual encoder's: embed_images,
     embed_texts, classify; a language model's: generate, perplexity; a vision-language
-    model's: caption, ask, chat)."""
+    model's: caption, ask, chat).  A local Hugging Face model folder (config.json + safetensors)
+    loads the same way, through glimpse.hub, cast to `dtype` (default float32)."""
+    from glimpse import hub
+
+    if hub.is_hf_folder(path):
+        return hub.load_pipeline(hub.resolve(path), device, dtype)
     task, model = load_run(path, device=device)
     return task.pipeline(model)
 

@@ -167,6 +167,13 @@ def cmd_serve(a) -> None:
           allow_remote_images=hosts or None)
 
 
+def cmd_convert(a) -> None:
+    from glimpse.hub.export import export
+
+    out = export(a.src, a.dst, a.dtype)
+    print(f"wrote a Hugging Face model folder to {out}")
+
+
 def print_table(results: dict[str, float]) -> None:
     width = max(len(k) for k in results)
     for k, v in results.items():
@@ -253,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the demo recipe")
     d.set_defaults(func=cmd_demo)
+
+    v = sub.add_parser("convert", help="export a glimpse run as a Hugging Face model folder")
+    v.add_argument("src", help="a glimpse run (or one of its checkpoints)")
+    v.add_argument("dst", help="the folder to write")
+    v.add_argument("--to", choices=["hf"], required=True, help="the output format")
+    v.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights' dtype")
+    v.set_defaults(func=cmd_convert)
     return p
 
 

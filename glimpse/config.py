@@ -254,7 +254,8 @@ def _validate_dual_encoder(m: DualEncoderConfig) -> None:
     _choice("model.loss", m.loss, ("clip", "siglip"))
     _choice("model.vision.pool", m.vision.pool, ("cls", "mean", "map"))
     _check(m.vision.pool != "cls" or m.vision.class_token, "model.vision.pool", "cls", "needs model.vision.class_token")
-    _choice("model.text.pool", m.text.pool, ("eos", "cls", "mean"))
+    _choice("model.text.pool", m.text.pool, ("eos", "cls", "mean", "last"))
+    _choice("model.text.norm", m.text.norm, ("pre", "post"))
     for tower in ("vision", "text"):
         t = getattr(m, tower)
         _choice(f"model.{tower}.act", t.act, tuple(ACTIVATIONS))

@@ -115,44 +115,13 @@ def test_causality(arch):
 
 # ---- parity with transformers ---------------------------------------------------------------------
 
-LLAMA_KEYS = {
-    "token_embed.weight": "model.embed_tokens.weight",
-    "blocks.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blocks.{i}.attn.q.{p}": "model.layers.{i}.self_attn.q_proj.{p}",
-    "blocks.{i}.attn.k.{p}": "model.layers.{i}.self_attn.k_proj.{p}",
-    "blocks.{i}.attn.v.{p}": "model.layers.{i}.self_attn.v_proj.{p}",
-    "blocks.{i}.attn.o.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "blocks.{i}.mlp_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "blocks.{i}.mlp.gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blocks.{i}.mlp.up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blocks.{i}.mlp.down.weight": "model.layers.{i}.mlp.down_proj.weight",
-    "final_norm.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",
-}
-GPT2_KEYS = {
-    "token_embed.weight": "transformer.wte.weight",
-    "pos_embed.weight": "transformer.wpe.weight",
-    "blocks.{i}.attn_norm.{p}": "transformer.h.{i}.ln_1.{p}",
-    "blocks.{i}.attn.qkv.{p}": "transformer.h.{i}.attn.c_attn.{p}",
-    "blocks.{i}.attn.o.{p}": "transformer.h.{i}.attn.c_proj.{p}",
-    "blocks.{i}.mlp_norm.{p}": "transformer.h.{i}.ln_2.{p}",
-    "blocks.{i}.mlp.fc1.{p}": "transformer.h.{i}.mlp.c_fc.{p}",
-    "blocks.{i}.mlp.fc2.{p}": "transformer.h.{i}.mlp.c_proj.{p}",
-    "final_norm.{p}": "transformer.ln_f.{p}",
-    "lm_head.weight": "lm_head.weight",
-}
+def convert(hf_sd: dict, ours: CausalLM) -> dict:
+    """Our state dict from a transformers one, through the production mapping (glimpse.hub.decoder)."""
+    from glimpse.hub.decoder import GPT2_UNUSED, decoder_rules
+    from glimpse.hub.mapping import from_hf
 
-
-def convert(hf_sd: dict, keys: dict, layers: int, conv1d: bool = False) -> dict:
-    """Our state dict from a transformers one, through the key templates ({p}: weight and/or bias)."""
-    out = {}
-    for ours, theirs in keys.items():
-        for i in range(layers):
-            for p in ("weight", "bias"):
-                if (key := theirs.format(i=i, p=p)) in hf_sd:
-                    w = hf_sd[key]
-                    out[ours.format(i=i, p=p)] = w.t() if conv1d and ".h." in key and w.ndim == 2 else w
-    return out
+    unused = (*GPT2_UNUSED, r"lm_head\.weight") if ours.cfg.tie_embeddings else ()
+    return from_hf(hf_sd, decoder_rules(ours.cfg), ours.state_dict(), "transformers", unused)
 
 
 def hf_randomize(hf):
@@ -206,7 +175,7 @@ def test_parity_llama_qwen2(family):
         arch="llama", vocab_size=V, width=32, layers=2, heads=4, kv_heads=2, mlp_hidden=48,
         context_length=32, rope_theta=rope_theta["rope_theta"], qkv_bias=family == "qwen2",
         tie_embeddings=hf_cfg.tie_word_embeddings, norm_eps=1e-6)).eval()
-    ours.load_state_dict(convert(hf.state_dict(), LLAMA_KEYS, 2))
+    ours.load_state_dict(convert(hf.state_dict(), ours), strict=False)
     check_parity(ours, hf)
 
 
@@ -220,5 +189,5 @@ def test_parity_gpt2():
     hf = hf_randomize(hf)
     ours = CausalLM(DecoderConfig(arch="gpt2", vocab_size=V, width=32, layers=2, heads=4,
                                   context_length=32, norm_eps=1e-5)).eval()
-    ours.load_state_dict(convert(hf.state_dict(), GPT2_KEYS, 2, conv1d=True))
+    ours.load_state_dict(convert(hf.state_dict(), ours), strict=False)
     check_parity(ours, hf)

@@ -1,6 +1,10 @@
 """Evaluating a dual encoder on a split: retrieval R@K both ways and zero-shot accuracy.
 
 Keys are flat `split/metric`, e.g. `test/t2i_r1`, `test_novel/zeroshot_acc`.
+
+`zeroshot_paraphrase_acc` classifies the same images with prompts in words the shapes world's
+captions never use ("a photo of something crimson and round"): a text tower that only learned the
+captions' words cannot read them, one pretrained on language can (LiT, shapes-clip-lit).
 """
 
 from __future__ import annotations
@@ -13,6 +17,28 @@ from glimpse.data.formats import read_labels
 from glimpse.data.pairs import load_pairs
 from glimpse.eval.retrieval import retrieval_metrics, zeroshot_accuracy
 from glimpse.infer.dual import DualEncoderPipeline
+
+# class words -> paraphrases none of the shapes world's captions contain
+PARAPHRASES = {
+    "red": ["crimson", "scarlet"], "green": ["emerald", "grass-coloured"], "blue": ["azure", "navy"],
+    "yellow": ["golden", "lemon-coloured"], "purple": ["violet", "lilac"], "orange": ["tangerine", "amber"],
+    "circle": ["round", "disc-shaped"], "square": ["boxy", "four-sided"], "triangle": ["three-sided", "pointy"],
+    "cross": ["plus-shaped", "x-shaped"],
+}
+PARAPHRASE_TEMPLATES = ["a photo of something {colour} and {shape}", "a {colour} thing that is {shape}"]
+
+
+def paraphrase_scores(pipe: DualEncoderPipeline, image_embeds: torch.Tensor, classes: list[str]) -> torch.Tensor:
+    """Cosine scores [N, L] against each class's paraphrased prompts (CLIP's mean ensembling)."""
+    import torch.nn.functional as F
+
+    prompts = []
+    for c in classes:
+        colour, shape = c.split()
+        prompts.append([t.format(colour=a, shape=b) for t in PARAPHRASE_TEMPLATES
+                        for a in PARAPHRASES[colour] for b in PARAPHRASES[shape]])
+    emb = pipe.embed_texts([p for ps in prompts for p in ps]).view(len(classes), len(prompts[0]), -1)
+    return image_embeds @ F.normalize(emb.mean(1), dim=-1).T
 
 
 def evaluate_split(pipe: DualEncoderPipeline, data_cfg, root: Path, split: str,
@@ -27,8 +53,12 @@ def evaluate_split(pipe: DualEncoderPipeline, data_cfg, root: Path, split: str,
     if data_cfg.source == "shapes" and labels_csv.is_file():
         paths, labels, classes = read_labels(labels_csv, root)
         if paths:
-            scores = pipe.class_scores(pipe.embed_images(paths, batch_size), classes, templates)
+            image_embeds = pipe.embed_images(paths, batch_size)
+            scores = pipe.class_scores(image_embeds, classes, templates)
             out[f"{split}/zeroshot_acc"] = zeroshot_accuracy(scores, torch.tensor(labels))
+            if all(w in PARAPHRASES for c in classes for w in c.split()):
+                out[f"{split}/zeroshot_paraphrase_acc"] = zeroshot_accuracy(
+                    paraphrase_scores(pipe, image_embeds, classes), torch.tensor(labels))
     return out
 
 

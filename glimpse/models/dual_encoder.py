@@ -25,6 +25,7 @@ class DualEncoderConfig:
     init_logit_scale: float = 0.0  # 0: the loss's own default (log 1/0.07 for clip, log 10 for siglip)
     init_logit_bias: float = -10.0  # siglip only
     projection_bias: bool = False
+    vision_projection: bool = True  # False: image features are the pooled tower output (SigLIP)
 
 
 class DualEncoder(nn.Module):
@@ -35,9 +36,14 @@ class DualEncoder(nn.Module):
         self.cfg = cfg
         self.vision = VisionTransformer(cfg.vision)
         self.text = TextTransformer(cfg.text)
-        self.visual_projection = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=cfg.projection_bias)
+        if not cfg.vision_projection and cfg.vision.width != cfg.embed_dim:
+            raise ValueError(f"without a vision projection embed_dim ({cfg.embed_dim}) must be the vision width")
+        self.visual_projection = (nn.Linear(cfg.vision.width, cfg.embed_dim, bias=cfg.projection_bias)
+                                  if cfg.vision_projection else nn.Identity())
         self.text_projection = nn.Linear(cfg.text.width, cfg.embed_dim, bias=cfg.projection_bias)
         for proj in (self.visual_projection, self.text_projection):
+            if not isinstance(proj, nn.Linear):
+                continue
             nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
@@ -60,3 +66,48 @@ class DualEncoder(nn.Module):
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
         return out
+
+
+class TextEncoder(nn.Module):
+    """One text tower with its optional projection: transformers' CLIPTextModel(WithProjection),
+    SiglipTextModel, or a BertModel used as a text tower.  `forward` gives the last hidden states
+    [B, T, D] (HF's last_hidden_state); `get_text_features` the pooled, projected text [B, E]."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int = 0, projection_bias: bool = False):
+        super().__init__()
+        self.text = TextTransformer(cfg)
+        self.text_projection = nn.Linear(cfg.width, embed_dim, bias=projection_bias) if embed_dim else None
+        # what DualEncoderPipeline reads: the text settings and the embedding size
+        self.cfg = DualEncoderConfig(text=cfg, embed_dim=embed_dim or cfg.width)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.text(input_ids, attention_mask)
+        return x if self.text_projection is None else self.text_projection(x)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise ValueError("this is a text-only model: it has no image tower")
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        return self.text.forward_features(input_ids, attention_mask, token_type_ids)
+
+
+class ImageEncoder(nn.Module):
+    """One image tower with its optional projection: CLIPVisionModel(WithProjection), SiglipVisionModel.
+    `forward` gives all token states [B, T, D] after the post-norm; `get_image_features` the pooled,
+    projected image [B, E]."""
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int = 0):
+        super().__init__()
+        self.vision = VisionTransformer(cfg)
+        self.visual_projection = nn.Linear(cfg.width, embed_dim, bias=False) if embed_dim else None
+        self.cfg = DualEncoderConfig(vision=cfg, embed_dim=embed_dim or cfg.width)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.vision(pixel_values)
+        return x if self.visual_projection is None else self.visual_projection(x)
+
+    def get_text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
+        raise ValueError("this is a vision-only model: it has no text tower")
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision.forward_features(pixel_values)

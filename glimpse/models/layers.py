@@ -55,16 +55,24 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block, as in CLIP and SigLIP."""
+    """Transformer block: pre-norm as in CLIP and SigLIP (norm="pre"), or post-norm as in BERT
+    (norm="post": each residual sum is normalised, ln1 after attention, ln2 after the MLP)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu", eps: float = 1e-5):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu", eps: float = 1e-5,
+                 norm: str = "pre"):
         super().__init__()
+        if norm not in ("pre", "post"):
+            raise ValueError(f"block norm {norm!r} must be pre or post")
+        self.post = norm == "post"
         self.ln1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads)
         self.ln2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio), act)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        if self.post:
+            x = self.ln1(x + self.attn(x, mask, causal))
+            return self.ln2(x + self.mlp(x))
         x = x + self.attn(self.ln1(x), mask, causal)
         return x + self.mlp(self.ln2(x))
 

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from glimpse import hub
 from glimpse.config import Recipe, save_recipe, validate_recipe
 from glimpse.data.tokenizer import Tokenizer
 from glimpse.data.world import ensure_shapes
@@ -109,7 +110,9 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     barrier()  # the other processes wait for the data the main one generated
     if not main:
         root = data_root(recipe, False)
-    tok_path = Path(recipe.tokenizer) if recipe.tokenizer else root / "tokenizer.json"
+    tok_path = hub.resolve(recipe.tokenizer) if recipe.tokenizer else root / "tokenizer.json"
+    if tok_path.is_dir():  # a Hugging Face model folder
+        tok_path = tok_path / "tokenizer.json"
     tokenizer = Tokenizer(tok_path)
     task = TASKS[recipe.family](recipe, root, tokenizer)
 
@@ -118,10 +121,16 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     if recipe.init or recipe.init_parts:
         from glimpse.api import run_weights
 
-        if recipe.init:
-            ckpt.load_weights(model, run_weights(recipe.init))
+        if recipe.init:  # a glimpse run, or a Hugging Face folder of the same architecture
+            if hub.is_hf_folder(recipe.init):
+                hub.load_whole(model, recipe.init)
+            else:
+                ckpt.load_weights(model, run_weights(recipe.init))
         for part, run in recipe.init_parts.items():
-            ckpt.load_part(model, part, run_weights(run))
+            if hub.is_hf_folder(run):
+                hub.load_part(model, part, run)
+            else:
+                ckpt.load_part(model, part, run_weights(run))
     for part in recipe.freeze:
         ckpt.model_part(model, part, "freeze: ").requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
