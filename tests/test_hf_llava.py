@@ -82,17 +82,24 @@ def test_llava_logits_and_generation(tmp_path, variant):
     assert generate(ours.lm, rows, GenerationConfig(max_new_tokens=6), pad_id=0, prefix_embeds=embeds) == hf_out
 
 
-def test_glimpse_load_gives_a_chat_pipeline(tmp_path):
-    hf = llava("clip_llama")
-    save(hf, tmp_path)
+TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' ' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
+
+
+def write_llava_folder(path) -> None:
+    """A complete tiny LLaVA-1.5-style folder: weights, tokenizer, chat template, preprocessor."""
+    save(llava("clip_llama"), path)
     words = [f"w{i}" for i in range(V - 5)]  # <image> lands on id 63
-    write_tokenizer(tmp_path, words + ["<image>"], ["<pad>", "<s>", "</s>", "<unk>"])
-    template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' ' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+    write_tokenizer(path, words + ["<image>"], ["<pad>", "<s>", "</s>", "<unk>"])
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    (path / "preprocessor_config.json").write_text(json.dumps(
         {"size": {"shortest_edge": 16}, "crop_size": {"height": 16, "width": 16}, "do_center_crop": True,
          "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "resample": 3}))
+
+
+def test_glimpse_load_gives_a_chat_pipeline(tmp_path):
+    write_llava_folder(tmp_path)
+    template = TEMPLATE
     pipe = glimpse.load(tmp_path)
     assert isinstance(pipe, VisionLanguagePipeline)
     assert pipe.template == template and pipe.transform.mean == (0.5, 0.5, 0.5)

@@ -360,3 +360,18 @@ def _up(url) -> bool:
         return httpx.get(url).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_serving_a_hugging_face_llava_folder(tmp_path):
+    """`glimpse serve` takes what `glimpse.load` takes, a transformers LLaVA folder included."""
+    from openai import OpenAI
+    from test_hf_llava import write_llava_folder
+
+    write_llava_folder(tmp_path)
+    pipe = glimpse.load(tmp_path)
+    with LiveServer(create_app(pipe, "hf-llava")) as s:
+        client = OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="hf-llava", messages=ask(GOOD, "w3 w4"), temperature=0,
+                                           max_tokens=5)
+    assert r.choices[0].message.content == pipe.chat(ask(GOOD, "w3 w4"), max_new_tokens=5)
+    assert r.usage.prompt_tokens == len(pipe.chat_prompt(ask(GOOD, "w3 w4"))[0])
