@@ -256,7 +256,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
             raise
         if event is None:  # the client left: free its slot
             engine.cancel(job)
-            return JSONResponse({}, status_code=499)
+            return error_response(499, "the client closed the request", code="client_closed_request")
         _, tokens, error = event
         if error is not None:
             raise error
