@@ -118,8 +118,8 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     if recipe.init or recipe.init_parts:
         from glimpse.api import run_weights
 
-        if recipe.init:
-            ckpt.load_weights(model, run_weights(recipe.init))
+        if recipe.init:  # a task may load another family member's run its own way (new heads)
+            getattr(task, "load_init", ckpt.load_weights)(model, run_weights(recipe.init))
         for part, run in recipe.init_parts.items():
             ckpt.load_part(model, part, run_weights(run))
     for part in recipe.freeze:
