@@ -128,9 +128,10 @@ def itm_hard_negatives(out: dict[str, torch.Tensor]):
     # the same caption text as the positive: a "negative" that would in fact match
     local_ids = all_ids[offset:offset + b]
     same = (local_ids[:, None, :] == all_ids[None, :, :]).all(-1)  # [b, B]
-    with torch.no_grad():
-        neg_image = hard_negative_indices(txt @ all_img.T, positive, same)  # for each text, an image
-        neg_text = hard_negative_indices(img @ all_txt.T, positive, same)  # for each image, a text
+    with torch.no_grad():  # similarities at the ITC temperature, as ALBEF weighs them
+        scale = out["logit_scale"].detach()
+        neg_image = hard_negative_indices(scale * txt @ all_img.T, positive, same)  # for each text, an image
+        neg_text = hard_negative_indices(scale * img @ all_txt.T, positive, same)  # for each image, a text
     patches, _ = gather_with_grad(out["patches"])
     pooled, _ = gather_with_grad(out["pooled"])
     states, _ = gather_with_grad(_pad_tokens(out["text_states"], T))
