@@ -1,8 +1,9 @@
 """Evaluating a fusion encoder on a split.
 
-Retrieval (pretrain and retrieval runs): R@K of ITC alone (`t2i_r1`, ...), and after ITM
-re-ranks ITC's top k (`t2i_r1_rerank`, ...), as ALBEF evaluates.  Re-ranked recall is only
-meaningful for K <= k (a target outside the candidates is a miss).
+Retrieval (pretrain and retrieval runs): R@K of ITC alone (`t2i_r1`, ...), and re-ranked
+among ITC's top k (`rerank_k`), as ALBEF evaluates: by log P_ITM(match) + the ITC logit
+(`t2i_r1_rerank`, ...; see FusionPipeline.combine) and by ITM alone (`t2i_r1_itm`, ...).
+Re-ranked recall is only reported for K <= k (a target outside the candidates is a miss).
 VQA (vqa runs): the official VQAv2 accuracy of the best answer of the answer list (`vqa_acc`),
 exact match with the most common human answer (`vqa_exact`), and accuracy by answer type.
 """
@@ -30,12 +31,12 @@ def retrieval_split(pipe: FusionPipeline, data_cfg, root: Path, split: str, k: i
     sim = (pipe.embed_states(states) @ pipe.embed_pooled(pooled).T).cpu()  # [M, N]
     out = recall_from_scores(sim, text_image)
     t2i, i2t = pipe.rerank(sim, k, states, mask, patches, pooled)
-    reranked = recall_from_scores(t2i, text_image)
-    reranked_i2t = recall_from_scores(i2t.T, text_image)
-    for key in list(out):
-        src = reranked if key.startswith("t2i") else reranked_i2t
-        if int(key.rsplit("_r", 1)[1]) <= k:
-            out[f"{key}_rerank"] = src[key]
+    variants = {"rerank": (pipe.combine(t2i, sim), pipe.combine(i2t, sim.T)), "itm": (t2i, i2t)}
+    for name, (t2i_scores, i2t_scores) in variants.items():
+        by_t2i, by_i2t = recall_from_scores(t2i_scores, text_image), recall_from_scores(i2t_scores.T, text_image)
+        for key in [key for key in out if "_" not in key[4:]]:  # the ITC keys
+            if int(key.rsplit("_r", 1)[1]) <= k:
+                out[f"{key}_{name}"] = (by_t2i if key.startswith("t2i") else by_i2t)[key]
     return {f"{split}/{key}": v for key, v in out.items()}
 
 
