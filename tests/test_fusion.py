@@ -4,14 +4,12 @@ freezing, fine-tuning from a pretraining run, VQA-classification and re-ranked r
 import json
 import os
 import socket
-import subprocess
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import PY
 
 from glimpse.config import load_recipe
 from glimpse.data.answers import answer_scores, answer_vocabulary
@@ -266,12 +264,6 @@ def test_recipe_validation_errors(key, value, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_cli_reports_bad_fusion_value_in_one_line(cli_env):
-    r = subprocess.run([PY, "-m", "glimpse", "train", "shapes-fusion-pretrain", "--set", "model.fusion=sum"],
-                       env=cli_env, capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "model.fusion" in r.stderr
-
-
 @pytest.fixture(scope="module")
 def pretrain_run(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("fusion") / "pretrain"
@@ -309,10 +301,10 @@ def test_vqa_finetune_from_pretrain_with_frozen_towers(world, pretrain_run, tmp_
     images = sorted((world / "images" / "test").glob("*.png"))[:2]
     answers = pipe.ask(images, ["how many shapes are there?", "what colour is the circle?"])
     assert all(a in pipe.model.cfg.answers for a in answers)
-    r = subprocess.run([PY, "-m", "glimpse", "--quiet", "eval", str(out), "--split", "test", "--set",
-                        "eval.vqa_limit=20", "--set", f"data.root={world}", "--json", str(tmp_path / "e.json")],
-                       env=dict(os.environ, PYTHONPATH=str(os.getcwd())), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    from glimpse.cli import main
+
+    main(["--quiet", "eval", str(out), "--split", "test", "--set", "eval.vqa_limit=20", "--set", f"data.root={world}",
+          "--json", str(tmp_path / "e.json")])
     assert "test/vqa_acc" in json.loads((tmp_path / "e.json").read_text())
 
 
