@@ -308,9 +308,14 @@ def test_vqa_finetune_from_pretrain_with_frozen_towers(world, pretrain_run, tmp_
     assert "test/vqa_acc" in json.loads((tmp_path / "e.json").read_text())
 
 
-def test_init_needs_a_fusion_run(world, tiny_run, tmp_path):
+def test_init_needs_a_fusion_run(world, tmp_path):
+    from glimpse.models.dual_encoder import DualEncoder, DualEncoderConfig
+
+    clip = DualEncoder(DualEncoderConfig(vision=VisionConfig(width=16, layers=1, heads=2),
+                                         text=TextConfig(vocab_size=V, width=16, layers=1, heads=2), embed_dim=8))
+    ckpt.save_checkpoint(tmp_path / "clip", 1, clip, torch.optim.AdamW(clip.parameters()), {})
     with pytest.raises(GlimpseError, match="no fusion part"):
-        train(load_recipe("shapes-fusion-vqa", tiny_overrides(world, init=str(tiny_run))), tmp_path / "x",
+        train(load_recipe("shapes-fusion-vqa", tiny_overrides(world, init=str(tmp_path / "clip"))), tmp_path / "x",
               progress=False)
 
 
