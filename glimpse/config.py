@@ -18,12 +18,14 @@ import yaml
 from glimpse.errors import GlimpseError
 from glimpse.models.decoder import DecoderConfig
 from glimpse.models.dual_encoder import DualEncoderConfig
+from glimpse.models.fusion import FusionConfig
 from glimpse.models.vlm import VLMConfig
 
 RECIPE_DIR = Path(__file__).parent / "configs"
 
 # family -> the dataclass its `model:` section maps onto
 MODEL_CONFIGS: dict[str, type] = {"dual_encoder": DualEncoderConfig, "causal_lm": DecoderConfig, "vlm": VLMConfig}
+MODEL_CONFIGS["fusion"] = FusionConfig
 
 
 @dataclass
@@ -299,7 +301,38 @@ def _validate_vlm(m: VLMConfig) -> None:
            f"is neither a Jinja template nor one of {', '.join(TEMPLATES)}")
 
 
+def _validate_fusion(m: FusionConfig) -> None:
+    from glimpse.models.fusion import FUSIONS, OBJECTIVES
+    from glimpse.models.layers import ACTIVATIONS
+
+    _choice("model.fusion", m.fusion, FUSIONS)
+    _choice("model.objective", m.objective, OBJECTIVES)
+    _choice("model.vision.pool", m.vision.pool, ("cls", "mean", "map"))
+    _check(m.vision.pool != "cls" or m.vision.class_token, "model.vision.pool", "cls", "needs model.vision.class_token")
+    _check(not m.text.causal, "model.text.causal", m.text.causal, "must be false: MLM and fusion read both sides")
+    for tower in ("vision", "text"):
+        t = getattr(m, tower)
+        _choice(f"model.{tower}.act", t.act, tuple(ACTIVATIONS))
+        for k in ("width", "layers", "heads"):
+            _check(getattr(t, k) >= 1, f"model.{tower}.{k}", getattr(t, k), "must be at least 1")
+        _check(t.width % t.heads == 0, f"model.{tower}.width", t.width, f"is not divisible by {t.heads} heads")
+    _check(m.vision.patch_size >= 1 and m.vision.image_size % m.vision.patch_size == 0, "model.vision.patch_size",
+           m.vision.patch_size, f"must divide image_size {m.vision.image_size}")
+    _check(m.text.context_length >= 3, "model.text.context_length", m.text.context_length, "must be at least 3")
+    for k in ("fusion_layers", "embed_dim", "rerank_k"):
+        _check(getattr(m, k) >= 1, f"model.{k}", getattr(m, k), "must be at least 1")
+    for k in ("mlm_weight", "itm_weight", "itc_weight", "max_answers"):
+        _check(getattr(m, k) >= 0, f"model.{k}", getattr(m, k), "must not be negative")
+    _check(0 < m.mlm_probability < 1, "model.mlm_probability", m.mlm_probability, "must be within (0, 1)")
+    _check(0 < m.init_temperature <= 1, "model.init_temperature", m.init_temperature, "must be within (0, 1]")
+    _check(0 <= m.momentum < 1, "model.momentum", m.momentum, "must be within [0, 1)")
+    _check(0 <= m.distill_alpha <= 1, "model.distill_alpha", m.distill_alpha, "must be within [0, 1]")
+    _check(m.objective == "vqa" or m.itc_weight + m.itm_weight + (m.mlm_weight if m.objective == "pretrain" else 0) > 0,
+           "model.*_weight", (m.mlm_weight, m.itm_weight, m.itc_weight), "are all zero: nothing to learn")
+
+
 MODEL_VALIDATORS = {"dual_encoder": _validate_dual_encoder, "causal_lm": _validate_causal_lm, "vlm": _validate_vlm}
+MODEL_VALIDATORS["fusion"] = _validate_fusion
 
 
 def validate_recipe(r: Recipe) -> None:

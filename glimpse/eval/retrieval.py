@@ -21,7 +21,11 @@ def ranks_of_targets(sim: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_image: torch.Tensor,
                       ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
     """image_embeds [N, E], text_embeds [M, E] (normalised); text_image [M] = index of each caption's image."""
-    sim = text_embeds.float() @ image_embeds.float().T  # [M, N]
+    return recall_from_scores(text_embeds.float() @ image_embeds.float().T, text_image, ks)
+
+
+def recall_from_scores(sim: torch.Tensor, text_image: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """R@K both ways from any text-image score matrix sim [M, N] (similarities, or re-ranked scores)."""
     t2i = ranks_of_targets(sim, text_image)
     # image -> text: the best-ranked of the image's own captions
     sim_i = sim.T  # [N, M]

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from glimpse.errors import GlimpseError
 from glimpse.train.distributed import gather_with_grad
 
 
@@ -66,3 +67,161 @@ def contrastive_loss(out: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     if kind == "siglip":
         return siglip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], out["logit_bias"])
     return clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
+
+
+# -- fusion encoders (ALBEF): ITC, ITM with hard negatives, MLM ----------------------------------
+
+def itc_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+             teacher_image: torch.Tensor | None = None, teacher_text: torch.Tensor | None = None,
+             alpha: float = 0.0) -> torch.Tensor:
+    """ALBEF's image-text contrastive loss: CLIP's InfoNCE over the global batch; with a teacher's
+    embeddings, the one-hot targets are mixed with the teacher's softmax (momentum distillation):
+    targets = alpha * softmax(teacher similarities) + (1 - alpha) * one-hot."""
+    if teacher_image is None:
+        return clip_loss(image_embeds, text_embeds, logit_scale)
+    (all_image, offset), (all_text, _) = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
+    with torch.no_grad():
+        (t_image, _), (t_text, _) = gather_with_grad(teacher_image), gather_with_grad(teacher_text)
+        eye = F.one_hot(torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset,
+                        all_image.shape[0]).float()
+        rows = slice(offset, offset + image_embeds.shape[0])
+        soft_i2t = alpha * (logit_scale * t_image[rows] @ t_text.T).float().softmax(1) + (1 - alpha) * eye
+        soft_t2i = alpha * (logit_scale * t_text[rows] @ t_image.T).float().softmax(1) + (1 - alpha) * eye
+    logits_i2t = (logit_scale * image_embeds @ all_text.T).float()
+    logits_t2i = (logit_scale * text_embeds @ all_image.T).float()
+    loss = -((logits_i2t.log_softmax(1) * soft_i2t).sum(1).mean() + (logits_t2i.log_softmax(1) * soft_t2i).sum(1).mean()) / 2
+    return loss * _share(image_embeds.shape[0], all_image.shape[0])
+
+
+def hard_negative_indices(sim: torch.Tensor, positive: torch.Tensor, same: torch.Tensor | None = None) -> torch.Tensor:
+    """For each row of `sim` [b, B] (a local sample against every candidate of the global batch),
+    one negative column drawn with probability softmax(sim) over the allowed candidates: the more
+    similar, the likelier, so the matcher trains on the pairs ITC confuses (ALBEF).  Never the
+    positive column `positive` [b]; never a candidate marked in `same` [b, B] (a duplicate of the
+    positive, which would be a wrong label) unless a row has nothing else left."""
+    b, B = sim.shape
+    if B < 2:
+        raise GlimpseError("ITM needs at least 2 samples in the global batch to draw a negative")
+    rows = torch.arange(b, device=sim.device)
+    is_pos = torch.zeros(b, B, dtype=torch.bool, device=sim.device)
+    is_pos[rows, positive] = True
+    exclude = is_pos if same is None else is_pos | same
+    exclude = torch.where(exclude.all(1, keepdim=True), is_pos, exclude)  # only duplicates left: allow them
+    weights = sim.detach().float().masked_fill(exclude, float("-inf")).softmax(1)
+    return torch.multinomial(weights, 1).squeeze(1)
+
+
+def itm_hard_negatives(out: dict[str, torch.Tensor]):
+    """The `hard_negatives` function a fusion encoder's forward calls: gathers the batch over
+    processes (with gradient, so a negative drawn from another process trains its towers too),
+    scores local rows against it by ITC similarity, and draws one negative image per local text
+    and one negative text per local image.  Returns (negative patches, pooled, text states, mask)."""
+    img, txt, ids = out["image_embeds"], out["text_embeds"], out["input_ids"]
+    T = _global_max(ids.shape[1], ids.device)
+    all_img, offset = gather_with_grad(img.detach())
+    all_txt, _ = gather_with_grad(txt.detach())
+    all_ids, _ = gather_with_grad(_pad_tokens(ids, T))
+    all_mask, _ = gather_with_grad(_pad_tokens(out["text_mask"], T))
+    all_ids = all_ids.masked_fill(all_mask == 0, -1)
+    b = img.shape[0]
+    positive = torch.arange(b, device=img.device) + offset
+    # the same caption text as the positive: a "negative" that would in fact match
+    local_ids = all_ids[offset:offset + b]
+    same = (local_ids[:, None, :] == all_ids[None, :, :]).all(-1)  # [b, B]
+    with torch.no_grad():  # similarities at the ITC temperature, as ALBEF weighs them
+        scale = out["logit_scale"].detach()
+        neg_image = hard_negative_indices(scale * txt @ all_img.T, positive, same)  # for each text, an image
+        neg_text = hard_negative_indices(scale * img @ all_txt.T, positive, same)  # for each image, a text
+    patches, _ = gather_with_grad(out["patches"])
+    pooled, _ = gather_with_grad(out["pooled"])
+    states, _ = gather_with_grad(_pad_tokens(out["text_states"], T))
+    return patches[neg_image], pooled[neg_image], states[neg_text], all_mask[neg_text]
+
+
+def itm_loss(itm_logits: torch.Tensor, global_rows: int | None = None) -> torch.Tensor:
+    """Cross-entropy of the matcher over b positive then 2b negative pairs [3b, 2] (ALBEF's layout)."""
+    b = itm_logits.shape[0] // 3
+    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(itm_logits.device)
+    loss = F.cross_entropy(itm_logits.float(), labels)
+    return loss * (_share(b, global_rows) if global_rows else 1.0)
+
+
+def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+             alpha: float = 0.0) -> torch.Tensor:
+    """Cross-entropy at the masked positions (logits [n, V], targets [n]); with a teacher, mixed
+    with the cross-entropy against its softmax: (1 - alpha) * CE + alpha * soft CE (ALBEF)."""
+    if targets.numel() == 0:  # nothing masked in this batch: a zero that still reaches the graph
+        return logits.sum() * 0.0
+    loss = F.cross_entropy(logits.float(), targets)
+    if teacher_logits is not None and alpha > 0:
+        soft = -(logits.float().log_softmax(-1) * teacher_logits.float().softmax(-1)).sum(-1).mean()
+        loss = (1 - alpha) * loss + alpha * soft
+    return loss
+
+
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_id: int, vocab_size: int,
+                special_ids: list[int], probability: float = 0.15,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking: each real, non-special token is picked with `probability`; a picked token
+    becomes the mask token 80% of the time, a random token 10%, and stays itself 10%.  Returns the
+    masked ids and the labels (the original id at picked positions, -100 elsewhere)."""
+    dev = input_ids.device
+
+    def rand(shape):
+        return torch.rand(shape, generator=generator, device=dev)
+
+    can = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(special_ids, device=dev))
+    picked = (rand(input_ids.shape) < probability) & can
+    labels = input_ids.masked_fill(~picked, -100)
+    r = rand(input_ids.shape)
+    masked = input_ids.masked_fill(picked & (r < 0.8), mask_id)
+    swap = picked & (r >= 0.8) & (r < 0.9)
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=dev)
+    return torch.where(swap, random_ids, masked), labels
+
+
+def fusion_loss(out: dict[str, torch.Tensor], cfg) -> tuple[torch.Tensor, dict[str, float]]:
+    """L = mlm_weight * L_MLM + itm_weight * L_ITM + itc_weight * L_ITC over what `out` holds
+    (`cfg`: a FusionConfig); returns the total and the parts (detached, for logs and tests)."""
+    alpha = cfg.distill_alpha if "teacher_image_embeds" in out else 0.0
+    parts = {"itc": itc_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"],
+                             out.get("teacher_image_embeds"), out.get("teacher_text_embeds"), alpha)}
+    weights = {"itc": cfg.itc_weight}
+    if "itm_logits" in out:
+        parts["itm"] = itm_loss(out["itm_logits"], _global_sum(out["image_embeds"].shape[0], out["itm_logits"].device))
+        weights["itm"] = cfg.itm_weight
+    if "mlm_logits" in out:
+        parts["mlm"] = mlm_loss(out["mlm_logits"], out["mlm_targets"], out.get("teacher_mlm_logits"), alpha)
+        weights["mlm"] = cfg.mlm_weight
+    total = sum(weights[k] * v for k, v in parts.items())
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """VQA as classification: cross-entropy against soft targets [B, A] (each answer's VQA score
+    for the question, normalised to sum to 1), so a question with split annotators teaches all
+    of its acceptable answers."""
+    soft = targets / targets.sum(1, keepdim=True).clamp_min(1e-6)
+    return -(logits.float().log_softmax(-1) * soft).sum(1).mean()
+
+
+def _pad_tokens(x: torch.Tensor, T: int) -> torch.Tensor:
+    if x.shape[1] == T:
+        return x
+    return F.pad(x, (0, 0, 0, T - x.shape[1]) if x.dim() == 3 else (0, T - x.shape[1]))
+
+
+def _global_max(n: int, device) -> int:
+    if not dist.is_initialized():
+        return n
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def _global_sum(n: int, device) -> int:
+    if not dist.is_initialized():
+        return n
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t)
+    return int(t)

@@ -8,21 +8,32 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from glimpse.data.conversations import ConversationCollate, ConversationDataset, training_records
+from glimpse.data.conversations import ConversationCollate, ConversationDataset, training_records, vqa_items
 from glimpse.data.images import ImageTransform
 from glimpse.data.pairs import CaptionTexts, PairCollate, PairDataset, TextCollate, load_pairs
 from glimpse.data.tokenizer import Tokenizer
 from glimpse.errors import GlimpseError
 from glimpse.eval.dual import evaluate
+from glimpse.eval.fusion import evaluate_fusion
 from glimpse.eval.lm import evaluate_lm
 from glimpse.eval.vlm import evaluate_vlm
 from glimpse.infer.dual import DualEncoderPipeline
+from glimpse.infer.fusion import FusionPipeline
 from glimpse.infer.lm import LanguageModelPipeline
 from glimpse.infer.vlm import VisionLanguagePipeline
 from glimpse.models.decoder import CausalLM
 from glimpse.models.dual_encoder import DualEncoder
+from glimpse.models.fusion import FusionEncoder
 from glimpse.models.vlm import VisionLanguageModel
-from glimpse.train.objectives import contrastive_loss, lm_loss, lm_loss_at_targets
+from glimpse.train.objectives import (
+    answer_loss,
+    contrastive_loss,
+    fusion_loss,
+    itm_hard_negatives,
+    lm_loss,
+    lm_loss_at_targets,
+    mask_tokens,
+)
 
 
 def image_transform(recipe) -> ImageTransform:
@@ -121,4 +132,80 @@ class VisionLanguageTask:
         return evaluate_vlm(self.pipeline(model), self.recipe.data, self.root, splits, self.recipe.eval)
 
 
+class FusionTask:
+    """A fusion encoder (ALBEF): pretraining with MLM + ITM + ITC on captions, or fine-tuning for
+    retrieval (ITM + ITC) or VQA (answer classification); `model.objective` says which."""
+
+    def __init__(self, recipe, root: Path, tokenizer: Tokenizer):
+        from glimpse.data.answers import answer_vocabulary
+
+        self.recipe, self.root, self.tokenizer = recipe, root, tokenizer
+        m = recipe.model
+        if m.mask_token_id < 0:  # a [MASK] of the tokenizer's own, or one embedding row after its vocabulary
+            found = next((tokenizer.hf.token_to_id(t) for t in ("[MASK]", "<mask>") if tokenizer.hf.token_to_id(t)
+                          is not None), None)
+            m.mask_token_id = found if found is not None else tokenizer.vocab_size
+        m.text.vocab_size = m.text.vocab_size or max(tokenizer.vocab_size, m.mask_token_id + 1)
+        if m.objective == "vqa" and not m.answers:
+            m.answers = answer_vocabulary(vqa_items(recipe.data, root, "train"), m.max_answers)
+        self.transform = image_transform(recipe)
+
+    def build_model(self) -> nn.Module:
+        return FusionEncoder(self.recipe.model)
+
+    def train_data(self):
+        from glimpse.data.answers import VQACollate, VQADataset
+
+        m, d = self.recipe.model, self.recipe.data
+        if m.objective == "vqa":
+            dataset = VQADataset(vqa_items(d, self.root, "train"), m.answers, self.transform, d.max_pixels)
+            return dataset, VQACollate(self.tokenizer, m.text.context_length)
+        dataset = PairDataset(load_pairs(d, self.root, "train"), self.transform, d.max_pixels)
+        return dataset, PairCollate(self.tokenizer, m.text.context_length)
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        m = self.recipe.model
+        if m.objective == "vqa":
+            out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+            return answer_loss(out["answer_logits"], batch["answer_scores"])
+        mlm_ids = mlm_labels = None
+        if m.objective == "pretrain" and m.mlm_weight > 0:
+            specials = [i for i in (*self.tokenizer.ids.values(), m.mask_token_id) if i is not None]
+            mlm_ids, mlm_labels = mask_tokens(batch["input_ids"], batch["attention_mask"], m.mask_token_id,
+                                              self.tokenizer.vocab_size, specials, m.mlm_probability)
+        out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], mlm_ids, mlm_labels,
+                    itm_hard_negatives if m.itm_weight > 0 else None)
+        return fusion_loss(out, m)[0]
+
+    def load_init(self, model: nn.Module, path: Path) -> None:
+        """Start from another fusion run (`init: RUN`): every part both models have is loaded
+        strictly; heads this objective does not use are left out (a pretraining run's MLM head
+        when fine-tuning for VQA), and a head the other run lacks (the VQA head) starts fresh.
+        The towers and the fusion layers must come from the run.  A teacher the run lacks
+        starts as a copy of the loaded model."""
+        from glimpse.train import checkpoint as ckpt
+
+        tensors = ckpt.read_weights(path)
+        have = {k.split(".", 1)[0] for k in tensors}
+        parts = [name for name, _ in model.named_children()]
+        for part in ("vision", "text", "fusion"):
+            if part not in have:
+                raise GlimpseError(f"init: {path} has no {part} part; is it a fusion run?")
+        fresh = [p for p in parts if p not in have]
+        state = model.state_dict()
+        merged = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in parts}
+        merged.update({k: v for k, v in state.items() if k.split(".", 1)[0] in fresh})
+        ckpt.load_tensors(model, merged, path)
+        if "teacher" in fresh:
+            model.reset_teacher()
+
+    def pipeline(self, model: FusionEncoder) -> FusionPipeline:
+        return FusionPipeline(model, self.tokenizer, self.transform, self.recipe.data.max_pixels,
+                              self.recipe.eval.batch_size)
+
+    def evaluate(self, model: FusionEncoder, splits: list[str]) -> dict[str, float]:
+        return evaluate_fusion(self.pipeline(model), self.recipe.data, self.root, splits, self.recipe.eval)
+
+
 TASKS = {"dual_encoder": DualEncoderTask, "causal_lm": CausalLMTask, "vlm": VisionLanguageTask}
+TASKS["fusion"] = FusionTask

@@ -124,8 +124,8 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         if recipe.init:  # a glimpse run, or a Hugging Face folder of the same architecture
             if hub.is_hf_folder(recipe.init):
                 hub.load_whole(model, recipe.init)
-            else:
-                ckpt.load_weights(model, run_weights(recipe.init))
+            else:  # a task may load another family member's run its own way (new heads)
+                getattr(task, "load_init", ckpt.load_weights)(model, run_weights(recipe.init))
         for part, run in recipe.init_parts.items():
             if hub.is_hf_folder(run):
                 hub.load_part(model, part, run)
