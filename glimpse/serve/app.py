@@ -31,7 +31,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glimpse.data.images import load_image
 from glimpse.errors import GlimpseError
-from glimpse.infer.dual import DualEncoderPipeline
 from glimpse.infer.vlm import TextStream, VisionLanguagePipeline, decode_data_url
 from glimpse.serve.engine import Engine, Job, QueueFull
 from glimpse.serve.schemas import ChatCompletionRequest, EmbeddingRequest
@@ -207,9 +206,10 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
 
     @app.get("/v1/models")
     async def models():
-        kind = "chat" if isinstance(pipeline, VisionLanguagePipeline) else "embeddings"
+        can = (["chat"] if isinstance(pipeline, VisionLanguagePipeline) else []) + \
+            (["embeddings"] if hasattr(pipeline, "embed_texts") or hasattr(pipeline, "embed_images") else [])
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "glimpse", "capabilities": [kind]}]}
+                                            "owned_by": "glimpse", "capabilities": can}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -267,12 +267,16 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request):
         check_model(body.model)
-        if not isinstance(pipeline, DualEncoderPipeline):
-            raise APIError(400, f"{model_name} has no embeddings (it is not a dual encoder)", param="model")
+        if not (hasattr(pipeline, "embed_texts") or hasattr(pipeline, "embed_images")):
+            raise APIError(400, f"{model_name} has no embeddings (it is not a dual or fusion encoder)",
+                           param="model")
         inputs = body.inputs()
         images = {}
         for i, text in enumerate(inputs):
-            if text.startswith("data:image/"):
+            kind = "images" if text.startswith("data:image/") else "texts"
+            if not hasattr(pipeline, f"embed_{kind}"):  # a single-tower encoder
+                raise APIError(400, f"{model_name} does not embed {kind}", param=f"input.{i}")
+            if kind == "images":
                 try:
                     images[i] = await run_in_threadpool(
                         lambda t=text, k=i: load_image(fetch_image(t), max_pixels=limits.max_image_pixels,
