@@ -251,13 +251,19 @@ def _choice(key: str, value, options: tuple) -> None:
 
 
 def _validate_dual_encoder(m: DualEncoderConfig) -> None:
-    from glimpse.models.layers import ACTIVATIONS
-
     _choice("model.loss", m.loss, ("clip", "siglip"))
-    _choice("model.vision.pool", m.vision.pool, ("cls", "mean", "map"))
-    _check(m.vision.pool != "cls" or m.vision.class_token, "model.vision.pool", "cls", "needs model.vision.class_token")
     _choice("model.text.pool", m.text.pool, ("eos", "cls", "mean", "last"))
     _choice("model.text.norm", m.text.norm, ("pre", "post"))
+    _validate_towers(m)
+    _check(m.embed_dim >= 1, "model.embed_dim", m.embed_dim, "must be at least 1")
+
+
+def _validate_towers(m) -> None:
+    """The image and text towers of a dual or fusion encoder."""
+    from glimpse.models.layers import ACTIVATIONS
+
+    _choice("model.vision.pool", m.vision.pool, ("cls", "mean", "map"))
+    _check(m.vision.pool != "cls" or m.vision.class_token, "model.vision.pool", "cls", "needs model.vision.class_token")
     for tower in ("vision", "text"):
         t = getattr(m, tower)
         _choice(f"model.{tower}.act", t.act, tuple(ACTIVATIONS))
@@ -267,7 +273,6 @@ def _validate_dual_encoder(m: DualEncoderConfig) -> None:
     _check(m.vision.patch_size >= 1 and m.vision.image_size % m.vision.patch_size == 0, "model.vision.patch_size",
            m.vision.patch_size, f"must divide image_size {m.vision.image_size}")
     _check(m.text.context_length >= 3, "model.text.context_length", m.text.context_length, "must be at least 3")
-    _check(m.embed_dim >= 1, "model.embed_dim", m.embed_dim, "must be at least 1")
 
 
 def _validate_causal_lm(m: DecoderConfig) -> None:
@@ -303,22 +308,11 @@ def _validate_vlm(m: VLMConfig) -> None:
 
 def _validate_fusion(m: FusionConfig) -> None:
     from glimpse.models.fusion import FUSIONS, OBJECTIVES
-    from glimpse.models.layers import ACTIVATIONS
 
     _choice("model.fusion", m.fusion, FUSIONS)
     _choice("model.objective", m.objective, OBJECTIVES)
-    _choice("model.vision.pool", m.vision.pool, ("cls", "mean", "map"))
-    _check(m.vision.pool != "cls" or m.vision.class_token, "model.vision.pool", "cls", "needs model.vision.class_token")
     _check(not m.text.causal, "model.text.causal", m.text.causal, "must be false: MLM and fusion read both sides")
-    for tower in ("vision", "text"):
-        t = getattr(m, tower)
-        _choice(f"model.{tower}.act", t.act, tuple(ACTIVATIONS))
-        for k in ("width", "layers", "heads"):
-            _check(getattr(t, k) >= 1, f"model.{tower}.{k}", getattr(t, k), "must be at least 1")
-        _check(t.width % t.heads == 0, f"model.{tower}.width", t.width, f"is not divisible by {t.heads} heads")
-    _check(m.vision.patch_size >= 1 and m.vision.image_size % m.vision.patch_size == 0, "model.vision.patch_size",
-           m.vision.patch_size, f"must divide image_size {m.vision.image_size}")
-    _check(m.text.context_length >= 3, "model.text.context_length", m.text.context_length, "must be at least 3")
+    _validate_towers(m)
     for k in ("fusion_layers", "embed_dim", "rerank_k"):
         _check(getattr(m, k) >= 1, f"model.{k}", getattr(m, k), "must be at least 1")
     for k in ("mlm_weight", "itm_weight", "itc_weight", "max_answers"):

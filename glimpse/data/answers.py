@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from glimpse.data.images import ImageError, ImageTransform, load_image
+from glimpse.data.pairs import PairCollate
 from glimpse.eval.vqa import normalize_answer, vqa_accuracy
 
 
@@ -55,17 +56,14 @@ class VQADataset(Dataset):
         return {"pixel_values": pixels, "question": item["question"], "scores": scores}
 
 
-class VQACollate:
-    def __init__(self, tokenizer, context_length: int):
-        self.tokenizer, self.context_length = tokenizer, context_length
+class VQACollate(PairCollate):
+    """A PairCollate over questions that also stacks each good sample's answer scores."""
+
+    text_key = "question"
 
     def __call__(self, samples: list[dict]) -> dict:
+        batch = super().__call__(samples)
         good = [s for s in samples if "error" not in s]
-        batch: dict = {"status": [s.get("error") for s in samples],
-                       "messages": [s["message"] for s in samples if "error" in s]}
         if good:
-            batch["pixel_values"] = torch.stack([s["pixel_values"] for s in good])
-            batch["input_ids"], batch["attention_mask"] = self.tokenizer.batch(
-                [s["question"] for s in good], self.context_length)
             batch["answer_scores"] = torch.stack([s["scores"] for s in good])
         return batch

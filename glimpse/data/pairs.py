@@ -99,6 +99,8 @@ class TextCollate:
 class PairCollate:
     """Stacks the good samples, tokenises their captions, and reports the bad ones in order."""
 
+    text_key = "caption"
+
     def __init__(self, tokenizer, context_length: int):
         self.tokenizer, self.context_length = tokenizer, context_length
 
@@ -109,5 +111,5 @@ class PairCollate:
         if good:
             batch["pixel_values"] = torch.stack([s["pixel_values"] for s in good])
             batch["input_ids"], batch["attention_mask"] = self.tokenizer.batch(
-                [s["caption"] for s in good], self.context_length)
+                [s[self.text_key] for s in good], self.context_length)
         return batch

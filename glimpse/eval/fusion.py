@@ -18,7 +18,7 @@ from glimpse.data.conversations import vqa_items
 from glimpse.data.images import load_image
 from glimpse.data.pairs import load_pairs
 from glimpse.eval.retrieval import recall_from_scores
-from glimpse.eval.vqa import exact_match, vqa_accuracy
+from glimpse.eval.vqa import vqa_summary
 from glimpse.infer.fusion import FusionPipeline
 
 
@@ -54,13 +54,7 @@ def vqa_split(pipe: FusionPipeline, data_cfg, root: Path, split: str, batch_size
         pixels = torch.stack([pixel_cache[it["image"]] for it in chunk])
         logits = pipe.answer_logits(pixels, [it["question"] for it in chunk])
         preds += [answers[i] for i in logits.argmax(-1).tolist()]
-    accs = [vqa_accuracy(p, it["answers"]) for p, it in zip(preds, items)]
-    out = {"vqa_acc": sum(accs) / len(accs),
-           "vqa_exact": sum(exact_match(p, it["answer"]) for p, it in zip(preds, items)) / len(items)}
-    for kind in ("yes/no", "number", "other"):
-        of_kind = [a for a, it in zip(accs, items) if it["answer_type"] == kind]
-        if of_kind:
-            out[f"vqa_acc_{kind.replace('/', '_')}"] = sum(of_kind) / len(of_kind)
+    out = vqa_summary(preds, items)
     return {f"{split}/{key}": v for key, v in out.items()}
 
 

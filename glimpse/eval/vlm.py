@@ -17,7 +17,7 @@ from pathlib import Path
 from glimpse.data.conversations import vqa_items
 from glimpse.data.pairs import load_pairs
 from glimpse.eval.captions import bleu, cider, tokenize
-from glimpse.eval.vqa import exact_match, vqa_accuracy
+from glimpse.eval.vqa import vqa_summary
 from glimpse.infer.vlm import VisionLanguagePipeline
 
 VQA_MAX_NEW_TOKENS = 8  # a word or a phrase
@@ -32,13 +32,7 @@ def vqa_scores(pipe: VisionLanguagePipeline, items: list[dict], batch_size: int,
         prompts = [pipe.question_prompt(it["question"], it["image"], shots[start + i] if shots else (), short=True)
                    for i, it in enumerate(chunk)]
         preds += pipe.generate(prompts, VQA_MAX_NEW_TOKENS)
-    accs = [vqa_accuracy(p, it["answers"]) for p, it in zip(preds, items)]
-    out = {"vqa_acc": sum(accs) / len(accs),
-           "vqa_exact": sum(exact_match(p, it["answer"]) for p, it in zip(preds, items)) / len(items)}
-    for kind in ("yes/no", "number", "other"):
-        of_kind = [a for a, it in zip(accs, items) if it["answer_type"] == kind]
-        if of_kind:
-            out[f"vqa_acc_{kind.replace('/', '_')}"] = sum(of_kind) / len(of_kind)
+    out = vqa_summary(preds, items)
     return out
 
 

@@ -126,3 +126,16 @@ def vqa_accuracy_corpus(predictions: list[str], answers: list[list[str]]) -> flo
 def exact_match(prediction: str, answer: str) -> float:
     """1.0 when both strings are equal after `normalize_answer`, else 0.0."""
     return float(normalize_answer(prediction) == normalize_answer(answer))
+
+
+def vqa_summary(predictions: list[str], items: list[dict]) -> dict[str, float]:
+    """vqa_acc, vqa_exact and vqa_acc_{yes_no,number,other} of predictions for VQA items
+    (dicts with "answers" (the 10 human answers), "answer" and "answer_type")."""
+    accs = [vqa_accuracy(p, it["answers"]) for p, it in zip(predictions, items)]
+    out = {"vqa_acc": sum(accs) / len(accs),
+           "vqa_exact": sum(exact_match(p, it["answer"]) for p, it in zip(predictions, items)) / len(items)}
+    for kind in ("yes/no", "number", "other"):
+        of_kind = [a for a, it in zip(accs, items) if it["answer_type"] == kind]
+        if of_kind:
+            out[f"vqa_acc_{kind.replace('/', '_')}"] = sum(of_kind) / len(of_kind)
+    return out
