@@ -180,6 +180,35 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(vlm, images):
         assert [r["usage"]["completion_tokens"] <= 6 + i for i, r in enumerate(results)] == [True] * 6
 
 
+def test_requests_that_together_overflow_the_context_are_not_batched(vlm, images):
+    app = make_app(vlm, max_batch=8)
+    engine, ctx = app.state.engine, vlm.context_length
+    long_q = "describe the image. " * 12
+    long_len = len(vlm.chat_prompt(ask(image_data_url(images[0]), long_q))[0])
+    short_len = len(vlm.chat_prompt(ask(image_data_url(images[1]), "hi"))[0])
+    bodies = [{"model": MODEL, "temperature": 0, "messages": ask(image_data_url(images[0]), long_q),
+               "max_tokens": ctx - long_len},
+              {"model": MODEL, "temperature": 0, "messages": ask(image_data_url(images[1]), "hi"),
+               "max_tokens": ctx - short_len}]
+    assert long_len > short_len  # each fits alone; the longest prompt + the largest max_tokens does not
+    with LiveServer(app) as s:
+        results = [None, None]
+
+        def call(i):
+            results[i] = httpx.post(s.url + "/v1/chat/completions", json=bodies[i], timeout=120)
+
+        with Blocker(engine):
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            wait_for(lambda: engine.pending == 3)
+            before = engine.batches
+        for t in threads:
+            t.join()
+    assert [r.status_code for r in results] == [200, 200], [r.text for r in results]
+    assert engine.batches == before + 2
+
+
 def test_full_queue_answers_429_with_retry_after(vlm, images):
     app = make_app(vlm, max_pending=3)
     body = {"model": MODEL, "messages": ask(image_data_url(images[0]), "hi"), "max_tokens": 2}

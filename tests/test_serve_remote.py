@@ -79,7 +79,8 @@ def fetcher(**kw) -> RemoteImageFetcher:
     ("8.8.8.8", True), ("2001:4860:4860::8888", True), ("10.1.2.3", False), ("172.16.0.1", False),
     ("192.168.1.1", False), ("127.0.0.1", False), ("169.254.169.254", False), ("::1", False),
     ("fe80::1", False), ("fd00::1", False), ("::ffff:127.0.0.1", False), ("0.0.0.0", False),
-    ("224.0.0.1", False), ("100.64.0.1", False),
+    ("224.0.0.1", False), ("100.64.0.1", False), ("::127.0.0.1", False), ("2002:7f00:1::", False),
+    ("64:ff9b::7f00:1", False), ("2002:808:808::1", True),
 ])
 def test_public_addresses(ip, public):
     assert is_public_address(ip) is public

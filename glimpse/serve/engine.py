@@ -57,9 +57,20 @@ def batch_key(options: dict) -> tuple:
     return (bool(options.get("do_sample")), sampling, tuple(options.get("stop_strings", ())))
 
 
+def _report(job: Job, result, error) -> None:
+    """Hand a job its outcome, unless its client is gone; a failing callback never kills the worker."""
+    if job.cancelled.is_set():
+        return
+    try:
+        job.on_done(result, error)
+    except Exception:
+        pass
+
+
 class Engine:
     def __init__(self, pipeline, max_batch: int = 8, max_pending: int = 64):
         self.pipeline, self.max_batch, self.max_pending = pipeline, max_batch, max_pending
+        self.context_length = getattr(pipeline, "context_length", None) or 0
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._admitted = 0
@@ -117,11 +128,17 @@ class Engine:
         if first.call is not None:
             return [first]
         group, rows = [first], len(first.prompts)
+        longest, most = len(first.prompts[0][0]), first.max_new_tokens
         for job in list(self._waiting):
-            if job.call is None and job.key == first.key and rows + len(job.prompts) <= self.max_batch:
-                self._waiting.remove(job)
-                group.append(job)
-                rows += len(job.prompts)
+            if job.call is not None or job.key != first.key or rows + len(job.prompts) > self.max_batch:
+                continue
+            # the batch decodes its longest prompt for its largest max_new_tokens: that must fit
+            if max(longest, len(job.prompts[0][0])) + max(most, job.max_new_tokens) > self.context_length:
+                continue
+            self._waiting.remove(job)
+            group.append(job)
+            rows += len(job.prompts)
+            longest, most = max(longest, len(job.prompts[0][0])), max(most, job.max_new_tokens)
         return group
 
     def _loop(self) -> None:
@@ -134,12 +151,12 @@ class Engine:
                 group = self._take()
             try:
                 if group[0].call is not None:
-                    group[0].on_done(group[0].call(), None)
+                    _report(group[0], group[0].call(), None)
                 else:
                     self._generate(group)
             except Exception as e:  # reported to the requests; the worker lives on
                 for job in group:
-                    job.on_done(None, e)
+                    _report(job, None, e)
             finally:
                 with self._cond:
                     for job in group:
@@ -153,7 +170,10 @@ class Engine:
             counts[row] += 1
             job, choice = rows[row]
             if job.on_token is not None and not job.cancelled.is_set():
-                job.on_token(choice, token)
+                try:
+                    job.on_token(choice, token)
+                except Exception:  # the request's side is gone (its loop closed): stop its rows
+                    job.cancelled.set()
 
         def cancelled(row: int) -> bool:
             job = rows[row][0]
@@ -169,5 +189,4 @@ class Engine:
         for job in group:
             tokens = [t[: job.max_new_tokens] for t in out[start : start + len(job.prompts)]]
             start += len(job.prompts)
-            if not job.cancelled.is_set():
-                job.on_done(tokens, None)
+            _report(job, tokens, None)

@@ -17,12 +17,21 @@ from urllib.parse import urljoin, urlsplit
 
 from glimpse.errors import GlimpseError
 
+_EMBEDS_IPV4 = [ipaddress.ip_network(n) for n in ("::/96", "64:ff9b::/96", "64:ff9b:1::/48")]
+
 
 def is_public_address(ip: str) -> bool:
+    """A global unicast address; an IPv6 address that carries an IPv4 one (mapped, compatible,
+    6to4, Teredo, NAT64) is judged by that IPv4 address too."""
     addr = ipaddress.ip_address(ip.split("%")[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_global and not (addr.is_multicast or addr.is_reserved)
+    if not addr.is_global or addr.is_multicast or addr.is_reserved:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address):
+        inner = [addr.ipv4_mapped, addr.sixtofour, addr.teredo[1] if addr.teredo else None]
+        if any(addr in net for net in _EMBEDS_IPV4):
+            inner.append(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+        return all(is_public_address(str(v4)) for v4 in inner if v4 is not None)
+    return True
 
 
 class _PinnedHTTP(http.client.HTTPConnection):
@@ -85,7 +94,10 @@ class RemoteImageFetcher:
                     location = resp.getheader("Location")
                     if not location:
                         raise GlimpseError("the image URL redirects nowhere")
-                    url = urljoin(url, location)
+                    target = urljoin(url, location)
+                    if parts.scheme == "https" and urlsplit(target).scheme != "https":
+                        raise GlimpseError("the image URL redirects from https to plain http; refused")
+                    url = target
                     continue
                 if resp.status != 200:
                     raise GlimpseError(f"the image URL answered HTTP {resp.status}")
