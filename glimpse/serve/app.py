@@ -186,13 +186,16 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
         except GlimpseError as e:
             raise APIError(400, str(e), param="messages") from None
 
+    def busy() -> APIError:
+        return APIError(429, "the server is busy: too many requests in flight; retry later",
+                        type="rate_limit_error", code="rate_limit_exceeded",
+                        headers={"Retry-After": str(limits.retry_after_s)})
+
     def submit(job: Job) -> None:
         try:
             engine.submit(job)
         except QueueFull:
-            raise APIError(429, "the server is busy: too many requests in flight; retry later",
-                           type="rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(limits.retry_after_s)}) from None
+            raise busy() from None
 
     # -- routes ----------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -216,6 +219,8 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
         check_model(body.model)
         if not isinstance(pipeline, VisionLanguagePipeline):
             raise APIError(400, f"{model_name} is not a vision-language chat model", param="model")
+        if engine.pending >= engine.max_pending:  # refuse before decoding any image
+            raise busy()
         ids, images = await run_in_threadpool(build_prompt, body)
         room = pipeline.context_length - len(ids)
         max_new = body.max_completion_tokens or body.max_tokens or max(1, min(256, room))
@@ -270,6 +275,8 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
         if not (hasattr(pipeline, "embed_texts") or hasattr(pipeline, "embed_images")):
             raise APIError(400, f"{model_name} has no embeddings (it is not a dual or fusion encoder)",
                            param="model")
+        if engine.pending >= engine.max_pending:
+            raise busy()
         inputs = body.inputs()
         images = {}
         for i, text in enumerate(inputs):
