@@ -33,6 +33,7 @@ class DataConfig:
     source: str = "shapes"  # shapes (generated on first use, cached) | coco | csv | wds
     root: str | None = None  # shapes: where the world lives (None: the cache); others: base of relative paths
     format: str = "coco"  # which written format training reads: coco | csv | wds captions, or llava conversations
+    lm_text: str = "captions"  # causal_lm: captions | world (captions with questions answered; data/lm_text.py)
     vqa_mix: bool = False  # vlm: add the training split's VQA questions as short-answer turns (LLaVA-1.5's mix)
     # the shapes world's generator settings (source: shapes)
     seed: int = 0
@@ -61,6 +62,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+    lr_scale: dict[str, float] = field(default_factory=dict)  # part -> factor on lr, e.g. {vision: 0.1}
     grad_clip: float = 1.0  # 0 disables clipping
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     seed: int = 0
@@ -335,6 +337,7 @@ def validate_recipe(r: Recipe) -> None:
     d, t, e = r.data, r.train, r.eval
     _choice("data.source", d.source, ("shapes", "coco", "csv", "wds"))
     _choice("data.format", d.format, ("coco", "csv", "wds", "llava"))
+    _choice("data.lm_text", d.lm_text, ("captions", "world"))
     _check(d.format != "llava" or r.family == "vlm", "data.format", d.format, "is for vlm recipes")
     for k in ("train_size", "val_size", "test_size", "image_size", "max_pixels"):
         _check(getattr(d, k) >= 1, f"data.{k}", getattr(d, k), "must be at least 1")
@@ -349,6 +352,8 @@ def validate_recipe(r: Recipe) -> None:
     for k in ("eval_every", "warmup_steps", "max_consecutive_failures", "threads"):
         _check(getattr(t, k) >= 0, f"train.{k}", getattr(t, k), "must not be negative")
     _check(t.lr > 0, "train.lr", t.lr, "must be positive")
+    _check(all(isinstance(v, (int, float)) and v > 0 for v in t.lr_scale.values()), "train.lr_scale", t.lr_scale,
+           "must map parts to positive factors")
     _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be within [0, 1]")
     _check(t.grad_clip >= 0 and t.weight_decay >= 0, "train.grad_clip/weight_decay", (t.grad_clip, t.weight_decay),
            "must not be negative")

@@ -76,3 +76,42 @@ def test_loss_at_targets_equals_the_full_loss():
     hidden = m(ids, return_hidden=True).detach().requires_grad_()
     lm_loss_at_targets(hidden, m.lm_head, labels).backward()
     assert hidden.grad[:, -1].abs().sum() == 0  # the last position predicts nothing
+
+
+def test_world_documents_answer_in_one_style_and_cover_the_images(world):
+    """`data.lm_text: world`: a caption of each image, its questions in the few-shot format, and
+    a document's answers either all short or all full sentences."""
+    from glimpse.config import load_recipe as load
+    from glimpse.data.conversations import vqa_items
+    from glimpse.data.lm_text import WorldTexts
+    from glimpse.data.pairs import load_pairs
+
+    d = load("shapes-lm", [f"data.root={world}", "data.lm_text=world"]).data
+    items, vqa = load_pairs(d, world, "train"), vqa_items(d, world, "train")
+    texts = WorldTexts(items, vqa)
+    short = {(q["question"], q["answer"]) for q in vqa}
+    sentences = {(q["question"], q["sentence"]) for q in vqa}
+    assert all(q["sentence"] and q["sentence"] != q["answer"] for q in vqa)  # the world writes both
+    captions = {c for it in items for c in it.captions}
+    styles = set()
+    for idx in range(40):
+        doc = texts[(idx, 3)]["text"]
+        assert doc == texts[(idx, 3)]["text"]  # a key is one document
+        assert doc.split("\n")[0] in captions
+        qas = [line[len("Question: "):].split(" Answer: ") for line in doc.split("\n") if line.startswith("Question: ")]
+        kinds = {"short" if tuple(qa) in short else "sentence" if tuple(qa) in sentences else "?" for qa in qas}
+        assert "?" not in kinds and len(kinds) <= 1, doc
+        styles |= kinds or {"caption"}
+    assert styles == {"caption", "short", "sentence"}
+
+
+def test_pretraining_on_world_documents(world, tmp_path):
+    recipe = load_recipe("shapes-lm", lm_overrides(world, **{"data.lm_text": "world", "model.context_length": 96,
+                                                              "train.max_steps": 20, "train.eval_every": 0}))
+    results = train(recipe, tmp_path / "lm", progress=False)
+    records = [json.loads(x) for x in (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] - 1.0 and results["test/lm_loss"] < losses[0]
+    m = glimpse.load(tmp_path / "lm")
+    assert m.perplexity(["Question: how many shapes are there? Answer: 2"])[0] < \
+        m.perplexity(["Answer: there how Question: shapes 2 many are?"])[0]

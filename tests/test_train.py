@@ -188,3 +188,26 @@ def test_init_parts_and_freeze(tiny_run, world, tmp_path):
     recipe.freeze = ["eyes"]
     with pytest.raises(GlimpseError, match="no part 'eyes'; its parts: vision, text"):
         train(recipe, tmp_path / "other", progress=False)
+
+
+def test_lr_scale_gives_a_part_its_own_learning_rate(world, tiny_run, tmp_path):
+    """train.lr_scale: a part fine-tuned at a fraction of the lr (here nearly frozen) while the
+    rest trains at the full rate; an unknown part is refused by name."""
+    from glimpse.api import run_weights
+    from glimpse.train import checkpoint as ckpt_mod
+
+    start = ckpt_mod.read_weights(run_weights(tiny_run))
+    run = tmp_path / "scaled"
+    recipe = load_recipe("shapes-clip", tiny_overrides(world, **{"init": str(tiny_run), "train.max_steps": 3,
+                                                                  "train.warmup_steps": 0, "train.lr": 1e-2,
+                                                                  "train.lr_scale": "{vision: 1.0e-9}"}))
+    train(recipe, run, progress=False)
+    end = ckpt_mod.read_weights(run_weights(run))
+    moved = {part: max((end[k] - start[k]).abs().max().item() for k in start if k.startswith(part + "."))
+             for part in ("vision", "text")}
+    assert moved["vision"] < 1e-6 < 1e-3 < moved["text"], moved
+    bad = load_recipe("shapes-clip", tiny_overrides(world, **{"train.lr_scale": "{towers: 0.1}"}))
+    with pytest.raises(GlimpseError, match="train.lr_scale: the model has no part 'towers'"):
+        train(bad, tmp_path / "bad", progress=False)
+    with pytest.raises(GlimpseError, match="train.lr_scale"):
+        load_recipe("shapes-clip", ["train.lr_scale={vision: -1}"])

@@ -126,7 +126,7 @@ def read_vqa(questions_file: PathLike, annotations_file: PathLike | None, image_
       list of {"id", "file_name"} (for the shapes world: ``annotations/captions_{split}.json``).
     File names are resolved against ``image_root``.  Each item is ``{"question_id", "image_id",
     "image", "question", "answers" (the annotators' answers, 10 in VQAv2), "answer" (the
-    multiple_choice_answer), "answer_type"}``; without ``annotations_file`` (a test split) "answers"
+    multiple_choice_answer), "answer_type", "sentence" (None but in the shapes world)}``; without ``annotations_file`` (a test split) "answers"
     is empty and "answer" and "answer_type" are None.
     """
     if (file_name_pattern is None) == (images is None):
@@ -304,6 +304,7 @@ def _vqa_answers(path: PathLike) -> dict[object, dict]:
             "answers": [_text(a, "answer", path, f"{where} answers[{j}]") for j, a in enumerate(given)],
             "answer": _text(ann, "multiple_choice_answer", path, where),
             "answer_type": ann.get("answer_type"),
+            "sentence": ann.get("answer_sentence"),  # the shapes world's full-sentence answer; not VQAv2's
         }
     return answers
 

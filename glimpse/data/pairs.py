@@ -69,21 +69,6 @@ class PairDataset(Dataset):
         return {"pixel_values": pixels, "caption": caption}
 
 
-class CaptionTexts(Dataset):
-    """The captions alone, for language-model pretraining; keys as PairDataset's."""
-
-    def __init__(self, items: list[ImageText]):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        idx, choice = key
-        captions = self.items[idx].captions
-        return {"text": captions[choice % len(captions)]}
-
-
 class TextCollate:
     """bos + text + eos, right-padded; labels are the ids with padding ignored (-100)."""
 

@@ -147,7 +147,7 @@ def _write_split(out: Path, split: str, index: int, n: int, seed: int, size: int
                 questions.append({"image_id": i, "question": qa["question"], "question_id": question_id})
                 answers.append({"question_id": question_id, "image_id": i, "question_type": qa["question_type"],
                                 "answer_type": qa["answer_type"], "multiple_choice_answer": qa["answer"],
-                                "answers": _human_answers(qa["answer"], rng)})
+                                "answers": _human_answers(qa["answer"], rng), "answer_sentence": qa["sentence"]})
             llava += _conversations(stem, f"{split}/{file_name}", caps, qas, rng)
             if len(objects) == 1:
                 labels.append((f"images/{split}/{file_name}", f"{objects[0]['colour']} {objects[0]['shape']}"))

@@ -63,8 +63,9 @@ def ensure_shapes(data_cfg, progress: bool = True) -> Path:
             raise GlimpseError(f"data.root {root} exists but holds no shapes world (no world.json)")
     else:
         shards = "-wds" if c.format == "wds" else ""
-        # v2: the tokenizer learns conversations and prompt words too, not only captions
-        root = cache_dir() / f"shapes-v2-s{c.seed}-n{c.train_size}-{c.val_size}-{c.test_size}-px{c.image_size}{shards}"
+        # v2: the tokenizer learns conversations and prompt words too, not only captions;
+        # v3: VQA annotations carry the full-sentence answer too (for language-model pretraining)
+        root = cache_dir() / f"shapes-v3-s{c.seed}-n{c.train_size}-{c.val_size}-{c.test_size}-px{c.image_size}{shards}"
         if (root / "world.json").is_file():
             return root
     root.parent.mkdir(parents=True, exist_ok=True)

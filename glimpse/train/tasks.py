@@ -10,7 +10,8 @@ from torch import nn
 
 from glimpse.data.conversations import ConversationCollate, ConversationDataset, training_records, vqa_items
 from glimpse.data.images import ImageTransform
-from glimpse.data.pairs import CaptionTexts, PairCollate, PairDataset, TextCollate, load_pairs
+from glimpse.data.lm_text import CaptionTexts, WorldTexts
+from glimpse.data.pairs import PairCollate, PairDataset, TextCollate, load_pairs
 from glimpse.data.tokenizer import Tokenizer
 from glimpse.errors import GlimpseError
 from glimpse.eval.dual import evaluate
@@ -70,8 +71,8 @@ class DualEncoderTask:
 
 
 class CausalLMTask:
-    """Language-model pretraining on the captions of the data set (for the shapes world: the
-    LM that the Frozen recipe later keeps frozen)."""
+    """Language-model pretraining on the data set's text (`data.lm_text`: its captions, or its
+    captions with questions answered); for the shapes world, the LM that Frozen keeps frozen."""
 
     transform = None  # text only
 
@@ -83,8 +84,10 @@ class CausalLMTask:
         return CausalLM(self.recipe.model)
 
     def train_data(self):
-        items = load_pairs(self.recipe.data, self.root, "train")
-        return CaptionTexts(items), TextCollate(self.tokenizer, self.recipe.model.context_length)
+        d = self.recipe.data
+        items = load_pairs(d, self.root, "train")
+        texts = WorldTexts(items, vqa_items(d, self.root, "train")) if d.lm_text == "world" else CaptionTexts(items)
+        return texts, TextCollate(self.tokenizer, self.recipe.model.context_length)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return lm_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])

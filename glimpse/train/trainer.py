@@ -49,16 +49,23 @@ def data_root(recipe: Recipe, progress: bool = True) -> Path:
     return Path(recipe.data.root or ".")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
     """Weight decay on weight matrices only: not on biases, norms, the temperature (all < 2-D),
-    nor on the embeddings (token, position, class token)."""
-    decay, no_decay = [], []
+    nor on the embeddings (token, position, class token).  `lr_scale` gives a part (a top-level
+    submodule: vision, lm, ...) its own factor on the learning rate, e.g. a pretrained tower
+    fine-tuned 10x slower than the new layers."""
+    lr_scale = lr_scale or {}
+    for part in lr_scale:
+        ckpt.model_part(model, part, "train.lr_scale: ")
+    groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         embedding = name.endswith(("pos_embed", "class_token", "token_embed.weight"))
-        (no_decay if p.ndim < 2 or embedding else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (p.ndim < 2 or embedding)
+        groups.setdefault((float(lr_scale.get(name.split(".", 1)[0], 1.0)), decay), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+            for (scale, decay), ps in groups.items()]
 
 
 def _step_of(line: str) -> float:
@@ -133,7 +140,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
                 ckpt.load_part(model, part, run_weights(run))
     for part in recipe.freeze:
         ckpt.model_part(model, part, "freeze: ").requires_grad_(False)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr, betas=tuple(tc.betas))
     state = {"failures": {}, "bad_in_a_row": 0}
     start = 0
     if existing is not None:
@@ -170,7 +177,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     while step < tc.max_steps:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tc)
+            group["lr"] = lr_at(step, tc) * group.get("lr_scale", 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss_sum, n_samples, n_micro = torch.zeros((), device=device), 0, 0
         for micro in range(tc.grad_accum):
@@ -213,7 +220,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{throughput:.0f}")
         if step % tc.log_every == 0 or step == tc.max_steps:
-            log.write({"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+            log.write({"step": step, "loss": loss_value, "lr": lr_at(step - 1, tc),
                        "grad_norm": grad_norm.item(), "samples_per_s": throughput,
                        **({"bad_samples": dict(failures)} if failures else {})})
         if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
