@@ -74,7 +74,8 @@ def train_llava(clip_recipe, clip_run: Path, out: Path, overrides: dict[str, lis
     runs = {}
     for stage, (name, settings) in LLAVA_STAGES.items():
         recipe = load_recipe(name, settings + overrides[stage])
-        recipe.data = dataclasses.replace(clip_recipe.data, format=recipe.data.format, vqa_mix=recipe.data.vqa_mix)
+        recipe.data = dataclasses.replace(clip_recipe.data, format=recipe.data.format, vqa_mix=recipe.data.vqa_mix,
+                                          lm_text=recipe.data.lm_text)
         if stage == "lm":
             lm_cfg = recipe.model
         else:
