@@ -126,8 +126,8 @@ def read_vqa(questions_file: PathLike, annotations_file: PathLike | None, image_
       list of {"id", "file_name"} (for the shapes world: ``annotations/captions_{split}.json``).
     File names are resolved against ``image_root``.  Each item is ``{"question_id", "image_id",
     "image", "question", "answers" (the annotators' answers, 10 in VQAv2), "answer" (the
-    multiple_choice_answer), "answer_type", "sentence" (None but in the shapes world)}``; without ``annotations_file`` (a test split) "answers"
-    is empty and "answer" and "answer_type" are None.
+    multiple_choice_answer), "answer_type", "sentence" (None but in the shapes world)}``; without
+    ``annotations_file`` (a test split) "answers" is empty and "answer" and "answer_type" are None.
     """
     if (file_name_pattern is None) == (images is None):
         raise GlimpseError(f"{questions_file}: locate its images with exactly one of images= or file_name_pattern=")
