@@ -81,12 +81,11 @@ def test_loss_at_targets_equals_the_full_loss():
 def test_world_documents_answer_in_one_style_and_cover_the_images(world):
     """`data.lm_text: world`: a caption of each image, its questions in the few-shot format, and
     a document's answers either all short or all full sentences."""
-    from glimpse.config import load_recipe as load
     from glimpse.data.conversations import vqa_items
     from glimpse.data.lm_text import WorldTexts
     from glimpse.data.pairs import load_pairs
 
-    d = load("shapes-lm", [f"data.root={world}", "data.lm_text=world"]).data
+    d = load_recipe("shapes-lm", [f"data.root={world}", "data.lm_text=world"]).data
     items, vqa = load_pairs(d, world, "train"), vqa_items(d, world, "train")
     texts = WorldTexts(items, vqa)
     short = {(q["question"], q["answer"]) for q in vqa}
