@@ -73,6 +73,9 @@ class TrainConfig:
     max_consecutive_failures: int = 50  # bad samples in a row before the run stops
     threads: int = 0  # torch intra-op threads; 0: torch's default
     compile: bool = False  # run the training step's model through torch.compile (pays off on GPUs)
+    # vlm with a frozen vision tower: compute each training image's tower features once, before
+    # the first step, instead of decoding and encoding it again every epoch
+    cache_vision_features: bool = False
 
 
 @dataclass
@@ -304,6 +307,8 @@ def _validate_vlm(m: VLMConfig) -> None:
     grid = v.image_size // max(v.patch_size, 1)
     _check(m.connector == "prefix" or grid % m.pixel_shuffle == 0, "model.pixel_shuffle", m.pixel_shuffle,
            f"must divide the {grid}x{grid} patch grid")
+    _check(not m.image_positions or m.connector != "prefix", "model.image_positions", m.image_positions,
+           "is for the linear and mlp2x_gelu projectors (the prefix mapper makes its own tokens)")
     _check(m.chat_template in TEMPLATES or "{" in m.chat_template, "model.chat_template", m.chat_template,
            f"is neither a Jinja template nor one of {', '.join(TEMPLATES)}")
 
@@ -360,6 +365,8 @@ def validate_recipe(r: Recipe) -> None:
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "must be two values in [0, 1)")
     _check(t.batch_size % t.grad_accum == 0, "train.batch_size", t.batch_size,
            f"must be a multiple of train.grad_accum ({t.grad_accum})")
+    _check(not t.cache_vision_features or (r.family == "vlm" and "vision" in r.freeze), "train.cache_vision_features",
+           t.cache_vision_features, "needs a vlm recipe whose freeze list holds vision (a training tower changes them)")
     _choice("eval.prompt_ensemble", e.prompt_ensemble, ("mean", "max"))
     _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be at least 1")
     _check(e.max_new_tokens >= 1 and e.vqa_limit >= 0 and all(k >= 0 for k in e.few_shot),

@@ -107,3 +107,33 @@ def test_prompts_with_images_generate_like_the_full_forward():
         nxt = m(seq, pixel_values=pixels)[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], 1)
     assert out[0] == seq[0, -3:].tolist()
+
+
+def test_image_positions_start_neutral_and_mark_each_token():
+    plain, placed = tiny(), tiny(image_positions=True)
+    placed.load_state_dict(plain.state_dict(), strict=False)  # the same weights; positions start at zero
+    px = torch.randn(2, 3, 16, 16)
+    assert torch.equal(plain.get_image_features(px), placed.get_image_features(px))
+    with torch.no_grad():
+        placed.connector.position[3] += 1.0
+    moved = placed.get_image_features(px) - plain.get_image_features(px)
+    assert torch.allclose(moved[:, 3], torch.ones(2, 24)) and moved[:, [0, 1, 2, 4]].abs().max() == 0
+    with pytest.raises(ValueError, match="16 image positions, got 4"):
+        placed.project(torch.randn(1, 4, 16))
+
+
+def test_image_positions_are_refused_where_they_mean_nothing():
+    from glimpse.config import load_recipe
+    from glimpse.errors import GlimpseError
+
+    with pytest.raises(GlimpseError, match="model.image_positions"):
+        load_recipe("shapes-frozen", ["model.image_positions=true"])
+
+
+def test_tower_features_stand_in_for_pixels():
+    """The feature cache's path: forward on precomputed tower features == forward on the pixels."""
+    for kw in ({}, {"pixel_shuffle": 2, "image_positions": True}, {"connector": "prefix", "prefix_tokens": 2}):
+        m = tiny(**kw)
+        px = torch.randn(2, 3, 16, 16)
+        ids = torch.tensor([[1] + [IMG] * m.image_tokens + [2]] * 2)
+        assert torch.equal(m(ids, pixel_values=px), m(ids, tower_features=m.tower_features(px)))

@@ -166,3 +166,53 @@ def test_image_part_of_pil_image(tiny_vlm_run):
                                              {"type": "text", "text": "describe the image."}]}], max_new_tokens=3)
     b = m.caption([buf.getvalue()], max_new_tokens=3)[0]
     assert a == b
+
+
+def test_cached_vision_features_train_exactly_like_pixels(world, tmp_path):
+    """A frozen tower's features computed once give the same losses and weights as encoding the
+    images at every step."""
+    from glimpse.config import load_recipe
+    from glimpse.train.checkpoint import read_weights
+    from glimpse.train.trainer import train
+
+    for cached in (False, True):
+        r = load_recipe("shapes-llava-stage2", tiny_vlm_overrides(
+            world, **{"train.cache_vision_features": cached, "eval.splits": "[]", "train.save_every": 4}))
+        train(r, tmp_path / str(cached), progress=False)
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / str(c) / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in x] for c in (False, True)]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    a, b = (read_weights(tmp_path / str(c) / "checkpoints" / "step_0000004" / "model.safetensors")
+            for c in (False, True))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_feature_cache_drops_bad_images_and_counts_them(world, tok):
+    from glimpse.config import load_recipe
+    from glimpse.data.conversations import ConversationDataset
+    from glimpse.data.images import ImageError
+    from glimpse.train.feature_cache import cache_tower_features
+    from glimpse.train.tasks import TASKS
+
+    r = load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world))
+    task = TASKS["vlm"](r, world, tok)
+    model = task.build_model()
+    good = next((world / "images" / "train").iterdir())
+    msgs = [{"role": "user", "content": "<image>\nhow many shapes are there?"}, {"role": "assistant", "content": "2"}]
+    records = [{"images": [good], "messages": msgs}, {"images": [b"not an image"], "messages": msgs},
+               {"images": [good], "messages": msgs}]
+    rows, cache = cache_tower_features(model, records, task.transform, r.data.max_pixels, torch.device("cpu"),
+                                       progress=False)
+    assert cache.shape == (1, 16, 32)  # one distinct good image, 4x4 patches of the 32 px tower
+    assert isinstance(rows[b"not an image"], ImageError)
+    ds = ConversationDataset(records, tok, "compact", task.transform, r.data.max_pixels, 16, 96, rows)
+    batch = ConversationCollate(tok.pad_id)([ds[(i, 0)] for i in range(3)])
+    assert batch["status"] == [None, "format", None] and batch["image_rows"].tolist() == [0, 0]
+    assert "pixel_values" not in batch
+
+
+def test_feature_cache_needs_a_frozen_tower(world):
+    from glimpse.config import load_recipe
+
+    with pytest.raises(GlimpseError, match="train.cache_vision_features"):
+        load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world, **{"freeze": "[]"}))

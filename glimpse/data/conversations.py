@@ -135,14 +135,24 @@ def encode_sample(tokenizer, template: str, messages: list[dict], n_images: int,
     return ids, labels
 
 
+def image_key(image) -> str | bytes:
+    """A record's image (a path or encoded bytes) as a dictionary key."""
+    return image if isinstance(image, bytes) else str(image)
+
+
 class ConversationDataset(Dataset):
-    """Keys are (index, caption choice) pairs, as PairDataset's (the sampler decides everything read)."""
+    """Keys are (index, caption choice) pairs, as PairDataset's (the sampler decides everything read).
+
+    With `image_rows` (image_key -> row of a feature cache, or the reason the image is unusable)
+    a sample carries its images' rows instead of their pixels: nothing is decoded per step.
+    """
 
     def __init__(self, records: list[dict], tokenizer, template: str, transform: ImageTransform, max_pixels: int,
-                 image_tokens: int, context_length: int):
+                 image_tokens: int, context_length: int, image_rows: dict | None = None):
         self.records, self.tokenizer, self.template = records, tokenizer, template
         self.transform, self.max_pixels = transform, max_pixels
         self.image_tokens, self.context_length = image_tokens, context_length
+        self.image_rows = image_rows
 
     def __len__(self) -> int:
         return len(self.records)
@@ -157,6 +167,12 @@ class ConversationDataset(Dataset):
                                 self.context_length)
         if isinstance(encoded, str):
             return {"error": encoded, "message": f"sample {idx} dropped: {DROP_REASONS[encoded]}"}
+        if self.image_rows is not None:
+            rows = [self.image_rows[image_key(img)] for img in r["images"]]
+            bad = next((row for row in rows if isinstance(row, ImageError)), None)
+            if bad is not None:
+                return {"error": bad.reason, "message": str(bad)}
+            return {"input_ids": encoded[0], "labels": encoded[1], "image_rows": rows}
         try:
             pixels = [self.transform(load_image(img, max_pixels=self.max_pixels, name=f"sample {idx}"
                                                 if isinstance(img, bytes) else None)) for img in r["images"]]
@@ -183,7 +199,10 @@ class ConversationCollate:
             for i, s in enumerate(good):
                 n = len(s["input_ids"])
                 ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
-            images = [p for s in good for p in s["pixel_values"]]
-            batch.update(input_ids=ids, labels=labels, attention_mask=mask,
-                         pixel_values=torch.stack(images) if images else None)
+            batch.update(input_ids=ids, labels=labels, attention_mask=mask)
+            if "image_rows" in good[0]:  # a feature cache stands in for the pixels
+                batch["image_rows"] = torch.tensor([r for s in good for r in s["image_rows"]], dtype=torch.long)
+            else:
+                images = [p for s in good for p in s["pixel_values"]]
+                batch["pixel_values"] = torch.stack(images) if images else None
         return batch

@@ -6,6 +6,10 @@
   (or, `prefix_source: patches`, n tokens from n groups of patch tokens).
 - `pixel_shuffle`: fold each f x f block of patch tokens into one token of f² times the width
   (Idefics3, nanoVLM), cutting the image tokens by f² before projection.
+- `image_positions` (projectors): a learned embedding per image-token position, added to the
+  projected tokens.  The LM's own positions (RoPE) only steer where attention looks; what a
+  question token reads from an image token is that token's value, so "where is the red cross?"
+  needs the position in the token itself.  Off by default (real LLaVA checkpoints have none).
 """
 
 from __future__ import annotations
@@ -32,16 +36,23 @@ def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
 class Projector(nn.Module):
     """`linear` or `mlp2x_gelu`: per token, [B, N, in] -> [B, N, out]."""
 
-    def __init__(self, kind: str, dim_in: int, dim_out: int):
+    def __init__(self, kind: str, dim_in: int, dim_out: int, positions: int = 0):
         super().__init__()
         if kind not in ("linear", "mlp2x_gelu"):
             raise ValueError(f"projector {kind!r} must be linear or mlp2x_gelu")
         self.linear_1 = nn.Linear(dim_in, dim_out)
         self.linear_2 = nn.Linear(dim_out, dim_out) if kind == "mlp2x_gelu" else None
+        # zeros: a projector trained without positions computes the same function at the start
+        self.position = nn.Parameter(torch.zeros(positions, dim_out)) if positions else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.linear_1(x)
-        return x if self.linear_2 is None else self.linear_2(F.gelu(x))
+        x = x if self.linear_2 is None else self.linear_2(F.gelu(x))
+        if self.position is not None:
+            if x.shape[-2] != self.position.shape[0]:
+                raise ValueError(f"the projector has {self.position.shape[0]} image positions, got {x.shape[-2]} tokens")
+            x = x + self.position.to(x.dtype)
+        return x
 
 
 class PrefixMapper(nn.Module):

@@ -34,6 +34,7 @@ class VLMConfig:
     vision_feature_layer: int = -1
     vision_feature_select: str = "patch"  # patch | full
     pixel_shuffle: int = 1  # fold f x f patches into one token (projector connectors)
+    image_positions: bool = False  # projector connectors: add a learned embedding per image-token position
     image_token_id: int = -1  # the tokenizer's <image>; set from the tokenizer when the model is built
     chat_template: str = "compact"  # a glimpse.data.chat template name or a Jinja source
 
@@ -52,7 +53,8 @@ class VisionLanguageModel(nn.Module):
         if cfg.connector == "prefix":
             self.connector = PrefixMapper(cfg.vision.width, d_lm, cfg.prefix_tokens, cfg.prefix_source)
         else:
-            self.connector = Projector(cfg.connector, cfg.vision.width * cfg.pixel_shuffle**2, d_lm)
+            self.connector = Projector(cfg.connector, cfg.vision.width * cfg.pixel_shuffle**2, d_lm,
+                                       self.image_tokens if cfg.image_positions else 0)
 
     @property
     def image_tokens(self) -> int:
@@ -67,16 +69,25 @@ class VisionLanguageModel(nn.Module):
         n = (v.image_size // v.patch_size) ** 2 + int(cfg.vision_feature_select == "full" and v.class_token)
         return n // cfg.pixel_shuffle**2
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N_images, 3, H, W] -> [N_images, image_tokens, lm width]."""
+    def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the vision tower hands the connector: [N, T, Dv] patch features of the chosen layer
+        (or [N, Dv] pooled, for the pooled prefix mapper).  A frozen tower's are cacheable."""
         if self.cfg.connector == "prefix" and self.cfg.prefix_source == "pooled":
-            return self.connector(self.vision(pixel_values))
+            return self.vision(pixel_values)
         x = self.vision.forward_features(pixel_values, layer=self.cfg.vision_feature_layer)  # [N, T, Dv]
         if self.cfg.vision_feature_select == "patch" and self.vision.class_token is not None:
             x = x[:, 1:]
+        return x
+
+    def project(self, tower_features: torch.Tensor) -> torch.Tensor:
+        """Tower features -> [N_images, image_tokens, lm width]."""
         if self.cfg.connector == "prefix":
-            return self.connector(x)
-        return self.connector(pixel_shuffle(x, self.cfg.pixel_shuffle))
+            return self.connector(tower_features)
+        return self.connector(pixel_shuffle(tower_features, self.cfg.pixel_shuffle))
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N_images, 3, H, W] -> [N_images, image_tokens, lm width]."""
+        return self.project(self.tower_features(pixel_values))
 
     def merge(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings [B, T, D] with the `<image>` positions replaced, in reading order, by
@@ -95,9 +106,13 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, return_hidden: bool = False,
+                tower_features: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] (or hidden states, see CausalLM); `pixel_values` holds every image of
-        the batch in reading order."""
-        feats = None if pixel_values is None else self.get_image_features(pixel_values)
+        the batch in reading order, or `tower_features` their precomputed `tower_features`."""
+        if tower_features is not None:
+            feats = self.project(tower_features)
+        else:
+            feats = None if pixel_values is None else self.get_image_features(pixel_values)
         return self.lm(inputs_embeds=self.merge(input_ids, feats), attention_mask=attention_mask,
                        position_ids=position_ids, cache=cache, return_hidden=return_hidden)

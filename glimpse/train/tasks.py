@@ -26,6 +26,7 @@ from glimpse.models.decoder import CausalLM
 from glimpse.models.dual_encoder import DualEncoder
 from glimpse.models.fusion import FusionEncoder
 from glimpse.models.vlm import VisionLanguageModel
+from glimpse.train.feature_cache import cache_tower_features
 from glimpse.train.objectives import (
     answer_loss,
     contrastive_loss,
@@ -112,19 +113,32 @@ class VisionLanguageTask:
             raise GlimpseError(f"the tokenizer {tokenizer.path} has no <image> token")
         m.image_token_id = tokenizer.ids["image"]
         self.transform = image_transform(recipe)
+        self.records, self.image_rows, self.feature_cache = None, None, None  # see prepare()
 
     def build_model(self) -> nn.Module:
         return VisionLanguageModel(self.recipe.model)
 
+    def prepare(self, model: VisionLanguageModel, device: torch.device, progress: bool = True) -> None:
+        """Before the first step, with the initial (and frozen) weights in place: the tower
+        features of every training image, when the recipe asks for them to be cached."""
+        if self.recipe.train.cache_vision_features:
+            self.records = training_records(self.recipe.data, self.root)
+            self.image_rows, self.feature_cache = cache_tower_features(
+                model, self.records, self.transform, self.recipe.data.max_pixels, device,
+                self.recipe.eval.batch_size, progress)
+
     def train_data(self):
         m = self.recipe.model
         image_tokens = VisionLanguageModel.count_image_tokens(m)
-        dataset = ConversationDataset(training_records(self.recipe.data, self.root), self.tokenizer, m.chat_template,
-                                      self.transform, self.recipe.data.max_pixels, image_tokens, m.lm.context_length)
+        records = self.records if self.records is not None else training_records(self.recipe.data, self.root)
+        dataset = ConversationDataset(records, self.tokenizer, m.chat_template, self.transform,
+                                      self.recipe.data.max_pixels, image_tokens, m.lm.context_length, self.image_rows)
         return dataset, ConversationCollate(self.tokenizer.pad_id)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        hidden = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), return_hidden=True)
+        cached = {"tower_features": self.feature_cache[batch["image_rows"]]} if "image_rows" in batch else {}
+        hidden = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), return_hidden=True,
+                       **cached)
         lm = model.module.lm if hasattr(model, "module") else model.lm  # DDP wraps the model
         return lm_loss_at_targets(hidden, lm.lm_head, batch["labels"])
 

@@ -140,6 +140,8 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
                 ckpt.load_part(model, part, run_weights(run))
     for part in recipe.freeze:
         ckpt.model_part(model, part, "freeze: ").requires_grad_(False)
+    if hasattr(task, "prepare"):  # work done once with the starting weights (a frozen tower's feature cache)
+        task.prepare(model, device, main and progress)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr, betas=tuple(tc.betas))
     state = {"failures": {}, "bad_in_a_row": 0}
     start = 0
