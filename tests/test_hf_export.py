@@ -37,7 +37,8 @@ def llava_run(world, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("runs") / "llava-clip"
     sets = tiny_vlm_overrides(world, **{"model.vision.class_token": "true", "model.vision.pool": "cls",
-                                        "model.pixel_shuffle": 1, "model.vision_feature_layer": -2,
+                                        "model.pixel_shuffle": 1, "model.image_positions": "false",
+                                        "model.vision_feature_layer": -2,
                                         "train.max_steps": 2, "eval.splits": "[]", "eval.during_train": "[]"})
     train(load_recipe("shapes-llava-stage2", sets), out, progress=False)
     return out
@@ -194,3 +195,13 @@ def test_language_model_export_and_init_from_a_folder(world, tmp_path, arch):
     fresh = task.build_model()  # a recipe's `init:` may name the folder: the whole model, strictly
     load_whole(fresh, tmp_path / "hf")
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_llava_export_refuses_learned_image_positions():
+    from glimpse.hub.llava import hf_llava_config
+    from glimpse.models.vision import VisionConfig
+    from glimpse.models.vlm import VLMConfig
+
+    cfg = VLMConfig(vision=VisionConfig(class_token=True, pool="cls"), image_positions=True, image_token_id=3)
+    with pytest.raises(GlimpseError, match="learned image positions"):
+        hf_llava_config(cfg)

@@ -140,8 +140,6 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
                 ckpt.load_part(model, part, run_weights(run))
     for part in recipe.freeze:
         ckpt.model_part(model, part, "freeze: ").requires_grad_(False)
-    if hasattr(task, "prepare"):  # work done once with the starting weights (a frozen tower's feature cache)
-        task.prepare(model, device, main and progress)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr, betas=tuple(tc.betas))
     state = {"failures": {}, "bad_in_a_row": 0}
     start = 0
@@ -150,6 +148,8 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         start = state["step"]
         if main:
             print(f"resuming {out} from step {start}")
+    if hasattr(task, "prepare"):  # once, with the weights training starts from (a frozen tower's feature cache)
+        task.prepare(model, device, main and progress)
     if main:
         save_recipe(recipe, out / "recipe.yaml")
         if tok_path.resolve() != (out / "tokenizer.json").resolve():
