@@ -24,8 +24,8 @@ from glimpse.models.vlm import VLMConfig
 RECIPE_DIR = Path(__file__).parent / "configs"
 
 # family -> the dataclass its `model:` section maps onto
-MODEL_CONFIGS: dict[str, type] = {"dual_encoder": DualEncoderConfig, "causal_lm": DecoderConfig, "vlm": VLMConfig}
-MODEL_CONFIGS["fusion"] = FusionConfig
+MODEL_CONFIGS: dict[str, type] = {"dual_encoder": DualEncoderConfig, "causal_lm": DecoderConfig, "vlm": VLMConfig,
+                                  "fusion": FusionConfig}
 
 
 @dataclass
@@ -332,8 +332,8 @@ def _validate_fusion(m: FusionConfig) -> None:
            "model.*_weight", (m.mlm_weight, m.itm_weight, m.itc_weight), "are all zero: nothing to learn")
 
 
-MODEL_VALIDATORS = {"dual_encoder": _validate_dual_encoder, "causal_lm": _validate_causal_lm, "vlm": _validate_vlm}
-MODEL_VALIDATORS["fusion"] = _validate_fusion
+MODEL_VALIDATORS = {"dual_encoder": _validate_dual_encoder, "causal_lm": _validate_causal_lm, "vlm": _validate_vlm,
+                    "fusion": _validate_fusion}
 
 
 def validate_recipe(r: Recipe) -> None:

@@ -32,8 +32,7 @@ def vqa_scores(pipe: VisionLanguagePipeline, items: list[dict], batch_size: int,
         prompts = [pipe.question_prompt(it["question"], it["image"], shots[start + i] if shots else (), short=True)
                    for i, it in enumerate(chunk)]
         preds += pipe.generate(prompts, VQA_MAX_NEW_TOKENS)
-    out = vqa_summary(preds, items)
-    return out
+    return vqa_summary(preds, items)
 
 
 def caption_scores(pipe: VisionLanguagePipeline, data_cfg, root: Path, split: str, prompt: str, batch_size: int,

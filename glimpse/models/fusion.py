@@ -291,8 +291,8 @@ class FusionEncoder(nn.Module):
         if hard_negatives is not None:
             neg_patches, neg_pooled, neg_text, neg_mask = hard_negatives(out)
             T = max(text.shape[1], neg_text.shape[1])
-            texts = torch.cat([_pad(text, T), _pad(text, T), _pad(neg_text, T)])
-            masks = torch.cat([_pad(attention_mask, T), _pad(attention_mask, T), _pad(neg_mask, T)])
+            texts = torch.cat([pad_tokens(text, T), pad_tokens(text, T), pad_tokens(neg_text, T)])
+            masks = torch.cat([pad_tokens(attention_mask, T), pad_tokens(attention_mask, T), pad_tokens(neg_mask, T)])
             out["itm_logits"] = self.itm_logits(texts, masks, torch.cat([patches, neg_patches, patches]),
                                                 torch.cat([pooled, neg_pooled, pooled]))
         if mlm_input_ids is not None and self.cfg.objective == "pretrain":
@@ -321,7 +321,7 @@ class FusionEncoder(nn.Module):
         return out
 
 
-def _pad(x: torch.Tensor, T: int) -> torch.Tensor:
+def pad_tokens(x: torch.Tensor, T: int) -> torch.Tensor:
     """Right-pad dim 1 of token states [B, t, D] or a mask [B, t] with zeros to length T."""
     if x.shape[1] == T:
         return x

@@ -51,6 +51,15 @@ def agree(n_good: int, bad_in_a_row: int) -> tuple[int, int]:
     return -int(t[0]), int(t[1])
 
 
+def all_reduce_int(n: int, device, op: str = "sum") -> int:
+    """`n` summed (or its maximum, op "max") over all processes."""
+    if not dist.is_initialized():
+        return n
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return int(t)
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if not dist.is_initialized():
         return x

@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from glimpse.errors import GlimpseError
-from glimpse.train.distributed import gather_with_grad
+from glimpse.models.fusion import pad_tokens
+from glimpse.train.distributed import all_reduce_int, gather_with_grad
 
 
 def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -117,11 +118,11 @@ def itm_hard_negatives(out: dict[str, torch.Tensor]):
     scores local rows against it by ITC similarity, and draws one negative image per local text
     and one negative text per local image.  Returns (negative patches, pooled, text states, mask)."""
     img, txt, ids = out["image_embeds"], out["text_embeds"], out["input_ids"]
-    T = _global_max(ids.shape[1], ids.device)
+    T = all_reduce_int(ids.shape[1], ids.device, "max")
     all_img, offset = gather_with_grad(img.detach())
     all_txt, _ = gather_with_grad(txt.detach())
-    all_ids, _ = gather_with_grad(_pad_tokens(ids, T))
-    all_mask, _ = gather_with_grad(_pad_tokens(out["text_mask"], T))
+    all_ids, _ = gather_with_grad(pad_tokens(ids, T))
+    all_mask, _ = gather_with_grad(pad_tokens(out["text_mask"], T))
     all_ids = all_ids.masked_fill(all_mask == 0, -1)
     b = img.shape[0]
     positive = torch.arange(b, device=img.device) + offset
@@ -134,7 +135,7 @@ def itm_hard_negatives(out: dict[str, torch.Tensor]):
         neg_text = hard_negative_indices(scale * img @ all_txt.T, positive, same)  # for each image, a text
     patches, _ = gather_with_grad(out["patches"])
     pooled, _ = gather_with_grad(out["pooled"])
-    states, _ = gather_with_grad(_pad_tokens(out["text_states"], T))
+    states, _ = gather_with_grad(pad_tokens(out["text_states"], T))
     return patches[neg_image], pooled[neg_image], states[neg_text], all_mask[neg_text]
 
 
@@ -188,7 +189,7 @@ def fusion_loss(out: dict[str, torch.Tensor], cfg) -> tuple[torch.Tensor, dict[s
                              out.get("teacher_image_embeds"), out.get("teacher_text_embeds"), alpha)}
     weights = {"itc": cfg.itc_weight}
     if "itm_logits" in out:
-        parts["itm"] = itm_loss(out["itm_logits"], _global_sum(out["image_embeds"].shape[0], out["itm_logits"].device))
+        parts["itm"] = itm_loss(out["itm_logits"], all_reduce_int(out["image_embeds"].shape[0], out["itm_logits"].device))
         weights["itm"] = cfg.itm_weight
     if "mlm_logits" in out:
         parts["mlm"] = mlm_loss(out["mlm_logits"], out["mlm_targets"], out.get("teacher_mlm_logits"), alpha)
@@ -203,25 +204,3 @@ def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     of its acceptable answers."""
     soft = targets / targets.sum(1, keepdim=True).clamp_min(1e-6)
     return -(logits.float().log_softmax(-1) * soft).sum(1).mean()
-
-
-def _pad_tokens(x: torch.Tensor, T: int) -> torch.Tensor:
-    if x.shape[1] == T:
-        return x
-    return F.pad(x, (0, 0, 0, T - x.shape[1]) if x.dim() == 3 else (0, T - x.shape[1]))
-
-
-def _global_max(n: int, device) -> int:
-    if not dist.is_initialized():
-        return n
-    t = torch.tensor([n], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t)
-
-
-def _global_sum(n: int, device) -> int:
-    if not dist.is_initialized():
-        return n
-    t = torch.tensor([n], device=device)
-    dist.all_reduce(t)
-    return int(t)

@@ -224,5 +224,4 @@ class FusionTask:
         return evaluate_fusion(self.pipeline(model), self.recipe.data, self.root, splits, self.recipe.eval)
 
 
-TASKS = {"dual_encoder": DualEncoderTask, "causal_lm": CausalLMTask, "vlm": VisionLanguageTask}
-TASKS["fusion"] = FusionTask
+TASKS = {"dual_encoder": DualEncoderTask, "causal_lm": CausalLMTask, "vlm": VisionLanguageTask, "fusion": FusionTask}
