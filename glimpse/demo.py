@@ -47,7 +47,8 @@ def _img_tag(path, size: int = 96, title: str = "", cls: str = "") -> str:
 # The LLaVA part: LM pretraining, stage 1, stage 2, at a size that fits the demo's budget.
 # The towers and the data come from the demo's dual encoder (its vision tower is LLaVA's).
 LLAVA_STAGES = {
-    "lm": ("shapes-lm", ["train.max_steps=120", "train.eval_every=0", "train.save_every=120", "eval.splits=[]"]),
+    "lm": ("shapes-lm", ["train.max_steps=60", "train.warmup_steps=20", "train.eval_every=0", "train.save_every=60",
+                         "eval.splits=[]"]),
     "stage1": ("shapes-llava-stage1", ["train.max_steps=100", "train.save_every=100", "model.pixel_shuffle=1",
                                        "eval.splits=[]", "train.lr=3e-3"]),
     "stage2": ("shapes-llava-stage2", ["train.max_steps=350", "train.save_every=350", "model.pixel_shuffle=1",
