@@ -113,6 +113,11 @@ def test_demo_writes_a_self_contained_report(world, tmp_path, cli_env):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "test/vqa_acc" in r.stdout and "VQA accuracy by question type" in r.stdout
     assert "where is the" in r.stdout and "another object's position" in r.stdout
+    # bench/where_probe.py: a one-attention probe on the demo LLaVA's tower features
+    r = subprocess.run([PY, str(ROOT / "bench" / "where_probe.py"), str(out / "shapes-llava-stage2"),
+                        "--steps", "1", "3"], env=cli_env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("test accuracy") == 2 and "on scenes of 2-3 objects" in r.stdout
     # a second demo replaces the first; a folder that is not a demo's is never touched
     run(["demo", "--out", str(out)] + [x for s in sets for x in ("--set", s)], cli_env)
     other = tmp_path / "mine"
