@@ -139,8 +139,9 @@ def main() -> None:
     p.add_argument("--vqa-per-conversation", type=int, default=2, help="VQA questions per stage-2 sample")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args()
-    # The data mix is the only thing this script changes inside glimpse: stage 2 reads its records here.
-    tasks.training_records = stage2_records(a.describe_repeat, a.vqa_per_conversation)
+    if (a.describe_repeat, a.vqa_per_conversation) != (1, 2):
+        # the data mix is the only thing this script changes inside glimpse: stage 2 reads its records here
+        tasks.training_records = stage2_records(a.describe_repeat, a.vqa_per_conversation)
     run, root = train_stages(a)
     figures = json.loads((run / "eval.json").read_text())
     print(f"\n{run}: " + "  ".join(f"{k} {figures[k]:.3f}" for k in ("test/vqa_acc", "test/cider") if k in figures))
