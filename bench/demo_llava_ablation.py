@@ -21,18 +21,18 @@ from "does not read positions".
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from glimpse import demo
-from glimpse.api import load
+from glimpse.api import load_run
 from glimpse.config import load_recipe
 from glimpse.data import conversations
 from glimpse.data.conversations import vqa_items
+from glimpse.demo import train_llava
+from glimpse.eval.vlm import vqa_answers
 from glimpse.eval.vqa import vqa_accuracy
 from glimpse.train import tasks
 from glimpse.train.trainer import data_root, train
@@ -61,8 +61,7 @@ def untrained_lm(demo_dir: Path, out: Path) -> Path:
     lm_recipe = load_recipe(str(demo_dir / "shapes-lm" / "recipe.yaml"), [
         "train.max_steps=1", "train.lr=1e-12", "train.warmup_steps=0", "train.eval_every=0", "train.save_every=1",
         "eval.splits=[]"])
-    if not (out / "eval.json").is_file():
-        train(lm_recipe, out, progress=False)
+    train(lm_recipe, out, progress=False)
     return out
 
 
@@ -72,43 +71,26 @@ def train_stages(a) -> tuple[Path, Path]:
     tower = Path(a.tower) if a.tower else demo_dir / "clip"
     vision = load_recipe(str(tower / "recipe.yaml"), []).model.vision
     lm_run = untrained_lm(demo_dir, out / "untrained-lm") if a.lm == "untrained" else Path(a.lm or demo_dir / "shapes-lm")
-    lm_cfg = load_recipe(str(lm_run / "recipe.yaml"), []).model
     sets = {"stage1": [], "stage2": []}
     for item in a.set:
         head, _, rest = item.partition(".")
         if head not in sets or not rest:
             sys.exit(f"--set {item}: expected stage1.KEY=V or stage2.KEY=V")
         sets[head].append(rest)
-    runs: dict[str, Path] = {}
-    for stage in ("stage1", "stage2"):
-        name, settings = demo.LLAVA_STAGES[stage]
-        recipe = load_recipe(name, settings + sets[stage])
-        recipe.data = dataclasses.replace(clip.data, format=recipe.data.format, vqa_mix=recipe.data.vqa_mix,
-                                          lm_text=recipe.data.lm_text)
-        recipe.model.vision = dataclasses.replace(vision)
-        recipe.model.lm = dataclasses.replace(lm_cfg, vocab_size=0, context_length=recipe.model.lm.context_length)
-        recipe.init = str(runs["stage1"]) if stage == "stage2" else None
-        recipe.init_parts = {} if stage == "stage2" else {"vision": str(tower), "lm": str(lm_run)}
-        runs[stage] = out / name
-        if not (runs[stage] / "eval.json").is_file():
-            t0 = time.perf_counter()
-            train(recipe, runs[stage], progress=not a.quiet)
-            print(f"{stage}: {time.perf_counter() - t0:.0f} s")
-    return runs["stage2"], data_root(clip, False)
+    t0 = time.perf_counter()
+    run = train_llava(clip.data, vision, tower, out, sets, not a.quiet, lm_run=lm_run)
+    print(f"stage 1 and 2: {time.perf_counter() - t0:.0f} s")
+    return run, data_root(clip, False)
 
 
 def by_question_type(run: Path, root: Path) -> None:
-    items = vqa_items(load_recipe(str(run / "recipe.yaml"), []).data, root, "test")
+    task, model = load_run(run)
+    items = vqa_items(task.recipe.data, root, "test")
     annotations = json.loads((root / "annotations" / "vqa_annotations_test.json").read_text())["annotations"]
     kind = {a["question_id"]: a["question_type"] for a in annotations}
     scenes = {i["file_name"]: i["scene"] for i in
               json.loads((root / "annotations" / "captions_test.json").read_text())["images"]}
-    model = load(run)
-    answers = []
-    for start in range(0, len(items), 128):
-        chunk = items[start:start + 128]
-        answers += model.ask([it["image"] for it in chunk], [it["question"] for it in chunk], short=True,
-                             max_new_tokens=8)
+    answers = vqa_answers(task.pipeline(model), items, task.recipe.eval.batch_size)
     scores, where = defaultdict(list), Counter()
     for it, answer in zip(items, answers):
         scores[kind[it["question_id"]]].append(vqa_accuracy(answer, it["answers"]))
@@ -130,7 +112,7 @@ def by_question_type(run: Path, root: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("demo", help="a `glimpse demo` output folder (its clip and shapes-lm runs are reused)")
-    p.add_argument("out", help="where the variant's runs go (a finished stage is not trained again)")
+    p.add_argument("out", help="where the variant's runs go (a new folder)")
     p.add_argument("--set", action="append", default=[], metavar="stageN.KEY=V")
     p.add_argument("--lm", help="the LM run to start from; 'untrained' for its random initial weights "
                    "(default: the demo's shapes-lm)")

@@ -24,23 +24,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glimpse.api import load_run
-from glimpse.data.images import load_image
+from glimpse.train.feature_cache import cache_tower_features
 from glimpse.train.trainer import data_root
 
 
-def split_data(task, model, root: Path, split: str, colours, shapes, positions, batch: int = 256):
+def split_data(task, model, root: Path, split: str, colours, shapes, positions):
     """(tower features [N, T, D], questions [Q, 4] as (image, colour, shape, position), objects per image [N])."""
     images = json.loads((root / "annotations" / f"captions_{split}.json").read_text())["images"]
-    feats = []
-    with torch.no_grad():
-        for s in range(0, len(images), batch):
-            pixels = torch.stack([task.transform(load_image(root / "images" / split / i["file_name"]))
-                                  for i in images[s:s + batch]])
-            feats.append(model.tower_features(pixels))
+    paths = [str(root / "images" / split / i["file_name"]) for i in images]
+    rows, cache = cache_tower_features(model, [{"images": [p]} for p in paths], task.transform,
+                                       task.recipe.data.max_pixels, torch.device("cpu"), progress=False)
+    bad = next((str(r) for r in rows.values() if not isinstance(r, int)), None)
+    if bad:
+        raise SystemExit(bad)
     questions = [(k, colours.index(o["colour"]), shapes.index(o["shape"]), positions.index(o["position"]))
                  for k, i in enumerate(images) for o in i["scene"]
                  if sum((p["colour"], p["shape"]) == (o["colour"], o["shape"]) for p in i["scene"]) == 1]
-    return torch.cat(feats), torch.tensor(questions), torch.tensor([len(i["scene"]) for i in images])
+    return cache[[rows[p] for p in paths]], torch.tensor(questions), torch.tensor([len(i["scene"]) for i in images])
 
 
 class WhereProbe(nn.Module):

@@ -66,24 +66,29 @@ def _split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def train_llava(clip_recipe, clip_run: Path, out: Path, overrides: dict[str, list[str]], progress: bool) -> Path:
-    """LM pretraining -> LLaVA stage 1 (projector) -> stage 2 (projector + LM), each a normal run."""
+def train_llava(data, vision, tower_run: Path, out: Path, overrides: dict[str, list[str]], progress: bool,
+                lm_run: Path | None = None) -> Path:
+    """LM pretraining (unless `lm_run` gives the LM) -> LLaVA stage 1 (projector) -> stage 2 (projector
+    + LM), each a normal run on `data`, with the vision tower (config `vision`) of `tower_run`."""
     import dataclasses
 
     from glimpse.train.trainer import train
 
-    runs = {}
+    runs = {"lm": lm_run}
+    lm_cfg = None if lm_run is None else load_recipe(str(Path(lm_run) / "recipe.yaml"), []).model
     for stage, (name, settings) in LLAVA_STAGES.items():
-        recipe = load_recipe(name, settings + overrides[stage])
-        recipe.data = dataclasses.replace(clip_recipe.data, format=recipe.data.format, vqa_mix=recipe.data.vqa_mix,
+        if stage == "lm" and lm_run is not None:
+            continue
+        recipe = load_recipe(name, settings + overrides.get(stage, []))
+        recipe.data = dataclasses.replace(data, format=recipe.data.format, vqa_mix=recipe.data.vqa_mix,
                                           lm_text=recipe.data.lm_text)
         if stage == "lm":
             lm_cfg = recipe.model
         else:
-            recipe.model.vision = dataclasses.replace(clip_recipe.model.vision)
+            recipe.model.vision = dataclasses.replace(vision)
             recipe.model.lm = dataclasses.replace(lm_cfg, vocab_size=0, context_length=recipe.model.lm.context_length)
             recipe.init = str(runs["stage1"]) if stage == "stage2" else None
-            recipe.init_parts = {} if stage == "stage2" else {"vision": str(clip_run), "lm": str(runs["lm"])}
+            recipe.init_parts = {} if stage == "stage2" else {"vision": str(tower_run), "lm": str(runs["lm"])}
         runs[stage] = out / name
         train(recipe, runs[stage], progress=progress)
     return runs["stage2"]
@@ -106,7 +111,7 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
     run = out / "clip"
     results = train(recipe, run, progress=progress)
     print(f"[2/4] trained the dual encoder in {run} ({time.time() - t0:.0f} s)")
-    llava_run = train_llava(recipe, run, out, sets, progress)
+    llava_run = train_llava(recipe.data, recipe.model.vision, run, out, sets, progress)
     print(f"[3/4] trained LLaVA (LM pretraining, stage 1, stage 2) in {llava_run.parent} ({time.time() - t0:.0f} s)")
 
     build_index(run, [root / "images" / "test", root / "images" / "test_novel"], out / "index", progress=False)

@@ -23,16 +23,22 @@ from glimpse.infer.vlm import VisionLanguagePipeline
 VQA_MAX_NEW_TOKENS = 8  # a word or a phrase
 
 
-def vqa_scores(pipe: VisionLanguagePipeline, items: list[dict], batch_size: int,
-               shots: list[list[tuple]] | None = None) -> dict[str, float]:
-    """VQA accuracy over `items` (read_vqa's), optionally each after its own solved examples."""
+def vqa_answers(pipe: VisionLanguagePipeline, items: list[dict], batch_size: int,
+                shots: list[list[tuple]] | None = None) -> list[str]:
+    """Greedy short answers to `items` (read_vqa's), optionally each after its own solved examples."""
     preds = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         prompts = [pipe.question_prompt(it["question"], it["image"], shots[start + i] if shots else (), short=True)
                    for i, it in enumerate(chunk)]
         preds += pipe.generate(prompts, VQA_MAX_NEW_TOKENS)
-    return vqa_summary(preds, items)
+    return preds
+
+
+def vqa_scores(pipe: VisionLanguagePipeline, items: list[dict], batch_size: int,
+               shots: list[list[tuple]] | None = None) -> dict[str, float]:
+    """VQA accuracy over `items`, optionally each after its own solved examples."""
+    return vqa_summary(vqa_answers(pipe, items, batch_size, shots), items)
 
 
 def caption_scores(pipe: VisionLanguagePipeline, data_cfg, root: Path, split: str, prompt: str, batch_size: int,
