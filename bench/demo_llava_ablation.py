@@ -14,6 +14,8 @@ from "does not read positions".
     python bench/demo_llava_ablation.py runs/demo runs/ablation/untrained-lm --lm untrained --describe-repeat 3
     python bench/demo_llava_ablation.py runs/demo runs/ablation/full-tower --tower runs/shapes-clip \\
         --set stage1.model.pixel_shuffle=2 --set stage2.model.pixel_shuffle=2
+    python bench/demo_llava_ablation.py runs/demo runs/ablation/norm-700 --set stage2.train.max_steps=700 \\
+        --set stage1.model.projector_norm=true --set stage2.model.projector_norm=true
 
 (--tower takes any dual-encoder run on 64 px shapes images; its own vision config is used.)
 """

@@ -309,6 +309,8 @@ def _validate_vlm(m: VLMConfig) -> None:
            f"must divide the {grid}x{grid} patch grid")
     _check(not m.image_positions or m.connector != "prefix", "model.image_positions", m.image_positions,
            "is for the linear and mlp2x_gelu projectors (the prefix mapper makes its own tokens)")
+    _check(not m.projector_norm or m.connector != "prefix", "model.projector_norm", m.projector_norm,
+           "is for the linear and mlp2x_gelu projectors")
     _check(m.chat_template in TEMPLATES or "{" in m.chat_template, "model.chat_template", m.chat_template,
            f"is neither a Jinja template nor one of {', '.join(TEMPLATES)}")
 

@@ -37,7 +37,7 @@ def llava_run(world, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("runs") / "llava-clip"
     sets = tiny_vlm_overrides(world, **{"model.vision.class_token": "true", "model.vision.pool": "cls",
-                                        "model.pixel_shuffle": 1, "model.image_positions": "false",
+                                        "model.pixel_shuffle": 1, "model.image_positions": "false", "model.projector_norm": "false",
                                         "model.vision_feature_layer": -2,
                                         "train.max_steps": 2, "eval.splits": "[]", "eval.during_train": "[]"})
     train(load_recipe("shapes-llava-stage2", sets), out, progress=False)
@@ -204,4 +204,7 @@ def test_llava_export_refuses_learned_image_positions():
 
     cfg = VLMConfig(vision=VisionConfig(class_token=True, pool="cls"), image_positions=True, image_token_id=3)
     with pytest.raises(GlimpseError, match="learned image positions"):
+        hf_llava_config(cfg)
+    cfg = VLMConfig(vision=VisionConfig(class_token=True, pool="cls"), projector_norm=True, image_token_id=3)
+    with pytest.raises(GlimpseError, match="a projector norm"):
         hf_llava_config(cfg)

@@ -130,6 +130,23 @@ def test_image_positions_are_refused_where_they_mean_nothing():
         load_recipe("shapes-frozen", ["model.image_positions=true"])
 
 
+def test_projector_norm_makes_the_image_tokens_blind_to_the_feature_scale():
+    """With `projector_norm` the projector sees LayerNormed features: scaling a tower's features
+    by 30 (a ViT's hidden states are that large) leaves the image tokens as they were."""
+    from glimpse.config import load_recipe
+    from glimpse.errors import GlimpseError
+
+    normed = tiny(projector_norm=True)
+    feats = torch.randn(2, 16, 16)
+    assert torch.allclose(normed.project(feats), normed.project(30 * feats + 2), atol=1e-5)
+    plain = tiny()
+    plain.load_state_dict({k: v for k, v in normed.state_dict().items() if "connector.norm" not in k})
+    assert not torch.allclose(plain.project(feats), plain.project(30 * feats + 2), atol=1e-3)
+    assert not torch.allclose(plain.project(feats), normed.project(feats), atol=1e-3)
+    with pytest.raises(GlimpseError, match="model.projector_norm"):
+        load_recipe("shapes-frozen", ["model.projector_norm=true"])
+
+
 def test_tower_features_stand_in_for_pixels():
     """The feature cache's path: forward on precomputed tower features == forward on the pixels."""
     for kw in ({}, {"pixel_shuffle": 2, "image_positions": True}, {"connector": "prefix", "prefix_tokens": 2}):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import subprocess
 from collections import Counter
 
@@ -209,6 +210,47 @@ def test_feature_cache_drops_bad_images_and_counts_them(world, tok):
     batch = ConversationCollate(tok.pad_id)([ds[(i, 0)] for i in range(3)])
     assert batch["status"] == [None, "format", None] and batch["image_rows"].tolist() == [0, 0]
     assert "pixel_values" not in batch
+
+
+def test_feature_cache_reuses_the_same_towers_features(world, tok, tmp_path):
+    """LLaVA stage 2 after stage 1 in one process: the same frozen tower encodes only the images
+    stage 1 did not; another tower (one weight changed) encodes everything again."""
+    from glimpse.config import load_recipe
+    from glimpse.data.images import load_image
+    from glimpse.train.feature_cache import cache_tower_features
+    from glimpse.train.tasks import TASKS
+
+    r = load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world))
+    task = TASKS["vlm"](r, world, tok)
+    model = task.build_model()
+    paths = sorted((world / "images" / "train").iterdir())[:5]
+    encoded = []
+    tower_features = model.tower_features
+    model.tower_features = lambda px: encoded.append(len(px)) or tower_features(px)
+
+    def cache(images):
+        return cache_tower_features(model, [{"images": [p]} for p in images], task.transform, r.data.max_pixels,
+                                    torch.device("cpu"), progress=False)
+
+    rows_a, cache_a = cache(paths[:3])
+    rows_b, cache_b = cache(paths[1:][::-1])  # two new images, two seen; another order
+    assert encoded == [3, 2]
+    assert sorted(rows_b.values()) == list(range(4)) and cache_b.shape[0] == 4
+    for p in paths[1:3]:  # the reused rows hold the features the first call computed
+        assert torch.equal(cache_b[rows_b[str(p)]], cache_a[rows_a[str(p)]])
+    fresh = tower_features(torch.stack([task.transform(load_image(paths[4]))]))[0]
+    assert torch.allclose(cache_b[rows_b[str(paths[4])]], fresh)
+    copy = tmp_path / "copy.png"  # a file rewritten under the same path is read again
+    copy.write_bytes(paths[0].read_bytes())
+    cache([copy])
+    copy.write_bytes(paths[4].read_bytes())
+    os.utime(copy, ns=(copy.stat().st_mtime_ns + 10**9,) * 2)
+    rows_c, cache_c = cache([copy])
+    assert encoded == [3, 2, 1, 1] and torch.allclose(cache_c[0], fresh)
+    with torch.no_grad():
+        next(model.vision.parameters()).add_(1.0)
+    cache(paths[:3])
+    assert encoded == [3, 2, 1, 1, 3]
 
 
 def test_feature_cache_needs_a_frozen_tower(world):

@@ -105,10 +105,12 @@ def llava_unused(cfg: VLMConfig) -> tuple[str, ...]:
 
 def hf_llava_config(cfg: VLMConfig) -> dict:
     """A LlavaForConditionalGeneration config.json, or an error naming what HF's LLaVA cannot compute."""
-    if cfg.connector != "mlp2x_gelu" or cfg.pixel_shuffle != 1 or cfg.image_positions:
+    if cfg.connector != "mlp2x_gelu" or cfg.pixel_shuffle != 1 or cfg.image_positions or cfg.projector_norm:
+        extras = [name for name, on in (("learned image positions", cfg.image_positions),
+                                        ("a projector norm", cfg.projector_norm)) if on]
         raise GlimpseError(f"export: LLaVA has an mlp2x_gelu projector on the patch tokens; this model's connector "
                            f"is {cfg.connector!r} with pixel_shuffle {cfg.pixel_shuffle}"
-                           f"{' and learned image positions' if cfg.image_positions else ''}, which it cannot express")
+                           f"{''.join(' and ' + e for e in extras)}, which it cannot express")
     vision = hf_vision_config(cfg.vision, for_llava=True)
     if cfg.vision_feature_select == "patch" and not cfg.vision.class_token:
         strategy = "full"  # glimpse keeps every patch of a tower without a class token: HF's "full"

@@ -10,6 +10,12 @@
   projected tokens.  The LM's own positions (RoPE) only steer where attention looks; what a
   question token reads from an image token is that token's value, so "where is the red cross?"
   needs the position in the token itself.  Off by default (real LLaVA checkpoints have none).
+- `norm` (projectors): a LayerNorm on the (shuffled) features before the first linear, as
+  InternVL's `mlp1` and Qwen2-VL's merger have.  A ViT's hidden states before its final norm
+  are large (norm about 30 in the shapes towers), and so, through the projector, are the image
+  tokens, next to text embeddings of norm about 1; the norm brings them to about 7 (README,
+  "glimpse demo, LLaVA part", for what it did to training).  Off by default (real LLaVA
+  checkpoints have none).
 """
 
 from __future__ import annotations
@@ -36,17 +42,18 @@ def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
 class Projector(nn.Module):
     """`linear` or `mlp2x_gelu`: per token, [B, N, in] -> [B, N, out]."""
 
-    def __init__(self, kind: str, dim_in: int, dim_out: int, positions: int = 0):
+    def __init__(self, kind: str, dim_in: int, dim_out: int, positions: int = 0, norm: bool = False):
         super().__init__()
         if kind not in ("linear", "mlp2x_gelu"):
             raise ValueError(f"projector {kind!r} must be linear or mlp2x_gelu")
+        self.norm = nn.LayerNorm(dim_in) if norm else None
         self.linear_1 = nn.Linear(dim_in, dim_out)
         self.linear_2 = nn.Linear(dim_out, dim_out) if kind == "mlp2x_gelu" else None
         # zeros: a projector trained without positions computes the same function at the start
         self.position = nn.Parameter(torch.zeros(positions, dim_out)) if positions else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.linear_1(x)
+        x = self.linear_1(x if self.norm is None else self.norm(x))
         x = x if self.linear_2 is None else self.linear_2(F.gelu(x))
         if self.position is not None:
             if x.shape[-2] != self.position.shape[0]:

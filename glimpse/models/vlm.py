@@ -35,6 +35,7 @@ class VLMConfig:
     vision_feature_select: str = "patch"  # patch | full
     pixel_shuffle: int = 1  # fold f x f patches into one token (projector connectors)
     image_positions: bool = False  # projector connectors: add a learned embedding per image-token position
+    projector_norm: bool = False  # projector connectors: LayerNorm the features first (InternVL, Qwen2-VL)
     image_token_id: int = -1  # the tokenizer's <image>; set from the tokenizer when the model is built
     chat_template: str = "compact"  # a glimpse.data.chat template name or a Jinja source
 
@@ -54,7 +55,7 @@ class VisionLanguageModel(nn.Module):
             self.connector = PrefixMapper(cfg.vision.width, d_lm, cfg.prefix_tokens, cfg.prefix_source)
         else:
             self.connector = Projector(cfg.connector, cfg.vision.width * cfg.pixel_shuffle**2, d_lm,
-                                       self.image_tokens if cfg.image_positions else 0)
+                                       self.image_tokens if cfg.image_positions else 0, cfg.projector_norm)
 
     @property
     def image_tokens(self) -> int:
