@@ -9,7 +9,9 @@ images at 64 tokens x 128; a 336 px CLIP-L tower (576 x 1024) would need 2.4 MB 
 The last tower's features stay in memory for the next run in the same process: LLaVA stage 1 and
 stage 2 (as `glimpse demo` runs them) encode the same images with the same frozen tower, so stage
 2 encodes only what stage 1 did not.  The tower is recognised by a hash of its weights and of
-everything else that decides its features (layer, selection, preprocessing).
+everything else that decides its features (layer, selection, preprocessing), a rewritten image
+file by its modification time and size.  The price: the last cache stays in memory until the
+process ends or another tower's cache replaces it.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def cache_tower_features(model: VisionLanguageModel, records: list[dict], transf
     offset = 0 if old_cache is None else len(old_cache)
     all_rows = {**known, **{k: r + offset if isinstance(r, int) else r for k, r in new_rows.items()}}
     parts = [c for c in (old_cache, new_cache) if c is not None]
-    all_cache = torch.cat(parts) if parts else torch.empty(0, device=device)
+    all_cache = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.empty(0, device=device)
     _last.update(key=key, rows=all_rows, cache=all_cache,
                  stamps={**(_last["stamps"] if known else {}), **stamps})
     # this call's images only, in their order
