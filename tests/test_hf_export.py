@@ -37,7 +37,8 @@ def llava_run(world, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("runs") / "llava-clip"
     sets = tiny_vlm_overrides(world, **{"model.vision.class_token": "true", "model.vision.pool": "cls",
-                                        "model.pixel_shuffle": 1, "model.image_positions": "false", "model.projector_norm": "false",
+                                        "model.pixel_shuffle": 1, "model.image_positions": "false",
+                                        "model.projector_norm": "false",
                                         "model.vision_feature_layer": -2,
                                         "train.max_steps": 2, "eval.splits": "[]", "eval.during_train": "[]"})
     train(load_recipe("shapes-llava-stage2", sets), out, progress=False)
