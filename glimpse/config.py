@@ -307,10 +307,10 @@ def _validate_vlm(m: VLMConfig) -> None:
     grid = v.image_size // max(v.patch_size, 1)
     _check(m.connector == "prefix" or grid % m.pixel_shuffle == 0, "model.pixel_shuffle", m.pixel_shuffle,
            f"must divide the {grid}x{grid} patch grid")
-    _check(not m.image_positions or m.connector != "prefix", "model.image_positions", m.image_positions,
-           "is for the linear and mlp2x_gelu projectors (the prefix mapper makes its own tokens)")
-    _check(not m.projector_norm or m.connector != "prefix", "model.projector_norm", m.projector_norm,
-           "is for the linear and mlp2x_gelu projectors")
+    for key in ("image_positions", "projector_norm"):  # parts of the projectors
+        on = getattr(m, key)
+        _check(not on or m.connector != "prefix", f"model.{key}", on,
+               "is for the linear and mlp2x_gelu projectors (the prefix mapper makes its own tokens)")
     _check(m.chat_template in TEMPLATES or "{" in m.chat_template, "model.chat_template", m.chat_template,
            f"is neither a Jinja template nor one of {', '.join(TEMPLATES)}")
 

@@ -81,10 +81,10 @@ def cache_tower_features(model: VisionLanguageModel, records: list[dict], transf
     [rows, ...] on `device`).  Each distinct image is read and encoded once."""
     images = list(dict.fromkeys(image_key(img) for r in records for img in r["images"]))
     key = tower_fingerprint(model, transform, max_pixels)
-    known = _last["rows"] if _last["key"] == key else {}
-    # a file rewritten since (same path, other bytes) is encoded again
     stamps = {k: _stamp(k) for k in images}
-    known = {k: r for k, r in known.items() if k not in stamps or _last["stamps"].get(k) == stamps[k]}
+    # the last run's rows, if it had this tower; a file rewritten since (same path, other bytes) is encoded again
+    known = {k: r for k, r in _last["rows"].items() if k not in stamps or _last["stamps"].get(k) == stamps[k]} \
+        if _last["key"] == key else {}
     was_training = model.training
     model.eval()
     new_rows, new_cache = _encode(model, [k for k in images if k not in known], transform, max_pixels, device,
