@@ -72,13 +72,16 @@ def train_stages(a) -> tuple[Path, Path]:
     clip = load_recipe(str(demo_dir / "clip" / "recipe.yaml"), [])
     tower = Path(a.tower) if a.tower else demo_dir / "clip"
     vision = load_recipe(str(tower / "recipe.yaml"), []).model.vision
-    lm_run = untrained_lm(demo_dir, out / "untrained-lm") if a.lm == "untrained" else Path(a.lm or demo_dir / "shapes-lm")
-    sets = {"stage1": [], "stage2": []}
+    sets = {"lm": [], "stage1": [], "stage2": []}
     for item in a.set:
         head, _, rest = item.partition(".")
         if head not in sets or not rest:
-            sys.exit(f"--set {item}: expected stage1.KEY=V or stage2.KEY=V")
+            sys.exit(f"--set {item}: expected lm.KEY=V, stage1.KEY=V or stage2.KEY=V")
         sets[head].append(rest)
+    if sets["lm"] and a.lm:
+        sys.exit("--set lm.KEY=V pretrains a new LM as the demo does; it cannot be combined with --lm")
+    lm_run = untrained_lm(demo_dir, out / "untrained-lm") if a.lm == "untrained" else \
+        None if sets["lm"] else Path(a.lm or demo_dir / "shapes-lm")
     t0 = time.perf_counter()
     run = train_llava(clip.data, vision, tower, out, sets, not a.quiet, lm_run=lm_run)
     print(f"stage 1 and 2: {time.perf_counter() - t0:.0f} s")
@@ -115,7 +118,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("demo", help="a `glimpse demo` output folder (its clip and shapes-lm runs are reused)")
     p.add_argument("out", help="where the variant's runs go (a new folder)")
-    p.add_argument("--set", action="append", default=[], metavar="stageN.KEY=V")
+    p.add_argument("--set", action="append", default=[], metavar="lm|stage1|stage2.KEY=V",
+                   help="a setting of one stage; any lm.KEY=V pretrains a new LM (as the demo does) with it")
     p.add_argument("--lm", help="the LM run to start from; 'untrained' for its random initial weights "
                    "(default: the demo's shapes-lm)")
     p.add_argument("--tower", help="a dual-encoder run whose vision tower to use (default: the demo's clip)")

@@ -76,6 +76,8 @@ class TrainConfig:
     # vlm with a frozen vision tower: compute each training image's tower features once, before
     # the first step, instead of decoding and encoding it again every epoch
     cache_vision_features: bool = False
+    # batches of samples of about the same length (LLaVA's group_by_modality_length): less padding
+    group_by_length: bool = False
 
 
 @dataclass

@@ -75,6 +75,32 @@ def test_training_records_and_collate(world, tok):
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
 
 
+def test_conversation_dataset_tokenizes_a_sample_once_and_knows_its_length(world, tok, monkeypatch):
+    from glimpse.data import conversations
+    from glimpse.data.conversations import ConversationDataset
+
+    msgs = [{"role": "user", "content": "<image>\nhow many shapes are there?"}, {"role": "assistant", "content": "2"}]
+    records = [{"images": ["a.png"], "messages": msgs},
+               {"images": ["a.png"], "captions": ["a red circle", "a large red circle at the top of it"]}]
+    rows = {"a.png": 0}
+    calls = []
+    encode = conversations.encode_sample
+    monkeypatch.setattr(conversations, "encode_sample", lambda *a: calls.append(a[2][-1]["content"]) or encode(*a))
+    ds = ConversationDataset(records, tok, "compact", None, 0, 4, 96, rows)
+    first = [ds[(0, 7)], ds[(1, 0)], ds[(1, 1)]]
+    again = [ds[(0, 3)], ds[(1, 2)], ds[(1, 5)]]  # the same conversation, captions 0 and 1 again
+    assert calls == ["2", "a red circle", "a large red circle at the top of it"]
+    assert again == [first[0], first[1], first[2]]
+    # lengths follow the real token counts (words + template + image tokens), for length grouping
+    real = [len(s["input_ids"]) for s in first]
+    lengths = ds.lengths()
+    assert abs(lengths[0] - real[0]) <= 5 and abs(lengths[1] - (real[1] + real[2]) / 2) <= 5
+    monkeypatch.setattr(conversations, "ENCODED_CACHE_LIMIT", 1)  # a large data set keeps nothing
+    big = ConversationDataset(records, tok, "compact", None, 0, 4, 96, rows)
+    big[(0, 0)], big[(0, 0)]
+    assert calls[-2:] == ["2", "2"]
+
+
 @pytest.mark.parametrize("recipe", ["shapes-llava-stage1", "shapes-frozen"])
 def test_stage1_and_frozen_train_with_frozen_parts(world, tmp_path, recipe):
     from glimpse.config import load_recipe

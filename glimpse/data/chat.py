@@ -24,6 +24,7 @@ this way needs no markers, only a template whose renderings of prefixes are pref
 
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
 
 from jinja2.exceptions import TemplateError
@@ -165,15 +166,22 @@ def from_llava(conversations: list[dict]) -> list[dict]:
     return out
 
 
+_MARKED: weakref.WeakSet = weakref.WeakSet()  # tokenizers already through mark_specials
+
+
 def mark_specials(hf) -> None:
     # A marker the tokenizer has in its vocabulary but not as an added token would be split by
     # the pre-tokenizer; registering it (no new id) makes it match whole.  Markers the
-    # tokenizer lacks stay plain text.
+    # tokenizer lacks stay plain text.  Once per tokenizer: get_vocab copies the whole vocabulary,
+    # which cost more than the rest of tokenize_conversation.
+    if hf in _MARKED:
+        return
     vocab = hf.get_vocab()
     added = {t.content for t in hf.get_added_tokens_decoder().values()}
     missing = [m for m in _MARKERS if m in vocab and m not in added]
     if missing:
         hf.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in missing])
+    _MARKED.add(hf)
 
 
 def token_text(hf, ids: dict, role: str) -> str:

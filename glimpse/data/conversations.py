@@ -38,6 +38,9 @@ DROP_REASONS = {
 }
 
 
+ENCODED_CACHE_LIMIT = 200_000  # records; a ConversationDataset keeps the tokenized samples of smaller sets
+
+
 def vqa_question(question: str, instruction: bool = True) -> str:
     return f"{question}\n{VQA_INSTRUCTION}" if instruction else question
 
@@ -153,18 +156,41 @@ class ConversationDataset(Dataset):
         self.transform, self.max_pixels = transform, max_pixels
         self.image_tokens, self.context_length = image_tokens, context_length
         self.image_rows = image_rows
+        # record (and caption choice) -> encode_sample's result, so a sample is tokenized once, not every
+        # epoch; only for data sets small enough to hold it (about 1 KB a sample)
+        self._encoded: dict | None = {} if len(records) <= ENCODED_CACHE_LIMIT else None
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def lengths(self) -> list[int]:
+        """About how many tokens each record becomes (words, a few per turn for the template, the
+        image tokens), for length-grouped batches; a caption record counts its mean caption."""
+        def words(text: str) -> int:
+            return len(text.split())
+
+        out = []
+        for r in self.records:
+            if r.get("messages"):
+                text = sum(words(m["content"]) + 3 for m in r["messages"])
+            else:
+                text = sum(words(c) for c in r["captions"]) / max(len(r["captions"]), 1) + 2
+            out.append(int(text) + self.image_tokens * len(r["images"]))
+        return out
+
     def __getitem__(self, key: tuple[int, int]) -> dict:
         idx, choice = key
         r = self.records[idx]
-        messages = r.get("messages") or [
-            {"role": "user", "content": "<image>" * len(r["images"])},
-            {"role": "assistant", "content": r["captions"][choice % len(r["captions"])]}]
-        encoded = encode_sample(self.tokenizer, self.template, messages, len(r["images"]), self.image_tokens,
-                                self.context_length)
+        which = (idx, 0 if r.get("messages") else choice % len(r["captions"]))
+        encoded = None if self._encoded is None else self._encoded.get(which)
+        if encoded is None:
+            messages = r.get("messages") or [
+                {"role": "user", "content": "<image>" * len(r["images"])},
+                {"role": "assistant", "content": r["captions"][which[1]]}]
+            encoded = encode_sample(self.tokenizer, self.template, messages, len(r["images"]), self.image_tokens,
+                                    self.context_length)
+            if self._encoded is not None:
+                self._encoded[which] = encoded
         if isinstance(encoded, str):
             return {"error": encoded, "message": f"sample {idx} dropped: {DROP_REASONS[encoded]}"}
         if self.image_rows is not None:

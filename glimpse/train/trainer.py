@@ -162,8 +162,11 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     if tc.compile:
         net = torch.compile(net)  # the same parameters: checkpoints and eval use `model` as is
     dataset, collate = task.train_data()
+    if tc.group_by_length and not hasattr(dataset, "lengths"):
+        raise GlimpseError(f"train.group_by_length: a {recipe.family} run's samples have no length to group by")
     sampler = StepBatchSampler(len(dataset), tc.batch_size, seed=tc.seed, start_step=start, rank=dist_info.rank,
-                               world_size=dist_info.world_size, grad_accum=tc.grad_accum, max_steps=tc.max_steps)
+                               world_size=dist_info.world_size, grad_accum=tc.grad_accum, max_steps=tc.max_steps,
+                               lengths=dataset.lengths() if tc.group_by_length else None)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=recipe.data.num_workers,
                         persistent_workers=False, prefetch_factor=4 if recipe.data.num_workers else None)
     log = MetricsLog(out / "metrics.jsonl", main, start if existing is not None else None)
