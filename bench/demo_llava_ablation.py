@@ -8,6 +8,10 @@ from "does not read positions".
 
     glimpse demo --out runs/demo
     python bench/demo_llava_ablation.py runs/demo runs/ablation/base
+    python bench/demo_llava_ablation.py runs/demo runs/ablation/seed1 --set stage2.train.seed=1
+    python bench/demo_llava_ablation.py runs/demo runs/ablation/s900 --set stage2.train.max_steps=900 \
+        --set stage2.train.save_every=900
+    python bench/demo_llava_ablation.py runs/demo runs/ablation/lm4 --set lm.model.layers=4
     python bench/demo_llava_ablation.py runs/demo runs/ablation/vfl1 \\
         --set stage1.model.vision_feature_layer=1 --set stage2.model.vision_feature_layer=1
     python bench/demo_llava_ablation.py runs/demo runs/ablation/desc3 --describe-repeat 3

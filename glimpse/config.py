@@ -78,6 +78,9 @@ class TrainConfig:
     cache_vision_features: bool = False
     # batches of samples of about the same length (LLaVA's group_by_modality_length): less padding
     group_by_length: bool = False
+    # vlm: split each batch into this many parts of similar length, each padded to its own longest
+    # (the same samples and loss as one part, less padding computed; one process only)
+    padding_groups: int = 1
 
 
 @dataclass
@@ -356,7 +359,7 @@ def validate_recipe(r: Recipe) -> None:
         _check(v is None or len(v) == 3, f"data.{k}", v, "must hold 3 values (R, G, B)")
     _check(d.image_std is None or min(d.image_std) > 0, "data.image_std", d.image_std, "must be positive")
     _choice("train.precision", t.precision, ("fp32", "bf16"))
-    for k in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
+    for k in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints", "padding_groups"):
         _check(getattr(t, k) >= 1, f"train.{k}", getattr(t, k), "must be at least 1")
     for k in ("eval_every", "warmup_steps", "max_consecutive_failures", "threads"):
         _check(getattr(t, k) >= 0, f"train.{k}", getattr(t, k), "must not be negative")

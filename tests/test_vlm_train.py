@@ -214,6 +214,43 @@ def test_cached_vision_features_train_exactly_like_pixels(world, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_padding_groups_give_the_same_loss_and_gradients(world, tok, cached):
+    """train.padding_groups splits a batch by length, each part padded to its own longest: the
+    same loss and gradients as one padded batch, with every sample's images (0, 1 or 2) kept."""
+    from glimpse.config import load_recipe
+    from glimpse.data.conversations import ConversationDataset
+    from glimpse.train.feature_cache import cache_tower_features
+    from glimpse.train.tasks import TASKS
+
+    r = load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world))
+    task = TASKS["vlm"](r, world, tok)
+    torch.manual_seed(0)
+    model = task.build_model()
+    imgs = sorted((world / "images" / "train").iterdir())[:3]
+    say = [{"role": "assistant", "content": "a large red circle at the top and a small blue square"}]
+    records = [{"images": [imgs[0]], "messages": [{"role": "user", "content": "<image>\nhow many?"},
+                                                  {"role": "assistant", "content": "2"}]},
+               {"images": [], "messages": [{"role": "user", "content": "say something long."}] + say},
+               {"images": [imgs[1], imgs[2]], "messages": [{"role": "user", "content": "<image><image>\nsame?"},
+                                                           {"role": "assistant", "content": "no"}]},
+               {"images": [imgs[2]], "messages": [{"role": "user", "content": "<image>\ndescribe it."}] + say}]
+    rows, task.feature_cache = cache_tower_features(model, records, task.transform, r.data.max_pixels,
+                                                    torch.device("cpu"), progress=False) if cached else (None, None)
+    ds = ConversationDataset(records, tok, "compact", task.transform, r.data.max_pixels, model.image_tokens, 160, rows)
+    batch = ConversationCollate(tok.pad_id)([ds[(i, 0)] for i in range(4)])
+    results = []
+    for groups in (1, 3):
+        r.train.padding_groups = groups
+        model.zero_grad()
+        loss = task.loss(model, batch)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert len(results[0][1]) == len(results[1][1]) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
+
 def test_feature_cache_drops_bad_images_and_counts_them(world, tok):
     from glimpse.config import load_recipe
     from glimpse.data.conversations import ConversationDataset

@@ -14,6 +14,7 @@ import io
 import json
 import tarfile
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,20 @@ def _write_split(out: Path, split: str, index: int, n: int, seed: int, size: int
     image_dir.mkdir(parents=True, exist_ok=True)
     images, captions, llava, questions, answers, labels, clip_rows = [], [], [], [], [], [], []
     writer = _ShardWriter(out / "shards", split) if shards else None
+    pending: list = []  # (stem, captions, scene, PNG future) in image order
+
+    def flush(keep: int) -> None:
+        while len(pending) > keep:
+            stem, caps, objects, png = pending.pop(0)
+            png = png.result()
+            (image_dir / f"{stem}.png").write_bytes(png)
+            if writer:
+                writer.add(stem, {"png": png, "txt": caps[0].encode("utf-8"),
+                                  "json": _dumps({"captions": caps, "scene": objects}).encode("utf-8")})
+
+    # Drawing draws from the seeded rng, so it stays in order; the downsampling and PNG encoding
+    # (most of the time, and Pillow releases the GIL for both) run on two threads.
+    pool = ThreadPoolExecutor(2)
     try:
         for i in tqdm(range(n), desc=f"shapes {split}", unit="img", disable=not progress):
             objects = _draw_scene(rng, novel, seen)
@@ -132,10 +147,7 @@ def _write_split(out: Path, split: str, index: int, n: int, seed: int, size: int
                                    f"ask for fewer than {n}")
             stem = f"{split}_{i:06d}"
             file_name = f"{stem}.png"
-            buffer = io.BytesIO()
-            _render(objects, rng, size).save(buffer, format="PNG")
-            png = buffer.getvalue()
-            (image_dir / file_name).write_bytes(png)
+            png = pool.submit(_png, _draw(objects, rng, size), size)
 
             caps = _captions(objects, rng)
             qas = _questions(objects, rng, allow_novel=novel)
@@ -151,10 +163,11 @@ def _write_split(out: Path, split: str, index: int, n: int, seed: int, size: int
             llava += _conversations(stem, f"{split}/{file_name}", caps, qas, rng)
             if len(objects) == 1:
                 labels.append((f"images/{split}/{file_name}", f"{objects[0]['colour']} {objects[0]['shape']}"))
-            if writer:
-                writer.add(stem, {"png": png, "txt": caps[0].encode("utf-8"),
-                                  "json": _dumps({"captions": caps, "scene": objects}).encode("utf-8")})
+            pending.append((stem, caps, objects, png))
+            flush(keep=64)
+        flush(keep=0)
     finally:
+        pool.shutdown(cancel_futures=True)
         if writer:
             writer.close()
 
@@ -201,8 +214,15 @@ def _sample_scene(rng: np.random.Generator, novel: bool) -> list[dict]:
     return sorted(objects, key=lambda o: POSITIONS.index(o["position"]))
 
 
-def _render(objects: list[dict], rng: np.random.Generator, size: int) -> Image.Image:
-    """Draw at _SUPERSAMPLE times the size and downsample, which anti-aliases the edges."""
+def _png(canvas: Image.Image, size: int) -> bytes:
+    """A drawn canvas downsampled to the image size (which anti-aliases the edges), as PNG bytes."""
+    buffer = io.BytesIO()
+    canvas.resize((size, size), Image.LANCZOS).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _draw(objects: list[dict], rng: np.random.Generator, size: int) -> Image.Image:
+    """The scene drawn at _SUPERSAMPLE times the size (`_png` downsamples it)."""
     big = size * _SUPERSAMPLE
     canvas = Image.fromarray(_background(rng, size), "RGB").resize((big, big), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
@@ -222,7 +242,7 @@ def _render(objects: list[dict], rng: np.random.Generator, size: int) -> Image.I
             w = 0.32 * r
             draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
             draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
-    return canvas.resize((size, size), Image.LANCZOS)
+    return canvas
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:

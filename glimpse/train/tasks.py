@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glimpse.data.chat import IGNORE
 from glimpse.data.conversations import ConversationCollate, ConversationDataset, training_records, vqa_items
 from glimpse.data.images import ImageTransform
 from glimpse.data.lm_text import CaptionTexts, WorldTexts
@@ -101,6 +102,27 @@ class CausalLMTask:
                            self.recipe.model.context_length, self.recipe.eval.batch_size)
 
 
+def padding_groups(batch: dict, images, image_token_id: int, image_tokens: int, groups: int):
+    """The batch as (input_ids, attention_mask, labels, images) parts of about `groups` equal
+    shares, the samples sorted by length so each part is padded only to its own longest: the
+    same samples and, summed over the parts, the same loss, with less padding computed.
+    `images` (pixels or feature-cache rows) are in reading order, so each part takes its samples'."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if groups <= 1 or ids.shape[0] < 2:
+        yield ids, mask, labels, images
+        return
+    lengths = mask.sum(1)
+    per_sample = ((ids == image_token_id).sum(1) // image_tokens).tolist()  # images of each sample
+    starts = [0]
+    for n in per_sample:
+        starts.append(starts[-1] + n)
+    for rows in torch.argsort(lengths).tensor_split(min(groups, ids.shape[0])):
+        T = int(lengths[rows].max())
+        picked = [i for r in rows.tolist() for i in range(starts[r], starts[r + 1])]
+        part_images = None if images is None else images[torch.tensor(picked, dtype=torch.long, device=images.device)]
+        yield ids[rows, :T], mask[rows, :T], labels[rows, :T], part_images
+
+
 class VisionLanguageTask:
     """A vision-language decoder (Frozen, LLaVA): next-token loss on the assistant's tokens of
     image conversations; evaluated on what it generates (VQA, captions)."""
@@ -136,11 +158,24 @@ class VisionLanguageTask:
         return dataset, ConversationCollate(self.tokenizer.pad_id)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        cached = {"tower_features": self.feature_cache[batch["image_rows"]]} if "image_rows" in batch else {}
-        hidden = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), return_hidden=True,
-                       **cached)
         lm = model.module.lm if hasattr(model, "module") else model.lm  # DDP wraps the model
-        return lm_loss_at_targets(hidden, lm.lm_head, batch["labels"])
+        if hasattr(model, "module") and self.recipe.train.padding_groups > 1:
+            raise GlimpseError("train.padding_groups > 1 runs the model several times a step, which DDP does not "
+                               "allow: use 1 with several processes")
+        images = batch["image_rows"] if "image_rows" in batch else batch.get("pixel_values")
+        total, n_targets = 0.0, 0
+        for part in padding_groups(batch, images, self.recipe.model.image_token_id,
+                                   VisionLanguageModel.count_image_tokens(self.recipe.model),
+                                   self.recipe.train.padding_groups):
+            ids, mask, labels, ims = part
+            n = int((labels[:, 1:] != IGNORE).sum())
+            if n == 0:  # a part of prompts whose answers were all cut off: nothing to learn from it
+                continue
+            feats = {"tower_features": self.feature_cache[ims]} if "image_rows" in batch else {"pixel_values": ims}
+            hidden = model(ids, mask, return_hidden=True, **feats)
+            total = total + lm_loss_at_targets(hidden, lm.lm_head, labels) * n
+            n_targets += n
+        return total / n_targets  # the mean over the batch's targets, as one group would give
 
     def pipeline(self, model: VisionLanguageModel) -> VisionLanguagePipeline:
         return VisionLanguagePipeline(model, self.tokenizer, self.transform, self.recipe.data.max_pixels)
