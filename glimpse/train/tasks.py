@@ -163,19 +163,22 @@ class VisionLanguageTask:
             raise GlimpseError("train.padding_groups > 1 runs the model several times a step, which DDP does not "
                                "allow: use 1 with several processes")
         images = batch["image_rows"] if "image_rows" in batch else batch.get("pixel_values")
-        total, n_targets = 0.0, 0
-        for part in padding_groups(batch, images, self.recipe.model.image_token_id,
-                                   VisionLanguageModel.count_image_tokens(self.recipe.model),
-                                   self.recipe.train.padding_groups):
-            ids, mask, labels, ims = part
-            n = int((labels[:, 1:] != IGNORE).sum())
-            if n == 0:  # a part of prompts whose answers were all cut off: nothing to learn from it
-                continue
+        parts = list(padding_groups(batch, images, self.recipe.model.image_token_id,
+                                    VisionLanguageModel.count_image_tokens(self.recipe.model),
+                                    self.recipe.train.padding_groups))
+
+        def part_loss(ids, mask, labels, ims):
             feats = {"tower_features": self.feature_cache[ims]} if "image_rows" in batch else {"pixel_values": ims}
-            hidden = model(ids, mask, return_hidden=True, **feats)
-            total = total + lm_loss_at_targets(hidden, lm.lm_head, labels) * n
-            n_targets += n
-        return total / n_targets  # the mean over the batch's targets, as one group would give
+            return lm_loss_at_targets(model(ids, mask, return_hidden=True, **feats), lm.lm_head, labels)
+
+        if len(parts) == 1:
+            return part_loss(*parts[0])
+        total, n_targets = 0.0, 0
+        for ids, mask, labels, ims in parts:
+            n = int((labels[:, 1:] != IGNORE).sum())
+            if n:  # a part whose answers were all cut off has nothing to learn from
+                total, n_targets = total + part_loss(ids, mask, labels, ims) * n, n_targets + n
+        return total / n_targets  # the mean over the batch's targets, as one part would give
 
     def pipeline(self, model: VisionLanguageModel) -> VisionLanguagePipeline:
         return VisionLanguagePipeline(model, self.tokenizer, self.transform, self.recipe.data.max_pixels)
