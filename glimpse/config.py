@@ -361,6 +361,8 @@ def validate_recipe(r: Recipe) -> None:
     _choice("train.precision", t.precision, ("fp32", "bf16"))
     for k in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints", "padding_groups"):
         _check(getattr(t, k) >= 1, f"train.{k}", getattr(t, k), "must be at least 1")
+    _check(t.padding_groups == 1 or r.family == "vlm", "train.padding_groups", t.padding_groups,
+           "splits the batches of vlm runs only")
     for k in ("eval_every", "warmup_steps", "max_consecutive_failures", "threads"):
         _check(getattr(t, k) >= 0, f"train.{k}", getattr(t, k), "must not be negative")
     _check(t.lr > 0, "train.lr", t.lr, "must be positive")

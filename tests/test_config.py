@@ -71,6 +71,8 @@ def test_free_mapping_keys():
     ("model.loss=triplet", "is not one of clip, siglip"),
     ("data.image_std=[0.1,0.2]", "must hold 3 values"),
     ("eval.templates=[a photo]", "with a {} for the class name"),
+    ("train.padding_groups=0", "must be at least 1"),
+    ("train.padding_groups=2", "splits the batches of vlm runs only"),
 ])
 def test_values_out_of_range_are_refused_on_loading(item, fragment):
     with pytest.raises(GlimpseError) as e:

@@ -159,9 +159,6 @@ class VisionLanguageTask:
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         lm = model.module.lm if hasattr(model, "module") else model.lm  # DDP wraps the model
-        if hasattr(model, "module") and self.recipe.train.padding_groups > 1:
-            raise GlimpseError("train.padding_groups > 1 runs the model several times a step, which DDP does not "
-                               "allow: use 1 with several processes")
         images = batch["image_rows"] if "image_rows" in batch else batch.get("pixel_values")
         parts = list(padding_groups(batch, images, self.recipe.model.image_token_id,
                                     VisionLanguageModel.count_image_tokens(self.recipe.model),

@@ -99,6 +99,9 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     dist_info = init_distributed()
     main = dist_info.is_main
     tc = recipe.train
+    if dist_info.enabled and tc.padding_groups > 1:
+        raise GlimpseError("train.padding_groups > 1 runs the model several times a step, which DDP does not "
+                           "allow: use 1 with several processes")
     if tc.batch_size % (dist_info.world_size * tc.grad_accum):
         raise GlimpseError(f"train.batch_size {tc.batch_size} must be a multiple of processes x grad_accum "
                            f"({dist_info.world_size} x {tc.grad_accum})")
