@@ -87,16 +87,16 @@ class Tokenizer:
     def batch(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded [B, T] input_ids and attention_mask for a text tower: bos + text + eos,
         truncated to `max_length` with the eos kept (the EOS-pooling towers read it)."""
-        rows = []
-        for t in texts:
-            ids = self.encode(t, add_bos=True, add_eos=True)
-            if len(ids) > max_length:
-                ids = ids[: max_length - 1] + ids[-1:]
-            rows.append(ids)
+        return self.pad([self.tower_ids(t, max_length) for t in texts])
+
+    def tower_ids(self, text: str, max_length: int) -> list[int]:
+        """One row of `batch`: bos + text + eos, truncated to `max_length` with the eos kept."""
+        ids = self.encode(text, add_bos=True, add_eos=True)
+        return ids[: max_length - 1] + ids[-1:] if len(ids) > max_length else ids
+
+    def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of ids -> right-padded [B, T] input_ids and attention_mask."""
         T = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        input_ids = torch.tensor([r + [self.pad_id] * (T - len(r)) for r in rows], dtype=torch.long)
+        mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows], dtype=torch.long)
         return input_ids, mask
