@@ -1,6 +1,7 @@
 """Demo-size LLaVA ablation: retrains the LLaVA stages of `glimpse demo` (stage 1, then stage 2,
 at the demo's sizes and step counts) on top of a finished demo folder's dual encoder and LM, with
-one change, and prints what the demo prints (test VQA on its 400 questions, CIDEr-D) plus VQA
+one change, and prints what the demo prints (test VQA and CIDEr-D; until the demo scored every
+test question, add `--set stage2.eval.vqa_limit=400` to compare with older figures) plus VQA
 accuracy by question type on every test question and, for "where is the ...?", how the answers
 fall by the number of objects in the scene: right, the position of another object, or an empty
 position.  That last split tells "reads positions but does not pick the named object" apart

@@ -55,7 +55,7 @@ LLAVA_STAGES = {
     "stage1": ("shapes-llava-stage1", ["train.max_steps=100", "train.save_every=100", "model.pixel_shuffle=1",
                                        "eval.splits=[]", "train.lr=3e-3", "data.num_workers=0"]),
     "stage2": ("shapes-llava-stage2", ["train.max_steps=1050", "train.save_every=1050", "model.pixel_shuffle=1",
-                                       "eval.splits=[test]", "eval.vqa_limit=400", "train.lr=2e-3",
+                                       "eval.splits=[test]", "train.lr=2e-3",
                                        "data.num_workers=0"]),
 }
 N_ASKED = 6  # test images the demo asks its LLaVA about (each image's first VQA question)
