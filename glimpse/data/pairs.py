@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -64,7 +65,7 @@ class PairDataset(Dataset):
     def __init__(self, items: list[ImageText], transform: ImageTransform, max_pixels: int):
         self.items, self.transform, self.max_pixels = items, transform, max_pixels
         fits = len(items) * 3 * transform.image_size ** 2 <= PIXEL_CACHE_BYTES
-        self.pixels: dict[int, object] | None = {} if fits else None
+        self.pixels: dict[int, np.ndarray] | None = {} if fits else None  # index -> uint8 [S, S, 3]
 
     def __len__(self) -> int:
         return len(self.items)
