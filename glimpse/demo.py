@@ -52,8 +52,9 @@ def _img_tag(path, size: int = 96, title: str = "", cls: str = "") -> str:
 # over three stage-2 data orders a higher and narrower VQA (README).  With the
 # tower features cached a sample is only tokenized: in-process loading beats 2 workers on 2 cores.
 LLAVA_STAGES = {
-    "lm": ("shapes-lm", ["model.layers=2", "model.heads=8", "model.kv_heads=4", "train.max_steps=60", "train.warmup_steps=20", "train.eval_every=0",
-                         "train.save_every=60", "eval.splits=[]", "data.num_workers=0"]),
+    "lm": ("shapes-lm", ["model.layers=2", "model.heads=8", "model.kv_heads=4", "train.max_steps=60",
+                         "train.warmup_steps=20", "train.eval_every=0", "train.save_every=60", "eval.splits=[]",
+                         "data.num_workers=0"]),
     "stage1": ("shapes-llava-stage1", ["train.max_steps=100", "train.save_every=100", "model.pixel_shuffle=1",
                                        "eval.splits=[]", "train.lr=3e-3", "data.num_workers=0"]),
     "stage2": ("shapes-llava-stage2", ["train.max_steps=1050", "train.save_every=1050", "model.pixel_shuffle=1",
