@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from glimpse.hub import load_model
+from glimpse.families import load_hf
 
 SIZES = {
     "tiny": dict(image=32, patch=8, v_width=64, v_layers=2, v_heads=2, images=4,
@@ -80,8 +80,8 @@ def main() -> None:
         vision.save_pretrained(f"{tmp}/vision")
         lm.save_pretrained(f"{tmp}/lm")
         for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            g_vis = load_model(f"{tmp}/vision", dtype=dtype, device=a.device).model
-            g_lm = load_model(f"{tmp}/lm", dtype=dtype, device=a.device).model
+            g_vis = load_hf(f"{tmp}/vision", dtype=dtype, device=a.device).model
+            g_lm = load_hf(f"{tmp}/lm", dtype=dtype, device=a.device).model
             h_vis, h_lm = vision.to(dev, dtype), lm.to(dev, dtype)
             px = pixels.to(dtype)
             tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.1)

@@ -18,10 +18,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from glimpse.models.dual_encoder import DualEncoder, DualEncoderConfig
+from glimpse.families.dual_encoder.model import DualEncoder, DualEncoderConfig
+from glimpse.losses import clip_loss
 from glimpse.models.text import TextConfig
 from glimpse.models.vision import VisionConfig
-from glimpse.train.objectives import clip_loss
 
 # the fixed config: a ViT-S-sized pair of towers with SigLIP's tanh GELU (on CPU the exact erf
 # GELU costs 1.6x as much, about 15% of an fp32 step at this size)

@@ -22,11 +22,11 @@ import time
 
 import torch
 
+from glimpse.families.vlm.model import VisionLanguageModel, VLMConfig
 from glimpse.infer.generate import GenerationConfig, generate
+from glimpse.losses import lm_loss_at_targets
 from glimpse.models.decoder import DecoderConfig
 from glimpse.models.vision import VisionConfig
-from glimpse.models.vlm import VisionLanguageModel, VLMConfig
-from glimpse.train.objectives import lm_loss_at_targets
 
 IMAGE_TOKEN = 3
 SIZES = {

@@ -3,8 +3,10 @@
 __version__ = "0.1.0"
 
 
-def load(path, device: str = "cpu"):
-    """Load a trained glimpse run as a pipeline; see glimpse.api.load."""
-    from glimpse.api import load as _load
+def __getattr__(name: str):
+    # `glimpse.load` is glimpse.api.load itself, imported on first use so that `import glimpse` stays light
+    if name == "load":
+        from glimpse.api import load
 
-    return _load(path, device)
+        return load
+    raise AttributeError(f"module 'glimpse' has no attribute {name!r}")

@@ -49,7 +49,7 @@ def cmd_eval(a) -> None:
 
 
 def cmd_index_build(a) -> None:
-    from glimpse.infer.index import build_index
+    from glimpse.index import build_index
 
     n, failures = build_index(a.run, a.images, a.out, progress=not a.quiet)
     skipped = sum(failures.values())
@@ -58,7 +58,7 @@ def cmd_index_build(a) -> None:
 
 
 def cmd_search(a) -> None:
-    from glimpse.infer.index import ImageIndex
+    from glimpse.index import ImageIndex
 
     if (a.text is None) == (a.image is None):
         raise GlimpseError("give a text query or --image QUERY, not both")
@@ -68,13 +68,13 @@ def cmd_search(a) -> None:
         print(f"{rank:3d}  {score:.4f}  {path}")
 
 
-def _vlm(run):
-    import glimpse
-    from glimpse.infer.vlm import VisionLanguagePipeline
+def _chat_model(run):
+    from glimpse.api import load
 
-    pipe = glimpse.load(run)
-    if not isinstance(pipe, VisionLanguagePipeline):
-        raise GlimpseError(f"{run} is not a vision-language model (caption, ask and chat need a vlm run)")
+    pipe = load(run)
+    if not hasattr(pipe, "chat"):
+        raise GlimpseError(f"{run} does not generate text about images (caption, ask and chat need a model "
+                           "whose pipeline chats: a LLaVA or Frozen run, or a LLaVA folder)")
     return pipe
 
 
@@ -86,15 +86,15 @@ def _generation(a) -> dict:
 
 
 def cmd_caption(a) -> None:
-    pipe = _vlm(a.run)
+    pipe = _chat_model(a.run)
     for path, text in zip(a.images, pipe.caption(a.images, **_generation(a))):
         print(f"{path}: {text}" if len(a.images) > 1 else text)
 
 
 def cmd_ask(a) -> None:
-    from glimpse.infer.vlm import user_message
+    from glimpse.data.messages import user_message
 
-    pipe = _vlm(a.run)
+    pipe = _chat_model(a.run)
     for piece in pipe.chat([user_message(a.images, a.question)], stream=True, **_generation(a)):
         print(piece, end="", flush=True)
     print()
@@ -103,9 +103,9 @@ def cmd_ask(a) -> None:
 def cmd_chat(a) -> None:
     """A conversation on the terminal: `/image PATH` attaches an image to the next message,
     `/reset` forgets the conversation, `/quit` (or end of input) leaves."""
-    from glimpse.infer.vlm import user_message
+    from glimpse.data.messages import user_message
 
-    pipe = _vlm(a.run)
+    pipe = _chat_model(a.run)
     messages, pending = [], list(a.image or [])
     print("glimpse chat: /image PATH attaches an image, /reset starts over, /quit leaves")
     while True:
@@ -168,7 +168,7 @@ def cmd_serve(a) -> None:
 
 
 def cmd_convert(a) -> None:
-    from glimpse.hub.export import export
+    from glimpse.api import export
 
     out = export(a.src, a.dst, a.dtype)
     print(f"wrote a Hugging Face model folder to {out}")

@@ -103,7 +103,7 @@ def train_llava(data, vision, tower_run: Path, out: Path, overrides: dict[str, l
 
 def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: list[str] | None = None) -> dict:
     from glimpse.data.formats import read_coco_captions, read_labels
-    from glimpse.infer.index import ImageIndex, build_index
+    from glimpse.index import ImageIndex, build_index
     from glimpse.train.trainer import data_root, train
 
     t0 = time.time()

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from glimpse.eval.captions import PUNCTUATIONS, bleu, cider, tokenize
+from glimpse.metrics.captions import PUNCTUATIONS, bleu, cider, tokenize
 
 TOL = {"rel": 1e-9, "abs": 1e-12}
 

@@ -103,18 +103,18 @@ def test_demo_writes_a_self_contained_report(world, tmp_path, cli_env):
     assert "src=\"http" not in page and "src='http" not in page  # nothing fetched from elsewhere
     assert "test_novel/t2i_r1" in page and "LLaVA: questions about test images" in page
     assert "test/vqa_acc" in page and page.count("annotators: ") == 6
-    # bench/demo_llava_ablation.py retrains the LLaVA stages on this demo's tower and LM, with a change
+    # experiments/demo_llava_ablation.py retrains the LLaVA stages on this demo's tower and LM, with a change
     tiny = [f"{stage}.{k}" for stage in ("stage1", "stage2") for k in
             ("train.max_steps=2", "train.save_every=2", "train.batch_size=8", "train.warmup_steps=1")]
     tiny += ["stage2.eval.vqa_limit=8", "stage2.eval.batch_size=16", "stage2.eval.max_new_tokens=4"]
-    r = subprocess.run([PY, str(ROOT / "bench" / "demo_llava_ablation.py"), str(out), str(tmp_path / "abl"),
+    r = subprocess.run([PY, str(ROOT / "experiments" / "demo_llava_ablation.py"), str(out), str(tmp_path / "abl"),
                         "--lm", "untrained", "--describe-repeat", "2", "--quiet"]
                        + [x for s in tiny for x in ("--set", s)], env=cli_env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "test/vqa_acc" in r.stdout and "VQA accuracy by question type" in r.stdout
     assert "where is the" in r.stdout and "another object's position" in r.stdout
-    # bench/where_probe.py: a one-attention probe on the demo LLaVA's tower features
-    r = subprocess.run([PY, str(ROOT / "bench" / "where_probe.py"), str(out / "shapes-llava-stage2"),
+    # experiments/where_probe.py: a one-attention probe on the demo LLaVA's tower features
+    r = subprocess.run([PY, str(ROOT / "experiments" / "where_probe.py"), str(out / "shapes-llava-stage2"),
                         "--steps", "1", "3"], env=cli_env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("test accuracy") == 2 and "on scenes of 2-3 objects" in r.stdout

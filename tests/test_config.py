@@ -72,7 +72,7 @@ def test_free_mapping_keys():
     ("data.image_std=[0.1,0.2]", "must hold 3 values"),
     ("eval.templates=[a photo]", "with a {} for the class name"),
     ("train.padding_groups=0", "must be at least 1"),
-    ("train.padding_groups=2", "splits the batches of vlm runs only"),
+    ("train.padding_groups=2", "is for the families that implement it (vlm), not dual_encoder"),
 ])
 def test_values_out_of_range_are_refused_on_loading(item, fragment):
     with pytest.raises(GlimpseError) as e:

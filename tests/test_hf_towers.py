@@ -10,7 +10,8 @@ from hf_helpers import randomize, save
 from torch.testing import assert_close
 
 from glimpse.errors import GlimpseError
-from glimpse.hub import load_model
+from glimpse.families import load_hf
+from glimpse.families.dual_encoder.model import DualEncoder, ImageEncoder, TextEncoder
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,8 +45,8 @@ def test_clip_full(tmp_path, act):
                                   projection_dim=16)
     hf = randomize(transformers.CLIPModel(cfg))
     save(hf, tmp_path)
-    m = load_model(tmp_path)
-    assert m.kind == "dual"
+    m = load_hf(tmp_path)
+    assert m.family == "dual_encoder" and isinstance(m.model, DualEncoder)
     ids, mask = clip_texts()
     with torch.no_grad():
         assert_close(m.model.get_image_features(pixels()), _feat(hf.get_image_features(pixel_values=pixels())))
@@ -70,17 +71,17 @@ def test_clip_vision_only_and_text_only(tmp_path):
     save(hf_t, tmp_path / "t")
     ids, mask = clip_texts()
     with torch.no_grad():
-        v = load_model(tmp_path / "v")
-        assert v.kind == "vision"
+        v = load_hf(tmp_path / "v")
+        assert v.family == "dual_encoder" and isinstance(v.model, ImageEncoder)
         assert_close(v.model.get_image_features(pixels()), hf_v(pixel_values=pixels()).image_embeds)
-        p = load_model(tmp_path / "vp")
+        p = load_hf(tmp_path / "vp")
         out = hf_plain(pixel_values=pixels())
         assert_close(p.model.get_image_features(pixels()), out.pooler_output)
         # our tower's token states include the post-norm; HF's last_hidden_state does not
         post = getattr(hf_plain, "vision_model", hf_plain).post_layernorm
         assert_close(p.model(pixels()), post(out.last_hidden_state))
-        t = load_model(tmp_path / "t")
-        assert t.kind == "text"
+        t = load_hf(tmp_path / "t")
+        assert t.family == "dual_encoder" and isinstance(t.model, TextEncoder)
         assert_close(t.model.get_text_features(ids, mask), hf_t(input_ids=ids, attention_mask=mask).text_embeds)
         with pytest.raises(ValueError, match="text-only"):
             t.model.get_image_features(pixels())
@@ -90,8 +91,8 @@ def test_siglip_full(tmp_path):
     cfg = transformers.SiglipConfig(vision_config={**VISION}, text_config={**TEXT, "projection_size": 32})
     hf = randomize(transformers.SiglipModel(cfg))
     save(hf, tmp_path)
-    m = load_model(tmp_path)
-    assert m.kind == "dual" and m.model.cfg.loss == "siglip"
+    m = load_hf(tmp_path)
+    assert m.family == "dual_encoder" and isinstance(m.model, DualEncoder) and m.model.cfg.loss == "siglip"
     torch.manual_seed(7)
     ids = torch.randint(0, V, (3, 12))  # SigLIP texts are padded to the full length, no mask
     with torch.no_grad():
@@ -103,7 +104,7 @@ def test_siglip_full(tmp_path):
 def test_siglip_vision_tower_with_map_head(tmp_path):
     hf = randomize(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION)))
     save(hf, tmp_path)
-    m = load_model(tmp_path)
+    m = load_hf(tmp_path)
     with torch.no_grad():
         out = hf(pixel_values=pixels())
         assert_close(m.model.get_image_features(pixels()), out.pooler_output)
@@ -124,8 +125,8 @@ def test_bert_hidden_states(tmp_path):
                                   intermediate_size=48, max_position_embeddings=16, type_vocab_size=2)
     hf = randomize(transformers.BertModel(cfg))
     save(hf, tmp_path)
-    m = load_model(tmp_path)
-    assert m.kind == "text"
+    m = load_hf(tmp_path)
+    assert m.family == "dual_encoder" and isinstance(m.model, TextEncoder)
     ids, mask = bert_batch()
     types = (torch.arange(10) >= 5).long().expand(3, 10)
     with torch.no_grad():
@@ -142,11 +143,11 @@ def test_fp16_and_bf16_checkpoints_load_and_cast(tmp_path):
     cfg = transformers.CLIPVisionConfig(**VISION)
     hf = randomize(transformers.CLIPVisionModel(cfg))
     save(hf, tmp_path / "half", torch.float16)
-    ref = load_model(tmp_path / "half")  # cast up to fp32 by default
+    ref = load_hf(tmp_path / "half")  # cast up to fp32 by default
     assert ref.model.vision.pos_embed.dtype == torch.float32
     with torch.no_grad():
         assert_close(ref.model.get_image_features(pixels()), hf.float()(pixel_values=pixels()).pooler_output)
-    bf = load_model(tmp_path / "half", dtype="bf16")
+    bf = load_hf(tmp_path / "half", dtype="bf16")
     assert all(p.dtype == torch.bfloat16 for p in bf.model.parameters())
 
 
@@ -156,7 +157,7 @@ def test_sharded_checkpoint(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     with torch.no_grad():
-        assert_close(load_model(tmp_path).model.get_image_features(pixels()), hf(pixel_values=pixels()).pooler_output)
+        assert_close(load_hf(tmp_path).model.get_image_features(pixels()), hf(pixel_values=pixels()).pooler_output)
 
 
 def _rewrite(folder, fn):
@@ -178,11 +179,11 @@ def test_strict_loading_names_the_tensor(tmp_path):
         save(hf, tmp_path / name)
         _rewrite(tmp_path / name, fn)
         with pytest.raises(GlimpseError, match=message):
-            load_model(tmp_path / name)
+            load_hf(tmp_path / name)
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(GlimpseError, match="model_type 't5'"):
-        load_model(tmp_path / "odd")
+        load_hf(tmp_path / "odd")
 
 
 def test_siglip_text_only_and_bert_with_an_mlm_head(tmp_path):
@@ -196,8 +197,8 @@ def test_siglip_text_only_and_bert_with_an_mlm_head(tmp_path):
     ids = torch.randint(0, V, (2, 12))
     ids_b, mask = bert_batch()
     with torch.no_grad():
-        t = load_model(tmp_path / "st")
+        t = load_hf(tmp_path / "st")
         assert_close(t.model.get_text_features(ids), hf_t(input_ids=ids).pooler_output)
-        b = load_model(tmp_path / "mlm")
+        b = load_hf(tmp_path / "mlm")
         ref = mlm.bert(input_ids=ids_b, attention_mask=mask).last_hidden_state
         assert_close(b.model(ids_b, mask)[mask.bool()], ref[mask.bool()])

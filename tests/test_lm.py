@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import glimpse
 from glimpse.config import load_recipe
 from glimpse.errors import GlimpseError
-from glimpse.infer.lm import LanguageModelPipeline
-from glimpse.train.objectives import lm_loss
+from glimpse.families.causal_lm.pipeline import LanguageModelPipeline
+from glimpse.losses import lm_loss
 from glimpse.train.trainer import train
 
 
@@ -64,8 +64,8 @@ def test_bad_decoder_settings_are_refused(world):
 
 
 def test_loss_at_targets_equals_the_full_loss():
+    from glimpse.losses import lm_loss_at_targets
     from glimpse.models.decoder import CausalLM, DecoderConfig
-    from glimpse.train.objectives import lm_loss_at_targets
 
     torch.manual_seed(0)
     m = CausalLM(DecoderConfig(vocab_size=50, width=32, layers=2, heads=4, kv_heads=2))

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glimpse.eval.retrieval import retrieval_metrics, zeroshot_accuracy
-from glimpse.train.objectives import clip_loss, siglip_loss
+from glimpse.losses import clip_loss, siglip_loss
+from glimpse.metrics.retrieval import retrieval_metrics, zeroshot_accuracy
 
 
 def test_clip_loss_matches_reference_formula():

@@ -173,7 +173,7 @@ def test_training_variants_run_and_learn(world, tmp_path, extra):
 def test_init_parts_and_freeze(tiny_run, world, tmp_path):
     from safetensors.torch import load_file
 
-    from glimpse.api import run_weights
+    from glimpse.runs import run_weights
 
     run = tmp_path / "run"
     recipe = load_recipe("shapes-clip", tiny_overrides(world, **{"train.max_steps": 3, "eval.splits": "[]"}))
@@ -193,8 +193,8 @@ def test_init_parts_and_freeze(tiny_run, world, tmp_path):
 def test_lr_scale_gives_a_part_its_own_learning_rate(world, tiny_run, tmp_path):
     """train.lr_scale: a part fine-tuned at a fraction of the lr (here nearly frozen) while the
     rest trains at the full rate; an unknown part is refused by name."""
-    from glimpse.api import run_weights
-    from glimpse.train import checkpoint as ckpt_mod
+    from glimpse import runs as ckpt_mod
+    from glimpse.runs import run_weights
 
     start = ckpt_mod.read_weights(run_weights(tiny_run))
     run = tmp_path / "scaled"

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from glimpse.families.vlm.model import VisionLanguageModel, VLMConfig
 from glimpse.models.connectors import pixel_shuffle
 from glimpse.models.decoder import DecoderConfig
 from glimpse.models.vision import VisionConfig
-from glimpse.models.vlm import VisionLanguageModel, VLMConfig
 
 IMG = 7  # the <image> token id in these tests
 

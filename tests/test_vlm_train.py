@@ -104,7 +104,7 @@ def test_conversation_dataset_tokenizes_a_sample_once_and_knows_its_length(world
 @pytest.mark.parametrize("recipe", ["shapes-llava-stage1", "shapes-frozen"])
 def test_stage1_and_frozen_train_with_frozen_parts(world, tmp_path, recipe):
     from glimpse.config import load_recipe
-    from glimpse.train.checkpoint import read_weights
+    from glimpse.runs import read_weights
     from glimpse.train.trainer import train
 
     r = load_recipe(recipe, tiny_vlm_overrides(world, **{"eval.few_shot": "[0, 1]"}))
@@ -143,7 +143,7 @@ def test_pipeline_caption_ask_chat_and_feature_cache(tiny_vlm_run, world):
 
 def test_pipeline_refuses_bad_requests(tiny_vlm_run, world):
     import glimpse
-    from glimpse.infer.vlm import ContextLengthError
+    from glimpse.errors import ContextLengthError
 
     m = glimpse.load(tiny_vlm_run)
     image = sorted((world / "images" / "test").glob("*.png"))[0]
@@ -199,7 +199,7 @@ def test_cached_vision_features_train_exactly_like_pixels(world, tmp_path):
     """A frozen tower's features computed once give the same losses and weights as encoding the
     images at every step."""
     from glimpse.config import load_recipe
-    from glimpse.train.checkpoint import read_weights
+    from glimpse.runs import read_weights
     from glimpse.train.trainer import train
 
     for cached in (False, True):
@@ -219,13 +219,13 @@ def test_cached_vision_features_train_exactly_like_pixels(world, tmp_path):
 def test_padding_groups_give_the_same_loss_and_gradients(world, tok, cached):
     """train.padding_groups splits a batch by length, each part padded to its own longest: the
     same loss and gradients as one padded batch, with every sample's images (0, 1 or 2) kept."""
+    from glimpse import families
     from glimpse.config import load_recipe
     from glimpse.data.conversations import ConversationDataset
-    from glimpse.train.feature_cache import cache_tower_features
-    from glimpse.train.tasks import TASKS
+    from glimpse.families.vlm.feature_cache import cache_tower_features
 
     r = load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world))
-    task = TASKS["vlm"](r, world, tok)
+    task = families.get("vlm")(r, world, tok)
     torch.manual_seed(0)
     model = task.build_model()
     imgs = sorted((world / "images" / "train").iterdir())[:3]
@@ -252,14 +252,14 @@ def test_padding_groups_give_the_same_loss_and_gradients(world, tok, cached):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
 
 def test_feature_cache_drops_bad_images_and_counts_them(world, tok):
+    from glimpse import families
     from glimpse.config import load_recipe
     from glimpse.data.conversations import ConversationDataset
     from glimpse.data.images import ImageError
-    from glimpse.train.feature_cache import cache_tower_features
-    from glimpse.train.tasks import TASKS
+    from glimpse.families.vlm.feature_cache import cache_tower_features
 
     r = load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world))
-    task = TASKS["vlm"](r, world, tok)
+    task = families.get("vlm")(r, world, tok)
     model = task.build_model()
     good = next((world / "images" / "train").iterdir())
     msgs = [{"role": "user", "content": "<image>\nhow many shapes are there?"}, {"role": "assistant", "content": "2"}]
@@ -278,13 +278,13 @@ def test_feature_cache_drops_bad_images_and_counts_them(world, tok):
 def test_feature_cache_reuses_the_same_towers_features(world, tok, tmp_path):
     """LLaVA stage 2 after stage 1 in one process: the same frozen tower encodes only the images
     stage 1 did not; another tower (one weight changed) encodes everything again."""
+    from glimpse import families
     from glimpse.config import load_recipe
     from glimpse.data.images import load_image
-    from glimpse.train.feature_cache import cache_tower_features
-    from glimpse.train.tasks import TASKS
+    from glimpse.families.vlm.feature_cache import cache_tower_features
 
     r = load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world))
-    task = TASKS["vlm"](r, world, tok)
+    task = families.get("vlm")(r, world, tok)
     model = task.build_model()
     paths = sorted((world / "images" / "train").iterdir())[:5]
     encoded = []

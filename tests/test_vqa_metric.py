@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from glimpse.eval.vqa import (
+from glimpse.metrics.vqa import (
     CONTRACTIONS,
     exact_match,
     normalize_answer,

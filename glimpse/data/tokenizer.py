@@ -100,3 +100,20 @@ class Tokenizer:
         input_ids = torch.tensor([r + [self.pad_id] * (T - len(r)) for r in rows], dtype=torch.long)
         mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows], dtype=torch.long)
         return input_ids, mask
+
+
+class NoTokenizer:
+    """Stands in for the tokenizer of a model loaded without one (a Hugging Face folder with no
+    tokenizer.json): the model's modules work, and anything that needs text fails with one line."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # copy and pickle probe dunders: answer as a plain object would
+            raise AttributeError(name)
+        raise GlimpseError(f"{self.why}: this model reads and writes no text without its tokenizer "
+                           "(its modules still work: forward, get_image_features)")

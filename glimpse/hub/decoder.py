@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from glimpse.errors import GlimpseError
 from glimpse.hub.mapping import TRANSPOSE, expand, params, rule
+from glimpse.hub.parts import same_config
 from glimpse.models.decoder import DecoderConfig
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")  # SmolLM / SmolLM2 checkpoints are model_type llama
@@ -131,3 +132,13 @@ def hf_decoder_config(cfg: DecoderConfig) -> dict:
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
             "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
             "mlp_bias": False, "use_sliding_window": False}
+
+
+def lm_part(c: dict, sd: dict, target, where: str) -> tuple[list, dict, tuple]:
+    """(rules, tensors, unused) that fill the causal LM `target` from a folder's LM config `c` and tensors
+    (the recipe's LM must have the checkpoint's architecture)."""
+    ours = decoder_config(c, where)
+    same_config(ours.resolved(), target.cfg, where, "lm")
+    unused = (*GPT2_UNUSED, r"lm_head\.weight") if ours.arch == "gpt2" else \
+        ((r"lm_head\.weight",) if target.cfg.tie_embeddings else ())
+    return decoder_rules(target.cfg), sd, unused

@@ -13,11 +13,9 @@ GlimpseError naming it.  `to_hf` is the same rules run backwards (export).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -126,41 +124,4 @@ def to_hf(ours: dict[str, torch.Tensor], rules: list[Rule]) -> dict[str, torch.T
         t = r.to_hf(src[0] if len(src) == 1 else torch.cat(src, 0))
         for k, part in zip(r.hf, _split(t, None, len(r.hf))):
             out[k] = part.detach().cpu().contiguous()
-    return out
-
-
-# ---- reading a folder ------------------------------------------------------------------------------
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise GlimpseError(f"{path.parent} has no {path.name}") from None
-    except json.JSONDecodeError as e:
-        raise GlimpseError(f"{path} is not valid JSON: {e}") from None
-
-
-def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder: model.safetensors, or the shards its index names."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(read_json(index).get("weight_map", {}).values()))
-        if not files:
-            raise GlimpseError(f"{index} names no shards")
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        if any(folder.glob("*.bin")):
-            raise GlimpseError(f"{folder} holds only pickled .bin weights; glimpse reads safetensors "
-                               "(convert them with transformers' save_pretrained(safe_serialization=True))")
-        raise GlimpseError(f"{folder} has no model.safetensors (nor a sharded index)")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            out.update(load_file(str(folder / f)))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise GlimpseError(f"cannot read {folder / f}: {str(e).splitlines()[0]}") from None
     return out

@@ -1,4 +1,4 @@
-"""CLIP, SigLIP and BERT <-> glimpse's ViT and text towers and the dual encoder.
+"""CLIP, SigLIP and BERT <-> glimpse's ViT and text towers.
 
     glimpse (vision.)               CLIP / SigLIP vision_model.
     patch_embed                     embeddings.patch_embedding        (SigLIP: with a bias)
@@ -27,17 +27,15 @@
     blocks.{i}.ln2                  encoder.layers.{i}.layer_norm2     encoder.layer.{i}.output.LayerNorm
     final_norm                      final_layer_norm                   -
 
-    glimpse dual encoder            CLIPModel / SiglipModel
-    visual_projection               visual_projection                  (SigLIP: none, the pooled output)
-    text_projection                 text_projection                    (SigLIP: text_model.head, with bias)
-    logit_scale, logit_bias         logit_scale, logit_bias            (SigLIP: shape [1])
+The projections and temperature of CLIPModel / SiglipModel are the dual encoder family's map
+(glimpse/families/dual_encoder/hf.py).
 """
 
 from __future__ import annotations
 
 from glimpse.errors import GlimpseError
-from glimpse.hub.mapping import SCALAR, TOKEN, UNSQUEEZE, expand, params, rule
-from glimpse.models.dual_encoder import DualEncoderConfig
+from glimpse.hub.mapping import TOKEN, UNSQUEEZE, expand, params, rule
+from glimpse.hub.parts import BERT_UNUSED, TOWER_UNUSED, same_config
 from glimpse.models.text import TextConfig
 from glimpse.models.vision import VisionConfig
 
@@ -194,42 +192,18 @@ def hf_text_config(cfg: TextConfig) -> dict:
                 hidden_act=HF_ACTS[cfg.act], layer_norm_eps=cfg.eps, attention_dropout=0.0)
 
 
-# ---- dual encoder ----------------------------------------------------------------------------------
+# ---- a tower as a part of another model (a recipe's init_parts) -----------------------------------
 
-def dual_config(c: dict, where: str) -> DualEncoderConfig:
-    """A glimpse DualEncoderConfig from a CLIPModel / SiglipModel config.json."""
-    vision, vkind = vision_config({**c.get("vision_config", {}), "model_type": c["model_type"] + "_vision_model"},
-                                  where)
-    text, _ = text_config({**c.get("text_config", {}), "model_type": c["model_type"] + "_text_model"}, where)
-    if vkind == "siglip":
-        if vision.pool != "map":
-            raise GlimpseError(f"{where}: a SigLIP model without its vision head has no image features")
-        proj = c.get("text_config", {}).get("projection_size") or text.width
-        return DualEncoderConfig(vision=vision, text=text, embed_dim=proj, loss="siglip", projection_bias=True,
-                                 vision_projection=False)
-    return DualEncoderConfig(vision=vision, text=text, embed_dim=c.get("projection_dim", 512), loss="clip")
+def vision_part(c: dict, sd: dict, prefix: str, target, where: str) -> tuple[list, dict, tuple]:
+    """(rules, tensors, unused) that fill the vision tower `target` from the tensors under `prefix`
+    of a folder whose vision config is `c` (which must describe `target`'s architecture)."""
+    same_config(vision_config(c, where)[0], target.cfg, where, "vision")
+    sd = {k: v for k, v in sd.items() if k.startswith(prefix) and not k.startswith(("visual_projection.", "logit_"))}
+    return vision_rules(target.cfg, prefix, ""), sd, TOWER_UNUSED
 
 
-def dual_rules(cfg: DualEncoderConfig) -> list:
-    text_kind = "siglip" if cfg.loss == "siglip" else "clip"
-    rules = vision_rules(cfg.vision, "vision_model.") + text_rules(cfg.text, text_kind, "text_model.")
-    if cfg.loss == "siglip":
-        rules += params([rule("text_projection.{p}", "text_model.head.{p}")])
-        rules += [rule("logit_scale", "logit_scale", *SCALAR), rule("logit_bias", "logit_bias", *SCALAR)]
-    else:
-        rules += [rule("visual_projection.weight", "visual_projection.weight"),
-                  rule("text_projection.weight", "text_projection.weight"), rule("logit_scale", "logit_scale")]
-    return rules
-
-
-def hf_dual_config(cfg: DualEncoderConfig) -> dict:
-    """A CLIPModel config.json for a glimpse dual encoder, or an error saying why it cannot be one."""
-    if cfg.loss != "clip" or not cfg.vision_projection or cfg.projection_bias:
-        raise GlimpseError("export: only CLIP-style dual encoders (InfoNCE, bias-free projections) export to a "
-                           "CLIP folder")
-    vision = hf_vision_config(cfg.vision)
-    if vision["model_type"] != "clip_vision_model":
-        raise GlimpseError("export: a CLIP folder needs a CLIP-shaped vision tower (class token, pre-norm, cls pool)")
-    text = hf_text_config(cfg.text)
-    return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
-            "logit_scale_init_value": 2.6592, "vision_config": vision, "text_config": text}
+def text_part(c: dict, sd: dict, prefix: str, target, where: str) -> tuple[list, dict, tuple]:
+    """(rules, tensors, unused) that fill the text tower `target` from `sd` (the tower's tensors only)."""
+    ours, kind = text_config(c, where, target.cfg.pool)
+    same_config(ours, target.cfg, where, "text")
+    return text_rules(target.cfg, kind, prefix, ""), sd, BERT_UNUSED if kind == "bert" else ()

@@ -263,3 +263,20 @@ def stream(model, prompt: list[int], cfg: GenerationConfig, **kw) -> Iterator[in
     kw: pad_id, prefix_embeds (a one-element list), decode."""
     for _, tok in _events(model, [prompt], cfg, out=[[]], **kw):
         yield tok
+
+
+class TextStream:
+    """Tokens in, text pieces out: each piece is what the newest token added to the decoded text
+    (leading spaces dropped, half a multi-byte character held back), so the pieces join to the
+    stripped-at-the-start text of all tokens."""
+
+    def __init__(self, decode):
+        self.decode, self.tokens, self.text = decode, [], ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.decode(self.tokens).lstrip()
+        if text.endswith("\ufffd"):  # wait for the rest of the character
+            return ""
+        piece, self.text = text[len(self.text):], text
+        return piece

@@ -14,7 +14,8 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: st
           allow_remote_images: list[str] | None = None) -> None:
     import uvicorn
 
-    from glimpse.api import load, run_dir
+    from glimpse.api import load
+    from glimpse.runs import run_dir
     from glimpse.serve.remote import RemoteImageFetcher
 
     pipeline = load(run, device=device)

@@ -30,8 +30,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glimpse.data.images import load_image
+from glimpse.data.messages import decode_data_url
 from glimpse.errors import GlimpseError
-from glimpse.infer.vlm import TextStream, VisionLanguagePipeline, decode_data_url
+from glimpse.infer.generate import TextStream
 from glimpse.serve.engine import Engine, Job, QueueFull
 from glimpse.serve.schemas import ChatCompletionRequest, EmbeddingRequest
 
@@ -113,6 +114,8 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     """The API over a loaded pipeline (`glimpse.load(RUN)`); `remote` is a RemoteImageFetcher to
     allow http(s) image URLs from its allowlisted hosts (None: only data: URLs)."""
     limits = limits or ServerLimits()
+    # what the pipeline can do, by the methods it has (glimpse.families.base: the pipeline protocol)
+    chats = all(hasattr(pipeline, m) for m in ("chat_prompt", "complete", "context_length"))
     engine = Engine(pipeline, max_batch=limits.max_batch, max_pending=limits.max_pending)
     app = FastAPI(title="glimpse", version="1", docs_url=None, redoc_url=None)
     app.state.engine, app.state.model_name = engine, model_name
@@ -209,7 +212,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
 
     @app.get("/v1/models")
     async def models():
-        can = (["chat"] if isinstance(pipeline, VisionLanguagePipeline) else []) + \
+        can = (["chat"] if chats else []) + \
             (["embeddings"] if hasattr(pipeline, "embed_texts") or hasattr(pipeline, "embed_images") else [])
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "glimpse", "capabilities": can}]}
@@ -217,7 +220,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
-        if not isinstance(pipeline, VisionLanguagePipeline):
+        if not chats:
             raise APIError(400, f"{model_name} is not a vision-language chat model", param="model")
         if engine.pending >= engine.max_pending:  # refuse before decoding any image
             raise busy()

@@ -1,9 +1,9 @@
 """The training loop every family shares.
 
 AdamW with warmup + cosine, gradient accumulation and clipping, optional bf16 autocast,
-DDP under torchrun, periodic evaluation, atomic checkpoints and exact resume.  A run
-folder holds: recipe.yaml, tokenizer.json, metrics.jsonl, loss.png, eval.json and
-checkpoints/step_*/.
+DDP under torchrun, periodic evaluation, atomic checkpoints and exact resume.  It knows a
+family only through the registry (glimpse.families): the recipe's `family:` gives the model,
+the data, the loss and the evaluation.  The run folder's layout is glimpse.runs'.
 """
 
 from __future__ import annotations
@@ -21,16 +21,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from glimpse import hub
+from glimpse import families, runs
 from glimpse.config import Recipe, save_recipe, validate_recipe
 from glimpse.data.tokenizer import Tokenizer
 from glimpse.data.world import ensure_shapes
+from glimpse.distributed import agree, all_reduce_mean, barrier, init_distributed
 from glimpse.errors import GlimpseError
+from glimpse.hardware import warn_if_slow_dtype
+from glimpse.hub import is_hf_folder, resolve
 from glimpse.train import checkpoint as ckpt
-from glimpse.train.distributed import agree, all_reduce_mean, barrier, init_distributed
 from glimpse.train.plots import plot_metrics
 from glimpse.train.sampler import StepBatchSampler
-from glimpse.train.tasks import TASKS
 
 FAILURE_REASONS = ("missing", "format", "truncated", "corrupt", "oversized")
 
@@ -56,7 +57,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr_scale: dict[str
     fine-tuned 10x slower than the new layers."""
     lr_scale = lr_scale or {}
     for part in lr_scale:
-        ckpt.model_part(model, part, "train.lr_scale: ")
+        runs.model_part(model, part, "train.lr_scale: ")
     groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -109,8 +110,10 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
+    if tc.precision == "bf16" and main:
+        warn_if_slow_dtype(torch.bfloat16, device, "train.precision: fp32")
 
-    existing = ckpt.latest_checkpoint(out)
+    existing = runs.latest_checkpoint(out)
     if existing is not None and not resume:
         raise GlimpseError(f"{out} already holds a run (last checkpoint {existing.name}); "
                            "pass --resume to continue it, or choose another --out")
@@ -120,29 +123,26 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     barrier()  # the other processes wait for the data the main one generated
     if not main:
         root = data_root(recipe, False)
-    tok_path = hub.resolve(recipe.tokenizer) if recipe.tokenizer else root / "tokenizer.json"
+    tok_path = resolve(recipe.tokenizer) if recipe.tokenizer else root / runs.TOKENIZER
     if tok_path.is_dir():  # a Hugging Face model folder
-        tok_path = tok_path / "tokenizer.json"
+        tok_path = tok_path / runs.TOKENIZER
     tokenizer = Tokenizer(tok_path)
-    task = TASKS[recipe.family](recipe, root, tokenizer)
+    task = families.get(recipe.family)(recipe, root, tokenizer)
 
     torch.manual_seed(tc.seed)
     model = task.build_model().to(device)
-    if recipe.init or recipe.init_parts:
-        from glimpse.api import run_weights
-
-        if recipe.init:  # a glimpse run, or a Hugging Face folder of the same architecture
-            if hub.is_hf_folder(recipe.init):
-                hub.load_whole(model, recipe.init)
-            else:  # a task may load another family member's run its own way (new heads)
-                getattr(task, "load_init", ckpt.load_weights)(model, run_weights(recipe.init))
-        for part, run in recipe.init_parts.items():
-            if hub.is_hf_folder(run):
-                hub.load_part(model, part, run)
-            else:
-                ckpt.load_part(model, part, run_weights(run))
+    if recipe.init:  # a glimpse run, or a Hugging Face folder of the same architecture
+        if is_hf_folder(recipe.init):
+            families.init_from_hf(model, recipe.init)
+        else:  # a family may load another member's run its own way (new heads)
+            task.load_init(model, runs.run_weights(recipe.init))
+    for part, run in recipe.init_parts.items():
+        if is_hf_folder(run):
+            families.init_part_from_hf(model, part, run)
+        else:
+            runs.load_part(model, part, runs.run_weights(run))
     for part in recipe.freeze:
-        ckpt.model_part(model, part, "freeze: ").requires_grad_(False)
+        runs.model_part(model, part, "freeze: ").requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr, betas=tuple(tc.betas))
     state = {"failures": {}, "bad_in_a_row": 0}
     start = 0
@@ -151,14 +151,13 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         start = state["step"]
         if main:
             print(f"resuming {out} from step {start}")
-    if hasattr(task, "prepare"):  # once, with the weights training starts from (a frozen tower's feature cache)
-        task.prepare(model, device, main and progress)
+    task.prepare(model, device, main and progress)  # once, with the weights training starts from
     if main:
-        save_recipe(recipe, out / "recipe.yaml")
-        if tok_path.resolve() != (out / "tokenizer.json").resolve():
-            shutil.copyfile(tok_path, out / "tokenizer.json")
+        save_recipe(recipe, out / runs.RECIPE)
+        if tok_path.resolve() != (out / runs.TOKENIZER).resolve():
+            shutil.copyfile(tok_path, out / runs.TOKENIZER)
         if task.transform is not None:
-            (out / "preprocess.json").write_text(json.dumps(task.transform.to_dict()))
+            (out / runs.PREPROCESS).write_text(json.dumps(task.transform.to_dict()))
 
     ddp = DistributedDataParallel(model) if dist_info.enabled else None
     net = ddp or model
@@ -172,7 +171,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
                                lengths=dataset.lengths() if tc.group_by_length else None)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=recipe.data.num_workers,
                         persistent_workers=False, prefetch_factor=4 if recipe.data.num_workers else None)
-    log = MetricsLog(out / "metrics.jsonl", main, start if existing is not None else None)
+    log = MetricsLog(out / runs.METRICS, main, start if existing is not None else None)
     failures = Counter(state["failures"])
     bad_in_a_row = state["bad_in_a_row"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
@@ -242,7 +241,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
             if main:
                 ckpt.save_checkpoint(out, step, model, optimizer,
                                      {"failures": dict(failures), "bad_in_a_row": bad_in_a_row}, tc.keep_checkpoints)
-                plot_metrics(out / "metrics.jsonl", out / "loss.png")
+                plot_metrics(out / runs.METRICS, out / runs.LOSS_PLOT)
             barrier()
     bar.close()
 
@@ -250,8 +249,8 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     if main:
         results = task.evaluate(model, recipe.eval.splits) if recipe.eval.splits else {}
         log.write({"step": step, **results, "bad_samples": dict(failures)})
-        (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-        plot_metrics(out / "metrics.jsonl", out / "loss.png")
+        (out / runs.EVAL).write_text(json.dumps(results, indent=2) + "\n")
+        plot_metrics(out / runs.METRICS, out / runs.LOSS_PLOT)
         if failures:
             print("skipped bad samples: " + ", ".join(f"{r} {n}" for r, n in sorted(failures.items())))
     barrier()

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from glimpse.data.conversations import vqa_items
 from glimpse.data.pairs import load_pairs
-from glimpse.eval.captions import bleu, cider, tokenize
-from glimpse.eval.vqa import vqa_summary
-from glimpse.infer.vlm import VisionLanguagePipeline
+from glimpse.families.vlm.pipeline import VisionLanguagePipeline
+from glimpse.metrics.captions import bleu, cider, tokenize
+from glimpse.metrics.vqa import vqa_summary
 
 VQA_MAX_NEW_TOKENS = 8  # a word or a phrase
 

@@ -15,8 +15,8 @@ import torch
 
 from glimpse.data.formats import read_labels
 from glimpse.data.pairs import load_pairs
-from glimpse.eval.retrieval import retrieval_metrics, zeroshot_accuracy
-from glimpse.infer.dual import DualEncoderPipeline
+from glimpse.families.dual_encoder.pipeline import DualEncoderPipeline
+from glimpse.metrics.retrieval import retrieval_metrics, zeroshot_accuracy
 
 # class words -> paraphrases none of the shapes world's captions contain
 PARAPHRASES = {

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from glimpse.data.images import ImageTransform, load_image
 from glimpse.data.tokenizer import Tokenizer
 from glimpse.errors import GlimpseError
-from glimpse.models.fusion import FusionEncoder
+from glimpse.families.fusion.model import FusionEncoder
 
 
 class FusionPipeline:

@@ -5,7 +5,7 @@ fusion operator (cross_attention, concat, weighted_sum, product) for the same bu
 ITC alone and after ITM re-ranks ITC's top k.  Everything else (sizes, data, schedule, seed) is
 the recipes' and the same for every operator.
 
-    python bench/fusion_ablation.py --pretrain-steps 300 --vqa-steps 300 --out runs/fusion-ablation
+    python experiments/fusion_ablation.py --pretrain-steps 300 --vqa-steps 300 --out runs/fusion-ablation
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LLaVA (`LlavaForConditionalGeneration`) <-> glimpse's VisionLanguageModel.
+"""LLaVA (`LlavaForConditionalGeneration`) folders <-> glimpse's VisionLanguageModel, in and out.
 
     glimpse                 LLaVA folder
     vision.*                vision_tower.*             (a CLIP or SigLIP vision tower, see towers.py)
@@ -16,11 +16,21 @@ Files written by other transformers versions name the same tensors `model.vision
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from glimpse.data.chat import TEMPLATES
 from glimpse.errors import GlimpseError
-from glimpse.hub.decoder import decoder_config, decoder_rules, hf_decoder_config
+from glimpse.families.vlm.model import VisionLanguageModel, VLMConfig
+from glimpse.hub import folder as hf
+from glimpse.hub.decoder import decoder_config, decoder_rules, hf_decoder_config, lm_part
+from glimpse.hub.export import HFFolder, special_tokens, token_ids, token_names
 from glimpse.hub.mapping import expand, params, rule
-from glimpse.hub.towers import hf_vision_config, vision_config, vision_rules
-from glimpse.models.vlm import VLMConfig
+from glimpse.hub.towers import hf_vision_config, vision_config, vision_part, vision_rules
+from glimpse.models.decoder import CausalLM
+from glimpse.models.vision import VisionTransformer
+
+MODEL_TYPES = ("llava",)
 
 _RENAMES = (("model.vision_tower.", "vision_tower."), ("vision_tower.vision_model.", "vision_tower."),
             ("model.multi_modal_projector.", "multi_modal_projector."),
@@ -39,7 +49,7 @@ def normalize(sd: dict) -> dict:
 
 # Put before a glimpse template on export: transformers' processors (and vLLM) send message contents
 # as lists of parts; this turns them into glimpse's text with one <image> per image, parts joined by
-# newlines (glimpse.infer.vlm.split_content), and leaves string contents alone.
+# newlines (glimpse.data.messages.split_content), and leaves string contents alone.
 PARTS_PREFIX = (
     "{%- set ns = namespace(msgs=[]) -%}"
     "{%- for m in messages -%}"
@@ -77,8 +87,6 @@ def llava_config(c: dict, where: str, chat_template: str | None) -> VLMConfig:
     token = c.get("image_token_index", c.get("image_token_id"))
     if token is None:
         raise GlimpseError(f"{where}: config.json names no image_token_index")
-    from glimpse.data.chat import TEMPLATES
-
     # a glimpse export carries a built-in template's source: give it its name back ("plain" means
     # a role-less captioner to the pipeline)
     if chat_template and chat_template.startswith(PARTS_PREFIX):
@@ -120,11 +128,47 @@ def hf_llava_config(cfg: VLMConfig) -> dict:
     text = hf_decoder_config(lm)
     if lm.arch != "llama":
         raise GlimpseError("export: LLaVA's language model must be Llama-family, not GPT-2")
-    from glimpse.models.vlm import VisionLanguageModel
-
     return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
             "vision_config": vision, "text_config": text, "image_token_index": cfg.image_token_id,
             "image_seq_length": VisionLanguageModel.count_image_tokens(cfg),
             "vision_feature_layer": cfg.vision_feature_layer, "vision_feature_select_strategy": strategy,
             "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
             "tie_word_embeddings": lm.tie_embeddings}
+
+
+def build(folder: Path, c: dict):
+    """(VisionLanguageModel with random weights, rules, HF tensors, unused patterns) of a LLaVA folder."""
+    cfg = llava_config(c, str(folder), hf.chat_template(folder))
+    return VisionLanguageModel(cfg), llava_rules(cfg), normalize(hf.read_safetensors(folder)), llava_unused(cfg)
+
+
+def part(folder: Path, c: dict, target) -> tuple[list, dict, tuple]:
+    """The vision tower or the language model of a LLaVA folder, for a recipe's init_parts."""
+    where = str(folder)
+    sd = normalize(hf.read_safetensors(folder))
+    if isinstance(target, VisionTransformer):
+        vc = {"model_type": "clip_vision_model", **(c.get("vision_config") or {})}
+        return vision_part(vc, sd, "vision_tower.", target, where)
+    if isinstance(target, CausalLM):
+        lm = {k[len("language_model."):]: v for k, v in sd.items() if k.startswith("language_model.")}
+        return lm_part(c.get("text_config") or {}, lm, target, where)
+    raise GlimpseError(f"{where} (llava) holds no {type(target).__name__}")
+
+
+def to_hf(model: VisionLanguageModel, tok, transform) -> HFFolder:
+    """A LlavaForConditionalGeneration folder, with the processor files vLLM and transformers read."""
+    config, rules = hf_llava_config(model.cfg), llava_rules(model.cfg)
+    ids = token_ids(tok)
+    config.update(ids)
+    config["text_config"].update(ids)
+    names = token_names(tok)
+    specials = {**special_tokens(tok), "image_token": names.get("image")}
+    t = model.cfg.chat_template
+    v = model.cfg.vision
+    processor = {"processor_class": "LlavaProcessor", "patch_size": v.patch_size, "image_token": names["image"],
+                 "vision_feature_select_strategy": config["vision_feature_select_strategy"],
+                 "num_additional_image_tokens": int(v.class_token)}
+    return HFFolder(config, dict(model.state_dict()), rules, json.loads(Path(tok.path).read_text()), specials,
+                    model.cfg.lm.context_length, tokenizer_config={"extra_special_tokens": {"image_token": names["image"]}},
+                    chat_template=PARTS_PREFIX + TEMPLATES.get(t, t), generation_config=ids, transform=transform,
+                    files={"processor_config.json": processor})

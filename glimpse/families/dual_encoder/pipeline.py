@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from glimpse.data.images import ImageError, ImageTransform, load_image
 from glimpse.data.tokenizer import Tokenizer
-from glimpse.models.dual_encoder import DualEncoder
+from glimpse.families.dual_encoder.model import DualEncoder
 
 DEFAULT_TEMPLATES = ["a {}", "a photo of a {}"]
 

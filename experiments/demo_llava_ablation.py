@@ -8,18 +8,18 @@ position.  That last split tells "reads positions but does not pick the named ob
 from "does not read positions".
 
     glimpse demo --out runs/demo
-    python bench/demo_llava_ablation.py runs/demo runs/ablation/base
-    python bench/demo_llava_ablation.py runs/demo runs/ablation/seed1 --set stage2.train.seed=1
-    python bench/demo_llava_ablation.py runs/demo runs/ablation/s900 --set stage2.train.max_steps=900 \
+    python experiments/demo_llava_ablation.py runs/demo runs/ablation/base
+    python experiments/demo_llava_ablation.py runs/demo runs/ablation/seed1 --set stage2.train.seed=1
+    python experiments/demo_llava_ablation.py runs/demo runs/ablation/s900 --set stage2.train.max_steps=900 \
         --set stage2.train.save_every=900
-    python bench/demo_llava_ablation.py runs/demo runs/ablation/lm4 --set lm.model.layers=4
-    python bench/demo_llava_ablation.py runs/demo runs/ablation/vfl1 \\
+    python experiments/demo_llava_ablation.py runs/demo runs/ablation/lm4 --set lm.model.layers=4
+    python experiments/demo_llava_ablation.py runs/demo runs/ablation/vfl1 \\
         --set stage1.model.vision_feature_layer=1 --set stage2.model.vision_feature_layer=1
-    python bench/demo_llava_ablation.py runs/demo runs/ablation/desc3 --describe-repeat 3
-    python bench/demo_llava_ablation.py runs/demo runs/ablation/untrained-lm --lm untrained --describe-repeat 3
-    python bench/demo_llava_ablation.py runs/demo runs/ablation/full-tower --tower runs/shapes-clip \\
+    python experiments/demo_llava_ablation.py runs/demo runs/ablation/desc3 --describe-repeat 3
+    python experiments/demo_llava_ablation.py runs/demo runs/ablation/untrained-lm --lm untrained --describe-repeat 3
+    python experiments/demo_llava_ablation.py runs/demo runs/ablation/full-tower --tower runs/shapes-clip \\
         --set stage1.model.pixel_shuffle=2 --set stage2.model.pixel_shuffle=2
-    python bench/demo_llava_ablation.py runs/demo runs/ablation/norm-700 --set stage2.train.max_steps=700 \\
+    python experiments/demo_llava_ablation.py runs/demo runs/ablation/norm-700 --set stage2.train.max_steps=700 \\
         --set stage1.model.projector_norm=true --set stage2.model.projector_norm=true
 
 (--tower takes any dual-encoder run on 64 px shapes images; its own vision config is used.)
@@ -34,14 +34,14 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import glimpse.families.vlm as vlm_family
 from glimpse.api import load_run
 from glimpse.config import load_recipe
 from glimpse.data import conversations
 from glimpse.data.conversations import vqa_items
 from glimpse.demo import train_llava
-from glimpse.eval.vlm import vqa_answers
-from glimpse.eval.vqa import vqa_accuracy
-from glimpse.train import tasks
+from glimpse.families.vlm.evaluate import vqa_answers
+from glimpse.metrics.vqa import vqa_accuracy
 from glimpse.train.trainer import data_root, train
 
 
@@ -134,7 +134,7 @@ def main() -> None:
     a = p.parse_args()
     if (a.describe_repeat, a.vqa_per_conversation) != (1, 2):
         # the data mix is the only thing this script changes inside glimpse: stage 2 reads its records here
-        tasks.training_records = stage2_records(a.describe_repeat, a.vqa_per_conversation)
+        vlm_family.training_records = stage2_records(a.describe_repeat, a.vqa_per_conversation)
     run, root = train_stages(a)
     figures = json.loads((run / "eval.json").read_text())
     print(f"\n{run}: " + "  ".join(f"{k} {figures[k]:.3f}" for k in ("test/vqa_acc", "test/cider") if k in figures))

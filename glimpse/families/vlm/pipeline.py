@@ -1,4 +1,4 @@
-"""Using a vision-language decoder: caption, ask, chat.  What `glimpse.load` returns for a `vlm` run.
+"""Using a vision-language decoder: caption, ask, chat.  What `glimpse.load` returns for this family.
 
 Every request becomes a token prompt plus its images: a chat model's prompt goes through its
 chat template (the run's `model.chat_template`); a model trained on the "plain" template (LLaVA
@@ -11,8 +11,6 @@ sends the same image again (as OpenAI-style clients do every turn) does not re-e
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -22,78 +20,11 @@ import torch
 from glimpse.data.chat import mark_specials, render, token_text
 from glimpse.data.conversations import expand_images, vqa_question
 from glimpse.data.images import DEFAULT_MAX_PIXELS, ImageTransform, load_image
-from glimpse.errors import GlimpseError
-from glimpse.infer.generate import GenerationConfig, generate
+from glimpse.data.messages import IMAGE, split_content, user_message
+from glimpse.errors import ContextLengthError, GlimpseError
+from glimpse.families.vlm.model import VisionLanguageModel
+from glimpse.infer.generate import GenerationConfig, TextStream, generate
 from glimpse.infer.generate import stream as stream_tokens
-from glimpse.models.vlm import VisionLanguageModel
-
-IMAGE = "<image>"
-
-
-class ContextLengthError(GlimpseError):
-    """The prompt plus the tokens to generate do not fit the model's context."""
-
-
-def decode_data_url(url: str) -> bytes:
-    """The bytes of a base64 `data:` URL; other URLs are refused (nothing is fetched)."""
-    if not isinstance(url, str) or not url.startswith("data:"):
-        raise GlimpseError("images must be given as base64 data: URLs (remote and file URLs are not fetched)")
-    head, _, payload = url.partition(",")
-    if not head.endswith(";base64"):
-        raise GlimpseError("a data: URL image must be base64-encoded (data:image/png;base64,...)")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise GlimpseError("the data: URL holds invalid base64") from None
-
-
-def split_content(content) -> tuple[str, list]:
-    """An OpenAI-style message content (a string, or a list of text / image_url / image parts) as
-    (text with one <image> per image, the images).  A literal "<image>" in user text is removed, so
-    text alone can never claim an image."""
-    if isinstance(content, str):
-        return content.replace(IMAGE, ""), []
-    if not isinstance(content, list):
-        raise GlimpseError("message content must be a string or a list of parts")
-    text, images = [], []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            text.append(part["text"].replace(IMAGE, ""))
-        elif kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            images.append(decode_data_url(url))
-            text.append(IMAGE)
-        elif kind == "image" and part.get("image") is not None:  # Python callers: a path, bytes or PIL image
-            images.append(part["image"])
-            text.append(IMAGE)
-        else:
-            raise GlimpseError(f"unknown message part {part!r:.80}: use text, image_url or image parts")
-    return "\n".join(text), images
-
-
-def user_message(images: list, text: str) -> dict:
-    """An OpenAI-style user turn: the images (paths, bytes or PIL images) first, then the text."""
-    return {"role": "user", "content": [{"type": "image", "image": im} for im in images] +
-            [{"type": "text", "text": text}]}
-
-
-class TextStream:
-    """Tokens in, text pieces out: each piece is what the newest token added to the decoded text
-    (leading spaces dropped, half a multi-byte character held back), so the pieces join to the
-    stripped-at-the-start text of all tokens."""
-
-    def __init__(self, decode):
-        self.decode, self.tokens, self.text = decode, [], ""
-
-    def push(self, token: int) -> str:
-        self.tokens.append(token)
-        text = self.decode(self.tokens).lstrip()
-        if text.endswith("\ufffd"):  # wait for the rest of the character
-            return ""
-        piece, self.text = text[len(self.text):], text
-        return piece
 
 
 class VisionLanguagePipeline:
@@ -101,12 +32,19 @@ class VisionLanguagePipeline:
                  max_pixels: int = DEFAULT_MAX_PIXELS, cache_size: int = 256):
         self.model, self.tokenizer, self.transform, self.max_pixels = model, tokenizer, transform, max_pixels
         self.template = model.cfg.chat_template
-        mark_specials(tokenizer.hf)
-        self.bos = token_text(tokenizer.hf, tokenizer.ids, "bos")
-        self.eos = token_text(tokenizer.hf, tokenizer.ids, "eos")
+        if tokenizer:  # loaded without one (a model folder): text methods say so when called
+            mark_specials(tokenizer.hf)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.cache_size = cache_size
         self.encoded_images = 0  # images that went through the vision tower (the rest came from the cache)
+
+    @property
+    def bos(self) -> str:
+        return token_text(self.tokenizer.hf, self.tokenizer.ids, "bos")
+
+    @property
+    def eos(self) -> str:
+        return token_text(self.tokenizer.hf, self.tokenizer.ids, "eos")
 
     @property
     def is_chat(self) -> bool:

@@ -58,7 +58,7 @@ class DualEncoder(nn.Module):
         return self.text_projection(self.text(input_ids, attention_mask))  # [B, E]
 
     def forward(self, pixel_values, input_ids, attention_mask=None) -> dict[str, torch.Tensor]:
-        """Normalised embeddings and the (clamped) temperature; the loss is in glimpse.train.objectives."""
+        """Normalised embeddings and the (clamped) temperature; the loss is in glimpse.losses."""
         image = F.normalize(self.get_image_features(pixel_values), dim=-1)
         text = F.normalize(self.get_text_features(input_ids, attention_mask), dim=-1)
         # CLIP clamps the learned temperature at 100 to keep training stable

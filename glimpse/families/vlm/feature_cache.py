@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from glimpse.data.conversations import image_key
 from glimpse.data.images import ImageError, ImageTransform, load_image
-from glimpse.models.vlm import VisionLanguageModel
+from glimpse.families.vlm.model import VisionLanguageModel
 
 _last: dict = {"key": None, "rows": {}, "cache": None, "stamps": {}}  # the last tower's features (module docstring)
 

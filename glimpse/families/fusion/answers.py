@@ -2,7 +2,7 @@
 soft answer scores) samples for a fusion encoder's answer head.
 
 An answer's target score for a question is its official VQA accuracy against the question's
-human answers (glimpse.eval.vqa), so training optimises the metric's own notion of a right
+human answers (glimpse.metrics.vqa), so training optimises the metric's own notion of a right
 answer, as the bottom-up/top-down VQA models do with min(1, #humans / 3).
 """
 
@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from glimpse.data.images import ImageError, ImageTransform, load_image
 from glimpse.data.pairs import PairCollate
-from glimpse.eval.vqa import normalize_answer, vqa_accuracy
+from glimpse.metrics.vqa import normalize_answer, vqa_accuracy
 
 
 def answer_vocabulary(items: list[dict], max_answers: int = 0) -> list[str]:

@@ -10,7 +10,7 @@ If the probe answers well after as many questions as a LLaVA run saw, the featur
 question needs and it is the LM that has not yet learned to pick the named object out of them
 (README, "glimpse demo, LLaVA part").
 
-    python bench/where_probe.py runs/demo/shapes-llava-stage2 --steps 100 350 1000 3000
+    python experiments/where_probe.py runs/demo/shapes-llava-stage2 --steps 100 350 1000 3000
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glimpse.api import load_run
-from glimpse.train.feature_cache import cache_tower_features
+from glimpse.families.vlm.feature_cache import cache_tower_features
 from glimpse.train.trainer import data_root
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from glimpse.data.pairs import TextCollate, load_pairs
-from glimpse.train.objectives import lm_loss
+from glimpse.losses import lm_loss
 
 
 @torch.no_grad()

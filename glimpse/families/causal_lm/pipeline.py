@@ -29,7 +29,7 @@ class LanguageModelPipeline:
     @torch.no_grad()
     def perplexity(self, texts: list[str]) -> list[float]:
         """exp(mean next-token loss) of each text, bos + text + eos."""
-        from glimpse.train.objectives import lm_loss
+        from glimpse.losses import lm_loss
 
         self.model.eval()
         out = []

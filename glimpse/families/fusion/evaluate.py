@@ -17,9 +17,9 @@ import torch
 from glimpse.data.conversations import vqa_items
 from glimpse.data.images import load_image
 from glimpse.data.pairs import load_pairs
-from glimpse.eval.retrieval import recall_from_scores
-from glimpse.eval.vqa import vqa_summary
-from glimpse.infer.fusion import FusionPipeline
+from glimpse.families.fusion.pipeline import FusionPipeline
+from glimpse.metrics.retrieval import recall_from_scores
+from glimpse.metrics.vqa import vqa_summary
 
 
 def retrieval_split(pipe: FusionPipeline, data_cfg, root: Path, split: str, k: int) -> dict[str, float]:

@@ -30,13 +30,13 @@ def build_index(run: str | Path, image_dir: str | Path | list, out: str | Path, 
     reported and counted by reason."""
     import faiss
 
-    import glimpse
+    from glimpse.api import load
 
     dirs = image_dir if isinstance(image_dir, list) else [image_dir]
     paths = [p for d in dirs for p in find_images(d)]
     if not paths:
         raise GlimpseError(f"no images (png, jpg, webp, gif) under {', '.join(map(str, dirs))}")
-    pipe = glimpse.load(run)
+    pipe = load(run)
     with tqdm(total=len(paths), desc="embedding", unit="img", disable=not progress) as bar:
         emb, good, failures = pipe.embed_image_stream(paths, batch_size, skip_bad=True, progress=bar)
     if not good:
@@ -56,7 +56,7 @@ class ImageIndex:
     def __init__(self, folder: str | Path, run: str | Path | None = None):
         import faiss
 
-        import glimpse
+        from glimpse.api import load
 
         folder = Path(folder)
         try:
@@ -72,7 +72,7 @@ class ImageIndex:
         if not isinstance(self.paths, list) or self.index.ntotal != len(self.paths):
             raise GlimpseError(f"broken image index {folder}: {self.index.ntotal} vectors but "
                                f"{len(self.paths) if isinstance(self.paths, list) else 'no'} paths")
-        self.pipe = glimpse.load(run or self.meta["run"])
+        self.pipe = load(run or self.meta["run"])
         if self.pipe.model.cfg.embed_dim != self.index.d:
             raise GlimpseError(f"the run embeds into {self.pipe.model.cfg.embed_dim} dimensions but the index "
                                f"{folder} holds {self.index.d}: search it with the run that built it")

@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from glimpse.distributed import all_reduce_int, gather_with_grad
 from glimpse.errors import GlimpseError
 from glimpse.models.fusion import pad_tokens
-from glimpse.train.distributed import all_reduce_int, gather_with_grad
 
 
 def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -179,23 +179,6 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_id: 
     swap = picked & (r >= 0.8) & (r < 0.9)
     random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=dev)
     return torch.where(swap, random_ids, masked), labels
-
-
-def fusion_loss(out: dict[str, torch.Tensor], cfg) -> tuple[torch.Tensor, dict[str, float]]:
-    """L = mlm_weight * L_MLM + itm_weight * L_ITM + itc_weight * L_ITC over what `out` holds
-    (`cfg`: a FusionConfig); returns the total and the parts (detached, for logs and tests)."""
-    alpha = cfg.distill_alpha if "teacher_image_embeds" in out else 0.0
-    parts = {"itc": itc_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"],
-                             out.get("teacher_image_embeds"), out.get("teacher_text_embeds"), alpha)}
-    weights = {"itc": cfg.itc_weight}
-    if "itm_logits" in out:
-        parts["itm"] = itm_loss(out["itm_logits"], all_reduce_int(out["image_embeds"].shape[0], out["itm_logits"].device))
-        weights["itm"] = cfg.itm_weight
-    if "mlm_logits" in out:
-        parts["mlm"] = mlm_loss(out["mlm_logits"], out["mlm_targets"], out.get("teacher_mlm_logits"), alpha)
-        weights["mlm"] = cfg.mlm_weight
-    total = sum(weights[k] * v for k, v in parts.items())
-    return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
 def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

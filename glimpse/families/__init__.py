@@ -1,0 +1,29 @@
+"""Families of models, one folder each, registered by name: the recipe's `family:` and a Hugging Face
+folder's `model_type` find theirs here.
+
+    dual_encoder   CLIP, SigLIP: contrastive image and text towers
+    causal_lm      Llama, Qwen2, GPT-2: a language model pretrained on a data set's text
+    vlm            LLaVA, Frozen: a vision tower read by a causal LM at <image> positions
+    fusion         ALBEF: text attends to the image through fusion layers; ITC + ITM + MLM, or VQA
+
+A new family is a subclass of `Family` decorated with `@register` (docs/adding-a-family.md).
+"""
+
+from glimpse.families.base import Family, HFBuild, Loaded, image_transform
+from glimpse.families.registry import (
+    all_families,
+    get,
+    hf_pipeline,
+    init_from_hf,
+    init_part_from_hf,
+    load_hf,
+    names,
+    register,
+    torch_dtype,
+)
+
+# the built-in families register themselves on import
+from glimpse.families import causal_lm, dual_encoder, fusion, vlm  # noqa: E402,F401  isort: skip
+
+__all__ = ["Family", "HFBuild", "Loaded", "all_families", "get", "hf_pipeline", "image_transform",
+           "init_from_hf", "init_part_from_hf", "load_hf", "names", "register", "torch_dtype"]

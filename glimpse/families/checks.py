@@ -1,0 +1,41 @@
+"""Checks of the parts' settings that several families share (a vision tower, a text tower, a
+causal decoder), with errors that name the recipe key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from glimpse.errors import GlimpseError
+from glimpse.models.layers import ACTIVATIONS
+from glimpse.schema import check, choice
+
+
+def check_vision_grid(v, key: str = "model.vision") -> None:
+    """A ViT's patches tile its images and its heads split its width."""
+    check(v.patch_size >= 1 and v.image_size % v.patch_size == 0, f"{key}.patch_size", v.patch_size,
+          f"must divide image_size {v.image_size}")
+    check(v.width % v.heads == 0, f"{key}.width", v.width, f"is not divisible by {v.heads} heads")
+
+
+def check_towers(m) -> None:
+    """The image and text towers of a model with `vision` and `text` sections."""
+    choice("model.vision.pool", m.vision.pool, ("cls", "mean", "map"))
+    check(m.vision.pool != "cls" or m.vision.class_token, "model.vision.pool", "cls", "needs model.vision.class_token")
+    for tower in ("vision", "text"):
+        t = getattr(m, tower)
+        choice(f"model.{tower}.act", t.act, tuple(ACTIVATIONS))
+        for k in ("width", "layers", "heads"):
+            check(getattr(t, k) >= 1, f"model.{tower}.{k}", getattr(t, k), "must be at least 1")
+        check(t.width % t.heads == 0, f"model.{tower}.width", t.width, f"is not divisible by {t.heads} heads")
+    check_vision_grid(m.vision)
+    check(m.text.context_length >= 3, "model.text.context_length", m.text.context_length, "must be at least 3")
+
+
+def check_decoder(m, key: str = "model") -> None:
+    """A causal decoder's settings; its vocabulary comes from the tokenizer later."""
+    try:
+        dataclasses.replace(m, vocab_size=m.vocab_size or 1).resolved()
+    except ValueError as e:
+        raise GlimpseError(f"recipe section {key}: {e}") from None
+    check(m.layers >= 1, f"{key}.layers", m.layers, "must be at least 1")
+    check(m.context_length >= 3, f"{key}.context_length", m.context_length, "must be at least 3")

@@ -1,0 +1,103 @@
+"""The family registry: families by name, and Hugging Face folders by the family that reads their
+`model_type`.  Loading a folder (a whole model, or one part for a recipe's `init_parts`) goes
+through here, so the loader, the trainer and the CLI hold no list of families."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glimpse import runs
+from glimpse.errors import GlimpseError
+from glimpse.families.base import Family, Loaded
+from glimpse.hub import folder as hf_folder
+from glimpse.hub.parts import load_strict
+
+_FAMILIES: dict[str, type[Family]] = {}
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def register(cls: type[Family]) -> type[Family]:
+    """Class decorator: make `cls` the family named `cls.name` (a later registration replaces it)."""
+    _FAMILIES[cls.name] = cls
+    return cls
+
+
+def get(name: str) -> type[Family]:
+    if name not in _FAMILIES:
+        raise GlimpseError(f"unknown family {name!r}; known: {', '.join(_FAMILIES)}")
+    return _FAMILIES[name]
+
+
+def names() -> list[str]:
+    return list(_FAMILIES)
+
+
+def all_families() -> list[type[Family]]:
+    return list(_FAMILIES.values())
+
+
+def torch_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype from its name ("bf16", "float32", ...) or as it is; None stays None."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise GlimpseError(f"unknown dtype {dtype!r}; one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+# -- Hugging Face folders -----------------------------------------------------------------------------
+
+def hf_family(folder: Path, config: dict) -> type[Family]:
+    mt = config.get("model_type", "")
+    for fam in _FAMILIES.values():
+        if mt in fam.hf_model_types:
+            return fam
+    known = ", ".join(t for fam in _FAMILIES.values() for t in fam.hf_model_types)
+    raise GlimpseError(f"{folder}: model_type {mt!r} is not one glimpse loads ({known})")
+
+
+def load_hf(folder: str | Path, dtype=None, device: str = "cpu") -> Loaded:
+    """The glimpse module of a Hugging Face folder with its weights, strictly mapped, cast to `dtype`
+    (default float32, whatever the checkpoint's own dtype), with its tokenizer and preprocessing."""
+    folder = hf_folder.resolve(folder)
+    config = hf_folder.read_json(folder / "config.json")
+    fam = hf_family(folder, config)
+    built = fam.hf_build(folder, config)
+    dtype = torch_dtype(dtype)
+    model = built.model.to(dtype) if dtype is not None else built.model
+    load_strict(model, built.tensors, built.rules, built.unused, str(folder))
+    model.to(device).eval()
+    tokenizer, transform = fam.hf_inputs(folder, model, hf_folder.tokenizer(folder))
+    return Loaded(fam.name, model, config, folder, tokenizer, transform)
+
+
+def hf_pipeline(folder: str | Path, dtype=None, device: str = "cpu"):
+    """What `glimpse.load(folder)` returns: the family's pipeline around the loaded module."""
+    loaded = load_hf(folder, dtype, device)
+    return get(loaded.family).hf_pipeline(loaded)
+
+
+def init_from_hf(model: nn.Module, folder: str | Path) -> None:
+    """A recipe's `init:` naming a Hugging Face folder: the whole glimpse model (which must have the
+    folder's architecture) from it, strictly."""
+    folder = hf_folder.resolve(folder)
+    config = hf_folder.read_json(folder / "config.json")
+    built = hf_family(folder, config).hf_build(folder, config)
+    if type(built.model) is not type(model):
+        raise GlimpseError(f"{folder} holds a {type(built.model).__name__}, the recipe builds a {type(model).__name__}")
+    load_strict(model, built.tensors, built.rules, built.unused, f"{folder} (init)")
+
+
+def init_part_from_hf(model: nn.Module, part: str, folder: str | Path) -> None:
+    """Fill the top-level part `part` (vision, text, lm) of a glimpse model from a Hugging Face folder,
+    strictly, cast to the part's dtype."""
+    folder = hf_folder.resolve(folder)
+    target = runs.model_part(model, part, "init_parts: ")
+    config = hf_folder.read_json(folder / "config.json")
+    rules, tensors, unused = hf_family(folder, config).hf_part(folder, config, target)
+    load_strict(target, tensors, rules, unused, f"{folder} (for {part})")

@@ -1,0 +1,109 @@
+"""The run-folder layout, shared by the trainer that writes runs and the loader that reads them.
+
+    RUN/recipe.yaml                 the resolved recipe
+    RUN/tokenizer.json              the tokenizer it trained with
+    RUN/preprocess.json             image preprocessing (families that read images)
+    RUN/metrics.jsonl, loss.png     one record per logged step; the curves
+    RUN/eval.json                   the final evaluation
+    RUN/checkpoints/step_NNNNNNN/   model.safetensors (+ optimizer, RNG and trainer state: train/checkpoint.py)
+
+Weights are read strictly: a missing, unexpected or mis-shaped tensor is an error that names it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from glimpse.errors import GlimpseError
+
+RECIPE, TOKENIZER, PREPROCESS = "recipe.yaml", "tokenizer.json", "preprocess.json"
+METRICS, LOSS_PLOT, EVAL = "metrics.jsonl", "loss.png", "eval.json"
+CHECKPOINTS, STEP_PREFIX, WEIGHTS = "checkpoints", "step_", "model.safetensors"
+
+
+def list_checkpoints(run: str | Path) -> list[Path]:
+    d = Path(run) / CHECKPOINTS
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
+
+
+def latest_checkpoint(run: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run)
+    return ckpts[-1] if ckpts else None
+
+
+def run_dir(path: str | Path) -> Path:
+    """The run folder of a run or of one of its checkpoints (RUN/checkpoints/step_N)."""
+    p = Path(path)
+    if not p.exists():
+        raise GlimpseError(f"no such run: {p}")
+    return p.parent.parent if p.parent.name == CHECKPOINTS else p
+
+
+def run_weights(path: str | Path) -> Path:
+    """The model weights of a run folder (its latest checkpoint) or of one checkpoint folder."""
+    p = Path(path)
+    if (p / WEIGHTS).is_file():
+        return p / WEIGHTS
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise GlimpseError(f"{p} is not a glimpse run: no checkpoints found")
+    return latest / WEIGHTS
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise GlimpseError(f"no weights at {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GlimpseError(f"broken checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Strictly load a safetensors file: a missing, unexpected or mis-shaped tensor is an error naming it."""
+    load_tensors(model, read_weights(path), Path(path))
+
+
+def model_part(model: torch.nn.Module, part: str, why: str = "") -> torch.nn.Module:
+    """A top-level submodule by name (vision, text, lm, ...), or an error listing the parts."""
+    sub = getattr(model, part, None)
+    if not isinstance(sub, torch.nn.Module):
+        parts = ", ".join(n for n, _ in model.named_children())
+        raise GlimpseError(f"{why}the model has no part {part!r}; its parts: {parts}")
+    return sub
+
+
+def load_part(model: torch.nn.Module, part: str, path: str | Path) -> None:
+    """Strictly load one top-level submodule from a run's weights: the tensors under "part." when the
+    file has any (the vision tower of a dual encoder), else the whole file (a language-model run)."""
+    sub = model_part(model, part, "init_parts: ")
+    tensors = read_weights(path)
+    prefix = part + "."
+    picked = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)} or tensors
+    load_tensors(sub, picked, f"{path} (for {part})")
+
+
+def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
+    expected = model.state_dict()
+    # tied weights were saved once: fill in their aliases
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        raise GlimpseError(f"checkpoint {path} has unexpected tensor {unexpected[0]}"
+                           + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for k in missing:
+        alias = next((a for a, v in expected.items() if a in tensors and v.data_ptr() == expected[k].data_ptr()), None)
+        if alias is None:
+            raise GlimpseError(f"checkpoint {path} is missing tensor {k}")
+    for k, v in tensors.items():
+        if v.shape != expected[k].shape:
+            raise GlimpseError(f"checkpoint {path}: tensor {k} has shape {tuple(v.shape)}, "
+                               f"the model expects {tuple(expected[k].shape)}")
+    model.load_state_dict(tensors, strict=False)
