@@ -177,7 +177,7 @@ def cmd_convert(a) -> None:
 def print_table(results: dict[str, float]) -> None:
     width = max(len(k) for k in results)
     for k, v in results.items():
-        print(f"  {k:<{width}}  {v:.4f}")
+        print(f"  {k:<{width}}  {v if isinstance(v, int) else format(v, '.4f')}")
 
 
 def build_parser() -> argparse.ArgumentParser:

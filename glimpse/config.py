@@ -27,8 +27,8 @@ class DataConfig:
     source: str = "shapes"  # shapes (generated on first use, cached) | coco | csv | wds
     root: str | None = None  # shapes: where the world lives (None: the cache); others: base of relative paths
     format: str = "coco"  # which written format training reads: coco | csv | wds captions, or llava conversations
-    lm_text: str = "captions"  # causal_lm: captions | world (captions with questions answered; data/lm_text.py)
-    vqa_mix: bool = False  # vlm: add the training split's VQA questions as short-answer turns (LLaVA-1.5's mix)
+    lm_text: str = "captions"  # language-model text: captions | world (captions with questions answered; data/lm_text.py)
+    vqa_mix: bool = False  # conversations: add the training split's VQA questions as short-answer turns (LLaVA-1.5's mix)
     # the shapes world's generator settings (source: shapes)
     seed: int = 0
     train_size: int = 20000
@@ -67,13 +67,13 @@ class TrainConfig:
     max_consecutive_failures: int = 50  # bad samples in a row before the run stops
     threads: int = 0  # torch intra-op threads; 0: torch's default
     compile: bool = False  # run the training step's model through torch.compile (pays off on GPUs)
-    # vlm with a frozen vision tower: compute each training image's tower features once, before
-    # the first step, instead of decoding and encoding it again every epoch
+    # a frozen vision tower: compute each training image's tower features once, before the first
+    # step, instead of decoding and encoding it again every epoch (families that implement it)
     cache_vision_features: bool = False
     # batches of samples of about the same length (LLaVA's group_by_modality_length): less padding
     group_by_length: bool = False
-    # vlm: split each batch into this many parts of similar length, each padded to its own longest
-    # (the same samples and loss as one part, less padding computed; one process only)
+    # split each batch into this many parts of similar length, each padded to its own longest (the
+    # same samples and loss as one part, less padding computed; one process; families that implement it)
     padding_groups: int = 1
 
 
@@ -84,7 +84,7 @@ class EvalConfig:
     templates: list[str] = field(default_factory=lambda: ["a {}", "a photo of a {}"])
     prompt_ensemble: str = "mean"  # mean (CLIP) | max: how templates combine in zero-shot classification
     batch_size: int = 256
-    # generative models (vlm): VQA and captions are scored on what the model generates
+    # generative models: VQA and captions are scored on what the model generates
     max_new_tokens: int = 32
     caption_prompt: str = "<image>\ndescribe the image."
     vqa_limit: int = 0  # score at most this many questions per split (0: all)
@@ -94,7 +94,7 @@ class EvalConfig:
 @dataclass
 class Recipe:
     name: str = ""
-    family: str = "dual_encoder"
+    family: str = ""  # a registered family (glimpse.families): it gives the model section's dataclass
     model: Any = None  # the family's config dataclass
     tokenizer: str | None = None  # a tokenizer.json; None: the shapes world's own
     data: DataConfig = field(default_factory=DataConfig)
@@ -111,7 +111,9 @@ def recipe_from_dict(data: dict, name: str = "") -> Recipe:
     if not isinstance(data, dict):
         raise GlimpseError("a recipe must be a YAML mapping")
     data = dict(data)
-    family = families.get(data.get("family", "dual_encoder"))
+    if not data.get("family"):
+        raise GlimpseError(f"a recipe must name its family: family: one of {', '.join(families.names())}")
+    family = families.get(data["family"])
     model = from_dict(family.config, data.pop("model", None), "model")
     recipe = from_dict(Recipe, data)
     recipe.model = model

@@ -167,10 +167,10 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
 
 def _ask_llava(run: Path, data_cfg, root: Path) -> list[tuple[str, str, str, str]]:
     """(image, question, answer, the annotators' answer) for the first test images' first questions."""
-    import glimpse
+    from glimpse.api import load
     from glimpse.data.conversations import vqa_items
 
-    m = glimpse.load(run)
+    m = load(run)
     picked, seen = [], set()
     for item in vqa_items(data_cfg, root, "test"):
         if item["image"] not in seen and len(picked) < N_ASKED:
