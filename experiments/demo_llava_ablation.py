@@ -100,7 +100,8 @@ def by_question_type(run: Path, root: Path) -> None:
     kind = {a["question_id"]: a["question_type"] for a in annotations}
     scenes = {i["file_name"]: i["scene"] for i in
               json.loads((root / "annotations" / "captions_test.json").read_text())["images"]}
-    answers = vqa_answers(task.pipeline(model), items, task.recipe.eval.batch_size)
+    answers, answered = vqa_answers(task.pipeline(model), items, task.recipe.eval.batch_size)
+    items = [items[i] for i in answered]
     scores, where = defaultdict(list), Counter()
     for it, answer in zip(items, answers):
         scores[kind[it["question_id"]]].append(vqa_accuracy(answer, it["answers"]))

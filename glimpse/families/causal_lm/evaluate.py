@@ -1,4 +1,4 @@
-"""Evaluating a language model on a split's captions: mean next-token loss and perplexity."""
+"""Evaluating a language model on a split's captions: mean next-token loss and perplexity, over `n` captions."""
 
 from __future__ import annotations
 
@@ -30,4 +30,5 @@ def evaluate_lm(model, tokenizer, data_cfg, root: Path, splits: list[str], conte
         loss = total / max(tokens, 1)
         out[f"{split}/lm_loss"] = loss
         out[f"{split}/perplexity"] = math.exp(loss)
+        out[f"{split}/n"] = len(texts)
     return out

@@ -1,6 +1,8 @@
 """Evaluating a dual encoder on a split: retrieval R@K both ways and zero-shot accuracy.
 
-Keys are flat `split/metric`, e.g. `test/t2i_r1`, `test_novel/zeroshot_acc`.
+Keys are flat `split/metric`, e.g. `test/t2i_r1`, `test_novel/zeroshot_acc`.  An image that cannot be
+read is skipped, as in training: retrieval is over `n` images and zero-shot over `zeroshot_n`, and
+`skipped` images of the split could not be read.
 
 `zeroshot_paraphrase_acc` classifies the same images with prompts in words the shapes world's
 captions never use ("a photo of something crimson and round"): a text tower that only learned the
@@ -44,21 +46,26 @@ def paraphrase_scores(pipe: DualEncoderPipeline, image_embeds: torch.Tensor, cla
 def evaluate_split(pipe: DualEncoderPipeline, data_cfg, root: Path, split: str,
                    templates: list[str] | None = None, batch_size: int = 256) -> dict[str, float]:
     items = load_pairs(data_cfg, root, split)
-    image_embeds, good, _ = pipe.embed_image_stream([it.image for it in items], batch_size)
+    image_embeds, good, failures = pipe.embed_image_stream([it.image for it in items], batch_size)
     items = [items[i] for i in good]
-    captions = [c for it in items for c in it.captions]
-    text_image = torch.tensor([i for i, it in enumerate(items) for _ in it.captions])
-    out = {f"{split}/{k}": v for k, v in retrieval_metrics(image_embeds, pipe.embed_texts(captions), text_image).items()}
+    out = {f"{split}/n": len(items), f"{split}/skipped": sum(failures.values())}
+    if items:
+        captions = [c for it in items for c in it.captions]
+        text_image = torch.tensor([i for i, it in enumerate(items) for _ in it.captions])
+        recall = retrieval_metrics(image_embeds, pipe.embed_texts(captions), text_image)
+        out.update({f"{split}/{k}": v for k, v in recall.items()})
     labels_csv = Path(root) / "labels" / f"{split}.csv"
     if data_cfg.source == "shapes" and labels_csv.is_file():
         paths, labels, classes = read_labels(labels_csv, root)
-        if paths:
-            image_embeds = pipe.embed_images(paths, batch_size)
+        image_embeds, good, _ = pipe.embed_image_stream(paths, batch_size)  # their bad images are counted above
+        labels = torch.tensor([labels[i] for i in good])
+        if good:
             scores = pipe.class_scores(image_embeds, classes, templates)
-            out[f"{split}/zeroshot_acc"] = zeroshot_accuracy(scores, torch.tensor(labels))
+            out[f"{split}/zeroshot_acc"] = zeroshot_accuracy(scores, labels)
             if all(w in PARAPHRASES for c in classes for w in c.split()):
                 out[f"{split}/zeroshot_paraphrase_acc"] = zeroshot_accuracy(
-                    paraphrase_scores(pipe, image_embeds, classes), torch.tensor(labels))
+                    paraphrase_scores(pipe, image_embeds, classes), labels)
+            out[f"{split}/zeroshot_n"] = len(good)
     return out
 
 

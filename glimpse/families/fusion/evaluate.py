@@ -6,6 +6,8 @@ among ITC's top k (`rerank_k`), as ALBEF evaluates: by log P_ITM(match) + the IT
 Re-ranked recall is only reported for K <= k (a target outside the candidates is a miss).
 VQA (vqa runs): the official VQAv2 accuracy of the best answer of the answer list (`vqa_acc`),
 exact match with the most common human answer (`vqa_exact`), and accuracy by answer type.
+An image that cannot be read is skipped, as in training: `n` images (retrieval) or questions (VQA)
+were scored, and `skipped` images could not be read.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 
 from glimpse.data.conversations import vqa_items
-from glimpse.data.images import load_image
+from glimpse.data.images import decode_each
 from glimpse.data.pairs import load_pairs
 from glimpse.families.fusion.pipeline import FusionPipeline
 from glimpse.metrics.retrieval import recall_from_scores
@@ -24,7 +26,11 @@ from glimpse.metrics.vqa import vqa_summary
 
 def retrieval_split(pipe: FusionPipeline, data_cfg, root: Path, split: str, k: int) -> dict[str, float]:
     items = load_pairs(data_cfg, root, split)
-    patches, pooled = pipe.image_features(pipe.pixels([it.image for it in items]))
+    good, pixels, bad = decode_each([it.image for it in items], pipe.max_pixels, pipe.transform)
+    items = [items[i] for i in good]
+    if not items:
+        return {f"{split}/n": 0, f"{split}/skipped": sum(bad.values())}
+    patches, pooled = pipe.image_features(torch.stack(pixels))
     captions = [c for it in items for c in it.captions]
     text_image = torch.tensor([i for i, it in enumerate(items) for _ in it.captions])
     states, mask = pipe.text_states(captions)
@@ -37,6 +43,7 @@ def retrieval_split(pipe: FusionPipeline, data_cfg, root: Path, split: str, k: i
         for key in [key for key in out if "_" not in key[4:]]:  # the ITC keys
             if int(key.rsplit("_r", 1)[1]) <= k:
                 out[f"{key}_{name}"] = (by_t2i if key.startswith("t2i") else by_i2t)[key]
+    out.update(n=len(items), skipped=sum(bad.values()))
     return {f"{split}/{key}": v for key, v in out.items()}
 
 
@@ -44,17 +51,16 @@ def vqa_split(pipe: FusionPipeline, data_cfg, root: Path, split: str, batch_size
               limit: int = 0) -> dict[str, float]:
     items = vqa_items(data_cfg, root, split)[: limit or None]
     answers = pipe.model.cfg.answers
-    pixel_cache: dict[str, torch.Tensor] = {}  # an image has several questions
+    images = sorted({it["image"] for it in items})  # an image has several questions: decoded once
+    good, pixels, bad = decode_each(images, pipe.max_pixels, pipe.transform)
+    pixel_of = {images[i]: p for i, p in zip(good, pixels)}
+    items = [it for it in items if it["image"] in pixel_of]
     preds = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        for it in chunk:
-            if it["image"] not in pixel_cache:
-                pixel_cache[it["image"]] = pipe.transform(load_image(it["image"], max_pixels=pipe.max_pixels))
-        pixels = torch.stack([pixel_cache[it["image"]] for it in chunk])
-        logits = pipe.answer_logits(pixels, [it["question"] for it in chunk])
+        logits = pipe.answer_logits(torch.stack([pixel_of[it["image"]] for it in chunk]), [it["question"] for it in chunk])
         preds += [answers[i] for i in logits.argmax(-1).tolist()]
-    out = vqa_summary(preds, items)
+    out = {**(vqa_summary(preds, items) if items else {}), "n": len(items), "skipped": sum(bad.values())}
     return {f"{split}/{key}": v for key, v in out.items()}
 
 
