@@ -1,8 +1,10 @@
 """`glimpse demo`: the main job end to end on the embedded shapes world.
 
-Generates the world (cached), trains the demo dual encoder, evaluates it, runs example
-searches and zero-shot classifications, prints a short summary and writes a
-self-contained report.html (every image inlined) next to the run.
+Generates the world (cached), trains the demo dual encoder (recipe shapes-clip-demo), evaluates
+it and runs example searches and zero-shot classifications; then trains a small LLaVA on its
+vision tower (recipes shapes-lm-demo, shapes-llava-stage1-demo, shapes-llava-stage2-demo), scores
+it and asks it questions; prints a short summary with the machine's matmul rate and writes a
+self-contained report.html (every image inlined) next to the runs.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from glimpse.config import load_recipe
 from glimpse.errors import GlimpseError
+from glimpse.hardware import matmul_gflops
 
 MARKER = "demo.json"
 # example queries: a caption of these images (split, index in the split's COCO file)
@@ -44,59 +49,58 @@ def _img_tag(path, size: int = 96, title: str = "", cls: str = "") -> str:
             f'title="{html.escape(title)}">')
 
 
-# The LLaVA part: LM pretraining, stage 1, stage 2, at a size that fits the demo's budget.
-# The towers and the data come from the demo's dual encoder (its vision tower is LLaVA's).
-# A 2-layer LM: half the compute of a sample, so stage 2 sees three times the samples of a 4-layer
-# one in the budget, enough to learn to pick the named object out of a scene (README).  8 heads of 16
-# dimensions (4 key-value heads) instead of the recipe's 4 of 32: the same weights and speed, and
-# over three stage-2 data orders a higher and narrower VQA (README).  With the
-# tower features cached a sample is only tokenized: in-process loading beats 2 workers on 2 cores.
-LLAVA_STAGES = {
-    "lm": ("shapes-lm", ["model.layers=2", "model.heads=8", "model.kv_heads=4", "train.max_steps=60",
-                         "train.warmup_steps=20", "train.eval_every=0", "train.save_every=60", "eval.splits=[]",
-                         "data.num_workers=0"]),
-    "stage1": ("shapes-llava-stage1", ["train.max_steps=100", "train.save_every=100", "model.pixel_shuffle=1",
-                                       "eval.splits=[]", "train.lr=3e-3", "data.num_workers=0"]),
-    "stage2": ("shapes-llava-stage2", ["train.max_steps=1050", "train.save_every=1050", "model.pixel_shuffle=1",
-                                       "eval.splits=[test]", "train.lr=2e-3",
-                                       "data.num_workers=0"]),
-}
+# The LLaVA part: LM pretraining, stage 1, stage 2, each a recipe of configs/ (the *-demo ones, where
+# their settings and the reasons for them are), trained into the run folder named here.
+STAGES = {"lm": ("shapes-lm-demo", "shapes-lm"), "stage1": ("shapes-llava-stage1-demo", "shapes-llava-stage1"),
+          "stage2": ("shapes-llava-stage2-demo", "shapes-llava-stage2")}
 N_ASKED = 6  # test images the demo asks its LLaVA about (each image's first VQA question)
 
 
 def _split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     """`--set KEY=V` goes to the dual encoder; `--set lm.KEY=V`, `stage1.KEY=V`, `stage2.KEY=V` to the LLaVA part."""
-    out: dict[str, list[str]] = {"clip": [], **{k: [] for k in LLAVA_STAGES}}
+    out: dict[str, list[str]] = {"clip": [], **{k: [] for k in STAGES}}
     for item in overrides:
         head, _, rest = item.partition(".")
-        out[head if head in LLAVA_STAGES and rest else "clip"].append(rest if head in LLAVA_STAGES else item)
+        out[head if head in STAGES and rest else "clip"].append(rest if head in STAGES else item)
     return out
 
 
-def train_llava(data, vision, tower_run: Path, out: Path, overrides: dict[str, list[str]], progress: bool,
+def same_world(data, world):
+    """A stage's data section on the world `world` (a DataConfig) describes: the world's generator
+    settings and pixel statistics, the stage's own reading of it (format, vqa_mix, lm_text, workers)."""
+    import dataclasses
+
+    return dataclasses.replace(world, format=data.format, vqa_mix=data.vqa_mix, lm_text=data.lm_text,
+                               num_workers=data.num_workers)
+
+
+def train_llava(world, vision, tower_run: Path, out: Path, overrides: dict[str, list[str]], progress: bool,
                 lm_run: Path | None = None) -> Path:
     """LM pretraining (unless `lm_run` gives the LM) -> LLaVA stage 1 (projector) -> stage 2 (projector
-    + LM), each a normal run on `data`, with the vision tower (config `vision`) of `tower_run`."""
+    + LM), each its recipe trained into `out`.  The stages share what the demo wires: the world (`world`,
+    the dual encoder's data section), the dual encoder's vision tower (config `vision`, weights from
+    `tower_run`) and the LM stage's language model."""
     import dataclasses
 
     from glimpse.train.trainer import train
 
     runs = {"lm": lm_run}
     lm_cfg = None if lm_run is None else load_recipe(str(Path(lm_run) / "recipe.yaml"), []).model
-    for stage, (name, settings) in LLAVA_STAGES.items():
+    for stage, (recipe_name, folder) in STAGES.items():
         if stage == "lm" and lm_run is not None:
             continue
-        recipe = load_recipe(name, settings + overrides.get(stage, []))
-        recipe.data = dataclasses.replace(data, format=recipe.data.format, vqa_mix=recipe.data.vqa_mix,
-                                          lm_text=recipe.data.lm_text, num_workers=recipe.data.num_workers)
+        recipe = load_recipe(recipe_name, overrides.get(stage, []))
+        recipe.data = same_world(recipe.data, world)
         if stage == "lm":
             lm_cfg = recipe.model
         else:
             recipe.model.vision = dataclasses.replace(vision)
             recipe.model.lm = dataclasses.replace(lm_cfg, vocab_size=0, context_length=recipe.model.lm.context_length)
-            recipe.init = str(runs["stage1"]) if stage == "stage2" else None
-            recipe.init_parts = {} if stage == "stage2" else {"vision": str(tower_run), "lm": str(runs["lm"])}
-        runs[stage] = out / name
+            if stage == "stage1":
+                recipe.init_parts = {"vision": str(tower_run), "lm": str(runs["lm"])}
+            else:
+                recipe.init = str(runs["stage1"])
+        runs[stage] = out / folder
         train(recipe, runs[stage], progress=progress)
     return runs["stage2"]
 
@@ -110,6 +114,9 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
     out = Path(out)
     _prepare_out(out)
     (out / MARKER).write_text(json.dumps({"started": t0}))
+    # times hold only for the machine they were measured on: say how fast this one is
+    gflops = matmul_gflops()
+    print(f"this machine: fp32 matmul {gflops:.0f} GFLOP/s (2048 x 2048, best of 3), {torch.get_num_threads()} threads")
 
     sets = _split_overrides(overrides or [])
     recipe = load_recipe("shapes-clip-demo", sets["clip"])
@@ -156,11 +163,12 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
         print(f"  {Path(path).name}: {q!r} -> {a!r}  (annotators: {truth!r})")
     elapsed = time.time() - t0
     report = out / "report.html"
-    report.write_text(render_report(results, keys, run / "loss.png", searches, zeroshot, elapsed,
+    report.write_text(render_report(results, keys, run / "loss.png", searches, zeroshot, elapsed, gflops,
                                     llava_results, answers, llava_run / "loss.png"))
-    summary = {"results": results, "llava_results": llava_results, "seconds": elapsed, "report": str(report)}
+    summary = {"results": results, "llava_results": llava_results, "seconds": elapsed, "matmul_gflops": gflops,
+               "report": str(report)}
     (out / MARKER).write_text(json.dumps(summary, indent=2))
-    print(f"\nreport: {report}   ({elapsed:.0f} s in all)")
+    print(f"\nreport: {report}   ({elapsed:.0f} s in all, on a machine whose fp32 matmul runs at {gflops:.0f} GFLOP/s)")
     print(f"chat with it in a browser or through the OpenAI API: glimpse serve {llava_run}")
     return summary
 
@@ -185,7 +193,8 @@ def _loss_img(path) -> str:
     return f'<img src="data:image/png;base64,{data}" style="border:none">'
 
 
-def render_report(results, keys, loss_png, searches, zeroshot, elapsed, llava_results, answers, llava_loss) -> str:
+def render_report(results, keys, loss_png, searches, zeroshot, elapsed, gflops, llava_results, answers,
+                  llava_loss) -> str:
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{results[k]:.3f}</td></tr>" for k in keys if k in results)
     llava_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in llava_results.items()
                          if k in ("test/vqa_acc", "test/vqa_acc_yes_no", "test/vqa_acc_other", "test/cider", "test/bleu_4"))
@@ -212,7 +221,8 @@ img {{ image-rendering: pixelated; border: 2px solid #ccc; }} img.ok {{ border-c
 </style></head><body>
 <h1>glimpse demo</h1>
 <p>A CLIP-style dual encoder trained from scratch on the procedural shapes world
-(recipe <code>shapes-clip-demo</code>), end to end in {elapsed:.0f} s.
+(recipe <code>shapes-clip-demo</code>), end to end in {elapsed:.0f} s on a machine whose fp32 matmul runs at
+{gflops:.0f} GFLOP/s.
 <code>test_novel</code> holds colour–shape combinations never seen in training.</p>
 <h2>Figures</h2><table>{rows}</table>
 <h2>Training</h2>{_loss_img(loss_png)}
