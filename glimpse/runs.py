@@ -5,6 +5,7 @@
     RUN/preprocess.json             image preprocessing (families that read images)
     RUN/metrics.jsonl, loss.png     one record per logged step; the curves
     RUN/eval.json                   the final evaluation
+    RUN/run.json                    wall time, steps, and this machine's fp32 matmul rate (what the time is worth)
     RUN/checkpoints/step_NNNNNNN/   model.safetensors (+ optimizer, RNG and trainer state: train/checkpoint.py)
 
 Weights are read strictly: a missing, unexpected or mis-shaped tensor is an error that names it.
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from glimpse.errors import GlimpseError
 
 RECIPE, TOKENIZER, PREPROCESS = "recipe.yaml", "tokenizer.json", "preprocess.json"
-METRICS, LOSS_PLOT, EVAL = "metrics.jsonl", "loss.png", "eval.json"
+METRICS, LOSS_PLOT, EVAL, RUN_INFO = "metrics.jsonl", "loss.png", "eval.json", "run.json"
 CHECKPOINTS, STEP_PREFIX, WEIGHTS = "checkpoints", "step_", "model.safetensors"
 
 

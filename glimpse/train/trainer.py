@@ -27,7 +27,7 @@ from glimpse.data.tokenizer import Tokenizer
 from glimpse.data.world import ensure_shapes
 from glimpse.distributed import agree, all_reduce_mean, barrier, init_distributed
 from glimpse.errors import GlimpseError
-from glimpse.hardware import warn_if_slow_dtype
+from glimpse.hardware import matmul_gflops, warn_if_slow_dtype
 from glimpse.hub import is_hf_folder, resolve
 from glimpse.train import checkpoint as ckpt
 from glimpse.train.plots import plot_metrics
@@ -96,6 +96,7 @@ class MetricsLog:
 
 def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train `recipe` into the run folder `out`; returns the final evaluation."""
+    t_start = time.time()
     validate_recipe(recipe)
     dist_info = init_distributed()
     main = dist_info.is_main
@@ -112,6 +113,8 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     device = torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
     if tc.precision == "bf16" and main:
         warn_if_slow_dtype(torch.bfloat16, device, "train.precision: fp32")
+    # a wall time holds only for its machine: the run records how fast this one multiplies (run.json)
+    gflops = matmul_gflops(device=device.type) if main else 0.0
 
     existing = runs.latest_checkpoint(out)
     if existing is not None and not resume:
@@ -234,7 +237,8 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
             if main:
                 figures = task.evaluate(model, recipe.eval.during_train)
                 log.write({"step": step, **figures})
-                bar.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+                bar.write(f"step {step}: " + "  ".join(f"{k} {v if isinstance(v, int) else format(v, '.3f')}"
+                                                        for k, v in figures.items()))
                 model.train()
             barrier()
         if step % tc.save_every == 0 or step == tc.max_steps:
@@ -251,6 +255,10 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         log.write({"step": step, **results, "bad_samples": dict(failures)})
         (out / runs.EVAL).write_text(json.dumps(results, indent=2) + "\n")
         plot_metrics(out / runs.METRICS, out / runs.LOSS_PLOT)
+        (out / runs.RUN_INFO).write_text(json.dumps({
+            "seconds": round(time.time() - t_start, 1), "steps": [start, step], "matmul_gflops": round(gflops, 1),
+            "device": str(device), "threads": torch.get_num_threads(), "processes": dist_info.world_size,
+            "torch": torch.__version__}, indent=2) + "\n")
         if failures:
             print("skipped bad samples: " + ", ".join(f"{r} {n}" for r, n in sorted(failures.items())))
     barrier()

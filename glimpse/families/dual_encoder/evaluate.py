@@ -48,7 +48,7 @@ def evaluate_split(pipe: DualEncoderPipeline, data_cfg, root: Path, split: str,
     items = load_pairs(data_cfg, root, split)
     image_embeds, good, failures = pipe.embed_image_stream([it.image for it in items], batch_size)
     items = [items[i] for i in good]
-    out = {f"{split}/n": len(items), f"{split}/skipped": sum(failures.values())}
+    out: dict[str, float] = {}
     if items:
         captions = [c for it in items for c in it.captions]
         text_image = torch.tensor([i for i, it in enumerate(items) for _ in it.captions])
@@ -66,6 +66,7 @@ def evaluate_split(pipe: DualEncoderPipeline, data_cfg, root: Path, split: str,
                 out[f"{split}/zeroshot_paraphrase_acc"] = zeroshot_accuracy(
                     paraphrase_scores(pipe, image_embeds, classes), labels)
             out[f"{split}/zeroshot_n"] = len(good)
+    out.update({f"{split}/n": len(items), f"{split}/skipped": sum(failures.values())})
     return out
 
 
