@@ -33,6 +33,8 @@ def test_run_folder_has_metrics_checkpoints_eval_and_plot(tiny_run):
     assert ckpts == ["step_0000006", "step_0000008"]  # keep_checkpoints=2, no temporary folders left
     assert {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"} <= {
         p.name for p in (tiny_run / "checkpoints" / "step_0000008").iterdir()}
+    info = json.loads((tiny_run / "run.json").read_text())  # what the wall time is worth on this machine
+    assert info["seconds"] > 0 and info["matmul_gflops"] > 0 and info["steps"] == [0, 8] and info["threads"] >= 1
 
 
 def test_load_embeds_and_classifies(tiny_run, world):
