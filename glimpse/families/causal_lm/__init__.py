@@ -68,7 +68,7 @@ class CausalLMFamily(Family):
 
     @classmethod
     def hf_build(cls, folder: Path, config: dict) -> HFBuild:
-        return HFBuild(*hf.build(folder, config))
+        return hf.build(folder, config)
 
     @classmethod
     def hf_pipeline(cls, loaded: Loaded) -> LanguageModelPipeline:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from glimpse.errors import GlimpseError
+from glimpse.families.base import HFBuild
 from glimpse.hub import folder as hf
 from glimpse.hub.decoder import (
     GPT2_UNUSED,
@@ -22,8 +23,8 @@ from glimpse.models.decoder import CausalLM
 MODEL_TYPES = (*LLAMA_TYPES, "gpt2")
 
 
-def build(folder: Path, c: dict):
-    """(CausalLM with random weights, rules, HF tensors, unused patterns) of an LM folder."""
+def build(folder: Path, c: dict) -> HFBuild:
+    """The CausalLM (random weights), rules, tensors and unused patterns of an LM folder."""
     cfg = decoder_config(c, str(folder))
     model = CausalLM(cfg)
     sd, unused = hf.read_safetensors(folder), ()
@@ -33,7 +34,7 @@ def build(folder: Path, c: dict):
         unused = (*GPT2_UNUSED, r"lm_head\.weight")
     elif cfg.tie_embeddings:
         unused = (r"lm_head\.weight",)
-    return model, decoder_rules(model.cfg), sd, unused
+    return HFBuild(model, decoder_rules(model.cfg), sd, unused)
 
 
 def part(folder: Path, c: dict, target) -> tuple[list, dict, tuple]:

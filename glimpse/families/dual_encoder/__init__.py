@@ -73,7 +73,7 @@ class DualEncoderFamily(Family):
 
     @classmethod
     def hf_build(cls, folder: Path, config: dict) -> HFBuild:
-        return HFBuild(*hf.build(folder, config))
+        return hf.build(folder, config)
 
     @classmethod
     def hf_inputs(cls, folder: Path, model: nn.Module, tokenizer):

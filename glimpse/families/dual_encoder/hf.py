@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from glimpse.errors import GlimpseError
+from glimpse.families.base import HFBuild
 from glimpse.families.dual_encoder.model import DualEncoder, DualEncoderConfig, ImageEncoder, TextEncoder
 from glimpse.hub import folder as hf
 from glimpse.hub.export import HFFolder, special_tokens
@@ -85,12 +86,12 @@ def hf_dual_config(cfg: DualEncoderConfig) -> dict:
             "logit_scale_init_value": 2.6592, "vision_config": vision, "text_config": text}
 
 
-def build(folder: Path, c: dict):
-    """(module with random weights, rules, HF tensors, unused patterns) of a dual or one-tower folder."""
+def build(folder: Path, c: dict) -> HFBuild:
+    """The module (random weights), rules, tensors and unused patterns of a dual or one-tower folder."""
     where, mt = str(folder), c.get("model_type", "")
     if mt in DUAL_TYPES:
         cfg = dual_config(c, where)
-        return DualEncoder(cfg), dual_rules(cfg), hf.read_safetensors(folder), TOWER_UNUSED
+        return HFBuild(DualEncoder(cfg), dual_rules(cfg), hf.read_safetensors(folder), TOWER_UNUSED)
     sd = hf.read_safetensors(folder)
     if mt in VISION_TYPES:
         vcfg, _ = vision_config(c, where)
@@ -99,10 +100,10 @@ def build(folder: Path, c: dict):
         rules = vision_rules(vcfg, prefix_of(sd, "vision_model."))
         if proj:
             rules.append(rule("visual_projection.weight", "visual_projection.weight"))
-        return model, rules, sd, TOWER_UNUSED
+        return HFBuild(model, rules, sd, TOWER_UNUSED)
     tcfg, tkind = text_config(c, where, hf.sentence_pooling(folder))
     if tkind == "bert":
-        return TextEncoder(tcfg), text_rules(tcfg, "bert", ""), strip(sd, "bert."), BERT_UNUSED
+        return HFBuild(TextEncoder(tcfg), text_rules(tcfg, "bert", ""), strip(sd, "bert."), BERT_UNUSED)
     prefix = prefix_of(sd, "text_model.")
     rules = text_rules(tcfg, tkind, prefix)
     if tkind == "siglip":
@@ -114,7 +115,7 @@ def build(folder: Path, c: dict):
         rules.append(rule("text_projection.weight", "text_projection.weight"))
     else:
         model = TextEncoder(tcfg)
-    return model, rules, sd, TOWER_UNUSED
+    return HFBuild(model, rules, sd, TOWER_UNUSED)
 
 
 def part(folder: Path, c: dict, target) -> tuple[list, dict, tuple]:

@@ -149,7 +149,7 @@ class VisionLanguageFamily(Family):
 
     @classmethod
     def hf_build(cls, folder: Path, config: dict) -> HFBuild:
-        return HFBuild(*hf.build(folder, config))
+        return hf.build(folder, config)
 
     @classmethod
     def hf_inputs(cls, folder: Path, model: VisionLanguageModel, tokenizer):

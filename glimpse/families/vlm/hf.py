@@ -21,6 +21,7 @@ from pathlib import Path
 
 from glimpse.data.chat import TEMPLATES
 from glimpse.errors import GlimpseError
+from glimpse.families.base import HFBuild
 from glimpse.families.vlm.model import VisionLanguageModel, VLMConfig
 from glimpse.hub import folder as hf
 from glimpse.hub.decoder import decoder_config, decoder_rules, hf_decoder_config, lm_part
@@ -136,10 +137,10 @@ def hf_llava_config(cfg: VLMConfig) -> dict:
             "tie_word_embeddings": lm.tie_embeddings}
 
 
-def build(folder: Path, c: dict):
-    """(VisionLanguageModel with random weights, rules, HF tensors, unused patterns) of a LLaVA folder."""
+def build(folder: Path, c: dict) -> HFBuild:
+    """The VisionLanguageModel (random weights), rules, tensors and unused patterns of a LLaVA folder."""
     cfg = llava_config(c, str(folder), hf.chat_template(folder))
-    return VisionLanguageModel(cfg), llava_rules(cfg), normalize(hf.read_safetensors(folder)), llava_unused(cfg)
+    return HFBuild(VisionLanguageModel(cfg), llava_rules(cfg), normalize(hf.read_safetensors(folder)), llava_unused(cfg))
 
 
 def part(folder: Path, c: dict, target) -> tuple[list, dict, tuple]:
