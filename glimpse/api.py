@@ -16,6 +16,7 @@ from glimpse.errors import GlimpseError
 from glimpse.hardware import warn_if_slow_dtype
 from glimpse.hub import is_hf_folder, resolve
 from glimpse.hub.export import check_destination, write_folder
+from glimpse.schema import torch_dtype
 
 
 def load(path: str | Path, device: str = "cpu", dtype=None):
@@ -24,7 +25,7 @@ def load(path: str | Path, device: str = "cpu", dtype=None):
     generate, perplexity; a vision-language model's caption, ask, chat.  `dtype` ("fp32", "bf16",
     "fp16" or a torch dtype) casts the weights; a folder loads as float32 by default, whatever
     its own dtype."""
-    warn_if_slow_dtype(families.torch_dtype(dtype), device, 'glimpse.load(..., dtype="fp32")')
+    warn_if_slow_dtype(torch_dtype(dtype), device, 'glimpse.load(..., dtype="fp32")')
     if is_hf_folder(path):
         return families.hf_pipeline(resolve(path), dtype, device)
     family, model = load_run(path, device=device, dtype=dtype)
@@ -33,7 +34,8 @@ def load(path: str | Path, device: str = "cpu", dtype=None):
 
 def load_run(path: str | Path, overrides: list[str] | None = None, device: str = "cpu", dtype=None):
     """(the run's family, the model in eval mode) of a run; `overrides` change its recipe (`eval.*`
-    settings, say) as `--set` does.  The family's data root is the run's recipe's (see data_root)."""
+    settings, say) as `--set` does.  The family's `root` is the run folder: evaluation points it at the
+    recipe's data (glimpse.train.trainer.data_root, as `glimpse eval` does)."""
     run = runs.run_dir(path)
     try:
         recipe = recipe_from_dict(yaml.safe_load((run / runs.RECIPE).read_text()))
@@ -53,7 +55,7 @@ def load_run(path: str | Path, overrides: list[str] | None = None, device: str =
             raise GlimpseError(f"{run} has a broken {runs.PREPROCESS}: {e}") from None
     model = family.build_model()
     runs.load_weights(model, runs.run_weights(path))
-    dtype = families.torch_dtype(dtype)
+    dtype = torch_dtype(dtype)
     model.to(device=device, dtype=dtype).eval()
     return family, model
 

@@ -70,11 +70,12 @@ def cmd_search(a) -> None:
 
 def _chat_model(run):
     from glimpse.api import load
+    from glimpse.families.base import can_chat
 
     pipe = load(run)
-    if not hasattr(pipe, "chat"):
-        raise GlimpseError(f"{run} does not generate text about images (caption, ask and chat need a model "
-                           "whose pipeline chats: a LLaVA or Frozen run, or a LLaVA folder)")
+    if not can_chat(pipe):
+        raise GlimpseError(f"{run} does not talk about images (caption, ask and chat need a model that does, "
+                           "such as a vision-language run or a LLaVA folder)")
     return pipe
 
 

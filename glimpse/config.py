@@ -195,7 +195,7 @@ def validate_recipe(r: Recipe) -> None:
     family.validate(r)
     d, t, e = r.data, r.train, r.eval
     choice("data.source", d.source, ("shapes", "coco", "csv", "wds"))
-    choice("data.format", d.format, ("coco", "csv", "wds", "llava"))
+    choice("data.format", d.format, tuple(dict.fromkeys(x for f in families.all_families() for x in f.data_formats)))
     choice("data.lm_text", d.lm_text, ("captions", "world"))
     check(d.format in family.data_formats, "data.format", d.format,
           f"is not a format the {r.family} family trains on ({', '.join(family.data_formats)})")

@@ -11,7 +11,13 @@ import types
 import typing
 from typing import Any
 
+import torch
+
 from glimpse.errors import GlimpseError
+
+# dtype names a user may write (recipes, glimpse.load, glimpse convert) -> torch dtypes
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
 
 
 def _type_name(tp) -> str:
@@ -69,6 +75,15 @@ def from_dict(cls, data: Any, prefix: str = ""):
             raise GlimpseError(f"unknown recipe key {key}; valid keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
         kwargs[k] = coerce(v, hints[k], key)
     return cls(**kwargs)
+
+
+def torch_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype from its name ("bf16", "float32", ...) or as it is; None stays None."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise GlimpseError(f"unknown dtype {dtype!r}; one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
 
 
 def check(ok: bool, key: str, value, what: str) -> None:

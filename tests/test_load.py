@@ -21,11 +21,16 @@ def test_glimpse_load_is_the_api_load():
     assert glimpse.load is glimpse.api.load
 
 
-def test_load_a_run_in_bf16(tiny_run):
+def test_load_a_run_in_bf16(tiny_run, tiny_vlm_run, world):
+    image = str(world / "images" / "test" / "test_000000.png")
     pipe = glimpse.load(tiny_run, dtype="bf16")
     assert all(p.dtype == torch.bfloat16 for p in pipe.model.parameters())
-    emb = pipe.embed_texts(["a small red circle"])
-    assert emb.dtype == torch.float32 and torch.isfinite(emb).all()  # embeddings come back as float32
+    for emb in (pipe.embed_texts(["a small red circle"]), pipe.embed_images([image])):
+        assert emb.dtype == torch.float32 and torch.isfinite(emb).all()  # embeddings come back as float32
+    fp32 = glimpse.load(tiny_run).embed_images([image])
+    assert torch.nn.functional.cosine_similarity(fp32, pipe.embed_images([image])).item() > 0.99
+    vlm = glimpse.load(tiny_vlm_run, dtype="bf16")  # pixels meet a bf16 tower, features a bf16 LM
+    assert isinstance(vlm.ask([image], ["how many shapes are there?"], max_new_tokens=4)[0], str)
     with pytest.raises(GlimpseError, match="unknown dtype 'bf17'"):
         glimpse.load(tiny_run, dtype="bf17")
 

@@ -7,7 +7,6 @@ import io
 import math
 import os
 import warnings
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -175,15 +174,15 @@ def load_image(src, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = 
     raise TypeError(f"load_image takes a path, bytes or a PIL image, not {type(src).__name__}")
 
 
-def decode_each(sources: list, max_pixels: int = DEFAULT_MAX_PIXELS, transform=None) -> tuple[list, list, Counter]:
+def decode_each(sources: list, max_pixels: int = DEFAULT_MAX_PIXELS, transform=None) -> tuple[list, list, dict]:
     """Decode many images, skipping the bad ones as training does: (the indices of the good ones, their
-    images (RGB, or `transform`ed), the reasons of the bad ones counted)."""
-    good, images, failures = [], [], Counter()
+    images (RGB, or `transform`ed), {index of a bad one: its failure reason})."""
+    good, images, failures = [], [], {}
     for i, src in enumerate(sources):
         try:
             image = load_image(src, max_pixels=max_pixels)
         except ImageError as e:
-            failures[e.reason] += 1
+            failures[i] = e.reason
             continue
         good.append(i)
         images.append(image if transform is None else transform(image))

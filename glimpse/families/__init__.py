@@ -9,7 +9,7 @@ folder's `model_type` find theirs here.
 A new family is a subclass of `Family` decorated with `@register` (docs/adding-a-family.md).
 """
 
-from glimpse.families.base import Family, HFBuild, Loaded, image_transform
+from glimpse.families.base import Family, HFBuild, Loaded, recipe_transform
 from glimpse.families.registry import (
     all_families,
     get,
@@ -19,11 +19,10 @@ from glimpse.families.registry import (
     load_hf,
     names,
     register,
-    torch_dtype,
 )
 
 # the built-in families register themselves on import
 from glimpse.families import causal_lm, dual_encoder, fusion, vlm  # noqa: E402,F401  isort: skip
 
-__all__ = ["Family", "HFBuild", "Loaded", "all_families", "get", "hf_pipeline", "image_transform",
-           "init_from_hf", "init_part_from_hf", "load_hf", "names", "register", "torch_dtype"]
+__all__ = ["Family", "HFBuild", "Loaded", "all_families", "get", "hf_pipeline", "recipe_transform",
+           "init_from_hf", "init_part_from_hf", "load_hf", "names", "register"]

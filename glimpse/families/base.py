@@ -45,7 +45,21 @@ class Loaded:
     transform: ImageTransform | None = None
 
 
-def image_transform(recipe) -> ImageTransform:
+# The pipeline protocol: what a pipeline can do is told by the methods it has.  The server and the command
+# line ask these, never which family made the pipeline.
+CHAT_METHODS = ("chat", "chat_prompt", "complete", "context_length", "tokenizer")  # /v1/chat/completions, ask, chat
+EMBED_METHODS = ("embed_texts", "embed_images")  # /v1/embeddings: one of them at least
+
+
+def can_chat(pipeline) -> bool:
+    return all(hasattr(pipeline, m) for m in CHAT_METHODS)
+
+
+def can_embed(pipeline) -> bool:
+    return any(hasattr(pipeline, m) for m in EMBED_METHODS)
+
+
+def recipe_transform(recipe) -> ImageTransform:
     """A recipe's image preprocessing: its vision tower's image size and its data set's pixel statistics."""
     d = recipe.data
     stats = {k: tuple(v) for k, v in (("mean", d.image_mean), ("std", d.image_std)) if v is not None}
@@ -92,7 +106,8 @@ class Family:
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, splits: list[str]) -> dict[str, float]:
-        """Flat `split/metric` figures, with `split/n` (samples scored) and `split/skipped` (bad ones)."""
+        """Flat `split/metric` figures, with how many samples they were computed over (`split/n`, or
+        `split/vqa_n` and the like for figures over other sets) and `split/skipped` (unreadable images)."""
         raise NotImplementedError
 
     def pipeline(self, model: nn.Module):

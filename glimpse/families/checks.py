@@ -10,10 +10,15 @@ from glimpse.models.layers import ACTIVATIONS
 from glimpse.schema import check, choice
 
 
-def check_vision_grid(v, key: str = "model.vision") -> None:
-    """A ViT's patches tile its images and its heads split its width."""
+def check_patches(v, key: str = "model.vision") -> None:
+    """A ViT's patches tile its images."""
     check(v.patch_size >= 1 and v.image_size % v.patch_size == 0, f"{key}.patch_size", v.patch_size,
           f"must divide image_size {v.image_size}")
+
+
+def check_vision_grid(v, key: str = "model.vision") -> None:
+    """A ViT's patches tile its images and its heads split its width."""
+    check_patches(v, key)
     check(v.width % v.heads == 0, f"{key}.width", v.width, f"is not divisible by {v.heads} heads")
 
 
@@ -27,7 +32,7 @@ def check_towers(m) -> None:
         for k in ("width", "layers", "heads"):
             check(getattr(t, k) >= 1, f"model.{tower}.{k}", getattr(t, k), "must be at least 1")
         check(t.width % t.heads == 0, f"model.{tower}.width", t.width, f"is not divisible by {t.heads} heads")
-    check_vision_grid(m.vision)
+    check_patches(m.vision)
     check(m.text.context_length >= 3, "model.text.context_length", m.text.context_length, "must be at least 3")
 
 

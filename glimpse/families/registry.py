@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from glimpse import runs
@@ -14,11 +13,9 @@ from glimpse.errors import GlimpseError
 from glimpse.families.base import Family, Loaded
 from glimpse.hub import folder as hf_folder
 from glimpse.hub.parts import load_strict
+from glimpse.schema import torch_dtype
 
 _FAMILIES: dict[str, type[Family]] = {}
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 
 
 def register(cls: type[Family]) -> type[Family]:
@@ -39,15 +36,6 @@ def names() -> list[str]:
 
 def all_families() -> list[type[Family]]:
     return list(_FAMILIES.values())
-
-
-def torch_dtype(dtype) -> torch.dtype | None:
-    """A torch dtype from its name ("bf16", "float32", ...) or as it is; None stays None."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise GlimpseError(f"unknown dtype {dtype!r}; one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    return dtype
 
 
 # -- Hugging Face folders -----------------------------------------------------------------------------

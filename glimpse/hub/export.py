@@ -24,9 +24,10 @@ from safetensors.torch import save_file
 from glimpse.data.images import ImageTransform
 from glimpse.errors import GlimpseError
 from glimpse.hub.mapping import to_hf
+from glimpse.schema import torch_dtype
 
 RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
-DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"), "fp16": (torch.float16, "float16")}
+EXPORT_DTYPES = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -73,8 +74,8 @@ def preprocessor_config(transform: ImageTransform) -> dict:
 
 def check_destination(dst: str | Path, dtype: str) -> Path:
     """Refuse before any work: an unknown dtype, or a folder that holds something."""
-    if dtype not in DTYPES:
-        raise GlimpseError(f"export dtype {dtype!r} must be one of {', '.join(DTYPES)}")
+    if dtype not in EXPORT_DTYPES:
+        raise GlimpseError(f"export dtype {dtype!r} must be one of {', '.join(EXPORT_DTYPES)}")
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise GlimpseError(f"{dst} exists and is not empty")
@@ -83,9 +84,9 @@ def check_destination(dst: str | Path, dtype: str) -> Path:
 
 def write_folder(folder: HFFolder, dst: str | Path, dtype: str = "fp32") -> Path:
     dst = check_destination(dst, dtype)
-    torch_dtype, dtype_name = DTYPES[dtype]
-    tensors = {k: v.to(torch_dtype) for k, v in to_hf(folder.state_dict, folder.rules).items()}
-    config = {**folder.config, "dtype": dtype_name}
+    cast = torch_dtype(dtype)
+    tensors = {k: v.to(cast) for k, v in to_hf(folder.state_dict, folder.rules).items()}
+    config = {**folder.config, "dtype": str(cast).removeprefix("torch.")}  # float32, bfloat16, float16
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": folder.model_max_length,
                         **folder.specials, "add_bos_token": False, "add_eos_token": False,
                         "clean_up_tokenization_spaces": False, **folder.tokenizer_config}

@@ -20,6 +20,8 @@ from glimpse.data.images import ImageTransform, TransformConfigError
 from glimpse.data.tokenizer import NoTokenizer, Tokenizer
 from glimpse.errors import GlimpseError
 
+TOKENIZER = "tokenizer.json"
+
 
 def resolve(spec: str | Path) -> Path:
     """A path, or `pkg:PACKAGE/sub/path`: a folder inside an installed Python package (for
@@ -109,9 +111,9 @@ def image_transform(folder: Path, image_size: int) -> ImageTransform:
 def tokenizer(folder: Path) -> Tokenizer | NoTokenizer:
     """The folder's tokenizer.json; without one, a stand-in that says so when text is needed (a model
     loads without its tokenizer, as transformers' do: forward and get_image_features need none)."""
-    if not (folder / "tokenizer.json").is_file():
-        return NoTokenizer(f"{folder} has no tokenizer.json")
-    return Tokenizer(folder / "tokenizer.json")
+    if not (folder / TOKENIZER).is_file():
+        return NoTokenizer(f"{folder} has no {TOKENIZER}")
+    return Tokenizer(folder / TOKENIZER)
 
 
 def sentence_pooling(folder: Path) -> str | None:

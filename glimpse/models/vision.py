@@ -56,7 +56,8 @@ class VisionTransformer(nn.Module):
     def forward_features(self, pixel_values: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """All token states [B, T, D]; `layer` (negative counts from the end, as HF's
         vision_feature_layer) stops early and returns that block's output without the post-norm."""
-        x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)  # [B, N, D]
+        # pixels come as float32; a tower loaded in bf16 or fp16 reads them in its own dtype
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # [B, N, D]
         if self.class_token is not None:
             x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pre_norm(x + self.pos_embed)

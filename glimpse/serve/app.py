@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from glimpse.data.images import load_image
 from glimpse.data.messages import decode_data_url
 from glimpse.errors import GlimpseError
+from glimpse.families.base import can_chat, can_embed
 from glimpse.infer.generate import TextStream
 from glimpse.serve.engine import Engine, Job, QueueFull
 from glimpse.serve.schemas import ChatCompletionRequest, EmbeddingRequest
@@ -114,8 +115,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     """The API over a loaded pipeline (`glimpse.load(RUN)`); `remote` is a RemoteImageFetcher to
     allow http(s) image URLs from its allowlisted hosts (None: only data: URLs)."""
     limits = limits or ServerLimits()
-    # what the pipeline can do, by the methods it has (glimpse.families.base: the pipeline protocol)
-    chats = all(hasattr(pipeline, m) for m in ("chat_prompt", "complete", "context_length"))
+    chats, embeds = can_chat(pipeline), can_embed(pipeline)  # by the pipeline's methods (glimpse.families.base)
     engine = Engine(pipeline, max_batch=limits.max_batch, max_pending=limits.max_pending)
     app = FastAPI(title="glimpse", version="1", docs_url=None, redoc_url=None)
     app.state.engine, app.state.model_name = engine, model_name
@@ -213,7 +213,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     @app.get("/v1/models")
     async def models():
         can = (["chat"] if chats else []) + \
-            (["embeddings"] if hasattr(pipeline, "embed_texts") or hasattr(pipeline, "embed_images") else [])
+            (["embeddings"] if embeds else [])
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "glimpse", "capabilities": can}]}
 
@@ -275,9 +275,8 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request):
         check_model(body.model)
-        if not (hasattr(pipeline, "embed_texts") or hasattr(pipeline, "embed_images")):
-            raise APIError(400, f"{model_name} has no embeddings (it is not a dual or fusion encoder)",
-                           param="model")
+        if not embeds:
+            raise APIError(400, f"{model_name} has no embeddings (it embeds neither texts nor images)", param="model")
         if engine.pending >= engine.max_pending:
             raise busy()
         inputs = body.inputs()

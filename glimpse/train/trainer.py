@@ -28,6 +28,7 @@ from glimpse.data.world import ensure_shapes
 from glimpse.distributed import agree, all_reduce_mean, barrier, init_distributed
 from glimpse.errors import GlimpseError
 from glimpse.hardware import matmul_gflops, warn_if_slow_dtype
+from glimpse.hub import folder as hub_folder
 from glimpse.hub import is_hf_folder, resolve
 from glimpse.train import checkpoint as ckpt
 from glimpse.train.plots import plot_metrics
@@ -128,7 +129,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         root = data_root(recipe, False)
     tok_path = resolve(recipe.tokenizer) if recipe.tokenizer else root / runs.TOKENIZER
     if tok_path.is_dir():  # a Hugging Face model folder
-        tok_path = tok_path / runs.TOKENIZER
+        tok_path = tok_path / hub_folder.TOKENIZER
     tokenizer = Tokenizer(tok_path)
     task = families.get(recipe.family)(recipe, root, tokenizer)
 

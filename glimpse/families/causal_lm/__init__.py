@@ -26,7 +26,6 @@ from glimpse.families.causal_lm.pipeline import LanguageModelPipeline
 from glimpse.families.registry import register
 from glimpse.losses import lm_loss
 from glimpse.models.decoder import CausalLM, DecoderConfig
-from glimpse.schema import choice
 
 
 @register
@@ -38,7 +37,6 @@ class CausalLMFamily(Family):
     @classmethod
     def validate(cls, recipe) -> None:
         checks.check_decoder(recipe.model)
-        choice("data.lm_text", recipe.data.lm_text, ("captions", "world"))
 
     def __init__(self, recipe, root: Path, tokenizer):
         super().__init__(recipe, root, tokenizer)

@@ -17,7 +17,7 @@ from torch import nn
 from glimpse.data.images import ImageTransform
 from glimpse.data.pairs import PairCollate, PairDataset, load_pairs
 from glimpse.families import checks
-from glimpse.families.base import Family, HFBuild, Loaded, image_transform
+from glimpse.families.base import Family, HFBuild, Loaded, recipe_transform
 from glimpse.families.dual_encoder import hf
 from glimpse.families.dual_encoder.evaluate import evaluate
 from glimpse.families.dual_encoder.model import DualEncoder, DualEncoderConfig, ImageEncoder
@@ -46,7 +46,7 @@ class DualEncoderFamily(Family):
     def __init__(self, recipe, root: Path, tokenizer):
         super().__init__(recipe, root, tokenizer)
         self.recipe.model.text.vocab_size = self.recipe.model.text.vocab_size or tokenizer.vocab_size
-        self.transform = image_transform(recipe)
+        self.transform = recipe_transform(recipe)
 
     def build_model(self) -> nn.Module:
         return DualEncoder(self.recipe.model)

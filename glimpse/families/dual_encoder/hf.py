@@ -134,7 +134,8 @@ def part(folder: Path, c: dict, target) -> tuple[list, dict, tuple]:
         sd = {k: v for k, v in sd.items() if k.startswith(prefix)
               and not k.startswith((prefix + "head.", "text_projection.", "visual_projection.", "logit_"))}
         return text_part(tc, sd, prefix, target, where)
-    raise GlimpseError(f"{where} ({mt}) has no {'vision' if isinstance(target, VisionTransformer) else 'text'} tower")
+    part = {VisionTransformer: "vision tower", TextTransformer: "text tower"}.get(type(target), type(target).__name__)
+    raise GlimpseError(f"{where} ({mt}) has no {part}")
 
 
 def _swap_ids(tok: dict, a: int, b: int) -> dict:

@@ -22,7 +22,7 @@ from glimpse.data.pairs import PairCollate, PairDataset, load_pairs
 from glimpse.distributed import all_reduce_int
 from glimpse.errors import GlimpseError
 from glimpse.families import checks
-from glimpse.families.base import Family, image_transform
+from glimpse.families.base import Family, recipe_transform
 from glimpse.families.fusion.answers import VQACollate, VQADataset, answer_vocabulary
 from glimpse.families.fusion.evaluate import evaluate_fusion
 from glimpse.families.fusion.model import OBJECTIVES, FusionConfig, FusionEncoder
@@ -83,7 +83,7 @@ class FusionFamily(Family):
         m.text.vocab_size = m.text.vocab_size or max(tokenizer.vocab_size, m.mask_token_id + 1)
         if m.objective == "vqa" and not m.answers:
             m.answers = answer_vocabulary(vqa_items(recipe.data, root, "train"), m.max_answers)
-        self.transform = image_transform(recipe)
+        self.transform = recipe_transform(recipe)
 
     def build_model(self) -> nn.Module:
         return FusionEncoder(self.recipe.model)

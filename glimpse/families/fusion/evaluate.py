@@ -29,7 +29,7 @@ def retrieval_split(pipe: FusionPipeline, data_cfg, root: Path, split: str, k: i
     good, pixels, bad = decode_each([it.image for it in items], pipe.max_pixels, pipe.transform)
     items = [items[i] for i in good]
     if not items:
-        return {f"{split}/n": 0, f"{split}/skipped": sum(bad.values())}
+        return {f"{split}/n": 0, f"{split}/skipped": len(bad)}
     patches, pooled = pipe.image_features(torch.stack(pixels))
     captions = [c for it in items for c in it.captions]
     text_image = torch.tensor([i for i, it in enumerate(items) for _ in it.captions])
@@ -43,7 +43,7 @@ def retrieval_split(pipe: FusionPipeline, data_cfg, root: Path, split: str, k: i
         for key in [key for key in out if "_" not in key[4:]]:  # the ITC keys
             if int(key.rsplit("_r", 1)[1]) <= k:
                 out[f"{key}_{name}"] = (by_t2i if key.startswith("t2i") else by_i2t)[key]
-    out.update(n=len(items), skipped=sum(bad.values()))
+    out.update(n=len(items), skipped=len(bad))
     return {f"{split}/{key}": v for key, v in out.items()}
 
 
@@ -60,7 +60,7 @@ def vqa_split(pipe: FusionPipeline, data_cfg, root: Path, split: str, batch_size
         chunk = items[start:start + batch_size]
         logits = pipe.answer_logits(torch.stack([pixel_of[it["image"]] for it in chunk]), [it["question"] for it in chunk])
         preds += [answers[i] for i in logits.argmax(-1).tolist()]
-    out = {**(vqa_summary(preds, items) if items else {}), "n": len(items), "skipped": sum(bad.values())}
+    out = {**(vqa_summary(preds, items) if items else {}), "n": len(items), "skipped": len(bad)}
     return {f"{split}/{key}": v for key, v in out.items()}
 
 

@@ -143,7 +143,7 @@ class FusionEncoder(nn.Module):
         vqa: {"answer_logits"}.  pretrain / retrieval: normalised ITC embeddings and the scale;
         with `hard_negatives` (a function of this dict that returns, for each local text, a
         negative image's (patches, pooled) and, for each local image, a negative text's (states,
-        mask): glimpse.train.objectives.itm_hard_negatives), "itm_logits" [3b, 2] for b positive
+        mask): glimpse.losses.itm_hard_negatives), "itm_logits" [3b, 2] for b positive
         pairs then b text-with-wrong-image and b image-with-wrong-text pairs; with mlm_input_ids
         and mlm_labels, "mlm_logits" [n, V] at the n masked positions and "mlm_targets" [n].
         With distillation, the teacher's "teacher_image_embeds", "teacher_text_embeds" and

@@ -22,7 +22,7 @@ from glimpse.data.chat import IGNORE, TEMPLATES
 from glimpse.data.conversations import ConversationCollate, ConversationDataset, training_records
 from glimpse.errors import GlimpseError
 from glimpse.families import checks
-from glimpse.families.base import Family, HFBuild, Loaded, image_transform
+from glimpse.families.base import Family, HFBuild, Loaded, recipe_transform
 from glimpse.families.registry import register
 from glimpse.families.vlm import hf
 from glimpse.families.vlm.evaluate import evaluate_vlm
@@ -95,7 +95,7 @@ class VisionLanguageFamily(Family):
         if tokenizer.ids.get("image") is None:
             raise GlimpseError(f"the tokenizer {tokenizer.path} has no <image> token")
         m.image_token_id = tokenizer.ids["image"]
-        self.transform = image_transform(recipe)
+        self.transform = recipe_transform(recipe)
         self.records, self.image_rows, self.feature_cache = None, None, None  # see prepare()
 
     def build_model(self) -> nn.Module:

@@ -17,7 +17,7 @@ import random
 from pathlib import Path
 
 from glimpse.data.conversations import vqa_items
-from glimpse.data.images import ImageError, load_image
+from glimpse.data.images import decode_each
 from glimpse.data.pairs import load_pairs
 from glimpse.families.vlm.pipeline import VisionLanguagePipeline
 from glimpse.metrics.captions import bleu, cider, tokenize
@@ -28,12 +28,10 @@ VQA_MAX_NEW_TOKENS = 8  # a word or a phrase
 
 def _decode(sources, decoded: dict, bad: dict, max_pixels: int) -> None:
     """Decode each source not seen yet into `decoded`, or its failure reason into `bad`."""
-    for src in sources:
-        if src not in decoded and src not in bad:
-            try:
-                decoded[src] = load_image(src, max_pixels=max_pixels)
-            except ImageError as e:
-                bad[src] = e.reason
+    new = [s for s in dict.fromkeys(sources) if s not in decoded and s not in bad]
+    good, images, failures = decode_each(new, max_pixels)
+    decoded.update((new[i], im) for i, im in zip(good, images))
+    bad.update((new[i], reason) for i, reason in failures.items())
 
 
 def vqa_answers(pipe: VisionLanguagePipeline, items: list[dict], batch_size: int,
