@@ -51,6 +51,8 @@ def test_malformed_yaml_and_unknown_family(tmp_path):
         load_recipe(p)
     with pytest.raises(GlimpseError, match="unknown family 'gan'"):
         recipe_from_dict({"family": "gan"})
+    with pytest.raises(GlimpseError, match="a recipe must name its family: family: one of .*dual_encoder"):
+        recipe_from_dict({"train": {"max_steps": 3}})
     with pytest.raises(GlimpseError, match="no recipe 'nonexistent'"):
         load_recipe("nonexistent")
 
