@@ -26,11 +26,18 @@ METRICS, LOSS_PLOT, EVAL, RUN_INFO = "metrics.jsonl", "loss.png", "eval.json", "
 CHECKPOINTS, STEP_PREFIX, WEIGHTS = "checkpoints", "step_", "model.safetensors"
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint folder named step_N, or None for any other name."""
+    digits = path.name[len(STEP_PREFIX):]
+    return int(digits) if path.name.startswith(STEP_PREFIX) and digits.isascii() and digits.isdigit() else None
+
+
 def list_checkpoints(run: str | Path) -> list[Path]:
+    """A run's checkpoint folders, oldest first by step number (step_10000000 comes after step_9999999)."""
     d = Path(run) / CHECKPOINTS
     if not d.is_dir():
         return []
-    return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
+    return sorted((p for p in d.iterdir() if p.is_dir() and checkpoint_step(p) is not None), key=checkpoint_step)
 
 
 def latest_checkpoint(run: str | Path) -> Path | None:

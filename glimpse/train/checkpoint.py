@@ -2,8 +2,10 @@
 
 A checkpoint is a folder `checkpoints/step_0000100/` (glimpse.runs) holding the model, the optimizer
 (tensors in safetensors, the rest in JSON), the RNG states and the trainer state.  It is
-written under a temporary name and renamed into place, so a run killed mid-write leaves
-the previous checkpoint intact and never a half one.
+written under a temporary name (.tmp-step_N), flushed to disk and renamed into place, so a run killed
+mid-write leaves the previous checkpoints intact and never a half one.  A step saved again (one whose
+folder failed to load) is replaced in three moves: the old folder renamed aside (.old-step_N), the new
+one renamed in, the old one deleted; `tidy` finishes whichever of these a crash interrupted.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,13 +80,42 @@ def save_checkpoint(run: str | Path, step: int, model: torch.nn.Module, optimize
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():  # re-saving the same step (e.g. the end of an extended run)
-        shutil.rmtree(final)
+    _fsync_dir(tmp)
+    aside = ckdir / f".old-{final.name}"
+    if final.exists():  # a step saved again: the old folder goes aside, so a crash never leaves none
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+    _pause_for_tests(ckdir)
     os.rename(tmp, final)
     _fsync_dir(ckdir)
+    shutil.rmtree(aside, ignore_errors=True)
     for old in runs.list_checkpoints(run)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def tidy(run: str | Path) -> None:
+    """Finish what a crash inside save_checkpoint left: a complete new folder whose old one was set aside
+    is renamed in (it was flushed before the old one moved); an old one set aside and not replaced comes
+    back; a temporary folder written no further is deleted."""
+    ckdir = Path(run) / runs.CHECKPOINTS
+    for aside in ckdir.glob(".old-*") if ckdir.is_dir() else []:
+        final, tmp = ckdir / aside.name[len(".old-"):], ckdir / f".tmp-{aside.name[len('.old-'):]}"
+        if not final.exists():
+            os.rename(tmp if tmp.is_dir() else aside, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    for tmp in ckdir.glob(".tmp-*") if ckdir.is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pause_for_tests(ckdir: Path) -> None:
+    """GLIMPSE_TEST_PAUSE_IN_SAVE=FILE: say so in FILE and wait there, the new checkpoint written and not yet
+    renamed in (the old one, if any, set aside), for a test to kill the process at the worst moment."""
+    flag = os.environ.get("GLIMPSE_TEST_PAUSE_IN_SAVE")
+    if flag:
+        Path(flag).write_text(str(ckdir))
+        while True:
+            time.sleep(1)
 
 
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

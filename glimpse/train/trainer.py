@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -78,14 +80,29 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
+def resume_state(out: Path, model, optimizer, main: bool) -> dict:
+    """The trainer state of the newest checkpoint that loads; a broken one is passed over with a warning
+    (the next save replaces it)."""
+    for ck in reversed(runs.list_checkpoints(out)):
+        try:
+            return ckpt.load_checkpoint(ck, model, optimizer)
+        except GlimpseError as e:
+            if main:
+                print(f"glimpse: warning: {e}; resuming from the checkpoint before it", file=sys.stderr)
+    raise GlimpseError(f"no checkpoint of {out} loads: start a new run (another --out)")
+
+
 class MetricsLog:
-    """RUN/metrics.jsonl, one JSON record per line; on resume, records past the checkpoint are dropped."""
+    """RUN/metrics.jsonl, one JSON record per line; on resume, records past the checkpoint are dropped
+    (the file rewritten through a temporary one, so a crash there loses nothing)."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None):
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.exists():
             keep = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
-            path.write_text("".join(k + "\n" for k in keep))
+            tmp = path.with_name(f".tmp-{path.name}")
+            tmp.write_text("".join(k + "\n" for k in keep))
+            os.replace(tmp, path)
         elif enabled:
             path.write_text("")
 
@@ -117,6 +134,9 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     # a wall time holds only for its machine: the run records how fast this one multiplies (run.json)
     gflops = matmul_gflops(device=device.type) if main else 0.0
 
+    if main and resume:
+        ckpt.tidy(out)  # finish a save that a crash interrupted
+    barrier()
     existing = runs.latest_checkpoint(out)
     if existing is not None and not resume:
         raise GlimpseError(f"{out} already holds a run (last checkpoint {existing.name}); "
@@ -151,7 +171,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     state = {"failures": {}, "bad_in_a_row": 0}
     start = 0
     if existing is not None:
-        state = ckpt.load_checkpoint(existing, model, optimizer)
+        state = resume_state(out, model, optimizer, main)
         start = state["step"]
         if main:
             print(f"resuming {out} from step {start}")
