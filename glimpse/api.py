@@ -41,8 +41,8 @@ def load_run(path: str | Path, overrides: list[str] | None = None, device: str =
         recipe = recipe_from_dict(yaml.safe_load((run / runs.RECIPE).read_text()))
     except FileNotFoundError:
         raise GlimpseError(f"{run} is not a glimpse run: missing {runs.RECIPE}") from None
-    except yaml.YAMLError as e:
-        raise GlimpseError(f"{run} has a broken recipe: {str(e).splitlines()[0]}") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise GlimpseError(f"{run} has a broken recipe: {(str(e) or 'nested too deeply').splitlines()[0]}") from None
     for item in overrides or []:
         apply_override(recipe, item)
     family = families.get(recipe.family)(recipe, run, Tokenizer(run / runs.TOKENIZER))
@@ -51,8 +51,8 @@ def load_run(path: str | Path, overrides: list[str] | None = None, device: str =
             family.transform = ImageTransform.from_dict(json.loads((run / runs.PREPROCESS).read_text()))
         except FileNotFoundError:
             raise GlimpseError(f"{run} is not a glimpse run: missing {runs.PREPROCESS}") from None
-        except json.JSONDecodeError as e:
-            raise GlimpseError(f"{run} has a broken {runs.PREPROCESS}: {e}") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise GlimpseError(f"{run} has a broken {runs.PREPROCESS}: {e or 'nested too deeply'}") from None
     model = family.build_model()
     runs.load_weights(model, runs.run_weights(path))
     dtype = torch_dtype(dtype)

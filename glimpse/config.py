@@ -141,6 +141,8 @@ def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise GlimpseError(f"malformed recipe {path}{where}: {getattr(e, 'problem', e)}") from None
+    except RecursionError:
+        raise GlimpseError(f"malformed recipe {path}: nested too deeply") from None
     recipe = recipe_from_dict(data or {}, path.stem)
     for item in overrides or []:
         apply_override(recipe, item)

@@ -65,7 +65,7 @@ class ImageIndex:
             self.index = faiss.read_index(str(folder / "index.faiss"))
         except FileNotFoundError as e:
             raise GlimpseError(f"{folder} is not an image index: missing {Path(e.filename).name}") from None
-        except (json.JSONDecodeError, RuntimeError) as e:
+        except (json.JSONDecodeError, RuntimeError) as e:  # RecursionError is a RuntimeError
             raise GlimpseError(f"broken image index {folder}: {str(e).splitlines()[0]}") from None
         if not isinstance(self.meta, dict) or not (run or self.meta.get("run")):
             raise GlimpseError(f"broken image index {folder}: meta.json names no run (pass --run)")

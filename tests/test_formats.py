@@ -275,3 +275,30 @@ def test_broken_shards_raise(tmp_path):
         _add(tar, "k.json", b"{oops")
     with pytest.raises(GlimpseError, match=r"badjson\.tar: member k\.json is not valid JSON"):
         list(iter_webdataset(str(shard)))
+
+
+def test_a_label_that_only_looks_like_a_number_and_json_nested_too_deeply(tmp_path):
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("filepath,label\na.png,\u00b2\n")  # "²": str.isdigit() says yes, int() says no
+    with pytest.raises(GlimpseError, match=r"labels\.csv: line 2 has label '\u00b2'"):
+        read_labels(labels)
+    deep = tmp_path / "captions.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(GlimpseError, match=r"captions\.json: JSON nested too deeply"):
+        read_coco_captions(deep, tmp_path)
+    (tmp_path / "llava.jsonl").write_text("{}\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(GlimpseError, match=r"llava\.jsonl: JSON nested too deeply on line 2"):
+        read_llava(tmp_path / "llava.jsonl", tmp_path)
+
+
+def test_a_folder_or_recipe_nested_too_deeply_is_one_line(tmp_path):
+    from glimpse.config import load_recipe
+    from glimpse.hub.folder import read_json
+
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(GlimpseError, match="config.json is not valid JSON: nested too deeply"):
+        read_json(tmp_path / "config.json")
+    (tmp_path / "deep.yaml").write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(GlimpseError, match="malformed recipe .*deep.yaml: nested too deeply"):
+        load_recipe(tmp_path / "deep.yaml")

@@ -180,7 +180,7 @@ def read_labels(csv_file: PathLike, image_root: PathLike | None = None,
         label = row[label_col].strip()
         if label in index:
             labels.append(index[label])
-        elif label.isdigit() and int(label) < len(classes):
+        elif label.isascii() and label.isdigit() and int(label) < len(classes):  # not "²", which int() refuses
             labels.append(int(label))
         else:
             raise GlimpseError(f"{csv_file}: line {line} has label {label!r}, which is not a class of {classes_file}")
@@ -215,6 +215,8 @@ def _load_json(path: PathLike) -> object:
         return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise GlimpseError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
+    except RecursionError:
+        raise GlimpseError(f"{path}: JSON nested too deeply") from None
 
 
 def _load_jsonl(path: PathLike) -> list:
@@ -225,6 +227,8 @@ def _load_jsonl(path: PathLike) -> list:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise GlimpseError(f"{path}: invalid JSON on line {line_no} ({e.msg})") from None
+            except RecursionError:
+                raise GlimpseError(f"{path}: JSON nested too deeply on line {line_no}") from None
     return records
 
 
@@ -372,8 +376,8 @@ def _sample(path: str, key: str, files: dict[str, bytes]) -> ImageText | None:
     if "json" in files:
         try:
             meta = json.loads(files["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise GlimpseError(f"{path}: member {key}.json is not valid JSON ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise GlimpseError(f"{path}: member {key}.json is not valid JSON ({str(e) or 'nested too deeply'})") from None
     if isinstance(meta, dict) and isinstance(meta.get("captions"), list):
         captions = [c for c in meta["captions"] if isinstance(c, str)]
     elif "txt" in files:

@@ -48,6 +48,8 @@ def read_json(path: Path) -> dict:
         raise GlimpseError(f"{path.parent} has no {path.name}") from None
     except json.JSONDecodeError as e:
         raise GlimpseError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise GlimpseError(f"{path} is not valid JSON: nested too deeply") from None
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:

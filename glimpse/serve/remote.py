@@ -110,7 +110,7 @@ class RemoteImageFetcher:
 
     def _read(self, resp, deadline: float) -> bytes:
         length = resp.getheader("Content-Length")
-        if length and length.isdigit() and int(length) > self.max_bytes:
+        if length and length.isascii() and length.isdigit() and int(length) > self.max_bytes:
             raise GlimpseError(f"the remote image is over the {self.max_bytes}-byte limit")
         chunks, size = [], 0
         while True:
