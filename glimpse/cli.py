@@ -181,6 +181,12 @@ def print_table(results: dict[str, float]) -> None:
         print(f"  {k:<{width}}  {v if isinstance(v, int) else format(v, '.4f')}")
 
 
+def _at_least_one(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glimpse", description="Build, train, evaluate and serve vision-language models.")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -251,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--device", default="cpu")
     v.add_argument("--model-name", help="the model id clients send (default: the run folder's name)")
-    v.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
-    v.add_argument("--max-pending", type=int, default=32, help="requests in flight before a 429")
+    v.add_argument("--max-batch", type=_at_least_one, default=8, help="rows decoded together")
+    v.add_argument("--max-pending", type=_at_least_one, default=32, help="requests in flight before a 429")
     v.add_argument("--allow-remote-images", action="append", default=[], metavar="HOST[,HOST]",
                    help="fetch http(s) image URLs from these hosts (public addresses only); off by default")
     v.set_defaults(func=cmd_serve)

@@ -119,6 +119,12 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
         assert generate(model, PROMPTS, cfg) == ref
 
 
+def test_a_vanishing_temperature_is_greedy_not_nan():
+    model = tiny()  # logits / 1e-40 overflow float32: every probability would be NaN
+    cfg = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=1e-40, seed=0, ignore_eos=True)
+    assert generate(model, PROMPTS, cfg) == generate(model, PROMPTS, greedy())
+
+
 def test_top_p_keeps_smallest_set_reaching_mass():
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(2000, 4)
     gen = torch.Generator().manual_seed(0)

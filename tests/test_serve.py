@@ -17,6 +17,7 @@ from conftest import LiveServer, image_data_url
 from PIL import Image
 
 import glimpse
+from glimpse.errors import GlimpseError
 from glimpse.serve import ServerLimits, create_app
 from glimpse.serve.engine import Job
 
@@ -327,6 +328,27 @@ def test_oversized_bodies_get_413_and_unknown_routes_an_error_body(server):
     for method, path in [("GET", "/v1/nothing"), ("GET", "/v1/chat/completions"), ("DELETE", "/v1/models")]:
         r = httpx.request(method, server.url + path)
         assert r.status_code in (404, 405) and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_vanishing_temperature_is_answered(client, images):
+    r = client.chat.completions.create(model=MODEL, messages=ask(image_data_url(images[0]), "hi"), max_tokens=3,
+                                       temperature=1e-40)
+    greedy = client.chat.completions.create(model=MODEL, messages=ask(image_data_url(images[0]), "hi"), max_tokens=3,
+                                            temperature=0)
+    assert r.choices[0].message.content == greedy.choices[0].message.content
+
+
+def test_server_limits_below_one_are_refused(vlm, tiny_vlm_run, cli_env):
+    import subprocess
+
+    from conftest import PY
+
+    for limits in ({"max_batch": 0}, {"max_pending": -1}, {"max_images": True}):
+        with pytest.raises(GlimpseError, match="must be a whole number of at least 1"):
+            ServerLimits(**limits)
+    r = subprocess.run([PY, "-m", "glimpse", "serve", str(tiny_vlm_run), "--max-batch", "0"], env=cli_env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--max-batch: '0' is not a whole number of at least 1" in r.stderr
 
 
 def test_the_server_keeps_serving_after_bad_input(client, images):

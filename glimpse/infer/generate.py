@@ -103,11 +103,16 @@ def _step(model, tokens: torch.Tensor, mask, pos, cache):
     return model(tokens[:, None], mask, position_ids=pos, cache=cache)[:, -1], mask, pos
 
 
+# Below this a temperature changes no draw (a logit gap of 1e-5 becomes 10 nats), and logits / T can
+# overflow float32 (1e-40 is subnormal), which would make every probability NaN.
+MIN_TEMPERATURE = 1e-6
+
+
 def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row [N] from logits [N, V]: argmax, or a draw after temperature/top-k/top-p."""
     if not cfg.do_sample:
         return logits.argmax(-1)
-    logits = logits.float() / cfg.temperature
+    logits = logits.float() / max(cfg.temperature, MIN_TEMPERATURE)
     if cfg.top_k > 0:
         kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

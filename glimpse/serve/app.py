@@ -50,6 +50,12 @@ class ServerLimits:
     max_image_pixels: int = 16_000_000  # per decoded image
     retry_after_s: int = 1
 
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GlimpseError(f"server limit {name.replace('_', '-')} must be a whole number of at least 1, "
+                                   f"not {value!r}")
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
