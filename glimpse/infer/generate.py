@@ -273,15 +273,26 @@ def stream(model, prompt: list[int], cfg: GenerationConfig, **kw) -> Iterator[in
 class TextStream:
     """Tokens in, text pieces out: each piece is what the newest token added to the decoded text
     (leading spaces dropped, half a multi-byte character held back), so the pieces join to the
-    stripped-at-the-start text of all tokens."""
+    stripped-at-the-start text of all tokens.
+
+    Decoding is incremental, as vLLM's detokenizer: only the tokens since the last emitted piece are
+    decoded, with the few before them as context (a token's text can depend on its neighbours: a
+    leading space, half of a multi-byte character), so an answer of n tokens costs O(n), not O(n^2)."""
 
     def __init__(self, decode):
-        self.decode, self.tokens, self.text = decode, [], ""
+        self.decode, self.tokens = decode, []
+        self.prefix, self.read = 0, 0  # tokens[prefix:read] were emitted and are the context of the next piece
+        self.started = False  # a non-space character was emitted (leading spaces are dropped until then)
 
     def push(self, token: int) -> str:
         self.tokens.append(token)
-        text = self.decode(self.tokens).lstrip()
-        if text.endswith("\ufffd"):  # wait for the rest of the character
+        before = self.decode(self.tokens[self.prefix:self.read])
+        text = self.decode(self.tokens[self.prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):  # nothing new yet, or half a character
             return ""
-        piece, self.text = text[len(self.text):], text
+        piece = text[len(before):]
+        self.prefix, self.read = self.read, len(self.tokens)
+        if not self.started:
+            piece = piece.lstrip()
+            self.started = bool(piece)
         return piece

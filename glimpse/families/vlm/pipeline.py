@@ -119,13 +119,16 @@ class VisionLanguagePipeline:
 
     @torch.no_grad()
     def _inputs(self, prompts: list[tuple[list[int], list]], max_new_tokens: int):
-        device, embeds = next(self.model.parameters()).device, []
+        device, embeds, done = next(self.model.parameters()).device, [], {}
         for ids, images in prompts:
             if len(ids) + max_new_tokens > self.context_length:
                 raise ContextLengthError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) "
                                          f"exceeds the model's context of {self.context_length} tokens")
-            feats = torch.stack(self.image_features(images)) if images else None
-            embeds.append(self.model.merge(torch.tensor([ids], device=device), feats)[0])
+            key = (id(ids), id(images))  # n choices of one request share its prompt: embed it once
+            if key not in done:
+                feats = torch.stack(self.image_features(images)) if images else None
+                done[key] = self.model.merge(torch.tensor([ids], device=device), feats)[0]
+            embeds.append(done[key])
         return [p[0] for p in prompts], embeds
 
     def complete(self, prompts: list[tuple[list[int], list]], max_new_tokens: int = 32, on_token=None,
