@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,10 +27,11 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glimpse.data.images import load_image
+from glimpse.data.images import ImageError, load_image
 from glimpse.data.messages import decode_data_url
 from glimpse.errors import GlimpseError
 from glimpse.families.base import can_chat, can_embed
@@ -38,6 +40,7 @@ from glimpse.serve.engine import Engine, Job, QueueFull
 from glimpse.serve.schemas import ChatCompletionRequest, EmbeddingRequest
 
 PAGE = Path(__file__).with_name("chat.html")
+EMBED_CHUNK = 32  # inputs embedded between two looks at whether the client is still there
 
 
 @dataclass
@@ -45,9 +48,12 @@ class ServerLimits:
     max_batch: int = 8  # rows decoded together
     max_pending: int = 32  # requests admitted (running + waiting); beyond: 429
     max_body_bytes: int = 20_000_000  # beyond: 413
-    max_images: int = 8  # per request
+    max_images: int = 8  # per request, every endpoint
     max_image_bytes: int = 10_000_000  # per encoded image
     max_image_pixels: int = 16_000_000  # per decoded image
+    max_request_pixels: int = 32_000_000  # decoded pixels of all of a request's images
+    max_request_chars: int = 100_000  # characters of all of a request's text, refused before any tokenizing
+    max_decoding: int = 2  # images decoded at once, server-wide (each is shrunk to the model's size at once)
     retry_after_s: int = 1
 
     def __post_init__(self):
@@ -123,6 +129,8 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     limits = limits or ServerLimits()
     chats, embeds = can_chat(pipeline), can_embed(pipeline)  # by the pipeline's methods (glimpse.families.base)
     engine = Engine(pipeline, max_batch=limits.max_batch, max_pending=limits.max_pending)
+    decoding = threading.BoundedSemaphore(limits.max_decoding)
+    transform = getattr(pipeline, "transform", None)  # the model's input size, to shrink images to
     app = FastAPI(title="glimpse", version="1", docs_url=None, redoc_url=None)
     app.state.engine, app.state.model_name = engine, model_name
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
@@ -166,9 +174,50 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
             raise GlimpseError(f"an image is over the {limits.max_image_bytes}-byte limit")
         return data
 
+    def read_image(url: str, budget: list[int], name: str):
+        """One of a request's images: decoded within what is left of the request's pixel budget, a few at a
+        time server-wide, and shrunk at once to the model's input size (what the model sees, unchanged),
+        so that a waiting request holds kilobytes, not the decoded original."""
+        data = fetch_image(url)
+        with decoding:
+            try:
+                image = load_image(data, max_pixels=min(limits.max_image_pixels, budget[0]), name=name)
+            except ImageError as e:
+                if e.reason == "oversized" and budget[0] < limits.max_image_pixels:
+                    raise GlimpseError(f"the request's images are over its budget of {limits.max_request_pixels:,} "
+                                       "decoded pixels") from None
+                raise
+            budget[0] -= image.width * image.height
+            return Image.fromarray(transform.resized_array(image)) if transform is not None else image
+
+    def check_text(texts, param: str) -> None:
+        """Refuse a request whose text is over the character limit before anything tokenizes it."""
+        if sum(len(t) for t in texts) > limits.max_request_chars:
+            raise APIError(400, f"the request's text is over the {limits.max_request_chars:,}-character limit",
+                           param=param)
+
+    def reserved(prepare):
+        """Run `prepare` (off the event loop) in a slot reserved first, so a burst is refused before any
+        decoding; the slot is given back if the request is refused while it is prepared."""
+        async def run(*args):
+            try:
+                engine.reserve()
+            except QueueFull:
+                raise busy() from None
+            try:
+                return await run_in_threadpool(prepare, *args)
+            except BaseException:
+                engine.unreserve()
+                raise
+        return run
+
+    def worker_error(error: Exception) -> Exception:
+        """What the worker raised, for the client: a user error (a GlimpseError) is a 400, a bug a 500."""
+        return APIError(400, str(error)) if isinstance(error, GlimpseError) else error
+
     def build_prompt(body: ChatCompletionRequest):
-        """(ids, images) of the request, its images decoded; 400s for what cannot run."""
-        messages, n_images = [], 0
+        """(ids, images) of the request, its images decoded and shrunk; 400s for what cannot run."""
+        messages, n_images, budget = [], 0, [limits.max_request_pixels]
         for i, m in enumerate(body.messages):
             role = "system" if m.role == "developer" else m.role
             if isinstance(m.content, str):
@@ -184,8 +233,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
                     raise APIError(400, f"too many images: at most {limits.max_images} per request",
                                    param="messages")
                 try:
-                    image = load_image(fetch_image(part.image_url.url), max_pixels=limits.max_image_pixels,
-                                       name=f"#{n_images}")
+                    image = read_image(part.image_url.url, budget, f"#{n_images}")
                 except GlimpseError as e:
                     raise APIError(400, str(e), param=f"messages.{i}.content") from None
                 parts.append({"type": "image", "image": image})
@@ -199,12 +247,6 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
         return APIError(429, "the server is busy: too many requests in flight; retry later",
                         type="rate_limit_error", code="rate_limit_exceeded",
                         headers={"Retry-After": str(limits.retry_after_s)})
-
-    def submit(job: Job) -> None:
-        try:
-            engine.submit(job)
-        except QueueFull:
-            raise busy() from None
 
     # -- routes ----------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -228,15 +270,24 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
         check_model(body.model)
         if not chats:
             raise APIError(400, f"{model_name} is not a vision-language chat model", param="model")
-        if engine.pending >= engine.max_pending:  # refuse before decoding any image
-            raise busy()
-        ids, images = await run_in_threadpool(build_prompt, body)
-        room = pipeline.context_length - len(ids)
-        max_new = body.max_completion_tokens or body.max_tokens or max(1, min(256, room))
-        if max_new > room:
-            raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_new}) exceeds the "
-                           f"model's context of {pipeline.context_length} tokens", param="messages",
-                           code="context_length_exceeded")
+        if body.n > limits.max_batch:  # a request's choices decode together, in one batch
+            raise APIError(400, f"n ({body.n}) is over this server's batch of {limits.max_batch} rows", param="n")
+        texts = []
+        for m in body.messages:
+            texts += [m.content] if isinstance(m.content, str) else [p.text for p in m.content if p.type == "text"]
+        check_text(texts, "messages")
+
+        def prepare():
+            ids, images = build_prompt(body)
+            room = pipeline.context_length - len(ids)
+            max_new = body.max_completion_tokens or body.max_tokens or max(1, min(256, room))
+            if max_new > room:
+                raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_new}) exceeds the "
+                               f"model's context of {pipeline.context_length} tokens", param="messages",
+                               code="context_length_exceeded")
+            return ids, images, max_new
+
+        ids, images, max_new = await reserved(prepare)()
         sampling = body.temperature > 0
         options = {"do_sample": sampling, "stop_strings": body.stops(), "seed": body.seed,
                    "temperature": body.temperature if sampling else 1.0, "top_p": body.top_p if sampling else 1.0}
@@ -250,7 +301,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
 
         job = Job(on_done=on_done, prompts=[(ids, images)] * body.n, max_new_tokens=max_new, options=options,
                   on_token=on_token if body.stream else None)
-        submit(job)
+        engine.submit(job, reserved=True)
         reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
         def usage(tokens):
@@ -273,7 +324,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
             return error_response(499, "the client closed the request", code="client_closed_request")
         _, tokens, error = event
         if error is not None:
-            raise error
+            raise worker_error(error)
         choices = [{"index": i, "message": {"role": "assistant", "content": pipeline.tokenizer.decode(t).strip()},
                     "logprobs": None, "finish_reason": finish(t)} for i, t in enumerate(tokens)]
         return {**reply, "object": "chat.completion", "choices": choices, "usage": usage(tokens)}
@@ -283,44 +334,57 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
         check_model(body.model)
         if not embeds:
             raise APIError(400, f"{model_name} has no embeddings (it embeds neither texts nor images)", param="model")
-        if engine.pending >= engine.max_pending:
-            raise busy()
         inputs = body.inputs()
-        images = {}
-        for i, text in enumerate(inputs):
-            kind = "images" if text.startswith("data:image/") else "texts"
+        kinds = ["images" if x.startswith("data:image/") else "texts" for x in inputs]
+        for i, kind in enumerate(kinds):
             if not hasattr(pipeline, f"embed_{kind}"):  # a single-tower encoder
                 raise APIError(400, f"{model_name} does not embed {kind}", param=f"input.{i}")
-            if kind == "images":
-                try:
-                    images[i] = await run_in_threadpool(
-                        lambda t=text, k=i: load_image(fetch_image(t), max_pixels=limits.max_image_pixels,
-                                                       name=f"#{k}"))
-                except GlimpseError as e:
-                    raise APIError(400, str(e), param=f"input.{i}") from None
-        texts = [i for i in range(len(inputs)) if i not in images]
+        if kinds.count("images") > limits.max_images:
+            raise APIError(400, f"too many images: at most {limits.max_images} per request", param="input")
+        texts = [i for i, kind in enumerate(kinds) if kind == "texts"]
+        check_text([inputs[i] for i in texts], "input")
+
+        def prepare() -> dict:
+            budget, images = [limits.max_request_pixels], {}
+            for i, kind in enumerate(kinds):
+                if kind == "images":
+                    try:
+                        images[i] = read_image(inputs[i], budget, f"#{i}")
+                    except GlimpseError as e:
+                        raise APIError(400, str(e), param=f"input.{i}") from None
+            return images
+
+        images = await reserved(prepare)()
         loop, done = asyncio.get_running_loop(), asyncio.Queue()
 
         def embed():
+            """In the worker, a chunk at a time, so that a request whose client left stops early; the
+            tokens are counted here too, never on the event loop."""
             out = [None] * len(inputs)
-            if texts:
-                for i, e in zip(texts, pipeline.embed_texts([inputs[i] for i in texts])):
-                    out[i] = e
-            if images:
-                for i, e in zip(images, pipeline.embed_images(list(images.values()))):
-                    out[i] = e
-            return out
+            for values, run in (({i: inputs[i] for i in texts}, "embed_texts"), (images, "embed_images")):
+                rows = list(values)
+                for start in range(0, len(rows), EMBED_CHUNK):
+                    if job.cancelled.is_set():
+                        return None
+                    chunk = rows[start:start + EMBED_CHUNK]
+                    for i, e in zip(chunk, getattr(pipeline, run)([values[i] for i in chunk])):
+                        out[i] = e
+            return out, sum(len(pipeline.tokenizer.encode(inputs[i])) for i in texts)
 
-        job = Job(on_done=lambda r, e: loop.call_soon_threadsafe(done.put_nowait, (r, e)), call=embed)
-        submit(job)
+        job = Job(on_done=lambda r, e: loop.call_soon_threadsafe(done.put_nowait, ("done", r, e)), call=embed)
+        engine.submit(job, reserved=True)
         try:
-            vectors, error = await done.get()
-        except asyncio.CancelledError:
+            event = await _answer_or_disconnect(request, done)
+        except asyncio.CancelledError:  # the server is shutting down
             engine.cancel(job)
             raise
+        if event is None:  # the client left: the worker stops at its next chunk
+            engine.cancel(job)
+            return error_response(499, "the client closed the request", code="client_closed_request")
+        _, result, error = event
         if error is not None:
-            raise error
-        tokens = sum(len(pipeline.tokenizer.encode(inputs[i])) for i in texts)
+            raise worker_error(error)
+        vectors, tokens = result
         data = []
         for i, v in enumerate(vectors):
             v = v.float().numpy()
@@ -370,6 +434,7 @@ async def _sse(engine, job, events, reply, body, decode, usage, finish):
                                       **extra}) + "\n\n"
 
     streams = [TextStream(decode) for _ in range(body.n)]
+    finished = False  # the job answered: its slot was released by the worker, nothing to cancel
     try:
         for i in range(body.n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
@@ -382,8 +447,11 @@ async def _sse(engine, job, events, reply, body, decode, usage, finish):
                     yield chunk([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
                 continue
             _, tokens, error = event
+            finished = True
             if error is not None:
-                err = {"message": "internal server error", "type": "server_error", "param": None, "code": None}
+                message, kind = (str(error), "invalid_request_error") if isinstance(error, GlimpseError) else \
+                    ("internal server error", "server_error")
+                err = {"message": message, "type": kind, "param": None, "code": None}
                 yield "data: " + json.dumps({"error": err}) + "\n\n"
                 break
             for i, t in enumerate(tokens):
@@ -393,4 +461,5 @@ async def _sse(engine, job, events, reply, body, decode, usage, finish):
             break
         yield "data: [DONE]\n\n"
     finally:
-        engine.cancel(job)
+        if not finished:  # the client left mid-stream (or the server is closing): free its slot now
+            engine.cancel(job)

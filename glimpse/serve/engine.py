@@ -2,9 +2,11 @@
 batched.
 
 * Admission: at most `max_pending` requests are admitted (waiting + running); one more is refused
-  at once (`QueueFull`, which the API turns into a 429 with Retry-After).  A request whose client
-  went away is `cancel`led: it leaves the queue, or its rows stop at the next decoding step, and its
-  slot is free immediately.
+  at once (`QueueFull`, which the API turns into a 429 with Retry-After).  The API `reserve`s a slot
+  before it decodes a request's images, so a burst is refused before any decoding, and the slot goes
+  with the job (`submit(job, reserved=True)`) or back (`unreserve`).  A request whose client went away
+  is `cancel`led: it leaves the queue, or its rows stop at the next decoding step, and its slot is
+  free immediately.
 * Batching: whenever the worker is free it takes the oldest waiting request and every other waiting
   request that decodes the same way (greedy, or sampling with the same temperature / top-p, and the
   same stop strings) up to `max_batch` rows (a request with n choices is n rows), and runs them as
@@ -85,13 +87,25 @@ class Engine:
     def pending(self) -> int:
         return self._admitted
 
-    def submit(self, job: Job) -> None:
-        if job.call is None:
-            job.key = batch_key(job.options)
+    def reserve(self) -> None:
+        """Take a slot for a request about to be prepared, or raise QueueFull."""
         with self._cond:
             if self._admitted >= self.max_pending:
                 raise QueueFull
             self._admitted += 1
+
+    def unreserve(self) -> None:
+        """Give back a reserved slot whose request never became a job (it was refused)."""
+        with self._cond:
+            self._admitted -= 1
+
+    def submit(self, job: Job, reserved: bool = False) -> None:
+        """Queue a job, in the slot `reserve` took for it or in a new one (QueueFull if none is left)."""
+        if job.call is None:
+            job.key = batch_key(job.options)
+        if not reserved:
+            self.reserve()
+        with self._cond:
             self._waiting.append(job)
             self._cond.notify()
             if self._thread is None:
