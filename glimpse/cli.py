@@ -165,7 +165,7 @@ def cmd_serve(a) -> None:
     limits = ServerLimits(max_batch=a.max_batch, max_pending=a.max_pending)
     hosts = [h for item in a.allow_remote_images for h in item.split(",")]
     serve(a.run, a.host, a.port, device=a.device, model_name=a.model_name, limits=limits,
-          allow_remote_images=hosts or None)
+          allow_remote_images=hosts or None, api_key=a.api_key, no_api_key=a.no_api_key)
 
 
 def cmd_convert(a) -> None:
@@ -259,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model-name", help="the model id clients send (default: the run folder's name)")
     v.add_argument("--max-batch", type=_at_least_one, default=8, help="rows decoded together")
     v.add_argument("--max-pending", type=_at_least_one, default=32, help="requests in flight before a 429")
+    v.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 request "
+                   "(default: $GLIMPSE_API_KEY)")
+    v.add_argument("--no-api-key", action="store_true",
+                   help="serve a non-loopback address without an API key (refused otherwise)")
     v.add_argument("--allow-remote-images", action="append", default=[], metavar="HOST[,HOST]",
                    help="fetch http(s) image URLs from these hosts (public addresses only); off by default")
     v.set_defaults(func=cmd_serve)

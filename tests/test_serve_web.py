@@ -1,6 +1,7 @@
 """The web chat page at /, in headless Chromium (Debian's `chromium`, driven by Playwright): a real
-image upload and two questions, the answers streamed in and the conversation kept.  A screenshot is
-kept at tests/artifacts/web_chat.png for a person to look at."""
+image upload and two questions, the answers streamed in and the conversation kept; and a server with an
+API key, whose page asks for it.  The screenshot goes to the test's temporary folder (its path is printed
+for a person to look at), never into the source tree."""
 
 from __future__ import annotations
 
@@ -14,12 +15,11 @@ import glimpse
 from glimpse.serve import create_app
 
 CHROMIUM = os.environ.get("GLIMPSE_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(__file__).parent / "artifacts"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def test_upload_ask_and_follow_up_in_chromium(tiny_vlm_run, world):
+def test_upload_ask_and_follow_up_in_chromium(tiny_vlm_run, world, tmp_path):
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
@@ -51,6 +51,27 @@ def test_upload_ask_and_follow_up_in_chromium(tiny_vlm_run, world):
         assert answers.nth(1).inner_text() == vlm.chat(follow, max_new_tokens=64)
         assert page.evaluate("messages.length") == 4
         assert page.locator(".msg.user img").count() == 1 and page.locator(".msg.error").count() == 0
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "web_chat.png"), full_page=True)
+        page.screenshot(path=str(tmp_path / "web_chat.png"), full_page=True)
+        print(f"screenshot: {tmp_path / 'web_chat.png'}")
         browser.close()
+
+
+def test_the_page_asks_for_the_api_key_of_a_guarded_server(tiny_vlm_run):
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's chromium package (the README's test setup)")
+    asked = []
+    with LiveServer(create_app(glimpse.load(tiny_vlm_run), "tiny-vlm", api_key="sk-page")) as s, \
+            sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page()
+        page.on("dialog", lambda d: (asked.append(d.message), d.accept("sk-page")))
+        page.goto(s.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent === 'tiny-vlm'")
+        page.fill("[data-testid=text]", "hello")
+        page.click("[data-testid=send]")
+        page.wait_for_selector("[data-testid=answer][data-done='1']", timeout=60_000)
+        assert page.locator(".msg.error").count() == 0
+        browser.close()
+    assert asked == ["This server needs its API key:"]  # asked once, then kept

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import threading
 import time
@@ -40,6 +41,7 @@ from glimpse.serve.engine import Engine, Job, QueueFull
 from glimpse.serve.schemas import ChatCompletionRequest, EmbeddingRequest
 
 PAGE = Path(__file__).with_name("chat.html")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # the Host names a loopback server answers to
 EMBED_CHUNK = 32  # inputs embedded between two looks at whether the client is still there
 
 
@@ -75,6 +77,33 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
                    headers=None) -> JSONResponse:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Gate:
+    """Who may ask: with `api_key`, every /v1 request must carry `Authorization: Bearer KEY` (401
+    otherwise); with `allowed_hosts` (a server on loopback), every request's Host header must name one of
+    them, whatever its port (400 otherwise: a page on another site that rebinds its own name to
+    127.0.0.1 cannot reach the server)."""
+
+    def __init__(self, app, api_key: str | None, allowed_hosts: tuple[str, ...] | None):
+        self.app, self.api_key, self.allowed_hosts = app, api_key, allowed_hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.allowed_hosts is not None:
+            host = headers.get(b"host", b"").decode("latin-1").lower()
+            name = host.rpartition("]")[0].lstrip("[") if host.startswith("[") else host.split(":")[0]
+            if name not in self.allowed_hosts:
+                return await error_response(400, "the Host header names no address of this server (it serves "
+                                            "loopback only)", code="invalid_host")(scope, receive, send)
+        if self.api_key is not None and scope["path"].startswith("/v1"):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.api_key.encode()):
+                return await error_response(401, "a missing or wrong API key: send Authorization: Bearer KEY",
+                                            code="invalid_api_key")(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -123,9 +152,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {err.get('msg', 'invalid value')}" if param else err.get("msg", "invalid request")), param
 
 
-def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, remote=None) -> FastAPI:
+def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, remote=None, api_key: str | None = None,
+               allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
     """The API over a loaded pipeline (`glimpse.load(RUN)`); `remote` is a RemoteImageFetcher to
-    allow http(s) image URLs from its allowlisted hosts (None: only data: URLs)."""
+    allow http(s) image URLs from its allowlisted hosts (None: only data: URLs); `api_key` and
+    `allowed_hosts` say who may ask (Gate)."""
     limits = limits or ServerLimits()
     chats, embeds = can_chat(pipeline), can_embed(pipeline)  # by the pipeline's methods (glimpse.families.base)
     engine = Engine(pipeline, max_batch=limits.max_batch, max_pending=limits.max_pending)
@@ -134,6 +165,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     app = FastAPI(title="glimpse", version="1", docs_url=None, redoc_url=None)
     app.state.engine, app.state.model_name = engine, model_name
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(Gate, api_key=api_key, allowed_hosts=allowed_hosts)  # outermost: before any body is read
     app.router.add_event_handler("shutdown", engine.close)
 
     @app.exception_handler(APIError)
