@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from glimpse import families, runs
-from glimpse.config import apply_override, recipe_from_dict
+from glimpse.config import apply_override, recipe_from_dict, validate_recipe
 from glimpse.data.images import ImageTransform
 from glimpse.data.tokenizer import Tokenizer
 from glimpse.errors import GlimpseError
@@ -45,6 +45,7 @@ def load_run(path: str | Path, overrides: list[str] | None = None, device: str =
         raise GlimpseError(f"{run} has a broken recipe: {(str(e) or 'nested too deeply').splitlines()[0]}") from None
     for item in overrides or []:
         apply_override(recipe, item)
+    validate_recipe(recipe)  # a run folder is input like any other: its recipe is checked before anything is built
     family = families.get(recipe.family)(recipe, run, Tokenizer(run / runs.TOKENIZER))
     if family.transform is not None:  # exactly the preprocessing the run trained with
         try:

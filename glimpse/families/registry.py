@@ -4,15 +4,18 @@ through here, so the loader, the trainer and the CLI hold no list of families.""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from glimpse import runs
 from glimpse.errors import GlimpseError
-from glimpse.families.base import Family, Loaded
+from glimpse.families.base import Family, HFBuild, Loaded
 from glimpse.hub import folder as hf_folder
-from glimpse.hub.parts import load_strict
+from glimpse.hub.mapping import from_hf
+from glimpse.hub.parts import load_strict, materialize, same_config
 from glimpse.schema import torch_dtype
 
 _FAMILIES: dict[str, type[Family]] = {}
@@ -49,15 +52,46 @@ def hf_family(folder: Path, config: dict) -> type[Family]:
     raise GlimpseError(f"{folder}: model_type {mt!r} is not one glimpse loads ({known})")
 
 
+@contextlib.contextmanager
+def _reading(folder: Path):
+    """A folder's config that lacks a key, or holds a value no model can be built from, is one line naming it."""
+    try:
+        yield
+    except KeyError as e:
+        raise GlimpseError(f"{folder}: config.json has no {e.args[0]!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise GlimpseError(f"{folder}: config.json describes no model glimpse can build ({e})") from None
+
+
+def _config(folder: Path) -> dict:
+    config = hf_folder.read_json(folder / "config.json")
+    hf_folder.check_sizes(config, str(folder))
+    return config
+
+
+def _build(fam: type[Family], folder: Path, config: dict) -> HFBuild:
+    """The family's build of a folder, checked before any memory is spent on it: the model is built on the
+    meta device and its tensors' shapes are checked against the files' headers (a config that asks for a
+    model larger than its checkpoint is refused, naming the first tensor that differs); then the tensors
+    are read and the model gets real storage, without random initialisation."""
+    where = str(folder)
+    with _reading(folder):
+        with torch.device("meta"), hf_folder.shapes_only():
+            shapes = fam.hf_build(folder, config)
+        from_hf(shapes.tensors, shapes.rules, shapes.model.state_dict(), where, shapes.unused)
+        with torch.device("meta"):
+            built = fam.hf_build(folder, config)
+    return built
+
+
 def load_hf(folder: str | Path, dtype=None, device: str = "cpu") -> Loaded:
     """The glimpse module of a Hugging Face folder with its weights, strictly mapped, cast to `dtype`
     (default float32, whatever the checkpoint's own dtype), with its tokenizer and preprocessing."""
     folder = hf_folder.resolve(folder)
-    config = hf_folder.read_json(folder / "config.json")
+    config = _config(folder)
     fam = hf_family(folder, config)
-    built = fam.hf_build(folder, config)
-    dtype = torch_dtype(dtype)
-    model = built.model.to(dtype) if dtype is not None else built.model
+    built = _build(fam, folder, config)
+    model = materialize(built.model, torch_dtype(dtype))
     load_strict(model, built.tensors, built.rules, built.unused, str(folder))
     model.to(device).eval()
     tokenizer, transform = fam.hf_inputs(folder, model, hf_folder.tokenizer(folder))
@@ -74,10 +108,11 @@ def init_from_hf(model: nn.Module, folder: str | Path) -> None:
     """A recipe's `init:` naming a Hugging Face folder: the whole glimpse model (which must have the
     folder's architecture) from it, strictly."""
     folder = hf_folder.resolve(folder)
-    config = hf_folder.read_json(folder / "config.json")
-    built = hf_family(folder, config).hf_build(folder, config)
+    config = _config(folder)
+    built = _build(hf_family(folder, config), folder, config)  # on the meta device: costs no memory
     if type(built.model) is not type(model):
         raise GlimpseError(f"{folder} holds a {type(built.model).__name__}, the recipe builds a {type(model).__name__}")
+    same_config(built.model.cfg, model.cfg, str(folder), "model")
     load_strict(model, built.tensors, built.rules, built.unused, f"{folder} (init)")
 
 
@@ -86,6 +121,7 @@ def init_part_from_hf(model: nn.Module, part: str, folder: str | Path) -> None:
     strictly, cast to the part's dtype."""
     folder = hf_folder.resolve(folder)
     target = runs.model_part(model, part, "init_parts: ")
-    config = hf_folder.read_json(folder / "config.json")
-    rules, tensors, unused = hf_family(folder, config).hf_part(folder, config, target)
+    config = _config(folder)
+    with _reading(folder):
+        rules, tensors, unused = hf_family(folder, config).hf_part(folder, config, target)
     load_strict(target, tensors, rules, unused, f"{folder} (for {part})")

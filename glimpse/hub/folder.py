@@ -10,6 +10,8 @@ chat_template.jinja / chat_template.json), image preprocessing from preprocessor
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import json
 from pathlib import Path
@@ -21,6 +23,12 @@ from glimpse.data.tokenizer import NoTokenizer, Tokenizer
 from glimpse.errors import GlimpseError
 
 TOKENIZER = "tokenizer.json"
+# config.json keys that count something (sizes, layers, heads, tokens): whole numbers of at least 1
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "vocab_size", "max_position_embeddings", "image_size", "patch_size", "num_channels",
+             "projection_dim", "projection_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions",
+             "type_vocab_size")
+_SHAPES_ONLY = contextvars.ContextVar("shapes_only", default=False)
 
 
 def resolve(spec: str | Path) -> Path:
@@ -52,10 +60,51 @@ def read_json(path: Path) -> dict:
         raise GlimpseError(f"{path} is not valid JSON: nested too deeply") from None
 
 
-def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder: model.safetensors, or the shards its index names."""
-    from safetensors import SafetensorError
+@contextlib.contextmanager
+def shapes_only():
+    """Inside, read_safetensors gives each tensor's name, shape and dtype (empty tensors on the meta device),
+    from the files' headers, without reading their data."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
     from safetensors.torch import load_file
+
+    if not _SHAPES_ONLY.get():
+        return load_file(str(path))
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            s = f.get_slice(name)
+            out[name] = torch.empty(s.get_shape(), dtype=getattr(torch, _DTYPES.get(s.get_dtype(), "float32")),
+                                    device="meta")
+    return out
+
+
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def check_sizes(config: dict, where: str, prefix: str = "") -> None:
+    """Every counting key of a config.json (SIZE_KEYS, in nested configs too) is a whole number of at least 1:
+    a config cannot ask for zero heads, or for a string of layers."""
+    for key, value in config.items():
+        if isinstance(value, dict):
+            check_sizes(value, where, f"{prefix}{key}.")
+        elif key in SIZE_KEYS and value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                                           or value < 1):
+            raise GlimpseError(f"{where}: config.json's {prefix}{key} is {value!r}, not a whole number of at least 1")
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder: model.safetensors, or the shards its index names (shapes only, inside
+    `shapes_only()`)."""
+    from safetensors import SafetensorError
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -72,7 +121,7 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            out.update(load_file(str(folder / f)))
+            out.update(_load_file(folder / f))
         except (SafetensorError, OSError, ValueError) as e:
             raise GlimpseError(f"cannot read {folder / f}: {str(e).splitlines()[0]}") from None
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
 from glimpse.errors import GlimpseError
@@ -37,15 +38,41 @@ def load_strict(model: nn.Module, hf: dict, rules: list, unused: tuple, where: s
     model.load_state_dict(tensors, strict=False)
 
 
+def materialize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A model built on the meta device, given real (uninitialised) storage on the CPU, its tied parameters
+    tied again, cast to `dtype`: ready to be filled by load_strict, with no random init spent on it."""
+    shared: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                shared.setdefault(id(p), []).append((module, name))
+    model.to_empty(device="cpu")
+    for places in shared.values():  # to_empty gives every registration its own tensor: tie them again
+        first = getattr(places[0][0], places[0][1])
+        for module, name in places[1:]:
+            setattr(module, name, first)
+    return model.to(dtype) if dtype is not None else model
+
+
+# settings that say how a model is used, not what it computes from its weights
+NOT_ARCHITECTURE = ("chat_template",)
+
+
 def same_config(theirs, ours, where: str, part: str) -> None:
-    """The recipe's part must have the checkpoint's architecture: name the first setting that differs."""
+    """The recipe's part (or whole model) must have the checkpoint's architecture: name the first setting
+    that differs, nested sections included (model.vision.width)."""
     for f in dataclasses.fields(ours):
         a, b = getattr(theirs, f.name), getattr(ours, f.name)
+        if dataclasses.is_dataclass(b):
+            same_config(a, b, where, f"{part}.{f.name}")
+            continue
+        if f.name in NOT_ARCHITECTURE:
+            continue
         if f.name == "mlp_ratio":
             a, b = int(theirs.width * a), int(ours.width * b)
         elif f.name == "vocab_size" and not b:
             continue
-        elif f.name == "context_length" and part == "lm" and ours.arch == "llama":
+        elif f.name == "context_length" and getattr(ours, "arch", None) == "llama":
             continue  # RoPE: a recipe may use a shorter context
         if a != b:
             raise GlimpseError(f"{where}: the recipe's {part}.{f.name} is {b!r}, the checkpoint's is {a!r}")
