@@ -84,7 +84,9 @@ def tiny_vlm_run(world, tmp_path_factory) -> Path:
 
 
 class LiveServer:
-    """A glimpse API server on a free loopback port, run by uvicorn in a thread (as `glimpse serve`)."""
+    """A glimpse API server on a free loopback port, run by uvicorn in a thread (as `glimpse serve`).  The
+    port stays bound from the moment it is chosen (uvicorn serves the socket itself), so no other process
+    can take it in between."""
 
     def __init__(self, app):
         import socket
@@ -92,12 +94,12 @@ class LiveServer:
 
         import uvicorn
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
         self.app, self.url = app, f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
         import time
@@ -113,6 +115,37 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=20)
+        self.sock.close()
+
+
+def serve_process(args: list[str], env: dict, attempts: int = 3):
+    """`glimpse serve ARGS --port P` in a subprocess on a free loopback port: (process, url) once it answers
+    /health.  A port taken between choosing it and the server binding it makes the server exit at once:
+    then another port is tried."""
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+
+    for _ in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([PY, "-m", "glimpse", "serve", *args, "--port", str(port)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    return proc, url
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        proc.kill()
+        err = proc.communicate()[1]
+        if "address already in use" not in err.lower():
+            raise RuntimeError(f"glimpse serve did not start: {err[-1000:]}")
+    raise RuntimeError("glimpse serve found no free port")
 
 
 def image_data_url(path) -> str:

@@ -1,8 +1,6 @@
 """DDP on 2 CPU processes (gloo): contrastive losses gather negatives across processes."""
 
 import json
-import os
-import socket
 import subprocess
 
 import torch
@@ -14,13 +12,7 @@ from conftest import PY, tiny_overrides
 from glimpse.losses import clip_loss, siglip_loss
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, results):
+def _worker(rank, world, store, results):
     torch.manual_seed(0)
     img, txt = F.normalize(torch.randn(8, 6), dim=-1), F.normalize(torch.randn(8, 6), dim=-1)
     scale, bias = torch.tensor(7.0), torch.tensor(-3.0)
@@ -32,8 +24,8 @@ def _worker(rank, world, port, results):
         loss = fn(ref_i, ref_t)
         loss.backward()
         refs[name] = (loss.item(), ref_i.grad, ref_t.grad)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file store: the processes meet through a file, so no port can be taken in between
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     out = {}
     for split in ((0, 4, 8), (0, 5, 8)):  # equal shares, and unequal ones (a process dropped bad samples)
         rows = slice(split[rank], split[rank + 1])
@@ -52,9 +44,9 @@ def _worker(rank, world, port, results):
     dist.destroy_process_group()
 
 
-def test_gathered_losses_and_gradients_equal_the_single_process_ones():
+def test_gathered_losses_and_gradients_equal_the_single_process_ones(tmp_path):
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, tmp_path / "store", results), nprocs=2, join=True)
     for rank in range(2):
         for key, (ref, mean, grads_ok) in results[rank].items():
             assert abs(ref - mean) < 1e-5, (key, ref, mean)
@@ -68,7 +60,8 @@ def test_torchrun_two_processes_train_like_one(world, tmp_path, cli_env):
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([PY, "-m", "glimpse", *args, "--out", str(one)], env=cli_env, check=True, capture_output=True)
     env = dict(cli_env, OMP_NUM_THREADS="1")
-    r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+    # --standalone: torchrun's own store binds a free port and keeps it
+    r = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "glimpse", *args, "--out", str(two)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
 

@@ -2,8 +2,6 @@
 freezing, fine-tuning from a pretraining run, VQA-classification and re-ranked retrieval eval."""
 
 import json
-import os
-import socket
 
 import pytest
 import torch
@@ -320,15 +318,8 @@ def test_init_needs_a_fusion_run(world, tmp_path):
               progress=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank, world, store, results):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)  # no port to race for
     torch.manual_seed(rank)
     b, E = 3, 6
     # each local text's most similar image sits on the other process, at the same row
@@ -349,9 +340,9 @@ def _ddp_worker(rank, world, port, results):
     dist.destroy_process_group()
 
 
-def test_hard_negatives_are_gathered_across_processes():
+def test_hard_negatives_are_gathered_across_processes(tmp_path):
     results = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, tmp_path / "store", results), nprocs=2, join=True)
     for rank in range(2):
         r = results[rank]
         assert r["owners"] == [1 - rank] * 3 and r["rows"] == [0, 1, 2], r  # drawn from the other process

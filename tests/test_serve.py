@@ -126,7 +126,7 @@ def test_streaming_with_the_openai_client_matches_the_whole_answer(client, serve
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i) == text
 
 
-def test_n_seed_stop_and_multi_turn(client, images):
+def test_n_seed_stop_and_multi_turn(client, vlm, images):
     messages = ask(image_data_url(images[2]), "describe the image.")
     kw = dict(model=MODEL, messages=messages, temperature=1.5, max_tokens=10, n=3, seed=7)
     a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
@@ -134,11 +134,15 @@ def test_n_seed_stop_and_multi_turn(client, images):
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]  # seeded
     greedy = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=10)
     text = greedy.choices[0].message.content
-    if " " in text:  # stop at the first space: only the first word comes back
-        cut = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=10,
-                                             stop=[" "])
-        assert cut.choices[0].message.content == text.split(" ")[0]
-        assert cut.choices[0].finish_reason == "stop"
+    # a stop string the greedy answer holds, whatever the tiny model says: its second token's text; the
+    # answer ends before the token that completes it (the generation engine's documented cut)
+    tokens = vlm.complete([vlm.chat_prompt(messages)], 10)[0]
+    assert len(tokens) >= 2 and vlm.tokenizer.decode(tokens).strip() == text
+    stop = next(t for t in (vlm.tokenizer.decode(tokens[i:i + 1]).strip() for i in range(1, len(tokens))) if t)
+    k = next(i for i in range(len(tokens)) if stop in vlm.tokenizer.decode(tokens[:i + 1]))
+    cut = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=10, stop=[stop])
+    assert cut.choices[0].message.content == vlm.tokenizer.decode(tokens[:k]).strip()
+    assert cut.choices[0].finish_reason == "stop"
     follow = messages + [{"role": "assistant", "content": text}, {"role": "user", "content": "and the size?"}]
     r = client.chat.completions.create(model=MODEL, messages=follow, temperature=0, max_tokens=8)
     assert r.usage.prompt_tokens > greedy.usage.prompt_tokens
@@ -387,23 +391,16 @@ def test_embeddings_for_texts_and_images(tiny_run, world, vlm):
 
 
 def test_glimpse_serve_command(tiny_vlm_run, cli_env):
-    import socket
-    import subprocess
-    import sys
+    from conftest import serve_process
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "glimpse", "serve", str(tiny_vlm_run), "--port", str(port),
-                             "--model-name", "mine"], env=cli_env, stdout=subprocess.PIPE, text=True)
+    proc, url = serve_process([str(tiny_vlm_run), "--model-name", "mine"], cli_env)
     try:
-        assert f"serving mine on http://127.0.0.1:{port}" in proc.stdout.readline()
-        wait_for(lambda: _up(f"http://127.0.0.1:{port}/health"), timeout=60)
-        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+        models = httpx.get(url + "/v1/models").json()
         assert models["data"][0]["id"] == "mine"
     finally:
         proc.terminate()
-        proc.wait(20)
+        out, _ = proc.communicate(timeout=20)
+    assert f"serving mine on {url}" in out
 
 
 def _up(url) -> bool:
