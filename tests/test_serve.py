@@ -40,7 +40,8 @@ def make_app(pipeline, **limits):
 
 @pytest.fixture(scope="module")
 def server(vlm):
-    with LiveServer(make_app(vlm, max_image_pixels=200_000, max_body_bytes=2_000_000, max_images=2)) as s:
+    with LiveServer(make_app(vlm, max_image_pixels=200_000, max_request_pixels=300_000, max_body_bytes=2_000_000,
+                             max_images=2, max_batch=4, max_request_chars=20_000)) as s:
         yield s
 
 
@@ -298,7 +299,13 @@ BAD_REQUESTS = {
         {"type": "image_url", "image_url": {"url": GOOD}}] * 3 + [{"type": "text", "text": "x"}]}])),
     "http url": json.dumps(chat_body(messages=ask("http://169.254.169.254/latest/meta-data", "x"))),
     "file url": json.dumps(chat_body(messages=ask("file:///etc/passwd", "x"))),
-    "context exceeded": json.dumps(chat_body(messages=ask(GOOD, "word " * 5000))),
+    "context exceeded": json.dumps(chat_body(messages=ask(GOOD, "word " * 3000))),
+    "decoded pixels over the request's budget": json.dumps(chat_body(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes((400, 400)))}}] * 2
+        + [{"type": "text", "text": "x"}]}])),
+    "text over the request's budget": json.dumps(chat_body(messages=[{"role": "user", "content": "word " * 3000}] * 2)),
+    "n over the batch": json.dumps(chat_body(n=5)),
+    "non-ascii url": json.dumps(chat_body(messages=ask("http://b\u00e9b\u00e9.example/\u00e9.png", "x"))),
     "max_tokens beyond context": json.dumps(chat_body(max_tokens=5000)),
     "unknown model": json.dumps(chat_body(model="gpt-4o")),
 }
