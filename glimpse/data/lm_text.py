@@ -1,4 +1,4 @@
-"""Text for language-model pretraining (`family: causal_lm`), chosen by `data.lm_text`.
+"""Text for language-model pretraining, chosen by `data.lm_text`.
 
 - ``captions``: one caption per sample.
 - ``world``: documents of 1 to 3 training images' text.  Each image is a caption followed, in

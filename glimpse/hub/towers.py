@@ -27,8 +27,8 @@
     blocks.{i}.ln2                  encoder.layers.{i}.layer_norm2     encoder.layer.{i}.output.LayerNorm
     final_norm                      final_layer_norm                   -
 
-The projections and temperature of CLIPModel / SiglipModel are the dual encoder family's map
-(glimpse/families/dual_encoder/hf.py).
+The projections and temperature of CLIPModel / SiglipModel belong to the map of the family that
+loads those folders (its hf.py, under glimpse/families).
 """
 
 from __future__ import annotations
