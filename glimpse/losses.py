@@ -58,6 +58,14 @@ def lm_loss_at_targets(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: t
     return F.cross_entropy(logits.float(), targets[keep])
 
 
+def seq2seq_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
+                 ignore_index: int = -100) -> torch.Tensor:
+    """An encoder-decoder's cross-entropy: hidden [B, T, D] at position t predicts labels[:, t] (the
+    decoder's input is already shifted right), logits made only where a label is."""
+    keep = labels != ignore_index
+    return F.cross_entropy(lm_head(hidden[keep]).float(), labels[keep])
+
+
 def _share(local: int, total: int) -> float:
     """local rows / the mean rows per process: the weight that makes DDP's mean the global mean."""
     world = dist.get_world_size() if dist.is_initialized() else 1

@@ -126,6 +126,62 @@ def hf_vision_config(cfg: VisionConfig, for_llava: bool = False) -> dict:
         f"{', map pooling' if not for_llava else ''}), so no Hugging Face model computes it exactly")
 
 
+# ViT (google/vit-*, the encoder of VisionEncoderDecoder captioners): class token, no pre-norm, a patch
+# bias, post-norm over every token; its pooler (tanh dense over the class token) is read by nothing here.
+#
+#     glimpse (vision.)       ViTModel
+#     patch_embed             embeddings.patch_embeddings.projection
+#     class_token / pos_embed embeddings.cls_token / embeddings.position_embeddings   ([1, 1, D] / [1, T, D])
+#     blocks.{i}.ln1 / ln2    encoder.layer.{i}.layernorm_before / layernorm_after
+#     blocks.{i}.attn.qkv     encoder.layer.{i}.attention.attention.query + key + value
+#     blocks.{i}.attn.out     encoder.layer.{i}.attention.output.dense
+#     blocks.{i}.mlp.fc1/fc2  encoder.layer.{i}.intermediate.dense / output.dense
+#     post_norm               layernorm
+
+VIT_UNUSED = (r"(.*\.)?pooler\.dense\.(weight|bias)",)
+
+
+def vit_config(c: dict, where: str) -> VisionConfig:
+    if c.get("num_channels", 3) != 3:
+        raise GlimpseError(f"{where}: only 3-channel images are supported")
+    if not c.get("qkv_bias", True):
+        raise GlimpseError(f"{where}: a ViT without q/k/v biases is not supported")
+    return VisionConfig(image_size=c.get("image_size", 224), patch_size=c.get("patch_size", 16),
+                        width=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
+                        mlp_ratio=mlp_ratio(c["intermediate_size"], c["hidden_size"]),
+                        act=act_of(c.get("hidden_act", "gelu"), where), class_token=True, pre_norm=False, pool="cls",
+                        patch_bias=True, eps=c.get("layer_norm_eps", 1e-12))
+
+
+def vit_rules(cfg: VisionConfig, hf_prefix: str, ours_prefix: str = "vision.") -> list:
+    L = "encoder.layer.{i}."
+    rules = [rule("class_token", "embeddings.cls_token"), rule("pos_embed", "embeddings.position_embeddings")]
+    rules += params([
+        rule("patch_embed.{p}", "embeddings.patch_embeddings.projection.{p}"),
+        rule("blocks.{i}.ln1.{p}", L + "layernorm_before.{p}"),
+        rule("blocks.{i}.attn.qkv.{p}", (L + "attention.attention.query.{p}", L + "attention.attention.key.{p}",
+                                         L + "attention.attention.value.{p}")),
+        rule("blocks.{i}.attn.out.{p}", L + "attention.output.dense.{p}"),
+        rule("blocks.{i}.ln2.{p}", L + "layernorm_after.{p}"),
+        rule("blocks.{i}.mlp.fc1.{p}", L + "intermediate.dense.{p}"),
+        rule("blocks.{i}.mlp.fc2.{p}", L + "output.dense.{p}"),
+        rule("post_norm.{p}", "layernorm.{p}"),
+    ])
+    return expand(rules, cfg.layers, ours_prefix, hf_prefix)
+
+
+def hf_vit_config(cfg: VisionConfig) -> dict:
+    """A ViTConfig for a glimpse tower of ViT's shape, or an error saying why not."""
+    if not (cfg.class_token and not cfg.pre_norm and cfg.patch_bias) or cfg.act not in HF_ACTS:
+        raise GlimpseError(f"export: a ViT encoder has a class token, a patch bias and no pre-norm; this tower has "
+                           f"class_token={cfg.class_token}, patch_bias={cfg.patch_bias}, pre_norm={cfg.pre_norm}, "
+                           f"act={cfg.act!r}")
+    return dict(model_type="vit", hidden_size=cfg.width, intermediate_size=int(cfg.width * cfg.mlp_ratio),
+                num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, image_size=cfg.image_size,
+                patch_size=cfg.patch_size, num_channels=3, hidden_act=HF_ACTS[cfg.act], layer_norm_eps=cfg.eps,
+                qkv_bias=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
 # ---- text -------------------------------------------------------------------------------------------
 
 def text_config(c: dict, where: str, pool: str | None = None) -> tuple[TextConfig, str]:

@@ -77,7 +77,28 @@ def _check(prompts, cfg: GenerationConfig, prefix_embeds, decode) -> None:
                 raise ValueError(f"prefix_embeds[{i}] is {tuple(e.shape)}, expected [{len(p)}, D]")
 
 
-def _prefill(model, prompts, pad_id: int, prefix_embeds, extra: int):
+def _memory_inputs(memory, memory_mask, T: int, device) -> dict:
+    """Per-prompt memories [S_i, D] and masks [T_i, S_i] as the batch's [B, S, D] and [B, 1, T, S]:
+    memories padded at the end (slots no token reads), masks left-padded with the prompts."""
+    if memory is None:
+        return {}
+    S = max(m.shape[0] for m in memory)
+    mem = torch.zeros(len(memory), S, memory[0].shape[-1], dtype=memory[0].dtype, device=device)
+    for i, m in enumerate(memory):
+        mem[i, :m.shape[0]] = m
+    if memory_mask is None and all(m.shape[0] == S for m in memory):
+        return {"memory": mem}
+    mask = torch.zeros(len(memory), 1, T, S, dtype=torch.bool, device=device)
+    for i, m in enumerate(memory):
+        if memory_mask is None:
+            mask[i, 0, :, :m.shape[0]] = True
+        else:
+            t, s = memory_mask[i].shape
+            mask[i, 0, T - t:, :s] = memory_mask[i].to(device)
+    return {"memory": mem, "memory_mask": mask}
+
+
+def _prefill(model, prompts, pad_id: int, prefix_embeds, extra: int, memory=None, memory_mask=None):
     """Left-pad, run the prompts through a fresh cache with room for `extra` more tokens.
     -> (last logits [B, V], mask [B, T], last positions [B, 1], cache)."""
     device = next(model.parameters()).device
@@ -92,7 +113,8 @@ def _prefill(model, prompts, pad_id: int, prefix_embeds, extra: int):
     x = model.embed(ids)  # the padding keeps pad_id's embedding; the mask hides it anyway
     for i, e in enumerate(prefix_embeds or []):
         x[i, T - e.shape[0]:] = e.to(x)
-    hidden = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, cache=cache, return_hidden=True)
+    hidden = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, cache=cache, return_hidden=True,
+                   **_memory_inputs(memory, memory_mask, T, device))
     return model.lm_head(hidden[:, -1]), mask, pos[:, -1:], cache  # logits of the last position only
 
 
@@ -128,11 +150,11 @@ def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generato
 
 
 def _decode_events(model, prompts, cfg, pad_id, prefix_embeds, decode, out,
-                   cancelled=None) -> Iterator[tuple[int, int]]:
+                   cancelled=None, memory=None) -> Iterator[tuple[int, int]]:
     """Greedy / sampling loop: appends to `out[row]` and yields (row, token) for each kept token.
     `cancelled(row)`, asked before each step, ends a row early (a server's client went away)."""
     eos = _eos_ids(cfg)
-    logits, mask, pos, cache = _prefill(model, prompts, pad_id, prefix_embeds, cfg.max_new_tokens)
+    logits, mask, pos, cache = _prefill(model, prompts, pad_id, prefix_embeds, cfg.max_new_tokens, *memory)
     generator = None
     if cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=logits.device).manual_seed(cfg.seed)
@@ -174,11 +196,11 @@ def _decode_events(model, prompts, cfg, pad_id, prefix_embeds, decode, out,
             static.close()
 
 
-def _beam_events(model, prompts, cfg, pad_id, prefix_embeds, out) -> Iterator[tuple[int, int]]:
+def _beam_events(model, prompts, cfg, pad_id, prefix_embeds, out, memory) -> Iterator[tuple[int, int]]:
     """Beam search per prompt (see the module docstring); fills `out`, then yields its tokens."""
     B, K = len(prompts), cfg.num_beams
     eos = _eos_ids(cfg)
-    logits, mask, pos, cache = _prefill(model, prompts, pad_id, prefix_embeds, cfg.max_new_tokens)
+    logits, mask, pos, cache = _prefill(model, prompts, pad_id, prefix_embeds, cfg.max_new_tokens, *memory)
     V, device = logits.shape[-1], logits.device
     # prefill once per prompt, then copy each prompt's cache into its K beam rows (b * K + k)
     rows = torch.arange(B, device=device).repeat_interleave(K)
@@ -228,23 +250,29 @@ def _beam_events(model, prompts, cfg, pad_id, prefix_embeds, out) -> Iterator[tu
 
 
 @torch.no_grad()
-def _events(model, prompts, cfg, pad_id=0, prefix_embeds=None, decode=None, cancelled=None, *, out):
+def _events(model, prompts, cfg, pad_id=0, prefix_embeds=None, decode=None, cancelled=None, memory=None,
+            memory_mask=None, *, out):
     """Dispatch to the greedy/sampling loop or beam search; yields (row, token), fills `out`.
     (torch.no_grad on a generator function holds only while the generator itself runs.)"""
     _check(prompts, cfg, prefix_embeds, decode)
+    if memory is not None and (len(memory) != len(prompts) or (memory_mask is not None and len(memory_mask) != len(prompts))):
+        raise ValueError(f"{len(memory)} memories (and their masks) for {len(prompts)} prompts")
     if cfg.max_new_tokens == 0:
         return
     if cfg.num_beams > 1:
-        yield from _beam_events(model, prompts, cfg, pad_id, prefix_embeds, out)
+        yield from _beam_events(model, prompts, cfg, pad_id, prefix_embeds, out, (memory, memory_mask))
     else:
-        yield from _decode_events(model, prompts, cfg, pad_id, prefix_embeds, decode, out, cancelled)
+        yield from _decode_events(model, prompts, cfg, pad_id, prefix_embeds, decode, out, cancelled,
+                                  (memory, memory_mask))
 
 
 def generate(model, prompts: list[list[int]], cfg: GenerationConfig, *, pad_id: int = 0,
              prefix_embeds: list[torch.Tensor] | None = None,
              decode: Callable[[list[int]], str] | None = None,
              on_token: Callable[[int, int], None] | None = None,
-             cancelled: Callable[[int], bool] | None = None) -> list[list[int]]:
+             cancelled: Callable[[int], bool] | None = None,
+             memory: list[torch.Tensor] | None = None,
+             memory_mask: list[torch.Tensor] | None = None) -> list[list[int]]:
     """New token ids per prompt (no prompt, no eos; see the module docstring for stopping rules).
 
     prompts: token ids, at least one each; left-padded with `pad_id` (its value never matters:
@@ -255,9 +283,14 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig, *, pad_id: 
       `model.embed` as usual.
     decode: ids -> text, needed by `cfg.stop_strings`.  on_token(row, token_id): streaming hook.
     cancelled(row) -> bool: checked before every step; a True row stops (greedy / sampling only).
+    memory: per prompt the [S_i, D] states its cross-attention reads (an encoder-decoder's image
+      tokens, Flamingo's resampled images), computed into the cache once, at the prefill.
+    memory_mask: per prompt a bool [T_i, S_i], which slots each prompt token reads (default: all);
+      generated tokens read what the prompt's last token reads.
     """
     out: list[list[int]] = [[] for _ in prompts]
-    for row, tok in _events(model, prompts, cfg, pad_id, prefix_embeds, decode, cancelled, out=out):
+    for row, tok in _events(model, prompts, cfg, pad_id, prefix_embeds, decode, cancelled, memory, memory_mask,
+                            out=out):
         if on_token is not None:
             on_token(row, tok)
     return out

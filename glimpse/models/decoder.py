@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glimpse.models.cross_attention import CrossAttention
 from glimpse.models.layers import ACTIVATIONS, MLP
 
 ACTS = {**ACTIVATIONS, "silu": F.silu}
@@ -68,6 +69,9 @@ class DecoderConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     act: str = ""  # "": the arch's own (llama: silu for SwiGLU; gpt2: gelu_tanh, HF's "gelu_new")
+    # a cross-attention sub-layer in every block, between self-attention and the MLP, reading a memory
+    # of this width (GPT-2's add_cross_attention; the encoder-decoder captioner)
+    cross_attention: bool = False
 
     def resolved(self) -> DecoderConfig:
         """A copy with the 0/"" defaults filled in, checked."""
@@ -106,6 +110,9 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.length = 0
+        # what cross-attention layers keep for the whole generation (the memory's keys and values per
+        # layer, the memory mask of the newest token); batch-first tensors, reordered with the rest
+        self.memory: dict = {}
         # A device tensor [1] while a CUDA graph decodes: the slot one new token writes, so the
         # write position is data, not a Python number baked into the graph (see StaticDecoder).
         self.slot: torch.Tensor | None = None
@@ -138,6 +145,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self.memory = {}
 
     def crop(self, length: int) -> None:
         """Forget everything after the first `length` positions."""
@@ -149,6 +157,8 @@ class KVCache:
         """Keep batch rows `index` (a LongTensor [B'], repeats allowed), e.g. the surviving beams."""
         self.k = [k.index_select(0, index) for k in self.k]
         self.v = [v.index_select(0, index) for v in self.v]
+        self.memory = {key: tuple(t.index_select(0, index) for t in val) if isinstance(val, tuple)
+                       else val.index_select(0, index) for key, val in self.memory.items()}
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -259,11 +269,18 @@ class DecoderBlock(nn.Module):
         Norm = RMSNorm if llama else nn.LayerNorm
         self.attn_norm = Norm(cfg.width, eps=cfg.norm_eps)
         self.attn = DecoderAttention(cfg, index)
+        self.cross_norm = self.cross = None
+        if cfg.cross_attention:
+            self.cross_norm = Norm(cfg.width, eps=cfg.norm_eps)
+            self.cross = CrossAttention(cfg.width, cfg.heads, bias=not llama)
         self.mlp_norm = Norm(cfg.width, eps=cfg.norm_eps)
         self.mlp = (SwiGLU if llama else MLP)(cfg.width, cfg.mlp_hidden, cfg.act)
 
-    def forward(self, x, rope_cs, mask, causal: bool, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, rope_cs, mask, causal: bool, cache: KVCache | None, memory=None,
+                memory_mask=None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope_cs, mask, causal, cache)
+        if self.cross is not None:
+            x = x + self.cross(self.cross_norm(x), memory, memory_mask, cache, ("cross", self.attn.index))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -293,7 +310,8 @@ class CausalLM(nn.Module):
                 nn.init.zeros_(m.bias)
         for b in self.blocks:
             out = b.mlp.down if isinstance(b.mlp, SwiGLU) else b.mlp.fc2
-            for w in (b.attn.o.weight, out.weight):
+            ends = (b.attn.o.weight, out.weight) + (() if b.cross is None else (b.cross.out.weight,))
+            for w in ends:
                 nn.init.normal_(w, std=std / math.sqrt(2 * self.cfg.layers))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -315,10 +333,16 @@ class CausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,  # [B, T]; default past .. past + T - 1
         cache: KVCache | None = None,  # read, extended by T, and advanced
         return_hidden: bool = False,  # the final-normed hidden states [B, T, D] instead of logits
+        memory: torch.Tensor | None = None,  # [B, S, D] what cross-attention reads (image states)
+        memory_mask: torch.Tensor | None = None,  # bool [B, 1, T, S], True = the token reads the slot
+        layer_hook=None,  # (i, x, memory, memory_mask, cache) -> x before block i (Flamingo's gated blocks)
     ) -> torch.Tensor:
         """Logits [B, T, V].  Left-padded batches need `position_ids` (see the module docstring).
         `return_hidden` leaves `lm_head` to the caller, who can apply it only where logits are
-        needed (the supervised positions of a loss, the last position of a prompt)."""
+        needed (the supervised positions of a loss, the last position of a prompt).
+
+        With a cache, cross-attention keeps the memory's keys and values from the first call, and
+        the memory mask of the last token: later calls (one new token each) pass neither."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
@@ -339,9 +363,24 @@ class CausalLM(nn.Module):
             x = x + self.pos_embed(position_ids)
         else:
             rope_cs = rope(position_ids, self.cfg.width // self.cfg.heads, self.cfg.rope_theta, x.dtype)
-        for block in self.blocks:
-            x = block(x, rope_cs, mask, causal, cache)
+        memory_mask = _memory_mask(memory_mask, cache, T)
+        for i, block in enumerate(self.blocks):
+            if layer_hook is not None:
+                x = layer_hook(i, x, memory, memory_mask, cache)
+            x = block(x, rope_cs, mask, causal, cache, memory, memory_mask)
         if cache is not None and cache.slot is None:
             cache.advance(T)
         x = self.final_norm(x)
         return x if return_hidden else self.lm_head(x)  # [B, T, V]
+
+
+def _memory_mask(memory_mask: torch.Tensor | None, cache: KVCache | None, T: int) -> torch.Tensor | None:
+    """The memory mask of this call: the given one (kept in the cache for the tokens that follow:
+    they read what the prompt's last token read), or the cache's for new tokens."""
+    if cache is None:
+        return memory_mask
+    if memory_mask is not None:
+        cache.memory["mask"] = memory_mask[:, :, -1:]
+        return memory_mask
+    last = cache.memory.get("mask")
+    return None if last is None else last.expand(-1, -1, T, -1)
