@@ -55,7 +55,7 @@ def glimpse_model(s: dict) -> EncoderDecoderCaptioner:
 
 
 def hf_model(m: EncoderDecoderCaptioner):
-    from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+    from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
 
     v, d = m.cfg.vision, m.decoder.cfg
     enc = ViTConfig(hidden_size=v.width, num_hidden_layers=v.layers, num_attention_heads=v.heads,
