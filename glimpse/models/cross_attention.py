@@ -69,9 +69,9 @@ class CrossAttention(nn.Module):
             reads = mask.any(-1, keepdim=True)  # [B, 1, T, 1]: the token reads something
             mask = mask | ~reads  # an empty row attends everywhere, and its output is zeroed below
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
-        if reads is not None:
-            y = y * reads
-        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+        y = self.out(y.transpose(1, 2).reshape(B, T, -1))
+        # zeroed after the projection: with a bias (GPT-2's c_proj), out(0) would be the bias, not zero
+        return y if reads is None else y * reads[:, 0]
 
 
 class _HeadRMSNorm(nn.Module):
