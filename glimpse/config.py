@@ -27,7 +27,9 @@ class DataConfig:
     source: str = "shapes"  # shapes (generated on first use, cached) | coco | csv | wds
     root: str | None = None  # shapes: where the world lives (None: the cache); others: base of relative paths
     format: str = "coco"  # which written format training reads: coco | csv | wds captions, or llava conversations
-    lm_text: str = "captions"  # language-model text: captions | world (captions with questions answered; data/lm_text.py)
+    lm_text: str = "captions"  # language-model text: captions | world (captions with questions answered) |
+    # world_binding (and text binding episodes in binding_share of the documents; data/lm_text.py)
+    binding_share: float = 0.3
     vqa_mix: bool = False  # conversations: add the training split's VQA questions as short-answer turns (LLaVA-1.5's mix)
     # the shapes world's generator settings (source: shapes)
     seed: int = 0
@@ -198,7 +200,8 @@ def validate_recipe(r: Recipe) -> None:
     d, t, e = r.data, r.train, r.eval
     choice("data.source", d.source, ("shapes", "coco", "csv", "wds"))
     choice("data.format", d.format, tuple(dict.fromkeys(x for f in families.all_families() for x in f.data_formats)))
-    choice("data.lm_text", d.lm_text, ("captions", "world"))
+    choice("data.lm_text", d.lm_text, ("captions", "world", "world_binding"))
+    check(0.0 <= d.binding_share <= 1.0, "data.binding_share", d.binding_share, "must be between 0 and 1")
     check(d.format in family.data_formats, "data.format", d.format,
           f"is not a format the {r.family} family trains on ({', '.join(family.data_formats)})")
     for k in ("train_size", "val_size", "test_size", "image_size", "max_pixels"):

@@ -137,3 +137,18 @@ def test_server_chat_answers_with_the_caption(captioner_run, world):
         r = client.post("/v1/chat/completions", json={"model": "captioner", "messages": [
             {"role": "user", "content": "no image here"}]})
         assert r.status_code == 400 and "send an image" in r.json()["error"]["message"]
+
+
+def test_caption_parser_reads_every_world_caption(world):
+    """parse_caption gives each reference caption's scene exactly (the captioner's scene_exact reads
+    generated captions the same way), and refuses captions that leave an object incomplete."""
+    from glimpse.data.shapes import parse_caption, scene_key
+
+    coco = json.loads((world / "annotations" / "captions_test.json").read_text())
+    scenes = {im["id"]: scene_key(im["scene"]) for im in coco["images"]}
+    assert len(coco["annotations"]) >= 100
+    for a in coco["annotations"]:
+        assert parse_caption(a["caption"]) == scenes[a["image_id"]], a["caption"]
+    assert parse_caption("a red circle on the left") is None  # no size
+    assert parse_caption("a small red circle") is None  # no place
+    assert parse_caption("a small red circle on the left and a large blue") is None

@@ -222,7 +222,7 @@ def test_padding_groups_give_the_same_loss_and_gradients(world, tok, cached):
     from glimpse import families
     from glimpse.config import load_recipe
     from glimpse.data.conversations import ConversationDataset
-    from glimpse.families.vlm.feature_cache import cache_tower_features
+    from glimpse.families.feature_cache import cache_tower_features
 
     r = load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world))
     task = families.get("vlm")(r, world, tok)
@@ -236,7 +236,8 @@ def test_padding_groups_give_the_same_loss_and_gradients(world, tok, cached):
                {"images": [imgs[1], imgs[2]], "messages": [{"role": "user", "content": "<image><image>\nsame?"},
                                                            {"role": "assistant", "content": "no"}]},
                {"images": [imgs[2]], "messages": [{"role": "user", "content": "<image>\ndescribe it."}] + say}]
-    rows, task.feature_cache = cache_tower_features(model, records, task.transform, r.data.max_pixels,
+    images = [i for r in records for i in r["images"]]
+    rows, task.feature_cache = cache_tower_features(model, images, task.transform, r.data.max_pixels,
                                                     torch.device("cpu"), progress=False) if cached else (None, None)
     ds = ConversationDataset(records, tok, "compact", task.transform, r.data.max_pixels, model.image_tokens, 160, rows)
     batch = ConversationCollate(tok.pad_id)([ds[(i, 0)] for i in range(4)])
@@ -256,7 +257,7 @@ def test_feature_cache_drops_bad_images_and_counts_them(world, tok):
     from glimpse.config import load_recipe
     from glimpse.data.conversations import ConversationDataset
     from glimpse.data.images import ImageError
-    from glimpse.families.vlm.feature_cache import cache_tower_features
+    from glimpse.families.feature_cache import cache_tower_features
 
     r = load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world))
     task = families.get("vlm")(r, world, tok)
@@ -265,7 +266,8 @@ def test_feature_cache_drops_bad_images_and_counts_them(world, tok):
     msgs = [{"role": "user", "content": "<image>\nhow many shapes are there?"}, {"role": "assistant", "content": "2"}]
     records = [{"images": [good], "messages": msgs}, {"images": [b"not an image"], "messages": msgs},
                {"images": [good], "messages": msgs}]
-    rows, cache = cache_tower_features(model, records, task.transform, r.data.max_pixels, torch.device("cpu"),
+    images = [i for r in records for i in r["images"]]
+    rows, cache = cache_tower_features(model, images, task.transform, r.data.max_pixels, torch.device("cpu"),
                                        progress=False)
     assert cache.shape == (1, 16, 32)  # one distinct good image, 4x4 patches of the 32 px tower
     assert isinstance(rows[b"not an image"], ImageError)
@@ -281,7 +283,7 @@ def test_feature_cache_reuses_the_same_towers_features(world, tok, tmp_path):
     from glimpse import families
     from glimpse.config import load_recipe
     from glimpse.data.images import load_image
-    from glimpse.families.vlm.feature_cache import cache_tower_features
+    from glimpse.families.feature_cache import cache_tower_features
 
     r = load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world))
     task = families.get("vlm")(r, world, tok)
@@ -292,7 +294,7 @@ def test_feature_cache_reuses_the_same_towers_features(world, tok, tmp_path):
     model.tower_features = lambda px: encoded.append(len(px)) or tower_features(px)
 
     def cache(images):
-        return cache_tower_features(model, [{"images": [p]} for p in images], task.transform, r.data.max_pixels,
+        return cache_tower_features(model, list(images), task.transform, r.data.max_pixels,
                                     torch.device("cpu"), progress=False)
 
     rows_a, cache_a = cache(paths[:3])

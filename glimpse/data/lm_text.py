@@ -8,10 +8,17 @@
   the LM has to read the style off the document itself, the in-context skill that Frozen's
   few-shot prompts rely on.  The LM never sees an image; it learns how the world is talked
   about, as a real LM learns language before Frozen or LLaVA meets it.
+- ``world_binding``: ``world``, and in `binding_share` of the documents a binding episode in text:
+  three of the world's colours get made-up words ("dakim") for this document only, lines
+  "red Output: dakim" name them, and the last line's word can only be copied from an earlier line.
+  This is the in-context skill (an induction: find the earlier line with the same key, copy what
+  followed it) that a real LM brings to Flamingo; Flamingo's binding episodes put an image where
+  the colour word is here.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +28,24 @@ from torch.utils.data import Dataset
 from glimpse.data.formats import ImageText
 
 STYLES = ("caption", "short", "sentence")  # a document's kind: captions only, or questions answered so
+
+
+def nonce_words(split: str, n: int = 400) -> list[str]:
+    """Made-up words of two consonant-vowel syllables and a final consonant ("dakim"): a fixed pool per
+    `split` ("train" or "test"), the two pools disjoint, none a word of the shapes world."""
+    cons, vows = "bdfgklmnprstvz", "aeiou"
+    words = ["".join(p) for p in itertools.product(cons, vows, cons, vows, cons)]
+    random.Random(1234).shuffle(words)
+    start = 0 if split == "train" else len(words) // 2
+    return words[start:start + n]
+
+
+def binding_lines(rng: random.Random, colours: list[str], words: list[str], n_colours: int = 3,
+                  max_lines: int = 9) -> str:
+    """A text binding episode: 2 to `max_lines` lines "colour Output: word", one word per colour."""
+    chosen = rng.sample(colours, n_colours)
+    word_of = dict(zip(chosen, rng.sample(words, n_colours)))
+    return "\n".join(f"{c} Output: {word_of[c]}" for c in (rng.choice(chosen) for _ in range(rng.randint(2, max_lines))))
 
 
 def qa_line(question: str, answer: str) -> str:
@@ -46,8 +71,10 @@ class WorldTexts(Dataset):
     """Documents of captions and questions (module docstring); keys as CaptionTexts', each key
     one deterministic document."""
 
-    def __init__(self, items: list[ImageText], vqa: list[dict], max_images: int = 3, max_questions: int = 2):
+    def __init__(self, items: list[ImageText], vqa: list[dict], max_images: int = 3, max_questions: int = 2,
+                 binding_share: float = 0.0, colours: list[str] = ()):
         self.items, self.max_images, self.max_questions = items, max_images, max_questions
+        self.binding_share, self.colours, self.words = binding_share, list(colours), nonce_words("train")
         by_image: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
         for q in vqa:
             by_image[str(Path(q["image"]))].append((q["question"], q["answer"], q.get("sentence") or q["answer"]))
@@ -59,6 +86,8 @@ class WorldTexts(Dataset):
 
     def document(self, idx: int, choice: int) -> str:
         rng = random.Random(idx * 1_000_003 + choice)
+        if self.binding_share and rng.random() < self.binding_share:
+            return binding_lines(rng, self.colours, self.words)
         style = STYLES[rng.randrange(len(STYLES))]
         blocks = []
         for b in range(rng.randint(1, self.max_images)):

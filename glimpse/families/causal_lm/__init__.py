@@ -18,6 +18,8 @@ from torch import nn
 from glimpse.data.conversations import vqa_items
 from glimpse.data.lm_text import CaptionTexts, WorldTexts
 from glimpse.data.pairs import TextCollate, load_pairs
+from glimpse.data.world import world_info
+from glimpse.errors import GlimpseError
 from glimpse.families import checks
 from glimpse.families.base import Family, HFBuild, Loaded
 from glimpse.families.causal_lm import hf
@@ -48,7 +50,14 @@ class CausalLMFamily(Family):
     def train_data(self):
         d = self.recipe.data
         items = load_pairs(d, self.root, "train")
-        texts = WorldTexts(items, vqa_items(d, self.root, "train")) if d.lm_text == "world" else CaptionTexts(items)
+        if d.lm_text == "captions":
+            texts = CaptionTexts(items)
+        else:
+            binding = d.lm_text == "world_binding"
+            if binding and d.source != "shapes":
+                raise GlimpseError("data.lm_text world_binding names the shapes world's colours (data.source: shapes)")
+            texts = WorldTexts(items, vqa_items(d, self.root, "train"), binding_share=d.binding_share if binding else 0.0,
+                               colours=world_info(self.root)["colours"] if binding else ())
         return texts, TextCollate(self.tokenizer, self.recipe.model.context_length)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:

@@ -63,6 +63,15 @@ class FlamingoConfig:
     gate: str = "float"  # float (one tanh gate per block and branch) | vector (one per channel)
     qk_norm: bool = False  # IDEFICS' qk_layer_norms: RMSNorm over each head's queries and keys
     image_token_id: int = -1  # the tokenizer's <image>; set from the tokenizer when the model is built
+    # tokens added after the LM's vocabulary (<|endofchunk|>): rows of their own in the embedding and the
+    # head (tied), which learn while the LM stays frozen (OpenFlamingo's new tokens, IDEFICS' decoupled
+    # embeddings)
+    extra_tokens: int = 0
+    # the interleaved training data (glimpse.families.flamingo.data) and the binding evaluation
+    max_images: int = 4  # images in a caption sequence
+    max_shots: int = 8  # solved examples before a binding episode's query (k drawn from 0 .. max_shots)
+    episode_colours: int = 3  # colours (and made-up words) in a binding episode
+    episode_share: float = 0.5  # the share of training sequences that are binding episodes
     end_of_chunk_token_id: int = -1  # <|endofchunk|>: ends each interleaved example, stops generation
 
 
@@ -104,6 +113,8 @@ class FlamingoModel(nn.Module):
             str(i): GatedCrossAttentionBlock(lm.width, dv, heads, head_dim, ff, cfg.style, cfg.gate,
                                              cfg.qk_norm, lm.norm_eps, lm.act)
             for i in xattn_layers(cfg)})
+        self.extra_embed = nn.Parameter(torch.randn(cfg.extra_tokens, lm.width) * 0.02) if cfg.extra_tokens else None
+        self._head = _ExtendedHead(self.lm.lm_head, self.extra_embed) if cfg.extra_tokens else None
         self._init_blocks()
 
     def _init_blocks(self, std: float = 0.02) -> None:
@@ -160,11 +171,16 @@ class FlamingoModel(nn.Module):
     # ---- the engine's surface (glimpse.infer.generate) ---------------------------------------------
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.embed(input_ids)
+        if self.extra_embed is None:
+            return self.lm.embed(input_ids)
+        V = self.lm.cfg.vocab_size
+        base = self.lm.embed(input_ids.clamp_max(V - 1))
+        extra = self.extra_embed[(input_ids - V).clamp(0, self.extra_embed.shape[0] - 1)].to(base.dtype)
+        return torch.where((input_ids >= V)[..., None], extra, base)
 
     @property
-    def lm_head(self) -> nn.Linear:
-        return self.lm.lm_head
+    def lm_head(self) -> nn.Module:
+        return self.lm.lm_head if self._head is None else self._head
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
         return self.lm.new_cache(batch_size, max_len, dtype, device)
@@ -218,6 +234,24 @@ class FlamingoModel(nn.Module):
             # text without images: refuse <image> tokens that have none (not on cached steps: no host
             # sync there, which a CUDA-graph step could not take)
             self.memory_mask(input_ids, 0)
-        return self.lm(input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids,
-                       cache=cache, return_hidden=return_hidden, memory=memory, memory_mask=memory_mask,
-                       layer_hook=self._hook)
+        if self._head is None:
+            return self.lm(input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids,
+                           cache=cache, return_hidden=return_hidden, memory=memory, memory_mask=memory_mask,
+                           layer_hook=self._hook)
+        if inputs_embeds is None:  # the extra tokens' rows are this model's, not the LM's
+            inputs_embeds = self.embed(input_ids)
+        hidden = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, return_hidden=True, memory=memory, memory_mask=memory_mask,
+                         layer_hook=self._hook)
+        return hidden if return_hidden else self._head(hidden)
+
+
+class _ExtendedHead(nn.Module):
+    """The LM's head with the extra tokens' rows (tied to their embeddings) after its vocabulary."""
+
+    def __init__(self, head: nn.Linear, extra: nn.Parameter):
+        super().__init__()
+        self.head, self.extra = [head], [extra]  # lists: not submodules, so no second copy in the state dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.head[0](x), x @ self.extra[0].to(x.dtype).t()], -1)

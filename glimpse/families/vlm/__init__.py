@@ -7,7 +7,6 @@ accuracy, captions' CIDEr-D and BLEU, few-shot VQA).
     model.py          VisionLanguageModel (VLMConfig)
     pipeline.py       what glimpse.load returns: caption, ask, chat
     evaluate.py       VQA and caption figures of a split
-    feature_cache.py  a frozen tower's features, computed once (train.cache_vision_features)
     hf.py             LLaVA folders in and out
 """
 
@@ -23,10 +22,10 @@ from glimpse.data.conversations import ConversationCollate, ConversationDataset,
 from glimpse.errors import GlimpseError
 from glimpse.families import checks
 from glimpse.families.base import Family, HFBuild, Loaded, recipe_transform
+from glimpse.families.feature_cache import cache_tower_features
 from glimpse.families.registry import register
 from glimpse.families.vlm import hf
 from glimpse.families.vlm.evaluate import evaluate_vlm
-from glimpse.families.vlm.feature_cache import cache_tower_features
 from glimpse.families.vlm.model import VisionLanguageModel, VLMConfig
 from glimpse.families.vlm.pipeline import VisionLanguagePipeline
 from glimpse.hub import folder as hf_folder
@@ -106,9 +105,11 @@ class VisionLanguageFamily(Family):
         features of every training image, when the recipe asks for them to be cached."""
         if self.recipe.train.cache_vision_features:
             self.records = training_records(self.recipe.data, self.root)
+            c = model.cfg
             self.image_rows, self.feature_cache = cache_tower_features(
-                model, self.records, self.transform, self.recipe.data.max_pixels, device,
-                self.recipe.eval.batch_size, progress)
+                model, [img for r in self.records for img in r["images"]], self.transform,
+                self.recipe.data.max_pixels, device, self.recipe.eval.batch_size, progress,
+                settings=(c.vision_feature_layer, c.vision_feature_select, c.connector, c.prefix_source))
 
     def train_data(self):
         m = self.recipe.model

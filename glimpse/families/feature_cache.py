@@ -1,8 +1,9 @@
 """Tower features of every training image, computed once before training.
 
 A frozen vision tower gives the same features for an image at every epoch (the training transform
-is deterministic), so LLaVA stage 2 and other frozen-tower recipes (`train.cache_vision_features`)
-can encode each image once instead of decoding and encoding it again at every step.  The cache
+is deterministic), so LLaVA stage 2, Flamingo and other frozen-tower recipes (`train.cache_vision_features`)
+can encode each image once instead of decoding and encoding it again at every step.  Shared by the
+families whose models have a `vision` tower and a `tower_features(pixels)` method.  The cache
 holds [images, tokens, width] float32 in memory: 0.66 GB for the shapes world's 20,000 training
 images at 64 tokens x 128; a 336 px CLIP-L tower (576 x 1024) would need 2.4 MB per image.
 
@@ -24,7 +25,6 @@ from tqdm import tqdm
 
 from glimpse.data.conversations import image_key
 from glimpse.data.images import ImageError, ImageTransform, load_image
-from glimpse.families.vlm.model import VisionLanguageModel
 
 _last: dict = {"key": None, "rows": {}, "cache": None, "stamps": {}}  # the last tower's features (module docstring)
 
@@ -40,18 +40,17 @@ def _stamp(image) -> tuple | None:
     return st.st_mtime_ns, st.st_size
 
 
-def tower_fingerprint(model: VisionLanguageModel, transform: ImageTransform, max_pixels: int) -> str:
-    """Equal for two calls exactly when the tower would give every image the same features."""
-    c = model.cfg
-    h = hashlib.sha1(repr((c.vision, c.vision_feature_layer, c.vision_feature_select, c.connector, c.prefix_source,
-                           transform.to_dict(), max_pixels)).encode())
+def tower_fingerprint(model, settings, transform: ImageTransform, max_pixels: int) -> str:
+    """Equal for two calls exactly when the tower would give every image the same features; `settings`:
+    whatever else of the model's config decides them (the feature layer, the tokens kept)."""
+    h = hashlib.sha1(repr((model.cfg.vision, settings, transform.to_dict(), max_pixels)).encode())
     for name, t in sorted(model.vision.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def _encode(model: VisionLanguageModel, images: list, transform: ImageTransform, max_pixels: int,
+def _encode(model, images: list, transform: ImageTransform, max_pixels: int,
             device: torch.device, batch_size: int, progress: bool) -> tuple[dict, torch.Tensor | None]:
     rows: dict = {}
     chunks: list[torch.Tensor] = []
@@ -74,13 +73,13 @@ def _encode(model: VisionLanguageModel, images: list, transform: ImageTransform,
 
 
 @torch.no_grad()
-def cache_tower_features(model: VisionLanguageModel, records: list[dict], transform: ImageTransform,
-                         max_pixels: int, device: torch.device, batch_size: int = 256,
-                         progress: bool = True) -> tuple[dict, torch.Tensor]:
+def cache_tower_features(model, images: list, transform: ImageTransform, max_pixels: int, device: torch.device,
+                         batch_size: int = 256, progress: bool = True, settings=()) -> tuple[dict, torch.Tensor]:
     """(image_key -> row of the cache, or the ImageError that made the image unusable; the cache
-    [rows, ...] on `device`).  Each distinct image is read and encoded once."""
-    images = list(dict.fromkeys(image_key(img) for r in records for img in r["images"]))
-    key = tower_fingerprint(model, transform, max_pixels)
+    [rows, ...] on `device`) for `images` (paths or bytes).  Each distinct image is read and encoded
+    once; `settings` as in `tower_fingerprint`."""
+    images = list(dict.fromkeys(image_key(img) for img in images))
+    key = tower_fingerprint(model, settings, transform, max_pixels)
     stamps = {k: _stamp(k) for k in images}
     # the last run's rows, if it had this tower; a file rewritten since (same path, other bytes) is encoded again
     known = {k: r for k, r in _last["rows"].items() if k not in stamps or _last["stamps"].get(k) == stamps[k]} \

@@ -1,0 +1,220 @@
+"""Interleaved image-text sequences for Flamingo, made from the shapes world.
+
+Every chunk is OpenFlamingo's format, one image and its text: `<image>Output: CAPTION<|endofchunk|>`
+or `<image>Question: Q Answer: A<|endofchunk|>`.  A training sequence is one of two kinds, chosen
+per sample:
+
+- captions and answers: 1 to `max_images` images of the world, each followed by one of its captions
+  or one of its questions with the answer;
+- a binding episode: the in-context task the few-shot evaluation asks.  The episode picks `colours`
+  of the world's colours and gives each a made-up word ("dax", "blick"); k solved examples (one-
+  object images, each followed by its colour's word), k from 0 to `max_shots`, then a query image and
+  its word.  Only the examples can tell which word a colour has in this episode, so the model learns
+  to read its answer from them.  Training and evaluation draw their words from two disjoint pools:
+  a test word was never seen in training.
+
+A sample is fixed by its key (index, choice) alone (a seeded generator per key), so the trainer's
+sampler decides what is read and a resumed run reads what an uninterrupted one would.
+
+Labels: every text token after the first image except the `<image>` tokens (as OpenFlamingo trains).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from glimpse.data.conversations import vqa_items
+from glimpse.data.images import ImageError, ImageTransform, load_image
+from glimpse.data.lm_text import nonce_words
+from glimpse.errors import GlimpseError
+
+IGNORE = -100
+END_OF_CHUNK = "<|endofchunk|>"
+
+
+@dataclass
+class Scene:
+    image: str
+    captions: list[str]
+    colours: list[str]  # each object's colour, in the world's order of objects
+    qa: list[tuple[str, str]]  # (question, answer)
+
+
+def read_scenes(data_cfg, root: Path, split: str) -> list[Scene]:
+    """The split's images with their captions and, for the shapes world, each object's colour."""
+    if data_cfg.source != "shapes":
+        raise GlimpseError("the flamingo family trains on the shapes world (data.source: shapes)")
+    path = root / "annotations" / f"captions_{split}.json"
+    try:
+        coco = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise GlimpseError(f"cannot read {path}: {e}") from None
+    caps: dict[int, list[str]] = {}
+    for a in coco["annotations"]:
+        caps.setdefault(a["image_id"], []).append(a["caption"])
+    folder = root / "images" / split
+    qa: dict[str, list[tuple[str, str]]] = {}
+    for item in vqa_items(data_cfg, root, split):
+        qa.setdefault(str(item["image"]), []).append((item["question"], item["answer"]))
+    scenes = []
+    for im in coco["images"]:
+        path = str(folder / im["file_name"])
+        scenes.append(Scene(path, caps.get(im["id"], []), [o["colour"] for o in im.get("scene", [])], qa.get(path, [])))
+    return scenes
+
+
+def caption_text(caption: str) -> str:
+    return f"Output: {caption}"
+
+
+def qa_text(question: str, answer: str) -> str:
+    return f"Question: {question} Answer: {answer}"
+
+
+def binding_episode(rng: random.Random, by_colour: dict[str, list[int]], words: list[str], colours: int,
+                    shots: int, query: int | None = None, shuffle_images: bool = False):
+    """(image indices, texts, the episode's words, the query's word).  `query`: the query image (one of
+    the single-object images), else drawn.  `shuffle_images` is the control: the examples' images are
+    permuted, so a word no longer names its image's colour."""
+    names = sorted(by_colour)
+    if query is not None:
+        q_colour = next(c for c in names if query in by_colour[c])
+        others = rng.sample([c for c in names if c != q_colour], colours - 1)
+        chosen = [q_colour] + others
+        rng.shuffle(chosen)
+    else:
+        chosen = rng.sample(names, colours)
+        q_colour = rng.choice(chosen)
+        query = rng.choice(by_colour[q_colour])
+    word_of = dict(zip(chosen, rng.sample(words, colours)))
+    ex_colours = [rng.choice(chosen) for _ in range(shots)]
+    images = [rng.choice(by_colour[c]) for c in ex_colours]
+    texts = [caption_text(word_of[c]) for c in ex_colours]
+    if shuffle_images:
+        rng.shuffle(images)
+    return images + [query], texts + [caption_text(word_of[q_colour])], [word_of[c] for c in chosen], word_of[q_colour]
+
+
+def single_object_images(scenes: list[Scene]) -> dict[str, list[int]]:
+    by_colour: dict[str, list[int]] = {}
+    for i, s in enumerate(scenes):
+        if len(s.colours) == 1:
+            by_colour.setdefault(s.colours[0], []).append(i)
+    return by_colour
+
+
+class InterleavedDataset(Dataset):
+    def __init__(self, scenes: list[Scene], tokenizer, transform: ImageTransform, max_pixels: int, *,
+                 max_images: int, max_shots: int, colours: int, episode_share: float, context_length: int,
+                 seed: int = 0, image_rows: dict | None = None):
+        """`image_rows`: image path -> its row of a feature cache (or the ImageError that makes it
+        unusable); the samples then carry rows instead of pixels."""
+        self.scenes, self.tokenizer, self.transform, self.max_pixels = scenes, tokenizer, transform, max_pixels
+        self.max_images, self.max_shots, self.colours, self.episode_share = max_images, max_shots, colours, episode_share
+        self.context_length, self.seed = context_length, seed
+        self.by_colour = single_object_images(scenes)
+        if len(self.by_colour) < colours:
+            raise GlimpseError(f"binding episodes need one-object images of {colours} colours; the world has "
+                               f"{len(self.by_colour)}")
+        self.words = nonce_words("train")
+        self.pixels: dict[int, object] = {}  # index -> resized uint8 array (the transform is deterministic)
+        self.image_rows = image_rows
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def sequence(self, key: tuple[int, int]) -> tuple[list[int], list[str]]:
+        """(image indices, the text after each image) of the sample with this key."""
+        idx, choice = key
+        rng = random.Random(f"{self.seed}/{idx}/{choice}")
+        if rng.random() < self.episode_share:
+            shots = rng.randint(0, self.max_shots)
+            images, texts, _, _ = binding_episode(rng, self.by_colour, self.words, self.colours, shots)
+            return images, texts
+        images = [idx] + [rng.randrange(len(self.scenes)) for _ in range(rng.randint(0, self.max_images - 1))]
+        texts = []
+        for i in images:
+            s = self.scenes[i]
+            if s.qa and rng.random() < 0.5:
+                texts.append(qa_text(*rng.choice(s.qa)))
+            else:
+                texts.append(caption_text(rng.choice(s.captions)))
+        return images, texts
+
+    def _pixels(self, i: int) -> torch.Tensor:
+        arr = self.pixels.get(i)
+        if arr is None:
+            s = self.scenes[i]
+            arr = self.transform.resized_array(load_image(s.image, max_pixels=self.max_pixels))
+            self.pixels[i] = arr
+        return self.transform.normalize(arr)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        images, texts = self.sequence(key)
+        ids, labels = encode_chunks(self.tokenizer, texts, self.context_length)
+        n = ids.count(self.tokenizer.ids["image"])  # images whose chunk fits the context
+        if self.image_rows is not None:
+            rows = [self.image_rows[self.scenes[i].image] for i in images[:n]]
+            bad = next((r for r in rows if isinstance(r, ImageError)), None)
+            if bad is not None:
+                return {"error": bad.reason, "message": str(bad)}
+            return {"image_rows": rows, "input_ids": ids, "labels": labels}
+        try:
+            pixels = torch.stack([self._pixels(i) for i in images[:n]])
+        except ImageError as e:
+            return {"error": e.reason, "message": str(e)}
+        return {"pixel_values": pixels, "input_ids": ids, "labels": labels}
+
+
+def encode_chunks(tokenizer, texts: list[str], context_length: int, prompt: str | None = None):
+    """bos + `<image>TEXT<|endofchunk|>` per text -> (ids, labels), whole chunks only, within
+    `context_length`; then, with a `prompt` ("Output:"), an open chunk `<image>PROMPT` whose text is
+    to be generated (no labels)."""
+    image, bos = tokenizer.ids["image"], tokenizer.ids["bos"]
+    ids, labels = [bos], [IGNORE]
+    pieces = [(t, False) for t in texts] + ([(prompt, True)] if prompt is not None else [])
+    for text, is_prompt in pieces:
+        piece = tokenizer.encode(f"<image>{text}" if is_prompt else f"<image>{text}{END_OF_CHUNK}")
+        if len(ids) + len(piece) > context_length:
+            break
+        ids += piece
+        labels += [IGNORE if (tok == image or is_prompt) else tok for tok in piece]
+    return ids, labels
+
+
+class InterleavedCollate:
+    """Right-padded text and [B, N_max, 3, H, W] images (or [B, N_max] feature-cache rows) with
+    `image_valid` [B, N_max] marking the real ones."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, samples: list[dict]) -> dict:
+        good = [s for s in samples if "error" not in s]
+        batch: dict = {"status": [s.get("error") for s in samples],
+                       "messages": [s["message"] for s in samples if "error" in s]}
+        if not good:
+            return batch
+        T = max(len(s["input_ids"]) for s in good)
+        cached = "image_rows" in good[0]  # a feature cache stands in for the pixels
+        counts = [len(s["image_rows"]) if cached else s["pixel_values"].shape[0] for s in good]
+        N = max(counts)
+        images = torch.zeros(len(good), N, dtype=torch.long) if cached else \
+            torch.zeros(len(good), N, *good[0]["pixel_values"].shape[1:])
+        valid = torch.zeros(len(good), N, dtype=torch.bool)
+        ids = torch.full((len(good), T), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(good), T), IGNORE, dtype=torch.long)
+        mask = torch.zeros(len(good), T, dtype=torch.long)
+        for b, (s, n) in enumerate(zip(good, counts)):
+            t = len(s["input_ids"])
+            images[b, :n] = torch.tensor(s["image_rows"]) if cached else s["pixel_values"]
+            valid[b, :n] = True
+            ids[b, :t], labels[b, :t], mask[b, :t] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
+        batch.update({"image_rows" if cached else "pixel_values": images}, image_valid=valid, input_ids=ids, attention_mask=mask, labels=labels)
+        return batch

@@ -1,0 +1,193 @@
+"""The Flamingo family end to end: interleaved sequences and binding episodes from the shapes world,
+training with frozen parts, the few-shot evaluation, the pipeline with several images in place, the
+CLI and the server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import subprocess
+
+import pytest
+import torch
+from conftest import PY
+from PIL import Image
+
+from glimpse.data.tokenizer import Tokenizer
+from glimpse.families.flamingo import add_end_of_chunk
+from glimpse.families.flamingo.data import (
+    IGNORE,
+    InterleavedCollate,
+    binding_episode,
+    encode_chunks,
+    nonce_words,
+    read_scenes,
+    single_object_images,
+)
+
+
+def tiny_flamingo_overrides(world, **extra) -> list[str]:
+    base = {
+        "data.root": str(world), "data.image_size": 32, "data.num_workers": 0, "init_parts": "{}",
+        "model.vision.image_size": 32, "model.vision.width": 32, "model.vision.layers": 2,
+        "model.lm.width": 32, "model.lm.layers": 2, "model.lm.heads": 2, "model.lm.kv_heads": 1,
+        "model.resampler_depth": 1, "model.resampler_heads": 2, "model.resampler_head_dim": 8,
+        "model.resampler_latents": 4, "model.xattn_heads": 2, "model.max_shots": 3, "model.max_images": 2,
+        "train.batch_size": 8, "train.max_steps": 4, "train.save_every": 2, "train.log_every": 1,
+        "eval.batch_size": 8, "eval.vqa_limit": 6, "eval.max_new_tokens": 6, "eval.few_shot": "[0, 2]",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def tok(world):
+    t = Tokenizer(world / "tokenizer.json")
+    add_end_of_chunk(t)
+    return t
+
+
+@pytest.fixture(scope="module")
+def flamingo_run(world, tmp_path_factory):
+    from glimpse.config import load_recipe
+    from glimpse.train.trainer import train
+
+    out = tmp_path_factory.mktemp("runs") / "flamingo"
+    train(load_recipe("shapes-flamingo", tiny_flamingo_overrides(world)), out, progress=False)
+    return out
+
+
+def test_end_of_chunk_is_added_once_after_the_vocabulary(world):
+    t = Tokenizer(world / "tokenizer.json")
+    base = t.vocab_size
+    assert add_end_of_chunk(t) == base and add_end_of_chunk(t) == base and t.vocab_size == base + 1
+    assert t.encode("<image>Output: a<|endofchunk|>")[-1] == base
+
+
+def test_word_pools_are_disjoint_and_fixed():
+    train, test = nonce_words("train"), nonce_words("test")
+    assert not set(train) & set(test) and nonce_words("train") == train and len(set(train)) == len(train)
+
+
+def test_binding_episodes_bind_words_to_colours(world):
+    scenes = read_scenes(_recipe(world).data, world, "train")
+    by_colour = single_object_images(scenes)
+    colour_of = {i: c for c, idx in by_colour.items() for i in idx}
+    rng = random.Random(0)
+    images, texts, words, answer = binding_episode(rng, by_colour, nonce_words("train"), 3, shots=6)
+    assert len(images) == 7 and len(set(words)) == 3 and texts[-1] == f"Output: {answer}"
+    word_of_colour = {}
+    for im, t in zip(images, texts):
+        word_of_colour.setdefault(colour_of[im], set()).add(t)
+    assert all(len(v) == 1 for v in word_of_colour.values())  # one word per colour in an episode
+    # the control keeps the words and permutes the examples' images
+    again = binding_episode(random.Random(0), by_colour, nonce_words("train"), 3, shots=6, shuffle_images=True)
+    assert again[1] == texts and sorted(again[0][:-1]) == sorted(images[:-1]) and again[0][-1] == images[-1]
+
+
+def test_chunks_label_text_not_images_and_fit_the_context(tok):
+    ids, labels = encode_chunks(tok, ["Output: a red circle", "Question: what colour? Answer: red"], 100)
+    image = tok.ids["image"]
+    assert ids[0] == tok.ids["bos"] and ids.count(image) == 2
+    assert all(lab == IGNORE for t, lab in zip(ids, labels) if t == image) and labels[0] == IGNORE
+    assert ids.count(tok.ids["endofchunk"]) == 2
+    short, _ = encode_chunks(tok, ["Output: a red circle"] * 5, len(ids))
+    assert short.count(image) < 5 and len(short) <= len(ids)  # whole chunks only
+    prompt, plabels = encode_chunks(tok, ["Output: a"], 100, prompt="Output:")
+    assert prompt.count(image) == 2 and all(lab == IGNORE for lab in plabels[len(encode_chunks(tok, ["Output: a"], 100)[0]):])
+
+
+def test_dataset_is_fixed_by_its_key_and_pads_images(world, tok):
+    from glimpse.config import load_recipe
+    from glimpse.families import get
+
+    fam = get("flamingo")(load_recipe("shapes-flamingo", tiny_flamingo_overrides(world)), world, tok)
+    ds, collate = fam.train_data()
+    a, b = ds[(5, 1)], ds[(5, 1)]
+    assert a["input_ids"] == b["input_ids"] and torch.equal(a["pixel_values"], b["pixel_values"])
+    batch = collate([ds[(i, 0)] for i in range(6)] + [{"error": "corrupt", "message": "x: bad"}])
+    n = batch["image_valid"].sum(1)
+    assert batch["status"][-1] == "corrupt" and n.min() >= 1 and batch["pixel_values"].shape[1] == n.max()
+    assert ((batch["input_ids"] == tok.ids["image"]).sum(1) == n).all()
+    assert (batch["pixel_values"][~batch["image_valid"]] == 0).all()
+    assert InterleavedCollate(0)([{"error": "x", "message": "m"}])["status"] == ["x"]
+
+
+def _recipe(world):
+    from glimpse.config import load_recipe
+
+    return load_recipe("shapes-flamingo", tiny_flamingo_overrides(world))
+
+
+def test_train_freezes_the_lm_and_learns_gates_and_the_new_token(flamingo_run, world):
+    import glimpse
+
+    metrics = [json.loads(line) for line in (flamingo_run / "metrics.jsonl").read_text().splitlines()]
+    final = metrics[-1]
+    for key in ("test/fewshot_acc_0", "test/fewshot_acc_2", "test/fewshot_control_acc_2", "test/fewshot_chance",
+                "test/cider_0shot", "test/cider_4shot", "test_novel/fewshot_acc_2"):
+        assert key in final, key
+    pipe = glimpse.load(flamingo_run)
+    model = pipe.model
+    assert model.extra_embed is not None and model.extra_embed.shape[0] == 1
+    gates = [b.attn_gate for b in model.xattn.values()]
+    assert any(float(g.abs().max()) > 0 for g in gates)  # trained away from 0
+
+
+def test_pipeline_interleaves_images_in_place(flamingo_run, world):
+    import glimpse
+
+    pipe = glimpse.load(flamingo_run)
+    images = sorted((world / "images" / "test").glob("*.png"))[:3]
+    msg = [{"role": "user", "content": [{"type": "image", "image": str(images[0])}, {"type": "text", "text": "Output: dax<|endofchunk|>"},
+                                        {"type": "image", "image": str(images[1])}, {"type": "text", "text": "Output: blick<|endofchunk|>"},
+                                        {"type": "image", "image": str(images[2])}]}]
+    ids, ims = pipe.chat_prompt(msg)
+    text = pipe.tokenizer.decode(ids, skip_special=False)
+    assert len(ims) == 3 and text.count("<image>") == 3 and text.rstrip().endswith("output:")
+    assert ids.count(pipe.end_id) == 2
+    reply = pipe.chat(msg, max_new_tokens=5)
+    assert isinstance(reply, str) and "".join(pipe.chat(msg, max_new_tokens=5, stream=True)) == reply
+    assert len(pipe.caption(images[:2], max_new_tokens=4)) == 2
+    assert len(pipe.ask(images[:1], ["what colour is the shape?"], max_new_tokens=4)) == 1
+    # an image's answer depends on that image: the same prompt with another last image may differ, but the
+    # prompt before it is the same tokens
+    ids2, _ = pipe.chat_prompt([{"role": "user", "content": msg[0]["content"][:4] + [{"type": "image", "image": str(images[0])}]}])
+    assert ids2 == ids
+
+
+def test_server_takes_several_images_in_one_message(flamingo_run, world):
+    from fastapi.testclient import TestClient
+
+    import glimpse
+    from glimpse.serve.app import create_app
+
+    pipe = glimpse.load(flamingo_run)
+    urls = []
+    for p in sorted((world / "images" / "test").glob("*.png"))[:2]:
+        urls.append("data:image/png;base64," + base64.b64encode(p.read_bytes()).decode())
+    content = [{"type": "image_url", "image_url": {"url": urls[0]}}, {"type": "text", "text": "Output: dax<|endofchunk|>"},
+               {"type": "image_url", "image_url": {"url": urls[1]}}]
+    with TestClient(create_app(pipe, "flamingo")) as client:
+        r = client.post("/v1/chat/completions", json={"model": "flamingo", "max_tokens": 4, "temperature": 0,
+                                                      "messages": [{"role": "user", "content": content}]})
+        assert r.status_code == 200, r.text
+        raw = [base64.b64decode(u.split(",", 1)[1]) for u in urls]
+        msg = [{"role": "user", "content": [{"type": "image", "image": raw[0]},
+                                            {"type": "text", "text": "Output: dax<|endofchunk|>"},
+                                            {"type": "image", "image": raw[1]}]}]
+        assert r.json()["choices"][0]["message"]["content"] == pipe.chat(msg, max_new_tokens=4)
+
+
+def test_cli_caption_and_eval(flamingo_run, world, cli_env, tmp_path):
+    image = str(sorted((world / "images" / "test").glob("*.png"))[0])
+    r = subprocess.run([PY, "-m", "glimpse", "caption", str(flamingo_run), image, "--max-new-tokens", "4"],
+                       capture_output=True, text=True, env=cli_env)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "eval.json"
+    r = subprocess.run([PY, "-m", "glimpse", "--quiet", "eval", str(flamingo_run), "--json", str(out)],
+                       capture_output=True, text=True, env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert "test/fewshot_acc_2" in json.loads(out.read_text())
+    assert Image.open(image).size == (32, 32)
