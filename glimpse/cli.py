@@ -154,9 +154,12 @@ def _generation_args(p) -> None:
 
 
 def cmd_demo(a) -> None:
-    from glimpse.demo import run_demo
+    from glimpse.demo import run_captioner_demo, run_demo
 
-    run_demo(a.out, progress=not a.quiet, overrides=a.set)
+    if a.which == "captioner":
+        run_captioner_demo(a.out or "runs/demo-captioner", progress=not a.quiet, overrides=a.set)
+    else:
+        run_demo(a.out or "runs/demo", progress=not a.quiet, overrides=a.set)
 
 
 def cmd_serve(a) -> None:
@@ -268,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="the main job end to end on the shapes world")
-    d.add_argument("--out", default="runs/demo")
+    d.add_argument("which", nargs="?", choices=["all", "captioner"], default="all",
+                   help="all: the dual encoder and LLaVA (default); captioner: the encoder-decoder captioner")
+    d.add_argument("--out", default=None, help="runs/demo (captioner: runs/demo-captioner)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the demo recipe")
     d.set_defaults(func=cmd_demo)
 

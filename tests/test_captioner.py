@@ -152,3 +152,14 @@ def test_caption_parser_reads_every_world_caption(world):
     assert parse_caption("a red circle on the left") is None  # no size
     assert parse_caption("a small red circle") is None  # no place
     assert parse_caption("a small red circle on the left and a large blue") is None
+
+
+def test_demo_captioner(world, tmp_path, capsys):
+    from glimpse.cli import main
+
+    main(["--quiet", "demo", "captioner", "--out", str(tmp_path / "demo"),
+          *[f"--set={o}" for o in tiny_captioner_overrides(world, **{"train.max_steps": 3, "eval.splits": "[test]",
+                                                                      "eval.during_train": "[]"})]])
+    out = capsys.readouterr().out
+    assert "test/cider" in out and "captions of test images" in out and "GFLOP/s" in out
+    assert (tmp_path / "demo" / "eval.json").is_file()

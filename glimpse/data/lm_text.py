@@ -10,7 +10,7 @@
   about, as a real LM learns language before Frozen or LLaVA meets it.
 - ``world_binding``: ``world``, and in `binding_share` of the documents a binding episode in text:
   three of the world's colours get made-up words ("dakim") for this document only, lines
-  "red Output: dakim" name them, and the last line's word can only be copied from an earlier line.
+  "red dakim" name them, and a line's word can only be copied from an earlier line with its colour.
   This is the in-context skill (an induction: find the earlier line with the same key, copy what
   followed it) that a real LM brings to Flamingo; Flamingo's binding episodes put an image where
   the colour word is here.
@@ -42,10 +42,11 @@ def nonce_words(split: str, n: int = 400) -> list[str]:
 
 def binding_lines(rng: random.Random, colours: list[str], words: list[str], n_colours: int = 3,
                   max_lines: int = 9) -> str:
-    """A text binding episode: 2 to `max_lines` lines "colour Output: word", one word per colour."""
+    """A text binding episode: 2 to `max_lines` lines "colour word", one word per colour.  The word
+    follows its key directly: the plain induction pattern (A B ... A -> B) a small LM learns."""
     chosen = rng.sample(colours, n_colours)
     word_of = dict(zip(chosen, rng.sample(words, n_colours)))
-    return "\n".join(f"{c} Output: {word_of[c]}" for c in (rng.choice(chosen) for _ in range(rng.randint(2, max_lines))))
+    return "\n".join(f"{c} {word_of[c]}" for c in (rng.choice(chosen) for _ in range(rng.randint(2, max_lines))))
 
 
 def qa_line(question: str, answer: str) -> str:
