@@ -25,30 +25,35 @@ def decode_data_url(url: str) -> bytes:
         raise GlimpseError("the data: URL holds invalid base64") from None
 
 
-def split_content(content) -> tuple[str, list]:
-    """An OpenAI-style message content (a string, or a list of text / image_url / image parts) as
-    (text with one <image> per image, the images).  A literal "<image>" in user text is removed, so
-    text alone can never claim an image."""
+def content_parts(content) -> list:
+    """An OpenAI-style message content (a string, or a list of text / image_url / image parts) as its
+    parts in order: text strings and ("image", image) pairs.  A literal "<image>" in user text is
+    removed, so text alone can never claim an image."""
     if isinstance(content, str):
-        return content.replace(IMAGE, ""), []
+        return [content.replace(IMAGE, "")]
     if not isinstance(content, list):
         raise GlimpseError("message content must be a string or a list of parts")
-    text, images = [], []
+    parts: list = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            text.append(part["text"].replace(IMAGE, ""))
+            parts.append(part["text"].replace(IMAGE, ""))
         elif kind == "image_url":
             url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            images.append(decode_data_url(url))
-            text.append(IMAGE)
+            parts.append(("image", decode_data_url(url.get("url") if isinstance(url, dict) else url)))
         elif kind == "image" and part.get("image") is not None:  # Python callers: a path, bytes or PIL image
-            images.append(part["image"])
-            text.append(IMAGE)
+            parts.append(("image", part["image"]))
         else:
             raise GlimpseError(f"unknown message part {part!r:.80}: use text, image_url or image parts")
-    return "\n".join(text), images
+    return parts
+
+
+def split_content(content) -> tuple[str, list]:
+    """A message content as (text with one <image> per image, parts joined by newlines; the images)."""
+    if isinstance(content, str):
+        return content.replace(IMAGE, ""), []
+    parts = content_parts(content)
+    return "\n".join(IMAGE if isinstance(p, tuple) else p for p in parts), [p[1] for p in parts if isinstance(p, tuple)]
 
 
 def user_message(images: list, text: str) -> dict:

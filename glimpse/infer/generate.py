@@ -150,7 +150,7 @@ def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generato
 
 
 def _decode_events(model, prompts, cfg, pad_id, prefix_embeds, decode, out,
-                   cancelled=None, memory=None) -> Iterator[tuple[int, int]]:
+                   cancelled=None, memory=(None, None)) -> Iterator[tuple[int, int]]:
     """Greedy / sampling loop: appends to `out[row]` and yields (row, token) for each kept token.
     `cancelled(row)`, asked before each step, ends a row early (a server's client went away)."""
     eos = _eos_ids(cfg)
@@ -196,7 +196,7 @@ def _decode_events(model, prompts, cfg, pad_id, prefix_embeds, decode, out,
             static.close()
 
 
-def _beam_events(model, prompts, cfg, pad_id, prefix_embeds, out, memory) -> Iterator[tuple[int, int]]:
+def _beam_events(model, prompts, cfg, pad_id, prefix_embeds, out, memory=(None, None)) -> Iterator[tuple[int, int]]:
     """Beam search per prompt (see the module docstring); fills `out`, then yields its tokens."""
     B, K = len(prompts), cfg.num_beams
     eos = _eos_ids(cfg)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glimpse.models.layers import RMSNorm
+
 
 class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int, memory_dim: int | None = None, head_dim: int | None = None,
@@ -37,8 +39,8 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(memory_dim or dim, 2 * inner, bias=bias)
         self.out = nn.Linear(inner, dim, bias=bias)
         # IDEFICS' qk_layer_norms: an RMSNorm over each head's queries and keys
-        self.q_norm = _HeadRMSNorm(hd, norm_eps) if qk_norm else None
-        self.k_norm = _HeadRMSNorm(hd, norm_eps) if qk_norm else None
+        self.q_norm = RMSNorm(hd, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(hd, norm_eps) if qk_norm else None
 
     def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, H, S, hd] of a memory [B, S, Dm]."""
@@ -72,18 +74,6 @@ class CrossAttention(nn.Module):
         y = self.out(y.transpose(1, 2).reshape(B, T, -1))
         # zeroed after the projection: with a bias (GPT-2's c_proj), out(0) would be the bias, not zero
         return y if reads is None else y * reads[:, 0]
-
-
-class _HeadRMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 def latest_image_mask(media_index: torch.Tensor, images: int, tokens_per_image: int) -> torch.Tensor:

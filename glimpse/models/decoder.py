@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glimpse.models.cross_attention import CrossAttention
-from glimpse.models.layers import ACTIVATIONS, MLP
+from glimpse.models.layers import ACTIVATIONS, MLP, RMSNorm
 
 ACTS = {**ACTIVATIONS, "silu": F.silu}
 # SDPA broadcasts kv heads over query-head groups itself from torch 2.5 on
@@ -197,18 +197,6 @@ def attention_mask_for(attention_mask: torch.Tensor | None, T: int, past: int, d
         real = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
         mask = mask & (real | (k_pos == q_pos))  # padding queries see themselves: no empty row, no NaN
     return mask, False
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 class SwiGLU(nn.Module):

@@ -43,6 +43,20 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
+class RMSNorm(nn.Module):
+    """Llama's norm (computed in fp32); also over each head's queries and keys (IDEFICS' qk norms)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str = "gelu"):
         super().__init__()

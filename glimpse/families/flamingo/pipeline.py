@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from glimpse.data.images import DEFAULT_MAX_PIXELS, ImageTransform, load_image
-from glimpse.data.messages import IMAGE, decode_data_url
+from glimpse.data.messages import IMAGE, content_parts
 from glimpse.errors import ContextLengthError, GlimpseError
 from glimpse.families.flamingo.data import END_OF_CHUNK
 from glimpse.families.flamingo.model import FlamingoModel
@@ -23,27 +23,6 @@ from glimpse.infer.generate import GenerationConfig, TextStream, generate
 from glimpse.infer.generate import stream as stream_tokens
 
 CUES = ("Output:", "Answer:")
-
-
-def _parts(content) -> list:
-    """A message content as its parts in order: text strings and images."""
-    if isinstance(content, str):
-        return [content.replace(IMAGE, "")]
-    if not isinstance(content, list):
-        raise GlimpseError("message content must be a string or a list of parts")
-    out = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            out.append(part["text"].replace(IMAGE, ""))
-        elif kind == "image_url":
-            url = part.get("image_url")
-            out.append(("image", decode_data_url(url.get("url") if isinstance(url, dict) else url)))
-        elif kind == "image" and part.get("image") is not None:
-            out.append(("image", part["image"]))
-        else:
-            raise GlimpseError(f"unknown message part {part!r:.80}: use text, image_url or image parts")
-    return out
 
 
 class FlamingoPipeline:
@@ -82,7 +61,7 @@ class FlamingoPipeline:
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise GlimpseError("each message needs a role and a content")
-            parts = _parts(m["content"])
+            parts = content_parts(m["content"])
             if m["role"] == "assistant":
                 parts = [" " + "".join(p for p in parts if isinstance(p, str)).strip() + END_OF_CHUNK]
             pieces += parts
