@@ -191,3 +191,19 @@ def test_cli_caption_and_eval(flamingo_run, world, cli_env, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "test/fewshot_acc_2" in json.loads(out.read_text())
     assert Image.open(image).size == (32, 32)
+
+
+def test_text_binding_documents_keep_one_word_per_colour(world):
+    """shapes-lm-icl's documents: "colour word" lines, one made-up word per colour within a document."""
+    from glimpse.config import load_recipe
+    from glimpse.families import get
+
+    recipe = load_recipe("shapes-lm-icl", [f"data.root={world}", "data.image_size=32", "data.binding_share=1.0"])
+    texts, _ = get("causal_lm")(recipe, world, Tokenizer(world / "tokenizer.json")).train_data()
+    colours = {"red", "green", "blue", "yellow", "purple", "orange"}
+    for key in [(i, 0) for i in range(20)]:
+        lines = [line.split() for line in texts[key]["text"].split("\n")]
+        assert all(len(p) == 2 and p[0] in colours and p[1] in nonce_words("train") for p in lines)
+        word_of = {}
+        for colour, word in lines:
+            assert word_of.setdefault(colour, word) == word
