@@ -1,7 +1,8 @@
 """Flamingo: a frozen language model that reads images through gated cross-attention blocks inserted
 every n layers, with a Perceiver resampler on a frozen vision tower (OpenFlamingo; IDEFICS v1 folders).
 Prompts interleave images and text, `<image>Output: ...<|endofchunk|>`, and each text token reads only
-the latest image before it, which makes in-context (few-shot) learning from solved examples work.
+the latest image before it: the design by which Flamingo learns from solved examples in its prompt
+(on the shapes world, `shapes-flamingo` has not learned to yet: docs/results.md, 2026-11-26).
 
     model.py      FlamingoModel (FlamingoConfig)
     data.py       interleaved sequences from the shapes world: captions and binding episodes
