@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glimpse.api import load_run
-from glimpse.families.vlm.feature_cache import cache_tower_features
+from glimpse.families.feature_cache import cache_tower_features
 from glimpse.train.trainer import data_root
 
 
@@ -32,8 +32,10 @@ def split_data(task, model, root: Path, split: str, colours, shapes, positions):
     """(tower features [N, T, D], questions [Q, 4] as (image, colour, shape, position), objects per image [N])."""
     images = json.loads((root / "annotations" / f"captions_{split}.json").read_text())["images"]
     paths = [str(root / "images" / split / i["file_name"]) for i in images]
-    rows, cache = cache_tower_features(model, [{"images": [p]} for p in paths], task.transform,
-                                       task.recipe.data.max_pixels, torch.device("cpu"), progress=False)
+    c = model.cfg
+    rows, cache = cache_tower_features(model, paths, task.transform, task.recipe.data.max_pixels, torch.device("cpu"),
+                                       progress=False, settings=(c.vision_feature_layer, c.vision_feature_select,
+                                                                 c.connector, c.prefix_source))
     bad = next((str(r) for r in rows.values() if not isinstance(r, int)), None)
     if bad:
         raise SystemExit(bad)
