@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from glimpse.data.chat import IGNORE, VQA_INSTRUCTION, from_llava, tokenize_conversation
 from glimpse.data.formats import read_llava, read_vqa
-from glimpse.data.images import ImageError, ImageTransform, load_image
+from glimpse.data.images import ImageError, ImageTransform, load_image, split_failures
 from glimpse.data.pairs import load_pairs, split_files
 from glimpse.errors import GlimpseError
 
@@ -214,9 +214,7 @@ class ConversationCollate:
         self.pad_id = pad_id
 
     def __call__(self, samples: list[dict]) -> dict:
-        good = [s for s in samples if "error" not in s]
-        batch: dict = {"status": [s.get("error") for s in samples],
-                       "messages": [s["message"] for s in samples if "error" in s]}
+        good, batch = split_failures(samples)
         if good:
             T = max(len(s["input_ids"]) for s in good)
             ids = torch.full((len(good), T), self.pad_id, dtype=torch.long)

@@ -174,6 +174,14 @@ def load_image(src, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = 
     raise TypeError(f"load_image takes a path, bytes or a PIL image, not {type(src).__name__}")
 
 
+def split_failures(samples: list[dict]) -> tuple[list[dict], dict]:
+    """A collate's first step: (the good samples, a batch holding "status", None or the failure reason
+    of every sample in order, and "messages", the bad samples' messages)."""
+    good = [s for s in samples if "error" not in s]
+    return good, {"status": [s.get("error") for s in samples],
+                  "messages": [s["message"] for s in samples if "error" in s]}
+
+
 def decode_each(sources: list, max_pixels: int = DEFAULT_MAX_PIXELS, transform=None) -> tuple[list, list, dict]:
     """Decode many images, skipping the bad ones as training does: (the indices of the good ones, their
     images (RGB, or `transform`ed), {index of a bad one: its failure reason})."""

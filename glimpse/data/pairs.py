@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from glimpse.data.formats import ImageText, iter_webdataset, read_coco_captions, read_csv_captions
-from glimpse.data.images import ImageError, ImageTransform, load_image
+from glimpse.data.images import ImageError, ImageTransform, load_image, split_failures
 from glimpse.errors import GlimpseError
 
 
@@ -116,9 +116,7 @@ class PairCollate:
         return row
 
     def __call__(self, samples: list[dict]) -> dict:
-        good = [s for s in samples if "error" not in s]
-        batch: dict = {"status": [s.get("error") for s in samples],
-                       "messages": [s["message"] for s in samples if "error" in s]}
+        good, batch = split_failures(samples)
         if good:
             batch["pixel_values"] = torch.stack([s["pixel_values"] for s in good])
             batch["input_ids"], batch["attention_mask"] = self.tokenizer.pad([self._row(s[self.text_key])

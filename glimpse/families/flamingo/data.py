@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from glimpse.data.conversations import vqa_items
-from glimpse.data.images import ImageError, ImageTransform, load_image
+from glimpse.data.images import ImageError, ImageTransform, load_image, split_failures
 from glimpse.data.lm_text import nonce_words
 from glimpse.errors import GlimpseError
 
@@ -196,9 +196,7 @@ class InterleavedCollate:
         self.pad_id = pad_id
 
     def __call__(self, samples: list[dict]) -> dict:
-        good = [s for s in samples if "error" not in s]
-        batch: dict = {"status": [s.get("error") for s in samples],
-                       "messages": [s["message"] for s in samples if "error" in s]}
+        good, batch = split_failures(samples)
         if not good:
             return batch
         T = max(len(s["input_ids"]) for s in good)

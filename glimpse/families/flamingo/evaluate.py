@@ -63,12 +63,9 @@ def choice_scores(model, tokenizer, rows: list[tuple[list[str], torch.Tensor]], 
     device = next(model.parameters()).device
     picks = []
     for (texts, pixels), cands in zip(rows, candidates):
-        seqs, starts = [], []
-        for c in cands:
-            ids, labels = encode_chunks(tokenizer, texts + [caption_text(c)], context_length)
-            prompt, _ = encode_chunks(tokenizer, texts, context_length)
-            seqs.append((ids, labels))
-            starts.append(len(prompt))
+        start = len(encode_chunks(tokenizer, texts, context_length)[0])  # the query chunk begins here
+        seqs = [encode_chunks(tokenizer, texts + [caption_text(c)], context_length) for c in cands]
+        starts = [start] * len(seqs)
         T = max(len(s[0]) for s in seqs)
         ids = torch.full((len(seqs), T), tokenizer.pad_id, dtype=torch.long)
         mask = torch.zeros(len(seqs), T, dtype=torch.long)
