@@ -153,11 +153,32 @@ def _generation_args(p) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def cmd_generate(a) -> None:
+    """Images from a text prompt with a text-to-image run: PNGs in --out, one line per file."""
+    from glimpse.api import load
+
+    pipe = load(a.run, device=a.device)
+    if not hasattr(pipe, "generate_images"):
+        raise GlimpseError(f"{a.run} does not generate images (it is not a text_to_image run)")
+    if not 1 <= a.n <= 64:
+        raise GlimpseError(f"--n must be between 1 and 64, not {a.n}")
+    images = pipe.generate_images(a.prompt, n=a.n, seed=a.seed, guidance=a.guidance, steps=a.steps,
+                                  candidates=a.candidates, temperature=a.temperature)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        path = out / f"{a.seed:04d}-{i:02d}.png"
+        image.save(path)
+        print(path)
+
+
 def cmd_demo(a) -> None:
-    from glimpse.demo import run_captioner_demo, run_demo
+    from glimpse.demo import run_captioner_demo, run_demo, run_t2i_demo
 
     if a.which == "captioner":
         run_captioner_demo(a.out or "runs/demo-captioner", progress=not a.quiet, overrides=a.set)
+    elif a.which == "t2i":
+        run_t2i_demo(a.out or "runs/demo-t2i", progress=not a.quiet, overrides=a.set)
     else:
         run_demo(a.out or "runs/demo", progress=not a.quiet, overrides=a.set)
 
@@ -270,10 +291,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fetch http(s) image URLs from these hosts (public addresses only); off by default")
     v.set_defaults(func=cmd_serve)
 
+    g = sub.add_parser("generate", help="generate images from a text prompt with a text-to-image run")
+    g.add_argument("run")
+    g.add_argument("prompt")
+    g.add_argument("--n", type=int, default=4, help="images to write (default 4)")
+    g.add_argument("--out", default="generated", help="the folder the PNGs go to (default ./generated)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the run's)")
+    g.add_argument("--steps", type=int, default=None, help="MaskGIT unmasking steps (default: the run's)")
+    g.add_argument("--candidates", type=int, default=None,
+                   help="samples per image, of which CLIP keeps the best (default: the run's)")
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--device", default="cpu")
+    g.set_defaults(func=cmd_generate)
+
     d = sub.add_parser("demo", help="the main job end to end on the shapes world")
-    d.add_argument("which", nargs="?", choices=["all", "captioner"], default="all",
-                   help="all: the dual encoder and LLaVA (default); captioner: the encoder-decoder captioner")
-    d.add_argument("--out", default=None, help="runs/demo (captioner: runs/demo-captioner)")
+    d.add_argument("which", nargs="?", choices=["all", "captioner", "t2i"], default="all",
+                   help="all: the dual encoder and LLaVA (default); captioner: the encoder-decoder captioner; "
+                        "t2i: text-to-image (tokenizer and MaskGIT prior)")
+    d.add_argument("--out", default=None, help="runs/demo (captioner: runs/demo-captioner; t2i: runs/demo-t2i)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the demo recipe")
     d.set_defaults(func=cmd_demo)
 

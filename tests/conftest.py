@@ -83,6 +83,60 @@ def tiny_vlm_run(world, tmp_path_factory) -> Path:
     return out
 
 
+def tiny_vq_overrides(world: Path, **extra) -> list[str]:
+    """--set items that make shapes-vq tiny (32 px -> 4 x 4 codes of 16) on the session's world."""
+    base = {
+        "data.root": str(world), "data.image_size": 32, "data.num_workers": 0,
+        "model.vq.sample_size": 32, "model.vq.block_out_channels": "[8, 8, 16, 16]", "model.vq.norm_num_groups": 8,
+        "model.vq.latent_channels": 8, "model.vq.vq_embed_dim": 4, "model.vq.num_vq_embeddings": 16,
+        "model.kmeans_images": 32, "model.restart_after": 2, "train.batch_size": 8, "train.max_steps": 4,
+        "train.save_every": 2, "train.log_every": 1, "train.warmup_steps": 1, "eval.batch_size": 16,
+        "eval.vqa_limit": 8,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_vq_run(world, tmp_path_factory) -> Path:
+    """A tiny image tokenizer trained in-process on the session's world (shared, read-only)."""
+    from glimpse.config import load_recipe
+    from glimpse.train.trainer import train
+
+    out = tmp_path_factory.mktemp("runs") / "vq"
+    train(load_recipe("shapes-vq", tiny_vq_overrides(world)), out, progress=False)
+    return out
+
+
+def tiny_t2i_overrides(world: Path, clip_run: Path, vq_run: Path, **extra) -> list[str]:
+    """--set items that make shapes-t2i tiny, reading the tiny CLIP and tokenizer runs."""
+    base = {
+        "data.root": str(world), "data.image_size": 32, "data.num_workers": 0,
+        "init_parts": f"{{clip: {clip_run}, vq: {vq_run}}}",
+        "model.clip.embed_dim": 16, "model.clip.vision.image_size": 32, "model.clip.vision.width": 32,
+        "model.clip.vision.layers": 2, "model.clip.vision.heads": 2, "model.clip.text.width": 32,
+        "model.clip.text.layers": 2, "model.clip.text.heads": 2,
+        "model.vq.sample_size": 32, "model.vq.block_out_channels": "[8, 8, 16, 16]", "model.vq.norm_num_groups": 8,
+        "model.vq.latent_channels": 8, "model.vq.vq_embed_dim": 4, "model.vq.num_vq_embeddings": 16,
+        "model.prior.width": 32, "model.prior.layers": 2, "model.prior.heads": 2, "model.steps": 3,
+        "model.rerank": 2, "train.batch_size": 8, "train.max_steps": 4, "train.save_every": 2,
+        "train.log_every": 1, "train.warmup_steps": 1, "eval.batch_size": 16, "eval.vqa_limit": 12,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_t2i_run(world, tiny_run, tiny_vq_run, tmp_path_factory) -> Path:
+    """A tiny MaskGIT text-to-image run on the tiny CLIP and tokenizer (shared, read-only)."""
+    from glimpse.config import load_recipe
+    from glimpse.train.trainer import train
+
+    out = tmp_path_factory.mktemp("runs") / "t2i"
+    train(load_recipe("shapes-t2i", tiny_t2i_overrides(world, tiny_run, tiny_vq_run)), out, progress=False)
+    return out
+
+
 class LiveServer:
     """A glimpse API server on a free loopback port, run by uvicorn in a thread (as `glimpse serve`).  The
     port stays bound from the moment it is chosen (uvicorn serves the socket itself), so no other process

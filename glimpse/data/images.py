@@ -216,6 +216,12 @@ def _triple(value, what: str) -> tuple[float, float, float]:
     return tuple(float(v) for v in vals)
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Generated or reconstructed images in [-1, 1], [B, 3, H, W] -> uint8 [B, H, W, 3] (clamped, rounded)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
 class ImageTransform:
     """PIL image -> normalised float32 tensor [3, S, S].
 

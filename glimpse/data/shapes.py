@@ -260,19 +260,26 @@ def _draw(objects: list[dict], rng: np.random.Generator, size: int) -> Image.Ima
         ax, ay = _ANCHORS[o["position"]]
         dx, dy = rng.uniform(-_JITTER, _JITTER, size=2)
         cx, cy, r = (ax + dx) * big, (ay + dy) * big, _RADIUS[o["size"]] * big
-        fill = _RGB[o["colour"]]
-        if o["shape"] == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif o["shape"] == "square":
-            h = 0.9 * r  # a full-box square looks much bigger than a circle of the same radius
-            draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
-        elif o["shape"] == "triangle":
-            draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
-        else:  # cross: a plus sign
-            w = 0.32 * r
-            draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
-            draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+        draw_shape(draw, o["shape"], cx, cy, r, _RGB[o["colour"]])
     return canvas
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    """Draw one shape centred on its anchor point (cx, cy) with half-width r, in the canvas' pixels.
+
+    The world's one definition of each shape's geometry: `_draw` and the scene parser
+    (glimpse.data.scene_parser, which renders templates with it) both use it."""
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        h = 0.9 * r  # a full-box square looks much bigger than a circle of the same radius
+        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
+    else:  # cross: a plus sign
+        w = 0.32 * r
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -313,6 +320,24 @@ def _captions(objects: list[dict], rng: np.random.Generator) -> list[str]:
             body = " and ".join(phrases)
         captions.append(f"{_OPENINGS[opening]} {body}".strip())
     return captions
+
+
+def scene_caption(objects: Sequence[Mapping]) -> str:
+    """The plain caption of a scene, objects in their order: "a large red circle on the left and a small
+    blue square at the top" (what `parse_caption` reads back)."""
+    return " and ".join(f"a {o['size']} {o['colour']} {o['shape']} {_WHERE[o['position']][0]}" for o in objects)
+
+
+def describe_scene(objects: Sequence[Mapping], rng, drop: float = 0.5) -> str:
+    """A partial description of a scene: each object's size, colour and shape are each left out with
+    probability `drop` (a shape left out becomes "shape"; its place is always said), objects in a random
+    order: "a red shape on the left and a cross at the top".  `rng` is a random.Random."""
+    phrases = []
+    for o in rng.sample(list(objects), len(objects)):
+        words = [w for w in (o["size"], o["colour"]) if rng.random() >= drop]
+        words.append(o["shape"] if rng.random() >= drop else "shape")
+        phrases.append(f"a {' '.join(words)} {_WHERE[o['position']][0]}")
+    return " and ".join(phrases)
 
 
 def _a(word: str) -> str:

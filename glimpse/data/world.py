@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from glimpse.data.tokenizer import train_tokenizer
@@ -86,3 +87,26 @@ def ensure_shapes(data_cfg, progress: bool = True) -> Path:
 
 def world_info(root: Path) -> dict:
     return json.loads((Path(root) / "world.json").read_text())
+
+
+@dataclass
+class WorldImage:
+    path: str
+    scene: list[dict]  # the objects, as the generator wrote them (size, colour, shape, position)
+    captions: list[str]
+
+
+def read_scenes(root: Path, split: str) -> list[WorldImage]:
+    """A shapes-world split's images, each with its scene and captions (from captions_{split}.json,
+    whose `images[i].scene` is the generator's record)."""
+    path = Path(root) / "annotations" / f"captions_{split}.json"
+    try:
+        coco = json.loads(path.read_text(encoding="utf-8"))
+        caps: dict[int, list[str]] = {}
+        for a in coco["annotations"]:
+            caps.setdefault(a["image_id"], []).append(a["caption"])
+        folder = Path(root) / "images" / split
+        return [WorldImage(str(folder / im["file_name"]), im["scene"], caps.get(im["id"], []))
+                for im in coco["images"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GlimpseError(f"cannot read the shapes-world scenes of {path}: {e!r}") from None

@@ -5,6 +5,10 @@ folder's `model_type` find theirs here.
     causal_lm      Llama, Qwen2, GPT-2: a language model pretrained on a data set's text
     vlm            LLaVA, Frozen: a vision tower read by a causal LM at <image> positions
     fusion         ALBEF: text attends to the image through fusion layers; ITC + ITM + MLM, or VQA
+    encoder_decoder  ViT + GPT-2 captioners (VisionEncoderDecoder): cross-attention in every decoder block
+    flamingo       a frozen LM reading images through gated cross-attention blocks; interleaved prompts
+    vq             image tokenizers: a VQ-VAE (diffusers' VQModel layout), images to code grids and back
+    text_to_image  DALL-E style: a MaskGIT or autoregressive prior over VQ codes, read from CLIP text states
 
 A new family is a subclass of `Family` decorated with `@register` (docs/adding-a-family.md).
 """
@@ -22,7 +26,7 @@ from glimpse.families.registry import (
 )
 
 # the built-in families register themselves on import
-from glimpse.families import causal_lm, dual_encoder, encoder_decoder, flamingo, fusion, vlm  # noqa: E402,F401  isort: skip
+from glimpse.families import causal_lm, dual_encoder, encoder_decoder, flamingo, fusion, text_to_image, vlm, vq  # noqa: E402,F401  isort: skip
 
 __all__ = ["Family", "HFBuild", "Loaded", "all_families", "get", "hf_pipeline", "recipe_transform",
            "init_from_hf", "init_part_from_hf", "load_hf", "names", "register"]

@@ -49,6 +49,7 @@ class Loaded:
 # line ask these, never which family made the pipeline.
 CHAT_METHODS = ("chat", "chat_prompt", "complete", "context_length", "tokenizer")  # /v1/chat/completions, ask, chat
 EMBED_METHODS = ("embed_texts", "embed_images")  # /v1/embeddings: one of them at least
+IMAGE_METHODS = ("generate_images", "image_size")  # /v1/images/generations: PIL images of image_size pixels square
 
 
 def can_chat(pipeline) -> bool:
@@ -59,11 +60,22 @@ def can_embed(pipeline) -> bool:
     return any(hasattr(pipeline, m) for m in EMBED_METHODS)
 
 
-def recipe_transform(recipe) -> ImageTransform:
-    """A recipe's image preprocessing: its vision tower's image size and its data set's pixel statistics."""
+def can_generate_images(pipeline) -> bool:
+    return all(hasattr(pipeline, m) for m in IMAGE_METHODS)
+
+
+def recipe_transform(recipe, vision=None) -> ImageTransform:
+    """A recipe's image preprocessing: its vision tower's image size (`vision`, or the model's) and its
+    data set's pixel statistics."""
     d = recipe.data
     stats = {k: tuple(v) for k, v in (("mean", d.image_mean), ("std", d.image_std)) if v is not None}
-    return ImageTransform(recipe.model.vision.image_size, **stats)
+    return ImageTransform((vision or recipe.model.vision).image_size, **stats)
+
+
+def vq_transform(cfg) -> ImageTransform:
+    """An image tokenizer's preprocessing (a VQConfig's): pixels in [-1, 1], as diffusers' and taming's
+    autoencoders take them."""
+    return ImageTransform(cfg.sample_size, mean=0.5, std=0.5)
 
 
 class Family:
@@ -74,6 +86,7 @@ class Family:
     train_options: ClassVar[frozenset[str]] = frozenset()
     data_formats: ClassVar[tuple[str, ...]] = ("coco", "csv", "wds")  # the data.format values it trains on
     hf_model_types: ClassVar[tuple[str, ...]] = ()  # the config.json model_type values it loads
+    hf_class_names: ClassVar[tuple[str, ...]] = ()  # diffusers folders: the config.json _class_name values it loads
 
     # -- before a run: the recipe ---------------------------------------------------------------
     @classmethod

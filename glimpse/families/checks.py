@@ -44,3 +44,16 @@ def check_decoder(m, key: str = "model") -> None:
         raise GlimpseError(f"recipe section {key}: {e}") from None
     check(m.layers >= 1, f"{key}.layers", m.layers, "must be at least 1")
     check(m.context_length >= 3, f"{key}.context_length", m.context_length, "must be at least 3")
+
+
+def check_vq(v, key: str) -> None:
+    """The VQ-VAE settings a recipe may get wrong, each named."""
+    check(len(v.block_out_channels) >= 1, f"{key}.block_out_channels", v.block_out_channels, "must name a block")
+    for c in v.block_out_channels:
+        check(c >= 1 and c % v.norm_num_groups == 0, f"{key}.block_out_channels", v.block_out_channels,
+              f"every width must be a positive multiple of norm_num_groups ({v.norm_num_groups})")
+    check(v.num_vq_embeddings >= 2, f"{key}.num_vq_embeddings", v.num_vq_embeddings, "must be at least 2")
+    check(v.latent_channels >= 1, f"{key}.latent_channels", v.latent_channels, "must be at least 1")
+    check(v.vq_embed_dim >= 0, f"{key}.vq_embed_dim", v.vq_embed_dim, "must be 0 (latent_channels) or more")
+    check(v.sample_size % v.downsample == 0, f"{key}.sample_size", v.sample_size,
+          f"must be a multiple of the downsampling factor {v.downsample}")

@@ -1,6 +1,7 @@
 """The family registry: families by name, and Hugging Face folders by the family that reads their
-`model_type`.  Loading a folder (a whole model, or one part for a recipe's `init_parts`) goes
-through here, so the loader, the trainer and the CLI hold no list of families."""
+`model_type` (diffusers' folders: their `_class_name`).  Loading a folder (a whole model, or one part
+for a recipe's `init_parts`) goes through here, so the loader, the trainer and the CLI hold no list
+of families."""
 
 from __future__ import annotations
 
@@ -45,9 +46,14 @@ def all_families() -> list[type[Family]]:
 
 def hf_family(folder: Path, config: dict) -> type[Family]:
     mt = config.get("model_type", "")
+    # a diffusers folder has no model_type: its config.json names the class (a family's `hf_class_names`)
+    cls_name = "" if mt else config.get("_class_name", "")
     for fam in _FAMILIES.values():
-        if mt in fam.hf_model_types:
+        if mt in fam.hf_model_types or (cls_name and cls_name in fam.hf_class_names):
             return fam
+    if cls_name:
+        known = ", ".join(c for fam in _FAMILIES.values() for c in fam.hf_class_names)
+        raise GlimpseError(f"{folder}: _class_name {cls_name!r} is not one glimpse loads ({known})")
     known = ", ".join(t for fam in _FAMILIES.values() for t in fam.hf_model_types)
     raise GlimpseError(f"{folder}: model_type {mt!r} is not one glimpse loads ({known})")
 

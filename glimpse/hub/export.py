@@ -83,8 +83,12 @@ def check_destination(dst: str | Path, dtype: str) -> Path:
 
 
 def write_folder(folder: HFFolder, dst: str | Path, dtype: str = "fp32") -> Path:
+    """`folder` is an HFFolder (a transformers folder), or any object with `write(tmp, dtype)` that writes
+    its own files (a diffusers folder: no tokenizer); either way into a temporary folder renamed when complete."""
     dst = check_destination(dst, dtype)
     cast = torch_dtype(dtype)
+    if not isinstance(folder, HFFolder):
+        return _atomically(dst, lambda tmp: folder.write(tmp, cast))
     tensors = {k: v.to(cast) for k, v in to_hf(folder.state_dict, folder.rules).items()}
     config = {**folder.config, "dtype": str(cast).removeprefix("torch.")}  # float32, bfloat16, float16
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": folder.model_max_length,
@@ -108,6 +112,18 @@ def write_folder(folder: HFFolder, dst: str | Path, dtype: str = "fp32") -> Path
         (tmp / "chat_template.jinja").write_text(folder.chat_template)
     for name, content in files.items():
         (tmp / name).write_text(json.dumps(content, indent=2))
+    if dst.exists():
+        dst.rmdir()
+    tmp.rename(dst)
+    return dst
+
+
+def _atomically(dst: Path, fill) -> Path:
+    """`fill(tmp)` writes the folder's files into a temporary folder beside `dst`, renamed into place after."""
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
     if dst.exists():
         dst.rmdir()
     tmp.rename(dst)

@@ -3,7 +3,8 @@ chat template, image preprocessing and sentence-transformers pooling.  Nothing h
 the families read what they need through these (glimpse/families/*/hf.py).
 
 A folder is recognised by its config.json (a glimpse run has a recipe.yaml instead).  Weights
-come from model.safetensors or the shards of model.safetensors.index.json; the tokenizer from
+come from model.safetensors or the shards of model.safetensors.index.json (diffusers' folders:
+diffusion_pytorch_model.safetensors and its index); the tokenizer from
 tokenizer.json, the chat template from tokenizer_config.json's `chat_template` (or
 chat_template.jinja / chat_template.json), image preprocessing from preprocessor_config.json.
 """
@@ -23,6 +24,7 @@ from glimpse.data.tokenizer import NoTokenizer, Tokenizer
 from glimpse.errors import GlimpseError
 
 TOKENIZER = "tokenizer.json"
+WEIGHTS = ("model.safetensors", "diffusion_pytorch_model.safetensors")  # transformers', diffusers' (VQModel)
 # config.json keys that count something (sizes, layers, heads, tokens): whole numbers of at least 1
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
              "head_dim", "vocab_size", "max_position_embeddings", "image_size", "patch_size", "num_channels",
@@ -102,22 +104,23 @@ def check_sizes(config: dict, where: str, prefix: str = "") -> None:
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder: model.safetensors, or the shards its index names (shapes only, inside
-    `shapes_only()`)."""
+    """All tensors of a folder: model.safetensors (diffusers': diffusion_pytorch_model.safetensors), or the
+    shards its index names (shapes only, inside `shapes_only()`)."""
     from safetensors import SafetensorError
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
+    index = next((folder / f"{w}.index.json" for w in WEIGHTS if (folder / f"{w}.index.json").is_file()), None)
+    single = next((w for w in WEIGHTS if (folder / w).is_file()), None)
+    if index is not None:
         files = sorted(set(read_json(index).get("weight_map", {}).values()))
         if not files:
             raise GlimpseError(f"{index} names no shards")
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+    elif single is not None:
+        files = [single]
     else:
         if any(folder.glob("*.bin")):
             raise GlimpseError(f"{folder} holds only pickled .bin weights; glimpse reads safetensors "
                                "(convert them with transformers' save_pretrained(safe_serialization=True))")
-        raise GlimpseError(f"{folder} has no model.safetensors (nor a sharded index)")
+        raise GlimpseError(f"{folder} has no model.safetensors (nor {WEIGHTS[1]}, nor a sharded index)")
     out: dict[str, torch.Tensor] = {}
     for f in files:
         try:

@@ -72,6 +72,9 @@ class DecoderConfig:
     # a cross-attention sub-layer in every block, between self-attention and the MLP, reading a memory
     # of this width (GPT-2's add_cross_attention; the encoder-decoder captioner)
     cross_attention: bool = False
+    # every position attends to every other (a masked-token model such as MaskGIT's prior): the same
+    # blocks, no causal mask, no KV cache
+    bidirectional: bool = False
 
     def resolved(self) -> DecoderConfig:
         """A copy with the 0/"" defaults filled in, checked."""
@@ -342,6 +345,10 @@ class CausalLM(nn.Module):
             position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
         if attention_mask is not None and attention_mask.ndim == 4:  # a ready bool mask [B, 1, T, S]
             mask, causal = attention_mask, False
+        elif self.cfg.bidirectional:
+            if cache is not None:
+                raise ValueError("a bidirectional decoder has no KV cache")
+            mask, causal = None if attention_mask is None else attention_mask.bool()[:, None, None, :], False
         else:
             mask, causal = attention_mask_for(attention_mask, T, past, x.device)
         rope_cs = None

@@ -77,7 +77,10 @@ class TextTransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled text representation [B, D]."""
-        x = self.forward_features(input_ids, attention_mask)
+        return self.pool(self.forward_features(input_ids, attention_mask), input_ids, attention_mask)
+
+    def pool(self, x: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled representation [B, D] of token states x [B, T, D] (forward_features')."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self.cfg.pool == "cls":

@@ -1,0 +1,107 @@
+"""Sampling code grids from a prior, with classifier-free guidance, and re-ranking by CLIP.
+
+Guidance runs the conditional and the unconditional rows as one batch and mixes their logits,
+u + g (c - u) (Ho & Salimans; Muse applies it to token logits the same way).
+
+MaskGIT (Chang et al. 2022; google-research/maskgit `maskgit/libml/parallel_decode.py`): start with
+every code masked; at step t of S, sample every masked position, keep the most confident samples and
+mask the rest again, so that cos(pi/2 * t/S) of the grid is still masked after step t.  Confidence is
+the sampled code's log-probability plus Gumbel noise scaled by `choice_temperature * (1 - t/S)`.
+
+Autoregressive: the start token, then one code after another, keys and values kept in a KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from glimpse.families.text_to_image.model import TextToImage
+
+
+def _guided(logits: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Rows [cond; uncond] -> the guided logits of the cond half."""
+    if guidance == 1.0:
+        return logits[: len(logits) // 2]
+    cond, uncond = logits.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    return flat.view(probs.shape[:-1])
+
+
+def _both(memory: torch.Tensor, memory_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory twice over: conditional rows, then the same rows reading only the null slot."""
+    uncond = torch.zeros_like(memory_mask)
+    uncond[..., 0] = True
+    return torch.cat([memory, memory]), torch.cat([memory_mask, uncond])
+
+
+@torch.no_grad()
+def sample_maskgit(model: TextToImage, memory: torch.Tensor, memory_mask: torch.Tensor, *, steps: int,
+                   guidance: float, temperature: float, choice_temperature: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Code grids [B, N] for text memories [B, S, D]."""
+    cfg = model.cfg
+    B, N, mask_id = memory.shape[0], cfg.grid ** 2, cfg.special_id
+    memory, memory_mask = _both(memory, memory_mask)
+    tokens = torch.full((B, N), mask_id, dtype=torch.long, device=memory.device)
+    for t in range(steps):
+        logits = _guided(model(torch.cat([tokens, tokens]), memory, memory_mask), guidance)  # [B, N, K]
+        unknown = tokens == mask_id
+        sampled = torch.where(unknown, _sample(logits, temperature, generator), tokens)
+        ratio = (t + 1) / steps
+        # how many stay masked after this step: cos(pi/2 * ratio) of the grid, at least one fewer than now
+        # is masked (progress every step), none after the last
+        n_masked = unknown.sum(1, keepdim=True)
+        keep_masked = torch.clamp(torch.full_like(n_masked, math.floor(N * math.cos(math.pi / 2 * ratio))),
+                                  max=n_masked - 1).clamp(min=0)
+        if t == steps - 1:
+            keep_masked.zero_()
+        logp = F.log_softmax(logits.float(), -1).gather(-1, sampled[..., None])[..., 0]
+        u = torch.rand(logp.shape, generator=generator, device=logp.device).clamp(1e-20, 1.0)
+        confidence = logp + choice_temperature * (1 - ratio) * -torch.log(-torch.log(u))
+        confidence = confidence.masked_fill(~unknown, math.inf)  # codes already chosen stay
+        order = confidence.argsort(1)  # least confident first
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(B, N))
+        tokens = torch.where(rank < keep_masked, torch.full_like(sampled, mask_id), sampled)
+    return tokens
+
+
+@torch.no_grad()
+def sample_autoregressive(model: TextToImage, memory: torch.Tensor, memory_mask: torch.Tensor, *,
+                          guidance: float, temperature: float,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """Code grids [B, N], one code after another with a KV cache."""
+    cfg = model.cfg
+    B, N = memory.shape[0], cfg.grid ** 2
+    memory, memory_mask = _both(memory, memory_mask)
+    cache = model.prior.new_cache(2 * B, N + 1)
+    step = torch.full((2 * B, 1), cfg.special_id, dtype=torch.long, device=memory.device)
+    out = []
+    for i in range(N):  # the start token reads the text; later steps reuse its keys and mask from the cache
+        text = {"memory": memory, "memory_mask": memory_mask} if i == 0 else {}
+        logits = model.prior(step, cache=cache, **text)[:, -1, : cfg.codes]
+        code = _sample(_guided(logits, guidance), temperature, generator)  # [B]
+        out.append(code)
+        step = torch.cat([code, code])[:, None]
+    return torch.stack(out, 1)
+
+
+@torch.no_grad()
+def generate_codes(model: TextToImage, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, steps: int,
+                   guidance: float, temperature: float, choice_temperature: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    memory, memory_mask = model.text_memory(input_ids, attention_mask)
+    if model.cfg.kind == "maskgit":
+        return sample_maskgit(model, memory, memory_mask, steps=steps, guidance=guidance, temperature=temperature,
+                              choice_temperature=choice_temperature, generator=generator)
+    return sample_autoregressive(model, memory, memory_mask, guidance=guidance, temperature=temperature,
+                                 generator=generator)

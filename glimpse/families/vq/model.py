@@ -1,0 +1,102 @@
+"""The image tokenizer being trained: a VQ-VAE (glimpse/models/vq.py) with the state its training
+tricks keep, and those tricks.
+
+- k-means initialisation: before the first step the codebook is set to k-means centres of the
+  encoder's outputs on training images, so every code starts where the data is.
+- Dead-code restart: a code no batch has chosen for `restart_after` steps is moved onto the latent
+  its batch quantises worst (deterministic, so a resumed run restarts the same codes).
+Both keep the codebook in use (codebook collapse: lucidrains/vector-quantize-pytorch#170,
+bytedance/1d-tokenizer#27).  Their state lives in buffers, saved with the weights, so resuming is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glimpse.models.vq import VQConfig, VQModel
+
+
+@dataclass
+class VQTokenizerConfig:
+    vq: VQConfig = field(default_factory=VQConfig)
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    kmeans_init: bool = True
+    kmeans_images: int = 1024  # training images whose latents the k-means sees
+    kmeans_iters: int = 20
+    restart_after: int = 50  # steps a code may go unchosen before it is restarted (0: never)
+
+
+class VQTokenizer(nn.Module):
+    def __init__(self, cfg: VQTokenizerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vq = VQModel(cfg.vq)
+        K = cfg.vq.num_vq_embeddings
+        self.register_buffer("idle_steps", torch.zeros(K, dtype=torch.long))  # steps since each code was chosen
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))  # k-means done
+        self.register_buffer("restarts", torch.zeros((), dtype=torch.long))  # codes restarted so far
+
+    @torch.no_grad()
+    def kmeans_init(self, latents: torch.Tensor, seed: int = 0) -> None:
+        """Codebook := k-means centres of latent vectors [N, C]: Lloyd's algorithm started from k-means++
+        seeds (Arthur & Vassilvitskii 2007: each next seed drawn with probability proportional to its
+        squared distance from the seeds so far), which a plain random start is not: it can leave two
+        codes in one cluster and none in another, for good."""
+        K, iters = self.cfg.vq.num_vq_embeddings, self.cfg.kmeans_iters
+        x = latents.float()
+        g = torch.Generator().manual_seed(seed)
+        centres = x.new_empty(K, x.shape[1])
+        centres[0] = x[torch.randint(len(x), (1,), generator=g)]
+        nearest = (x - centres[0]).pow(2).sum(1)
+        for k in range(1, K):
+            weights = nearest if nearest.sum() > 0 else torch.ones_like(nearest)  # all points taken: uniform
+            centres[k] = x[torch.multinomial(weights, 1, generator=g)]
+            nearest = torch.minimum(nearest, (x - centres[k]).pow(2).sum(1))
+        for _ in range(iters):
+            assign = torch.cdist(x, centres).argmin(1)
+            sums = torch.zeros_like(centres).index_add_(0, assign, x)
+            counts = torch.bincount(assign, minlength=K).to(x.dtype)
+            moved = counts > 0
+            centres[moved] = sums[moved] / counts[moved, None]
+        self.vq.quantize.embedding.weight.copy_(centres)
+        self.initialised.fill_(True)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, z: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Count this batch's choices; move codes idle for `restart_after` steps onto the batch's worst-
+        quantised latents.  Returns the indices, recomputed when codes moved."""
+        after = self.cfg.restart_after
+        K = self.cfg.vq.num_vq_embeddings
+        used = torch.bincount(indices.reshape(-1), minlength=K) > 0
+        self.idle_steps.add_(1).masked_fill_(used, 0)
+        dead = (self.idle_steps >= after).nonzero().flatten() if after > 0 else indices.new_zeros(0)
+        if len(dead) == 0:
+            return indices
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        codes = self.vq.quantize.embedding.weight
+        error = (flat - codes[indices.reshape(-1)]).pow(2).sum(1)
+        worst = error.argsort(descending=True)[: len(dead)]
+        worst = worst.repeat(len(dead) // len(worst) + 1)[: len(dead)]
+        codes[dead] = flat[worst].to(codes.dtype)
+        self.idle_steps[dead] = 0
+        self.restarts.add_(len(dead))
+        return self.vq.quantize.indices(z)
+
+    def loss(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L1 + L2 reconstruction plus the VQ loss (legacy=False), dead codes restarted first in training."""
+        z = self.vq.encode(pixels)
+        indices = self.vq.quantize.indices(z.detach())
+        if self.training:
+            indices = self.restart_dead_codes(z.detach(), indices)
+        z_q, vq_loss, _ = self.vq.quantize_latents(z, indices)
+        recon = self.vq.decode_latents(z_q)
+        c = self.cfg
+        return c.l1_weight * F.l1_loss(recon, pixels) + c.l2_weight * F.mse_loss(recon, pixels) + vq_loss
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.loss(pixels)
