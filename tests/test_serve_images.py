@@ -14,7 +14,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import schemathesis
 from conftest import LiveServer
+from hypothesis import HealthCheck, settings
 from PIL import Image
 from test_serve import Blocker, wait_for
 from test_serve_web import CHROMIUM, FLAGS
@@ -198,3 +200,25 @@ def test_the_page_shows_the_images_of_a_prompt(server, client, tmp_path):
         page.screenshot(path=str(tmp_path / "web_images.png"), full_page=True)
         print(f"screenshot: {tmp_path / 'web_images.png'}")
         browser.close()
+
+
+
+@pytest.fixture(scope="module")
+def images_schema(t2i):
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(t2i, MODEL))
+    schema.config.generation.update(modes=[schemathesis.GenerationMode.POSITIVE,
+                                           schemathesis.GenerationMode.NEGATIVE], deterministic=True)
+    return schema
+
+
+@schemathesis.pytest.from_fixture("images_schema").include(path="/v1/images/generations").parametrize()
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_no_image_request_gets_a_5xx(case):
+    """Requests generated from the server's own schema, valid and broken in every field (as test_serve_fuzz
+    does for chat): PNGs of the model's size or a 4xx OpenAI error, never a 5xx."""
+    response = case.call()
+    assert response.status_code < 500, (case.body, response.text)
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    else:
+        assert all(pixels(d["b64_json"]).shape == (32, 32, 3) for d in response.json()["data"])

@@ -5,6 +5,7 @@
     GET  /v1/models             the one model served
     POST /v1/chat/completions   vision-language models; `stream: true` as server-sent events
     POST /v1/embeddings         dual encoders; texts, and images as data: URLs (an extension)
+    POST /v1/images/generations text-to-image models; PNGs as b64_json, `seed` an extension
 
 Every error is OpenAI's body {"error": {"message", "type", "param", "code"}} with a 4xx status for
 anything the client can fix.  Messages never carry a traceback or server internals: requests are
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import io
 import json
 import threading
 import time
@@ -35,10 +37,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from glimpse.data.images import ImageError, load_image
 from glimpse.data.messages import decode_data_url
 from glimpse.errors import GlimpseError
-from glimpse.families.base import can_chat, can_embed
+from glimpse.families.base import can_chat, can_embed, can_generate_images
 from glimpse.infer.generate import TextStream
 from glimpse.serve.engine import Engine, Job, QueueFull
-from glimpse.serve.schemas import ChatCompletionRequest, EmbeddingRequest
+from glimpse.serve.schemas import ChatCompletionRequest, EmbeddingRequest, ImageGenerationRequest
 
 PAGE = Path(__file__).with_name("chat.html")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # the Host names a loopback server answers to
@@ -158,7 +160,8 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     allow http(s) image URLs from its allowlisted hosts (None: only data: URLs); `api_key` and
     `allowed_hosts` say who may ask (Gate)."""
     limits = limits or ServerLimits()
-    chats, embeds = can_chat(pipeline), can_embed(pipeline)  # by the pipeline's methods (glimpse.families.base)
+    # what the model does, by the pipeline's methods (glimpse.families.base)
+    chats, embeds, draws = can_chat(pipeline), can_embed(pipeline), can_generate_images(pipeline)
     engine = Engine(pipeline, max_batch=limits.max_batch, max_pending=limits.max_pending)
     decoding = threading.BoundedSemaphore(limits.max_decoding)
     transform = getattr(pipeline, "transform", None)  # the model's input size, to shrink images to
@@ -275,6 +278,13 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
         except GlimpseError as e:
             raise APIError(400, str(e), param="messages") from None
 
+    def unable(what: str) -> APIError:
+        """The 400 of an endpoint the model cannot answer, saying where it is answered."""
+        where = [route for route, can in (("/v1/chat/completions", chats), ("/v1/embeddings", embeds),
+                                          ("/v1/images/generations", draws)) if can]
+        hint = f"; use {' or '.join(where)}" if where else ""
+        return APIError(400, f"{model_name} {what}{hint}", param="model", code="unsupported_model")
+
     def busy() -> APIError:
         return APIError(429, "the server is busy: too many requests in flight; retry later",
                         type="rate_limit_error", code="rate_limit_exceeded",
@@ -292,8 +302,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
 
     @app.get("/v1/models")
     async def models():
-        can = (["chat"] if chats else []) + \
-            (["embeddings"] if embeds else [])
+        can = (["chat"] if chats else []) + (["embeddings"] if embeds else []) + (["images"] if draws else [])
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "glimpse", "capabilities": can}]}
 
@@ -301,7 +310,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         if not chats:
-            raise APIError(400, f"{model_name} is not a vision-language chat model", param="model")
+            raise unable("is not a vision-language chat model")
         if body.n > limits.max_batch:  # a request's choices decode together, in one batch
             raise APIError(400, f"n ({body.n}) is over this server's batch of {limits.max_batch} rows", param="n")
         texts = []
@@ -365,7 +374,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     async def embeddings(body: EmbeddingRequest, request: Request):
         check_model(body.model)
         if not embeds:
-            raise APIError(400, f"{model_name} has no embeddings (it embeds neither texts nor images)", param="model")
+            raise unable("has no embeddings (it embeds neither texts nor images)")
         inputs = body.inputs()
         kinds = ["images" if x.startswith("data:image/") else "texts" for x in inputs]
         for i, kind in enumerate(kinds):
@@ -426,11 +435,69 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
         return {"object": "list", "data": data, "model": model_name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
+    @app.post("/v1/images/generations")
+    async def images_generations(body: ImageGenerationRequest, request: Request):
+        check_model(body.model)
+        if not draws:
+            raise unable("does not generate images")
+        side = pipeline.image_size
+        if body.size not in (None, "auto", f"{side}x{side}"):
+            raise APIError(400, f"size {body.size!r} is not supported: this model generates {side}x{side} images "
+                           f"(size \"{side}x{side}\" or \"auto\")", param="size", code="invalid_value")
+        if body.response_format == "url":
+            raise APIError(400, "response_format \"url\" is not supported: this server returns b64_json only",
+                           param="response_format", code="invalid_value")
+        if body.stream:
+            raise APIError(400, "stream is not supported: the images come whole", param="stream",
+                           code="invalid_value")
+        if not body.prompt.strip():
+            raise APIError(400, "the prompt is blank", param="prompt", code="invalid_value")
+        n = body.n or 1
+        try:
+            engine.reserve()  # the slot is taken here, so a burst is refused with a 429
+        except QueueFull:
+            raise busy() from None
+        loop, done = asyncio.get_running_loop(), asyncio.Queue()
+
+        def draw():
+            """In the worker, the PNGs encoded there too (never on the event loop); a job whose client left
+            before it started does nothing."""
+            if job.cancelled.is_set():
+                return None
+            out = []
+            for image in pipeline.generate_images(body.prompt, n=n, seed=body.seed):
+                buf = io.BytesIO()
+                image.save(buf, "PNG")
+                out.append(base64.b64encode(buf.getvalue()).decode())
+            return out
+
+        job = Job(on_done=lambda r, e: loop.call_soon_threadsafe(done.put_nowait, ("done", r, e)), call=draw)
+        engine.submit(job, reserved=True)
+        try:
+            event = await _answer_or_disconnect(request, done)
+        except asyncio.CancelledError:  # the server is shutting down
+            engine.cancel(job)
+            raise
+        if event is None:  # the client left: a job not yet started leaves the queue (one started runs out)
+            engine.cancel(job)
+            return error_response(499, "the client closed the request", code="client_closed_request")
+        _, pngs, error = event
+        if isinstance(error, GlimpseError):  # the pipeline refused the request: its first line, as a 400
+            raise APIError(400, (str(error).strip().splitlines() or ["the model refused the request"])[0])
+        if error is not None:
+            raise error
+        return {"created": int(time.time()), "data": [{"b64_json": p, "revised_prompt": None} for p in pngs]}
+
     def openapi():  # the schema names the one model served (requests naming another get a 404)
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
-            for name in ("ChatCompletionRequest", "EmbeddingRequest"):
+            for name in ("ChatCompletionRequest", "EmbeddingRequest", "ImageGenerationRequest"):
                 schema["components"]["schemas"][name]["properties"]["model"]["enum"] = [model_name]
+            if draws:  # and the one image size it generates
+                side = pipeline.image_size
+                schema["components"]["schemas"]["ImageGenerationRequest"]["properties"]["size"] = {
+                    "anyOf": [{"type": "string", "enum": [f"{side}x{side}", "auto"]}, {"type": "null"}],
+                    "title": "Size"}
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -13,6 +13,8 @@ MAX_CHOICES = 8
 MAX_MESSAGES = 64
 MAX_TEXT = 100_000  # characters in one text part / message string
 MAX_EMBED_INPUTS = 256
+MAX_IMAGE_PROMPT = 1000  # characters of an image prompt (a text-to-image pipeline's own limit)
+MAX_GENERATED_IMAGES = 8  # images per /v1/images/generations request
 
 
 class _Body(BaseModel):
@@ -78,3 +80,20 @@ class EmbeddingRequest(_Body):
 
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+Option = Annotated[str, Field(max_length=64)]
+
+
+class ImageGenerationRequest(_Body):
+    model: str
+    prompt: str = Field(min_length=1, max_length=MAX_IMAGE_PROMPT)
+    n: int | None = Field(1, ge=1, le=MAX_GENERATED_IMAGES)  # null: 1, as OpenAI
+    size: Option | None = None  # "SxS" for the model's image size S, or "auto" (checked against the model)
+    response_format: Literal["b64_json", "url"] | None = None  # b64_json; url is refused with a reason
+    output_format: Literal["png"] | None = None  # the images are PNGs
+    stream: bool | None = None  # refused when true: images come whole
+    quality: Option | None = None  # accepted and ignored
+    style: Option | None = None  # accepted and ignored
+    user: Annotated[str, Field(max_length=256)] | None = None  # accepted and ignored
+    seed: int = Field(0, ge=0, le=2**63 - 1)  # a glimpse extension: the same seed, the same images
