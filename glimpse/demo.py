@@ -37,6 +37,18 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _start(out) -> tuple[float, Path, float]:
+    """(start time, the demo's folder made ready, the machine's matmul rate, printed: times hold only for
+    the machine they were measured on)."""
+    t0 = time.time()
+    out = Path(out)
+    _prepare_out(out)
+    (out / MARKER).write_text(json.dumps({"started": t0}))
+    gflops = matmul_gflops()
+    print(f"this machine: fp32 matmul {gflops:.0f} GFLOP/s (2048 x 2048, best of 3), {torch.get_num_threads()} threads")
+    return t0, out, gflops
+
+
 def _img_tag(path, size: int = 96, title: str = "", cls: str = "") -> str:
     from PIL import Image
 
@@ -110,13 +122,7 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
     from glimpse.index import ImageIndex, build_index
     from glimpse.train.trainer import data_root, train
 
-    t0 = time.time()
-    out = Path(out)
-    _prepare_out(out)
-    (out / MARKER).write_text(json.dumps({"started": t0}))
-    # times hold only for the machine they were measured on: say how fast this one is
-    gflops = matmul_gflops()
-    print(f"this machine: fp32 matmul {gflops:.0f} GFLOP/s (2048 x 2048, best of 3), {torch.get_num_threads()} threads")
+    t0, out, gflops = _start(out)
 
     sets = _split_overrides(overrides or [])
     recipe = load_recipe("shapes-clip-demo", sets["clip"])
@@ -295,12 +301,7 @@ def run_t2i_demo(out: str | Path = "runs/demo-t2i", progress: bool = True, overr
     from glimpse.data.world import read_scenes
     from glimpse.train.trainer import data_root, train
 
-    t0 = time.time()
-    out = Path(out)
-    _prepare_out(out)
-    (out / MARKER).write_text(json.dumps({"started": t0}))
-    gflops = matmul_gflops()
-    print(f"this machine: fp32 matmul {gflops:.0f} GFLOP/s (2048 x 2048, best of 3), {torch.get_num_threads()} threads")
+    t0, out, gflops = _start(out)
     sets: dict[str, list[str]] = {"clip": [], "vq": [], "t2i": []}
     for item in overrides or []:  # --set vq.KEY=V, t2i.KEY=V; plain KEY=V goes to the dual encoder
         head, _, rest = item.partition(".")

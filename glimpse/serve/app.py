@@ -290,6 +290,25 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
                         type="rate_limit_error", code="rate_limit_exceeded",
                         headers={"Retry-After": str(limits.retry_after_s)})
 
+    async def in_worker(call, request: Request):
+        """Run `call(job)` in the model worker for a request whose slot is reserved: (result, error), or a
+        499 response when the client leaves first (the job is cancelled: one not started leaves the
+        queue; `call` looks at `job.cancelled` to stop early)."""
+        loop, done = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(on_done=lambda r, e: loop.call_soon_threadsafe(done.put_nowait, ("done", r, e)))
+        job.call = lambda: call(job)
+        engine.submit(job, reserved=True)
+        try:
+            event = await _answer_or_disconnect(request, done)
+        except asyncio.CancelledError:  # the server is shutting down
+            engine.cancel(job)
+            raise
+        if event is None:
+            engine.cancel(job)
+            return None, error_response(499, "the client closed the request", code="client_closed_request")
+        _, result, error = event
+        return result, error
+
     # -- routes ----------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -396,9 +415,8 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
             return images
 
         images = await reserved(prepare)()
-        loop, done = asyncio.get_running_loop(), asyncio.Queue()
 
-        def embed():
+        def embed(job):
             """In the worker, a chunk at a time, so that a request whose client left stops early; the
             tokens are counted here too, never on the event loop."""
             out = [None] * len(inputs)
@@ -412,17 +430,9 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
                         out[i] = e
             return out, sum(len(pipeline.tokenizer.encode(inputs[i])) for i in texts)
 
-        job = Job(on_done=lambda r, e: loop.call_soon_threadsafe(done.put_nowait, ("done", r, e)), call=embed)
-        engine.submit(job, reserved=True)
-        try:
-            event = await _answer_or_disconnect(request, done)
-        except asyncio.CancelledError:  # the server is shutting down
-            engine.cancel(job)
-            raise
-        if event is None:  # the client left: the worker stops at its next chunk
-            engine.cancel(job)
-            return error_response(499, "the client closed the request", code="client_closed_request")
-        _, result, error = event
+        result, error = await in_worker(embed, request)  # a client that leaves stops it at its next chunk
+        if isinstance(error, JSONResponse):
+            return error
         if error is not None:
             raise worker_error(error)
         vectors, tokens = result
@@ -457,9 +467,8 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
             engine.reserve()  # the slot is taken here, so a burst is refused with a 429
         except QueueFull:
             raise busy() from None
-        loop, done = asyncio.get_running_loop(), asyncio.Queue()
 
-        def draw():
+        def draw(job):
             """In the worker, the PNGs encoded there too (never on the event loop); a job whose client left
             before it started does nothing."""
             if job.cancelled.is_set():
@@ -471,17 +480,9 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
                 out.append(base64.b64encode(buf.getvalue()).decode())
             return out
 
-        job = Job(on_done=lambda r, e: loop.call_soon_threadsafe(done.put_nowait, ("done", r, e)), call=draw)
-        engine.submit(job, reserved=True)
-        try:
-            event = await _answer_or_disconnect(request, done)
-        except asyncio.CancelledError:  # the server is shutting down
-            engine.cancel(job)
-            raise
-        if event is None:  # the client left: a job not yet started leaves the queue (one started runs out)
-            engine.cancel(job)
-            return error_response(499, "the client closed the request", code="client_closed_request")
-        _, pngs, error = event
+        pngs, error = await in_worker(draw, request)  # a client that leaves: one not started is dropped
+        if isinstance(error, JSONResponse):
+            return error
         if isinstance(error, GlimpseError):  # the pipeline refused the request: its first line, as a 400
             raise APIError(400, (str(error).strip().splitlines() or ["the model refused the request"])[0])
         if error is not None:
