@@ -317,6 +317,7 @@ def run_t2i_demo(out: str | Path = "runs/demo-t2i", progress: bool = True, overr
     t2i_recipe = load_recipe("shapes-t2i-demo", sets["t2i"])
     t2i_recipe.data = same_world(t2i_recipe.data, clip_recipe.data)
     t2i_recipe.init_parts = {"clip": str(out / "clip"), "vq": str(out / "vq")}
+    t2i_recipe.model.clip, t2i_recipe.model.vq = clip_recipe.model, vq_recipe.model.vq  # the parts as trained
     results = train(t2i_recipe, out / "t2i", progress=progress)
     print(f"[3/3] trained the prior and evaluated ({time.time() - t0:.0f} s)\n")
 

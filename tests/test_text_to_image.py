@@ -206,3 +206,21 @@ def test_recipe_checks_name_the_key(world, tiny_run, tiny_vq_run, tmp_path):
         with pytest.raises(GlimpseError, match=words):
             recipe = load_recipe("shapes-t2i", tiny_t2i_overrides(world, tiny_run, tiny_vq_run, **{key: value}))
             train(recipe, tmp_path / key, progress=False)
+
+
+def test_demo_t2i_writes_a_report(world, tmp_path, capsys):
+    from conftest import tiny_overrides, tiny_vq_overrides
+
+    from glimpse.cli import main
+
+    clip = tiny_overrides(world, **{"train.max_steps": 3, "eval.splits": "[test]", "eval.during_train": "[]"})
+    vq = tiny_vq_overrides(world, **{"train.max_steps": 2, "eval.splits": "[test]"})
+    t2i = [o for o in tiny_t2i_overrides(world, "unused", "unused", **{"train.max_steps": 2, "eval.splits": "[test]",
+                                                                    "eval.vqa_limit": 4})
+           if not o.startswith(("init_parts", "data."))]
+    main(["--quiet", "demo", "t2i", "--out", str(tmp_path / "demo"),
+          *[f"--set={o}" for o in clip], *[f"--set=vq.{o}" for o in vq], *[f"--set=t2i.{o}" for o in t2i]])
+    out = capsys.readouterr().out
+    assert "test/exact_1" in out and "GFLOP/s" in out and "glimpse generate" in out
+    report = (tmp_path / "demo" / "report.html").read_text()
+    assert report.count("<img") == 2 * 6 * 5 and "novel combination" in report and "src=\"http" not in report
