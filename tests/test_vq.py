@@ -223,3 +223,20 @@ def test_tiny_run_trains_evaluates_and_reconstructs(tiny_vq_run, world):
     out = pipe.reconstruct([path])
     assert len(out) == 1 and isinstance(out[0], Image.Image) and out[0].size == Image.open(path).size == (32, 32)
     assert pipe.tokens([path]).shape == (1, 4, 4)
+
+
+def test_foreground_weight_weighs_saturated_pixels():
+    tok = VQTokenizer(VQTokenizerConfig(vq=VQConfig(block_out_channels=[8], norm_num_groups=8, latent_channels=2,
+                                                    num_vq_embeddings=4, sample_size=4),
+                                        foreground_weight=3.0, restart_after=0)).eval()
+    pixels = torch.full((1, 3, 4, 4), 0.8)
+    pixels[0, :, 0, 0] = torch.tensor([1.0, -1.0, -1.0])  # one saturated pixel: saturation (1 - -1) / 2 = 1
+    with torch.no_grad():
+        z = tok.vq.encode(pixels)
+        z_q, vq_loss, _ = tok.vq.quantize_latents(z)
+        err = tok.vq.decode_latents(z_q) - pixels
+        weight = torch.ones(1, 1, 4, 4)
+        weight[0, 0, 0, 0] = 4.0
+        weight = weight / weight.mean()
+        expected = (err * weight).abs().mean() + (err * weight).pow(2).mean() + vq_loss
+        torch.testing.assert_close(tok.loss(pixels), expected)

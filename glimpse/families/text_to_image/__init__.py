@@ -112,7 +112,8 @@ class TextToImageFamily(Family):
     def evaluate(self, model: TextToImage, splits: list[str]) -> dict[str, float]:
         model.eval()
         e = self.recipe.eval
-        return evaluate_text_to_image(self.pipeline(model), self.root, splits, e.vqa_limit, self.recipe.model.rerank,
+        m = self.recipe.model
+        return evaluate_text_to_image(self.pipeline(model), self.root, splits, e.vqa_limit, m.rerank, m.rerank_prompts,
                                       self.recipe.train.seed, self.recipe.data.max_pixels)
 
 

@@ -2,7 +2,7 @@
 
 The prompts are the split's images' first captions (each names every object: size, colour, shape,
 place).  Images are generated once per prompt (`*_1`: one sample) and once as the best of
-`eval.rerank` samples by CLIP (`*_rerank`).  Each figure is given for both, because the re-ranker and
+`model.rerank` samples by CLIP (`*_rerank`, over the first `model.rerank_prompts` prompts: `n_rerank`).  Each figure is given for both, because the re-ranker and
 the CLIP judge are the same model (Park et al. warn that this flatters the CLIP figures; the scene
 parser is an independent judge).
 
@@ -72,8 +72,8 @@ def _novel_found(parses, scenes) -> float:
     return found / total if total else float("nan")
 
 
-def evaluate_text_to_image(pipe, root: Path, splits: list[str], limit: int, rerank: int, seed: int = 0,
-                           max_pixels: int = 40_000_000) -> dict[str, float]:
+def evaluate_text_to_image(pipe, root: Path, splits: list[str], limit: int, rerank: int, rerank_prompts: int = 0,
+                           seed: int = 0, max_pixels: int = 40_000_000) -> dict[str, float]:
     results: dict[str, float] = {}
     for split in splits:
         scenes = read_scenes(root, split)
@@ -101,16 +101,20 @@ def evaluate_text_to_image(pipe, root: Path, splits: list[str], limit: int, rera
         for tag, candidates in (("1", 1), ("rerank", rerank)):
             if candidates < 2 and tag == "rerank":
                 continue
-            images = pipe.generate_arrays(prompts, 1, seed, candidates=candidates)[:, 0]
+            # best-of-N costs N samples a prompt: its figures are over the first `rerank_prompts` prompts
+            k = len(prompts) if tag == "1" or not rerank_prompts else min(rerank_prompts, len(prompts))
+            if k < 2:
+                continue
+            images = pipe.generate_arrays(prompts[:k], 1, seed, candidates=candidates)[:, 0]
             parses = [parse_scene(im) for im in images]
-            acc = scene_accuracy(parses, truth)
+            acc = scene_accuracy(parses, truth[:k])
             embeds = pipe.image_embeds(images)
             figures.update({f"exact_{tag}": acc["exact"], f"per_object_{tag}": acc["per_object"],
-                            f"clip_rprec_{tag}": r_precision(embeds, text),
-                            f"hard_rprec_{tag}": hard_r_precision(embeds, text, negative_embeds),
-                            f"clip_score_ratio_{tag}": clip_score(embeds, text) / figures["clip_score_real"],
-                            f"fd_gclip_{tag}": frechet_distance(embeds, real_embeds)})
+                            f"clip_rprec_{tag}": r_precision(embeds, text[:k]),
+                            f"hard_rprec_{tag}": hard_r_precision(embeds, text[:k], negative_embeds[:k]),
+                            f"clip_score_ratio_{tag}": clip_score(embeds, text[:k]) / clip_score(real_embeds[:k], text[:k]),
+                            f"fd_gclip_{tag}": frechet_distance(embeds, real_embeds), f"n_{tag}": k})
             if split == "test_novel":
-                figures[f"novel_object_{tag}"] = _novel_found(parses, truth)
+                figures[f"novel_object_{tag}"] = _novel_found(parses, truth[:k])
         results.update({f"{split}/{k}": v for k, v in figures.items()})
     return results

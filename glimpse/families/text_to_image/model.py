@@ -46,6 +46,7 @@ class TextToImageConfig:
     choice_temperature: float = 4.5  # maskgit: noise on which codes stay masked, annealed to 0 (MaskGIT's 4.5)
     candidates: int = 1  # images generated per prompt, of which CLIP keeps the best (best-of-N re-ranking)
     rerank: int = 8  # evaluation: the best of this many per prompt is scored too
+    rerank_prompts: int = 300  # evaluation: the re-ranked figures over the first this many prompts (0: all)
 
     @property
     def codes(self) -> int:
