@@ -3,6 +3,9 @@ prior of the same size with a KV cache, at batch 1 and 32, in one run, each with
 it reaches (the shapes-world scene parser on the generated images, one sample per prompt).
 
     python bench/t2i_sampling.py MASKGIT_RUN AR_RUN [--prompts 64] [--device cpu|cuda]
+        [--guidance 1.5] [--temperature 0.5] [--choice-temperature 1.0]
+
+Both priors sample with the same guidance and temperature (given here, not each run's own defaults).
 
 Images/s counts the prior's sampling and the tokenizer's decoding (guidance included: two rows per
 image), not CLIP re-ranking.  The prompts are the test split's first captions.  Prints the machine's
@@ -42,6 +45,9 @@ def main() -> None:
     ap.add_argument("autoregressive")
     ap.add_argument("--prompts", type=int, default=64, help="prompts scored for accuracy (and timed at batch 32)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--guidance", type=float, default=1.5)
+    ap.add_argument("--temperature", type=float, default=0.5)
+    ap.add_argument("--choice-temperature", type=float, default=1.0, help="maskgit's")
     a = ap.parse_args()
     print(f"fp32 matmul {matmul_gflops():.0f} GFLOP/s, {torch.get_num_threads()} threads, device {a.device}")
     family, _ = load_run(a.maskgit)
@@ -53,6 +59,8 @@ def main() -> None:
             [(f"maskgit, {k} steps", a.maskgit, k) for k in (8, 12, 16)]:
         pipe = glimpse.load(run, device=a.device)
         pipe.batch_size = 64
+        c = pipe.model.cfg
+        c.guidance, c.temperature, c.choice_temperature = a.guidance, a.temperature, a.choice_temperature
         images = pipe.generate_arrays(prompts, 1, seed=0, steps=steps)[:, 0]
         exact = scene_accuracy([parse_scene(im) for im in images], truth)["exact"]
         rows.append((name, images_per_s(pipe, prompts, 1, steps), images_per_s(pipe, prompts, 32, steps), exact))
