@@ -49,13 +49,16 @@ def _start(out) -> tuple[float, Path, float]:
     return t0, out, gflops
 
 
-def _img_tag(path, size: int = 96, title: str = "", cls: str = "") -> str:
+def _img_tag(image, size: int = 96, title: str = "", cls: str = "") -> str:
+    """An inline <img> of an image file (a path) or of uint8 pixels [H, W, 3] (a generated image)."""
+    import numpy as np
     from PIL import Image
 
     from glimpse.data.images import load_image
 
     buf = io.BytesIO()
-    load_image(path).resize((size, size), Image.NEAREST).save(buf, "PNG")
+    picture = Image.fromarray(image) if isinstance(image, np.ndarray) else load_image(image)
+    picture.resize((size, size), Image.NEAREST).save(buf, "PNG")
     data = base64.b64encode(buf.getvalue()).decode()
     return (f'<img class="{cls}" src="data:image/png;base64,{data}" width="{size}" height="{size}" '
             f'title="{html.escape(title)}">')
@@ -280,16 +283,6 @@ T2I_PROMPTS = 6  # prompts per split in the text-to-image demo's grid
 T2I_SAMPLES = 4  # images per prompt
 
 
-def _array_tag(array, size: int = 96, cls: str = "", title: str = "") -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).resize((size, size), Image.NEAREST).save(buf, "PNG")
-    data = base64.b64encode(buf.getvalue()).decode()
-    return (f'<img class="{cls}" src="data:image/png;base64,{data}" width="{size}" height="{size}" '
-            f'title="{html.escape(title)}">')
-
-
 def run_t2i_demo(out: str | Path = "runs/demo-t2i", progress: bool = True, overrides: list[str] | None = None) -> dict:
     """`glimpse demo t2i`: text-to-image at demo size: the demo dual encoder (shapes-clip-demo), an image
     tokenizer (shapes-vq-demo) and a MaskGIT prior reading the CLIP's text states (shapes-t2i-demo),
@@ -344,7 +337,7 @@ def run_t2i_demo(out: str | Path = "runs/demo-t2i", progress: bool = True, overr
         f"<div class='q'><div class='qt'>“{html.escape(s.captions[0])}”"
         f"{' <em>(a novel combination)</em>' if split == 'test_novel' else ''}</div>"
         + _img_tag(s.path, title="the world's image", cls="real")
-        + "".join(_array_tag(a, cls="ok" if ok else "bad") for a, ok in row) + "</div>" for split, s, row in grid)
+        + "".join(_img_tag(a, cls="ok" if ok else "bad") for a, ok in row) + "</div>" for split, s, row in grid)
     report = out / "report.html"
     report.write_text(f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>glimpse text-to-image demo</title>
