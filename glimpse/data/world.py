@@ -53,27 +53,59 @@ def world_texts(root: Path):
 def ensure_shapes(data_cfg, progress: bool = True) -> Path:
     """The root of the recipe's shapes world, generated now if it is not there yet."""
     c = data_cfg
-    if c.root:
-        root = Path(c.root).expanduser()
-        if (root / "world.json").is_file():
-            if c.format == "wds" and not any((root / "shards").glob("train-*.tar")):
-                raise GlimpseError(f"the shapes world at {root} has no WebDataset shards; "
-                                   "write one with `glimpse data shapes --shards`")
-            return root
-        if root.exists() and any(root.iterdir()):
-            raise GlimpseError(f"data.root {root} exists but holds no shapes world (no world.json)")
-    else:
-        shards = "-wds" if c.format == "wds" else ""
-        # v2: the tokenizer learns conversations and prompt words too, not only captions;
-        # v3: VQA annotations carry the full-sentence answer too (for language-model pretraining)
-        root = cache_dir() / f"shapes-v3-s{c.seed}-n{c.train_size}-{c.val_size}-{c.test_size}-px{c.image_size}{shards}"
-        if (root / "world.json").is_file():
-            return root
+    # v2: the tokenizer learns conversations and prompt words too, not only captions;
+    # v3: VQA annotations carry the full-sentence answer too (for language-model pretraining)
+    shards = "-wds" if c.format == "wds" else ""
+    name = f"shapes-v3-s{c.seed}-n{c.train_size}-{c.val_size}-{c.test_size}-px{c.image_size}{shards}"
+    root = _world_root(c, name)
+    if c.root and c.format == "wds" and root.joinpath("world.json").is_file() \
+            and not any((root / "shards").glob("train-*.tar")):
+        raise GlimpseError(f"the shapes world at {root} has no WebDataset shards; "
+                           "write one with `glimpse data shapes --shards`")
+    return _generate(root, lambda tmp: make_world(tmp, seed=c.seed, n_train=c.train_size, n_val=c.val_size,
+                                                  n_test=c.test_size, image_size=c.image_size,
+                                                  shards=c.format == "wds", progress=progress))
+
+
+def ensure_shapes_video(data_cfg, progress: bool = True) -> Path:
+    """The root of the recipe's moving-shapes world (glimpse.data.shapes_video), generated if not there yet."""
+    c = data_cfg
+    name = f"shapes-video-v1-s{c.seed}-n{c.train_size}-{c.val_size}-{c.test_size}-px{c.image_size}-f{c.frames}"
+    return _generate(_world_root(c, name), lambda tmp: make_video_world(
+        tmp, seed=c.seed, n_train=c.train_size, n_val=c.val_size, n_test=c.test_size, frames=c.frames,
+        image_size=c.image_size, progress=progress))
+
+
+def make_video_world(out: str | Path, *, seed: int, n_train: int, n_val: int, n_test: int, frames: int,
+                     image_size: int, progress: bool = True) -> Path:
+    """Generate the moving-shapes world into `out` and train its tokenizer on the training split's text."""
+    from glimpse.data import shapes_video
+
+    out = Path(out)
+    shapes_video.generate_shapes_video(out, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, frames=frames,
+                                       image_size=image_size, progress=progress)
+    train_tokenizer(shapes_video.world_texts(out), out / "tokenizer.json")
+    return out
+
+
+def _world_root(c, cache_name: str) -> Path:
+    """data.root when the recipe names one (it must hold a world or be empty), else the cache's folder."""
+    if not c.root:
+        return cache_dir() / cache_name
+    root = Path(c.root).expanduser()
+    if not (root / "world.json").is_file() and root.exists() and any(root.iterdir()):
+        raise GlimpseError(f"data.root {root} exists but holds no generated world (no world.json)")
+    return root
+
+
+def _generate(root: Path, make) -> Path:
+    """`root`, made by `make(folder)` in a temporary folder renamed into place unless it is complete already."""
+    if (root / "world.json").is_file():
+        return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root.parent))
     try:
-        make_world(tmp, seed=c.seed, n_train=c.train_size, n_val=c.val_size, n_test=c.test_size,
-                   image_size=c.image_size, shards=c.format == "wds", progress=progress)
+        make(tmp)
         if root.exists():
             root.rmdir()  # an empty folder the user named
         os.rename(tmp, root)

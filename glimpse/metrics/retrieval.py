@@ -43,3 +43,16 @@ def recall_from_scores(sim: torch.Tensor, text_image: torch.Tensor, ks: tuple[in
 def zeroshot_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """scores [N, L] of each image against each class; labels [N]."""
     return (scores.argmax(1) == labels).float().mean().item()
+
+
+def expected_recall(sim: torch.Tensor, target: torch.Tensor, k: int = 1) -> float:
+    """Recall@k with ties broken at random, in expectation: with g scores above the target's and e others
+    equal to it, the target lands uniformly among places g..g+e, so it is in the top k with probability
+    clamp(k - g, 0, e + 1) / (e + 1).  A model that cannot tell two items apart scores 1/2 on the pair,
+    where `ranks_of_targets` (ties against the model) would give it 0."""
+    true = sim.gather(1, target[:, None])
+    others = sim.clone()
+    others.scatter_(1, target[:, None], float("-inf"))
+    greater = (others > true).sum(1).float()
+    equal = (others == true).sum(1).float()
+    return ((k - greater).clamp(min=0).minimum(equal + 1) / (equal + 1)).mean().item()

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from glimpse import families, runs
 from glimpse.config import Recipe, save_recipe, validate_recipe
 from glimpse.data.tokenizer import Tokenizer
-from glimpse.data.world import ensure_shapes
+from glimpse.data.world import ensure_shapes, ensure_shapes_video
 from glimpse.distributed import agree, all_reduce_mean, barrier, init_distributed
 from glimpse.errors import GlimpseError
 from glimpse.hardware import matmul_gflops, warn_if_slow_dtype
@@ -50,6 +50,8 @@ def lr_at(step: int, cfg) -> float:
 def data_root(recipe: Recipe, progress: bool = True) -> Path:
     if recipe.data.source == "shapes":
         return ensure_shapes(recipe.data, progress)
+    if recipe.data.source == "shapes-video":
+        return ensure_shapes_video(recipe.data, progress)
     return Path(recipe.data.root or ".")
 
 

@@ -1,0 +1,77 @@
+"""The video dual encoder (CLIP4Clip): glimpse's CLIP per frame, pooled over time by the mean (meanP)
+or a small temporal transformer (seqTransf), trained with InfoNCE on clips and captions; evaluated by
+text-to-video and video-to-text R@K with controls for frame order (shuffled, reversed, one frame,
+minimal pairs).
+
+    model.py      VideoDualEncoder: DualEncoder + TemporalPool (glimpse/models/temporal.py)
+    data.py       which clips a split reads (the moving-shapes world, or MSR-VTT-style files); the training set
+    pipeline.py   what glimpse.load returns: embed_videos, embed_texts, rank
+    evaluate.py   retrieval and order controls of a split
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glimpse.data.pairs import PairCollate
+from glimpse.families import checks
+from glimpse.families.base import Family, recipe_transform
+from glimpse.families.registry import register
+from glimpse.families.video_clip.data import VideoDataset, load_clips
+from glimpse.families.video_clip.evaluate import evaluate
+from glimpse.families.video_clip.model import VideoClipConfig, VideoDualEncoder
+from glimpse.families.video_clip.pipeline import VideoClipPipeline
+from glimpse.losses import contrastive_loss
+from glimpse.models.temporal import MODES
+from glimpse.schema import check, choice
+
+
+@register
+class VideoClipFamily(Family):
+    name = "video_clip"
+    config = VideoClipConfig
+    data_formats = ("msrvtt",)
+
+    @classmethod
+    def validate(cls, recipe) -> None:
+        m = recipe.model
+        choice("model.loss", m.loss, ("clip",))
+        choice("model.temporal", m.temporal, MODES)
+        choice("data.source", recipe.data.source, ("shapes-video", "msrvtt"))
+        checks.check_towers(m)
+        check(m.embed_dim >= 1, "model.embed_dim", m.embed_dim, "must be at least 1")
+        check(1 <= m.num_frames <= m.max_frames, "model.num_frames", m.num_frames,
+              f"must be from 1 to model.max_frames ({m.max_frames})")
+        check(m.temporal_layers >= 1, "model.temporal_layers", m.temporal_layers, "must be at least 1")
+        check(m.embed_dim % m.temporal_heads == 0, "model.temporal_heads", m.temporal_heads,
+              f"must divide model.embed_dim ({m.embed_dim})")
+        check(0.0 <= m.reverse_prob <= 1.0, "model.reverse_prob", m.reverse_prob, "must be between 0 and 1")
+
+    def __init__(self, recipe, root: Path, tokenizer):
+        super().__init__(recipe, root, tokenizer)
+        self.recipe.model.text.vocab_size = self.recipe.model.text.vocab_size or tokenizer.vocab_size
+        self.transform = recipe_transform(recipe)
+
+    def build_model(self) -> nn.Module:
+        return VideoDualEncoder(self.recipe.model)
+
+    def train_data(self):
+        m = self.recipe.model
+        dataset = VideoDataset(load_clips(self.recipe.data, self.root, "train"), m.num_frames, self.transform,
+                               m.reverse_prob)
+        return dataset, PairCollate(self.tokenizer, m.text.context_length)
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return contrastive_loss(model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]), "clip")
+
+    def pipeline(self, model: VideoDualEncoder) -> VideoClipPipeline:
+        return VideoClipPipeline(model, self.tokenizer, self.transform)
+
+    def evaluate(self, model: VideoDualEncoder, splits: list[str]) -> dict[str, float]:
+        return evaluate(self.pipeline(model), self.recipe.data, self.root, splits, self.recipe.eval.batch_size)
+
+
+__all__ = ["VideoClipFamily", "VideoDualEncoder", "VideoClipConfig", "VideoClipPipeline"]
