@@ -19,6 +19,14 @@ def cmd_data_shapes(a) -> None:
     print(f"wrote the shapes world to {a.out}")
 
 
+def cmd_data_shapes_video(a) -> None:
+    from glimpse.data.world import make_video_world
+
+    make_video_world(a.out, seed=a.seed, n_train=a.train, n_val=a.val, n_test=a.test, frames=a.frames,
+                     image_size=a.image_size, progress=not a.quiet)
+    print(f"wrote the moving-shapes world to {a.out}")
+
+
 def cmd_train(a) -> None:
     from glimpse.config import load_recipe
     from glimpse.train.trainer import train
@@ -226,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--shards", action="store_true", help="also write WebDataset tar shards")
     s.set_defaults(func=cmd_data_shapes)
+    s = data.add_parser("shapes-video", help="write the moving-shapes world: MP4 clips with captions, questions, "
+                        "conversations")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train", type=int, default=4000)
+    s.add_argument("--val", type=int, default=200)
+    s.add_argument("--test", type=int, default=500, help="clips in test and in test_novel")
+    s.add_argument("--frames", type=int, default=8, help="frames a clip, 8 to 16")
+    s.add_argument("--image-size", type=int, default=64)
+    s.set_defaults(func=cmd_data_shapes_video)
 
     t = sub.add_parser("train", help="train a recipe")
     t.add_argument("recipe", help="a recipe YAML file or the name of a shipped one")

@@ -151,8 +151,9 @@ class ConversationDataset(Dataset):
     """
 
     def __init__(self, records: list[dict], tokenizer, template: str, transform: ImageTransform, max_pixels: int,
-                 image_tokens: int, context_length: int, image_rows: dict | None = None):
+                 image_tokens: int, context_length: int, image_rows: dict | None = None, loader=None):
         self.records, self.tokenizer, self.template = records, tokenizer, template
+        self.loader = loader  # src, name -> the tower's input; None: an image through `transform`
         self.transform, self.max_pixels = transform, max_pixels
         self.image_tokens, self.context_length = image_tokens, context_length
         self.image_rows = image_rows
@@ -200,11 +201,16 @@ class ConversationDataset(Dataset):
                 return {"error": bad.reason, "message": str(bad)}
             return {"input_ids": encoded[0], "labels": encoded[1], "image_rows": rows}
         try:
-            pixels = [self.transform(load_image(img, max_pixels=self.max_pixels, name=f"sample {idx}"
-                                                if isinstance(img, bytes) else None)) for img in r["images"]]
+            pixels = [self._load(img, f"sample {idx}" if isinstance(img, bytes) else None) for img in r["images"]]
         except ImageError as e:
             return {"error": e.reason, "message": str(e)}
         return {"input_ids": encoded[0], "labels": encoded[1], "pixel_values": pixels}
+
+
+    def _load(self, src, name: str | None) -> torch.Tensor:
+        if self.loader is not None:
+            return self.loader(src, name)
+        return self.transform(load_image(src, max_pixels=self.max_pixels, name=name))
 
 
 class ConversationCollate:

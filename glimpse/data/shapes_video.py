@@ -76,7 +76,7 @@ def observe(track: dict) -> Facts:
         steps, names = (dx, ("left", "right")) if np.abs(dx).sum() >= np.abs(dy).sum() else (dy, ("up", "down"))
         signs = np.sign(steps)
         direction = names[int(signs[0] > 0)]
-        bounces = [first + k + 1 for k in range(1, len(signs)) if signs[k] != signs[k - 1]]
+        bounces = [first + k for k in range(1, len(signs)) if signs[k] != signs[k - 1]]  # the turning frame
     change = next(((t, colours[t]) for t in seen if colours[t] != colours[first]), None)
     return Facts(track["shape"], colours[first], first, last + 1 if last + 1 < len(colours) else None,
                  direction, bounces, change)
@@ -125,9 +125,33 @@ def _captions(facts: list[Facts], rng: np.random.Generator) -> list[str]:
     return caps
 
 
-def _qa(question: str, answer: str, qtype: str) -> dict:
+def _qa(question: str, answer: str, qtype: str, shapes: tuple = ()) -> dict:
     return {"question": question, "answer": answer, "question_type": qtype,
-            "answer_type": "temporal" if qtype in TEMPORAL_TYPES else "static"}
+            "answer_type": "temporal" if qtype in TEMPORAL_TYPES else "static", "shapes": list(shapes)}
+
+
+def answer_of(qtype: str, shapes: list[str], tracks: list[dict], reversed_: bool) -> str | None:
+    """The answer to a question of type `qtype` about `shapes` (in the question's order) for a clip's tracks
+    (None for types it does not recompute: before_after and exists).  The generator's answers are
+    these; evaluation asks them again of a clip played backwards (`reverse_tracks`, `not reversed_`)."""
+    facts = {f.shape: f for f in map(observe, tracks)}
+    frames = len(tracks[0]["colours"])
+    if qtype == "direction":
+        return facts[shapes[0]].direction
+    if qtype == "bounces":
+        return str(len(facts[shapes[0]].bounces))
+    if qtype == "appear_order":
+        return min(shapes, key=lambda s: facts[s].appear)
+    if qtype == "disappear_order":
+        end = {s: facts[s].disappear if facts[s].disappear is not None else frames + 1 for s in shapes}
+        return min(shapes, key=end.get)
+    if qtype == "arrow":
+        return "reverse" if reversed_ else "forward"
+    if qtype == "colour":
+        return facts[shapes[0]].colour
+    if qtype == "count":
+        return str(len(tracks))
+    return None
 
 
 def _questions(facts: list[Facts], frames: int, reversed_: bool, rng: np.random.Generator,
@@ -135,26 +159,28 @@ def _questions(facts: list[Facts], frames: int, reversed_: bool, rng: np.random.
     """Up to four temporal questions (no single frame answers them) and up to two static ones."""
     temporal, static = [], []
     for f in facts:
-        temporal.append(_qa(f"which way does the {f.shape} move first?", f.direction, "direction"))
+        temporal.append(_qa(f"which way does the {f.shape} move first?", f.direction, "direction", (f.shape,)))
         if f.direction != "still":
-            temporal.append(_qa(f"how many times does the {f.shape} bounce?", str(len(f.bounces)), "bounces"))
+            temporal.append(_qa(f"how many times does the {f.shape} bounce?", str(len(f.bounces)), "bounces",
+                                (f.shape,)))
     for i, a in enumerate(facts):
         for b in facts[i + 1:]:
             x, y = (a, b) if rng.random() < 0.5 else (b, a)
             if a.appear != b.appear:
                 winner = min((a, b), key=lambda f: f.appear).shape
-                temporal.append(_qa(f"which appears first, the {x.shape} or the {y.shape}?", winner, "appear_order"))
+                temporal.append(_qa(f"which appears first, the {x.shape} or the {y.shape}?", winner, "appear_order",
+                                    (x.shape, y.shape)))
             ends = [f.disappear if f.disappear is not None else frames + 1 for f in (a, b)]
             if ends[0] != ends[1]:
                 winner = (a, b)[int(ends[1] < ends[0])].shape
                 temporal.append(_qa(f"which disappears first, the {x.shape} or the {y.shape}?", winner,
-                                    "disappear_order"))
+                                    "disappear_order", (x.shape, y.shape)))
     events = [(e, f.shape, t) for f in facts for e, t in _events(f)]
     pairs = [(p, q) for p in events for q in events if p[1] != q[1] and p[2] != q[2]]
     if pairs:
         (e1, s1, t1), (e2, s2, t2) = pairs[rng.integers(len(pairs))]
         temporal.append(_qa(f"does the {s1} {e1} before or after the {s2} {e2}?", "before" if t1 < t2 else "after",
-                            "before_after"))
+                            "before_after", (s1, s2)))
     if any(f.direction != "still" or f.change for f in facts):
         temporal.append(_qa("is the video playing forward or in reverse?", "reverse" if reversed_ else "forward",
                             "arrow"))
@@ -162,17 +188,17 @@ def _questions(facts: list[Facts], frames: int, reversed_: bool, rng: np.random.
     steady = all(f.appear == 0 and f.disappear is None and f.change is None for f in facts)
     for f in facts:
         if f.appear == 0 and f.disappear is None and f.change is None:
-            static.append(_qa(f"what colour is the {f.shape}?", f.colour, "colour"))
+            static.append(_qa(f"what colour is the {f.shape}?", f.colour, "colour", (f.shape,)))
     if steady:
         static.append(_qa("how many shapes are there?", str(len(facts)), "count"))
         present = [(f.colour, f.shape) for f in facts]
         if rng.random() < 0.5:
             colour, shape = present[rng.integers(len(present))]
-            static.append(_qa(f"is there a {colour} {shape}?", "yes", "exists"))
+            static.append(_qa(f"is there {world._a(colour)} {shape}?", "yes", "exists", (shape,)))
         else:
             pool = [c for c in (world._ALL_COMBOS if allow_novel else world._FAMILIAR) if c not in present]
             colour, shape = pool[rng.integers(len(pool))]
-            static.append(_qa(f"is there a {colour} {shape}?", "no", "exists"))
+            static.append(_qa(f"is there {world._a(colour)} {shape}?", "no", "exists", (shape,)))
     pick_t = rng.choice(len(temporal), size=min(4, len(temporal)), replace=False)
     pick_s = rng.choice(len(static), size=min(2, len(static)), replace=False) if static else []
     return [temporal[k] for k in sorted(pick_t)] + [static[k] for k in sorted(pick_s)]

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
+from glimpse.data.images import ImageError, ImageTransform
 from glimpse.errors import GlimpseError
 
 # PyAV's demuxer names (container.format.name) and decoder names we accept.
@@ -42,13 +45,18 @@ class VideoLimits:
     max_frames: int = 256  # frames returned
 
 
-class VideoError(GlimpseError):
-    """A video that cannot be used; ``reason`` is one of missing/format/truncated/corrupt/oversized."""
+DEFAULT_LIMITS = VideoLimits()
+
+
+class VideoError(ImageError):
+    """A video that cannot be used; ``reason`` is one of missing/format/truncated/corrupt/oversized.
+    An ImageError, so every place that skips and counts bad images (training sets, feature caches,
+    evaluation) does the same with bad videos."""
 
     def __init__(self, path: str, reason: str, detail: str = ""):
         self.path, self.reason, self.detail = path, reason, detail
         msg = f"bad video {path}: {_REASONS[reason]}" + (f" ({detail})" if detail else "")
-        super().__init__(" ".join(msg.splitlines()))
+        GlimpseError.__init__(self, " ".join(msg.splitlines()))
 
     def __reduce__(self):  # picklable across DataLoader worker processes
         return (type(self), (self.path, self.reason, self.detail))
@@ -67,7 +75,7 @@ def _looks_like_video(head: bytes) -> bool:
 
 
 def read_video(src, num_frames: int = 8, *, sampling: str = "uniform", fps: float = 1.0,
-               limits: VideoLimits = VideoLimits(), name: str | None = None) -> np.ndarray:
+               limits: VideoLimits = DEFAULT_LIMITS, name: str | None = None) -> np.ndarray:
     """The sampled frames of a video file (a path, bytes or a binary file), uint8 [T, H, W, 3] RGB.
 
     `num_frames` frames uniformly from first to last (`sampling="uniform"`; a clip shorter than that
@@ -207,6 +215,30 @@ def _decode(av, container, label, num_frames, sampling, fps, limits) -> np.ndarr
 def _thin(kept: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     """Every other kept frame: a uniform sample of a uniform sample stays (nearly) uniform."""
     return {i: kept[i] for k, i in enumerate(sorted(kept)) if k % 2 == 0}
+
+
+def decode_clip(src, num_frames: int, transform: ImageTransform, limits: VideoLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """uint8 [T, S, S, 3]: a clip's (a path's or bytes') uniform frames at the tower's size.  Raises VideoError."""
+    frames = read_video(src, num_frames, limits=limits)
+    S = transform.image_size
+    if frames.shape[1:3] != (S, S):
+        frames = np.stack([transform.resized_array(Image.fromarray(f)) for f in frames])
+    return frames
+
+
+def to_pixels(frames: np.ndarray, transform: ImageTransform) -> torch.Tensor:
+    """uint8 [T, S, S, 3] -> normalised float [T, 3, S, S]."""
+    return torch.stack([transform.normalize(f) for f in frames])
+
+
+def clip_pixels(src, num_frames: int, transform: ImageTransform, limits: VideoLimits = DEFAULT_LIMITS) -> torch.Tensor:
+    """A clip (a path, bytes, or frames already decoded as a [T, 3, S, S] tensor) as a tower's input
+    [T, 3, S, S]."""
+    if isinstance(src, torch.Tensor):
+        if src.ndim != 4 or src.shape[0] != num_frames:
+            raise GlimpseError(f"a clip tensor must be [{num_frames}, 3, H, W], not {list(src.shape)}")
+        return src
+    return to_pixels(decode_clip(src, num_frames, transform, limits), transform)
 
 
 def write_video(frames: np.ndarray, path: str | Path, fps: float = 4.0, crf: int = 17) -> None:

@@ -26,7 +26,7 @@ from glimpse.families.registry import (
 )
 
 # the built-in families register themselves on import
-from glimpse.families import causal_lm, dual_encoder, encoder_decoder, flamingo, fusion, text_to_image, video_clip, vlm, vq  # noqa: E402,F401  isort: skip
+from glimpse.families import causal_lm, dual_encoder, encoder_decoder, flamingo, fusion, text_to_image, video_clip, video_llava, vlm, vq  # noqa: E402,F401  isort: skip
 
 __all__ = ["Family", "HFBuild", "Loaded", "all_families", "get", "hf_pipeline", "recipe_transform",
            "init_from_hf", "init_part_from_hf", "load_hf", "names", "register"]

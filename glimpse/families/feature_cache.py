@@ -50,8 +50,14 @@ def tower_fingerprint(model, settings, transform: ImageTransform, max_pixels: in
     return h.hexdigest()
 
 
-def _encode(model, images: list, transform: ImageTransform, max_pixels: int,
-            device: torch.device, batch_size: int, progress: bool) -> tuple[dict, torch.Tensor | None]:
+def load_pixels(src, transform: ImageTransform, max_pixels: int) -> torch.Tensor:
+    """An image (a path or bytes) as the tower's input; raises ImageError.  A family whose samples are
+    not single images (video frames) passes its own loader to `cache_tower_features`."""
+    return transform(load_image(src, max_pixels=max_pixels, name="an image" if isinstance(src, bytes) else None))
+
+
+def _encode(model, images: list, loader, device: torch.device, batch_size: int,
+            progress: bool) -> tuple[dict, torch.Tensor | None]:
     rows: dict = {}
     chunks: list[torch.Tensor] = []
     n_rows = 0
@@ -60,8 +66,7 @@ def _encode(model, images: list, transform: ImageTransform, max_pixels: int,
         pixels, keys = [], []
         for key in images[start:start + batch_size]:
             try:
-                pixels.append(transform(load_image(key, max_pixels=max_pixels,
-                                                   name="an image" if isinstance(key, bytes) else None)))
+                pixels.append(loader(key))
                 keys.append(key)
             except ImageError as e:  # the samples that show it are dropped and counted, as without a cache
                 rows[key] = e
@@ -74,10 +79,11 @@ def _encode(model, images: list, transform: ImageTransform, max_pixels: int,
 
 @torch.no_grad()
 def cache_tower_features(model, images: list, transform: ImageTransform, max_pixels: int, device: torch.device,
-                         batch_size: int = 256, progress: bool = True, settings=()) -> tuple[dict, torch.Tensor]:
+                         batch_size: int = 256, progress: bool = True, settings=(),
+                         loader=None) -> tuple[dict, torch.Tensor]:
     """(image_key -> row of the cache, or the ImageError that made the image unusable; the cache
     [rows, ...] on `device`) for `images` (paths or bytes).  Each distinct image is read and encoded
-    once; `settings` as in `tower_fingerprint`."""
+    once; `settings` as in `tower_fingerprint`; `loader(src)` reads one (default: `load_pixels`)."""
     images = list(dict.fromkeys(image_key(img) for img in images))
     key = tower_fingerprint(model, settings, transform, max_pixels)
     stamps = {k: _stamp(k) for k in images}
@@ -86,8 +92,8 @@ def cache_tower_features(model, images: list, transform: ImageTransform, max_pix
         if _last["key"] == key else {}
     was_training = model.training
     model.eval()
-    new_rows, new_cache = _encode(model, [k for k in images if k not in known], transform, max_pixels, device,
-                                  batch_size, progress)
+    loader = loader or (lambda src: load_pixels(src, transform, max_pixels))
+    new_rows, new_cache = _encode(model, [k for k in images if k not in known], loader, device, batch_size, progress)
     model.train(was_training)
     old_cache = _last["cache"].to(device) if known else None
     offset = 0 if old_cache is None else len(old_cache)

@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from glimpse.data.pairs import PairCollate
 from glimpse.families import checks
 from glimpse.families.base import Family, recipe_transform
 from glimpse.families.registry import register
-from glimpse.families.video_clip.data import VideoDataset, load_clips
+from glimpse.families.video_clip.data import TwinCollate, VideoDataset, load_clips
 from glimpse.families.video_clip.evaluate import evaluate
 from glimpse.families.video_clip.model import VideoClipConfig, VideoDualEncoder
 from glimpse.families.video_clip.pipeline import VideoClipPipeline
@@ -48,7 +47,6 @@ class VideoClipFamily(Family):
         check(m.temporal_layers >= 1, "model.temporal_layers", m.temporal_layers, "must be at least 1")
         check(m.embed_dim % m.temporal_heads == 0, "model.temporal_heads", m.temporal_heads,
               f"must divide model.embed_dim ({m.embed_dim})")
-        check(0.0 <= m.reverse_prob <= 1.0, "model.reverse_prob", m.reverse_prob, "must be between 0 and 1")
 
     def __init__(self, recipe, root: Path, tokenizer):
         super().__init__(recipe, root, tokenizer)
@@ -61,8 +59,8 @@ class VideoClipFamily(Family):
     def train_data(self):
         m = self.recipe.model
         dataset = VideoDataset(load_clips(self.recipe.data, self.root, "train"), m.num_frames, self.transform,
-                               m.reverse_prob)
-        return dataset, PairCollate(self.tokenizer, m.text.context_length)
+                               m.reverse_twins)
+        return dataset, TwinCollate(self.tokenizer, m.text.context_length)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return contrastive_loss(model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]), "clip")

@@ -1,9 +1,9 @@
 """Clips and captions for the video dual encoder: which files a split reads, and the training set.
 
 A training clip is decoded once (`num_frames` uniform frames, resized to the tower's size) and kept in
-memory as uint8 while the set fits, as PairDataset keeps images.  A clip of the moving-shapes world may
-be played backwards (`reverse_prob`), with the caption of what it then shows; the sampler's choice
-decides both the caption and the direction, so a resumed run reads exactly what an uninterrupted one does.
+memory as uint8 while the set fits, as PairDataset keeps images.  A clip of the moving-shapes world comes
+with its reversed twin (`reverse_twins`), captioned with what it then shows; the sampler's choice picks
+both captions, so a resumed run reads exactly what an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from glimpse.data.images import ImageTransform
-from glimpse.data.shapes_video import Clip, clip_captions, read_clips, reverse_tracks
-from glimpse.data.video import VideoError, VideoLimits, read_video
+from glimpse.data.images import ImageTransform, split_failures
+from glimpse.data.pairs import PairCollate
+from glimpse.data.shapes_video import Clip, clip_captions, read_clips, reverse_tracks, video_caption
+from glimpse.data.video import DEFAULT_LIMITS, VideoError, VideoLimits, decode_clip, to_pixels
 from glimpse.errors import GlimpseError
 
 FRAME_CACHE_BYTES = 2 << 30
@@ -36,30 +36,11 @@ def load_clips(data_cfg, root: Path, split: str) -> list[Clip]:
     return read_clips(ann, videos, split=split)
 
 
-def decode_clip(path: str, num_frames: int, transform: ImageTransform, limits: VideoLimits) -> np.ndarray:
-    """uint8 [T, S, S, 3]: the clip's uniform frames at the tower's size.  Raises VideoError."""
-    frames = read_video(path, num_frames, limits=limits)
-    S = transform.image_size
-    if frames.shape[1:3] != (S, S):
-        frames = np.stack([transform.resized_array(Image.fromarray(f)) for f in frames])
-    return frames
-
-
-def to_pixels(frames: np.ndarray, transform: ImageTransform) -> torch.Tensor:
-    """uint8 [T, S, S, 3] -> normalised float [T, 3, S, S]."""
-    return torch.stack([transform.normalize(f) for f in frames])
-
-
-def reversed_by(choice: int, reverse_prob: float) -> bool:
-    """Whether the sampler's `choice` plays the clip backwards (its low bits pick the caption)."""
-    return (choice >> 8) % 10_000 < reverse_prob * 10_000
-
-
 class VideoDataset(Dataset):
-    def __init__(self, clips: list[Clip], num_frames: int, transform: ImageTransform, reverse_prob: float = 0.0,
-                 limits: VideoLimits = VideoLimits()):
+    def __init__(self, clips: list[Clip], num_frames: int, transform: ImageTransform, reverse_twins: bool = False,
+                 limits: VideoLimits = DEFAULT_LIMITS):
         self.clips, self.num_frames, self.transform, self.limits = clips, num_frames, transform, limits
-        self.reverse_prob = reverse_prob
+        self.reverse_twins = reverse_twins
         fits = len(clips) * num_frames * 3 * transform.image_size ** 2 <= FRAME_CACHE_BYTES
         self.frames: dict[int, np.ndarray] | None = {} if fits else None
 
@@ -77,8 +58,24 @@ class VideoDataset(Dataset):
                 return {"error": e.reason, "message": str(e)}
             if self.frames is not None:
                 self.frames[idx] = frames
-        captions = clip.captions
-        if clip.tracks is not None and reversed_by(choice, self.reverse_prob):
-            frames = frames[::-1]
-            captions = clip_captions(reverse_tracks(clip.tracks), np.random.default_rng(choice))
-        return {"pixel_values": to_pixels(frames, self.transform), "caption": captions[choice % len(captions)]}
+        views = [to_pixels(frames, self.transform)]
+        captions = [clip.captions[choice % len(clip.captions)]]
+        if self.reverse_twins and clip.tracks is not None:
+            back = reverse_tracks(clip.tracks)
+            if video_caption(back) != video_caption(clip.tracks):  # else the twin would be a false negative
+                twin = clip_captions(back, np.random.default_rng(choice))
+                views.append(to_pixels(frames[::-1], self.transform))
+                captions.append(twin[choice % len(twin)])
+        return {"pixel_values": torch.stack(views), "captions": captions}
+
+
+class TwinCollate(PairCollate):
+    """PairCollate over every view of every good sample: a clip and, where it has one, its reversed twin."""
+
+    def __call__(self, samples: list[dict]) -> dict:
+        good, batch = split_failures(samples)
+        if good:
+            batch["pixel_values"] = torch.cat([s["pixel_values"] for s in good])
+            batch["input_ids"], batch["attention_mask"] = self.tokenizer.pad(
+                [self._row(c) for s in good for c in s["captions"]])
+        return batch

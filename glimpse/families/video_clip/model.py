@@ -25,9 +25,10 @@ class VideoClipConfig(DualEncoderConfig):
     temporal_heads: int = 2
     num_frames: int = 8  # sampled uniformly from each clip
     max_frames: int = 16  # the temporal transformer's positions
-    # training: the share of clips played backwards, with the caption of what they then show (their
-    # minimal pair, a hard negative for every clip whose caption says which way things go)
-    reverse_prob: float = 0.5
+    # training: each clip of the moving-shapes world comes with its reversal (played backwards, with the
+    # caption of what it then shows) in the same batch: its minimal pair, the hard negative that makes
+    # the contrastive loss pay for frame order.  Clips whose caption does not change are left single.
+    reverse_twins: bool = True
 
 
 class VideoDualEncoder(DualEncoder):

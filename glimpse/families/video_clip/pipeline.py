@@ -7,15 +7,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glimpse.data.video import VideoLimits
-from glimpse.families.dual_encoder.pipeline import DualEncoderPipeline
-from glimpse.families.video_clip.data import decode_clip, to_pixels
+from glimpse.data.video import DEFAULT_LIMITS, VideoLimits, decode_clip, to_pixels
 
 
-class VideoClipPipeline(DualEncoderPipeline):
-    def __init__(self, model, tokenizer, transform, limits: VideoLimits = VideoLimits()):
-        super().__init__(model, tokenizer, transform)
-        self.limits = limits
+class VideoClipPipeline:
+    def __init__(self, model, tokenizer, transform, limits: VideoLimits = DEFAULT_LIMITS):
+        self.model, self.tokenizer, self.transform, self.limits = model, tokenizer, transform, limits
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @property
     def num_frames(self) -> int:
@@ -24,6 +25,16 @@ class VideoClipPipeline(DualEncoderPipeline):
     def decode(self, video) -> np.ndarray:
         """A clip (a path or bytes) as uint8 frames [T, S, S, 3]; a bad file raises VideoError."""
         return decode_clip(video, self.num_frames, self.transform, self.limits)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Normalised text embeddings [N, E]."""
+        self.model.eval()
+        out = []
+        for i in range(0, len(texts), batch_size):
+            ids, mask = self.tokenizer.batch(texts[i:i + batch_size], self.model.cfg.text.context_length)
+            out.append(self.model.get_text_features(ids.to(self.device), mask.to(self.device)).float())
+        return F.normalize(torch.cat(out), dim=-1) if out else torch.zeros(0, self.model.cfg.embed_dim)
 
     @torch.no_grad()
     def embed_frames(self, clips: list[np.ndarray]) -> torch.Tensor:
@@ -41,5 +52,4 @@ class VideoClipPipeline(DualEncoderPipeline):
     def rank(self, text: str, videos: list) -> list[tuple[int, float]]:
         """The videos ranked for a text: (index, cosine score), best first."""
         scores = (self.embed_videos(videos) @ self.embed_texts([text]).T)[:, 0]
-        order = scores.argsort(descending=True).tolist()
-        return [(i, scores[i].item()) for i in order]
+        return [(i, scores[i].item()) for i in scores.argsort(descending=True).tolist()]

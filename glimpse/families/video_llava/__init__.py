@@ -1,0 +1,113 @@
+"""The video LLaVA: LLaVA's model (glimpse/models/vlm.py) reading clips.  Frames go through the image
+tower, each frame's patch grid is pooled before the projector (LLaVA-NeXT-Video's average or max), and
+each frame's tokens get a temporal position; it answers questions about clips and captions them.
+
+    model.py      VideoLanguageModel: VisionLanguageModel with clips, pooling and frame positions
+    data.py       LLaVA-Video conversations (`<video>`) as LLaVA's records
+    pipeline.py   what glimpse.load returns: ask, caption, chat with clips
+    evaluate.py   question answering by type, the frame-order controls, CIDEr
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glimpse.data.chat import TEMPLATES
+from glimpse.data.conversations import ConversationCollate, ConversationDataset
+from glimpse.data.video import clip_pixels
+from glimpse.errors import GlimpseError
+from glimpse.families import checks
+from glimpse.families.base import Family, recipe_transform
+from glimpse.families.feature_cache import cache_tower_features
+from glimpse.families.registry import register
+from glimpse.families.video_llava.data import video_records
+from glimpse.families.video_llava.evaluate import evaluate
+from glimpse.families.video_llava.model import POOLS, VideoLanguageModel, VideoLLaVAConfig
+from glimpse.families.video_llava.pipeline import VideoLanguagePipeline
+from glimpse.losses import lm_loss_at_targets
+from glimpse.schema import check, choice
+
+
+@register
+class VideoLLaVAFamily(Family):
+    name = "video_llava"
+    config = VideoLLaVAConfig
+    train_options = frozenset({"cache_vision_features"})
+    data_formats = ("llava",)
+
+    @classmethod
+    def validate(cls, recipe) -> None:
+        m = recipe.model
+        checks.check_decoder(m.lm, "model.lm")
+        checks.check_vision_grid(m.vision)
+        choice("data.source", recipe.data.source, ("shapes-video", "msrvtt"))
+        choice("model.connector", m.connector, ("linear", "mlp2x_gelu"))
+        choice("model.vision_feature_select", m.vision_feature_select, ("patch",))
+        choice("model.spatial_pool", m.spatial_pool, POOLS)
+        v = m.vision
+        check(-v.layers <= m.vision_feature_layer < v.layers, "model.vision_feature_layer", m.vision_feature_layer,
+              f"is not a layer of a {v.layers}-layer tower")
+        check(m.pixel_shuffle == 1, "model.pixel_shuffle", m.pixel_shuffle, "must be 1: frames are pooled instead")
+        check(m.spatial_pool_stride >= 1, "model.spatial_pool_stride", m.spatial_pool_stride, "must be at least 1")
+        check(m.num_frames >= 1, "model.num_frames", m.num_frames, "must be at least 1")
+        check(m.chat_template in TEMPLATES or "{" in m.chat_template, "model.chat_template", m.chat_template,
+              f"is neither a Jinja template nor one of {', '.join(TEMPLATES)}")
+        check(not recipe.train.cache_vision_features or "vision" in recipe.freeze, "train.cache_vision_features",
+              True, "needs the vision tower in the freeze list (a training tower changes its features)")
+
+    def __init__(self, recipe, root: Path, tokenizer):
+        super().__init__(recipe, root, tokenizer)
+        m = recipe.model
+        m.lm.vocab_size = m.lm.vocab_size or tokenizer.vocab_size
+        if tokenizer.ids.get("image") is None:
+            raise GlimpseError(f"the tokenizer {tokenizer.path} has no <image> token (a clip's slot)")
+        m.image_token_id = tokenizer.ids["image"]
+        self.transform = recipe_transform(recipe)
+        self.records, self.image_rows, self.feature_cache = None, None, None  # see prepare()
+
+    def load_clip(self, src, name=None) -> torch.Tensor:
+        return clip_pixels(src, self.recipe.model.num_frames, self.transform)
+
+    def build_model(self) -> nn.Module:
+        return VideoLanguageModel(self.recipe.model)
+
+    def prepare(self, model: VideoLanguageModel, device: torch.device, progress: bool = True) -> None:
+        """A frozen tower's pooled features of every training clip, computed once (train.cache_vision_features)."""
+        if self.recipe.train.cache_vision_features:
+            self.records = video_records(self.recipe.data, self.root, "train")
+            c = model.cfg
+            self.image_rows, self.feature_cache = cache_tower_features(
+                model, [clip for r in self.records for clip in r["images"]], self.transform,
+                self.recipe.data.max_pixels, device, self.recipe.eval.batch_size, progress,
+                settings=(c.vision_feature_layer, c.num_frames, c.spatial_pool, c.spatial_pool_stride),
+                loader=self.load_clip)
+
+    def train_data(self):
+        m = self.recipe.model
+        records = self.records if self.records is not None else video_records(self.recipe.data, self.root, "train")
+        dataset = ConversationDataset(records, self.tokenizer, m.chat_template, self.transform,
+                                      self.recipe.data.max_pixels, VideoLanguageModel.count_image_tokens(m),
+                                      m.lm.context_length, self.image_rows, loader=self.load_clip)
+        return dataset, ConversationCollate(self.tokenizer.pad_id)
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        lm = model.module.lm if hasattr(model, "module") else model.lm  # DDP wraps the model
+        clips = {"tower_features": self.feature_cache[batch["image_rows"]]} if "image_rows" in batch \
+            else {"pixel_values": batch["pixel_values"]}
+        hidden = model(batch["input_ids"], batch["attention_mask"], return_hidden=True, **clips)
+        return lm_loss_at_targets(hidden, lm.lm_head, batch["labels"])
+
+    def pipeline(self, model: VideoLanguageModel) -> VideoLanguagePipeline:
+        return VideoLanguagePipeline(model, self.tokenizer, self.transform)
+
+    def evaluate(self, model: VideoLanguageModel, splits: list[str]) -> dict[str, float]:
+        if self.recipe.data.source != "shapes-video":
+            raise GlimpseError("video_llava evaluates on the moving-shapes world's questions (data.source: shapes-video)")
+        e = self.recipe.eval
+        return evaluate(self.pipeline(model), self.root, splits, e.batch_size, e.vqa_limit)
+
+
+__all__ = ["VideoLLaVAFamily", "VideoLanguageModel", "VideoLLaVAConfig", "VideoLanguagePipeline"]

@@ -1,0 +1,24 @@
+"""Using a video LLaVA: ask about clips and caption them.  What `glimpse.load` returns for a video_llava
+run; LLaVA's pipeline with clips (paths, bytes, or decoded [T, 3, H, W] frames) where images were."""
+
+from __future__ import annotations
+
+import torch
+
+from glimpse.data.video import DEFAULT_LIMITS, VideoLimits, clip_pixels
+from glimpse.infer.vision_language import VisionLanguagePipeline
+
+DESCRIBE = "describe what happens in the video."
+
+
+class VideoLanguagePipeline(VisionLanguagePipeline):
+    def __init__(self, model, tokenizer, transform, limits: VideoLimits = DEFAULT_LIMITS):
+        super().__init__(model, tokenizer, transform)
+        self.limits = limits
+
+    def load_pixels(self, src) -> torch.Tensor:
+        """A clip as [T, 3, S, S]: its uniform frames; a bad file raises VideoError."""
+        return clip_pixels(src, self.model.cfg.num_frames, self.transform, self.limits)
+
+    def caption(self, videos: list, prompt: str = DESCRIBE, max_new_tokens: int = 48, **options) -> list[str]:
+        return super().caption(videos, prompt, max_new_tokens, **options)

@@ -1,0 +1,188 @@
+"""Using a vision-language decoder: caption, ask, chat.  What `glimpse.load` returns for the vlm and
+video_llava families.
+
+Every request becomes a token prompt plus its images: a chat model's prompt goes through its
+chat template (the run's `model.chat_template`); a model trained on the "plain" template (LLaVA
+stage 1, Frozen) has no roles, so a question is asked as raw interleaved text,
+"<image>Question: ... Answer:", the format of the Frozen paper's few-shot prompts.
+
+Image features are cached by the content of the preprocessed pixels: a multi-turn chat that
+sends the same image again (as OpenAI-style clients do every turn) does not re-encode it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import torch
+
+from glimpse.data.chat import mark_specials, render, token_text
+from glimpse.data.conversations import expand_images, vqa_question
+from glimpse.data.images import DEFAULT_MAX_PIXELS, ImageTransform, load_image
+from glimpse.data.messages import IMAGE, split_content, user_message
+from glimpse.errors import ContextLengthError, GlimpseError
+from glimpse.infer.generate import GenerationConfig, TextStream, generate
+from glimpse.infer.generate import stream as stream_tokens
+from glimpse.models.vlm import VisionLanguageModel
+
+
+class VisionLanguagePipeline:
+    def __init__(self, model: VisionLanguageModel, tokenizer, transform: ImageTransform,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, cache_size: int = 256):
+        self.model, self.tokenizer, self.transform, self.max_pixels = model, tokenizer, transform, max_pixels
+        self.template = model.cfg.chat_template
+        if tokenizer:  # loaded without one (a model folder): text methods say so when called
+            mark_specials(tokenizer.hf)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.cache_size = cache_size
+        self.encoded_images = 0  # images that went through the vision tower (the rest came from the cache)
+
+    @property
+    def bos(self) -> str:
+        return token_text(self.tokenizer.hf, self.tokenizer.ids, "bos")
+
+    @property
+    def eos(self) -> str:
+        return token_text(self.tokenizer.hf, self.tokenizer.ids, "eos")
+
+    @property
+    def is_chat(self) -> bool:
+        return self.template != "plain"
+
+    @property
+    def context_length(self) -> int:
+        return self.model.lm.cfg.context_length
+
+    # -- images ---------------------------------------------------------------------------
+    def load_pixels(self, src) -> torch.Tensor:
+        """One image (a path, bytes or PIL image) as the tower's input; raises ImageError."""
+        return self.transform(load_image(src, max_pixels=self.max_pixels))
+
+    @torch.no_grad()
+    def image_features(self, images: list) -> list[torch.Tensor]:
+        """[image_tokens, D] per image, from the cache where the same pixels were seen before."""
+        device = next(self.model.parameters()).device
+        pixels = [self.load_pixels(im) for im in images]
+        keys = [hashlib.sha1(p.numpy().tobytes()).hexdigest() for p in pixels]
+        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        if todo:
+            feats = self.model.get_image_features(torch.stack([pixels[i] for i in todo]).to(device))
+            self.encoded_images += len(todo)
+            for i, f in zip(todo, feats):
+                self._cache[keys[i]] = f
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        for k in keys:
+            self._cache.move_to_end(k)
+        return [self._cache[k] for k in keys]
+
+    # -- prompts --------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Prompt text (special markers included) -> ids, each <image> expanded to the image's tokens."""
+        ids = self.tokenizer.hf.encode(text, add_special_tokens=False).ids
+        return expand_images(ids, ids, self.tokenizer.ids["image"], self.model.image_tokens)[0]
+
+    def chat_prompt(self, messages: list[dict]) -> tuple[list[int], list]:
+        """OpenAI-style messages -> (prompt ids ending where the assistant speaks, images in order)."""
+        if not isinstance(messages, list) or not messages:
+            raise GlimpseError("messages must be a non-empty list")
+        turns, images = [], []
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise GlimpseError("each message needs a role and a content")
+            text, ims = split_content(m["content"])
+            turns.append({"role": m["role"], "content": text})
+            images += ims
+        try:
+            text = render(self.template, turns, add_generation_prompt=True, bos_token=self.bos, eos_token=self.eos)
+        except ValueError as e:
+            raise GlimpseError(str(e)) from None
+        if text.count(IMAGE) != len(images):  # the plain template keeps only the user turns' images
+            raise GlimpseError(f"this model's template ({self.template}) keeps {text.count(IMAGE)} of the "
+                               f"{len(images)} images")
+        return self.encode(text), images
+
+    def question_prompt(self, question: str, image, shots: list[tuple] = (), short: bool = False):
+        """A question about one image, after k solved examples [(image, question, answer)]."""
+        if not self.is_chat:  # interleaved text, the Frozen paper's format
+            text = self.bos + "".join(f"{IMAGE}Question: {q} Answer: {a}\n" for _, q, a in shots)
+            return self.encode(text + f"{IMAGE}Question: {question} Answer:"), [s[0] for s in shots] + [image]
+        messages = []
+        for im, q, a in shots:
+            messages += [user_message([im], vqa_question(q, short)), {"role": "assistant", "content": a}]
+        return self.chat_prompt(messages + [user_message([image], vqa_question(question, short))])
+
+    # -- generation -----------------------------------------------------------------------
+    def _config(self, max_new_tokens: int, options: dict) -> GenerationConfig:
+        stops = list(options.pop("stop_strings", None) or [])
+        if not self.is_chat:
+            stops.append("\n")  # raw prompts end each answer at a newline
+        return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.ids["eos"],
+                                stop_strings=stops, **options)
+
+    @torch.no_grad()
+    def _inputs(self, prompts: list[tuple[list[int], list]], max_new_tokens: int):
+        device, embeds, done = next(self.model.parameters()).device, [], {}
+        for ids, images in prompts:
+            if len(ids) + max_new_tokens > self.context_length:
+                raise ContextLengthError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) "
+                                         f"exceeds the model's context of {self.context_length} tokens")
+            key = (id(ids), id(images))  # n choices of one request share its prompt: embed it once
+            if key not in done:
+                feats = torch.stack(self.image_features(images)) if images else None
+                done[key] = self.model.merge(torch.tensor([ids], device=device), feats)[0]
+            embeds.append(done[key])
+        return [p[0] for p in prompts], embeds
+
+    def complete(self, prompts: list[tuple[list[int], list]], max_new_tokens: int = 32, on_token=None,
+                 cancelled=None, **options) -> list[list[int]]:
+        """New token ids for (ids, images) prompts, decoded in one batch; options are
+        GenerationConfig's.  on_token(row, id) streams; cancelled(row) ends a row early."""
+        self.model.eval()
+        cfg = self._config(max_new_tokens, options)
+        ids, embeds = self._inputs(prompts, max_new_tokens)
+        return generate(self.model.lm, ids, cfg, pad_id=self.tokenizer.pad_id, prefix_embeds=embeds,
+                        decode=self.tokenizer.decode, on_token=on_token, cancelled=cancelled)
+
+    def generate(self, prompts: list[tuple[list[int], list]], max_new_tokens: int = 32, on_token=None,
+                 **options) -> list[str]:
+        """The completions of (ids, images) prompts as text (one batch)."""
+        out = self.complete(prompts, max_new_tokens, on_token, **options)
+        return [self.tokenizer.decode(o).strip() for o in out]
+
+    def stream(self, prompt: tuple[list[int], list], max_new_tokens: int = 32, **options) -> Iterator[str]:
+        """The text of one completion, in pieces as the tokens come (pieces join to the whole text)."""
+        self.model.eval()
+        cfg = self._config(max_new_tokens, options)
+        ids, embeds = self._inputs([prompt], max_new_tokens)
+        text = TextStream(self.tokenizer.decode)
+        for tok in stream_tokens(self.model.lm, ids[0], cfg, pad_id=self.tokenizer.pad_id, prefix_embeds=embeds,
+                                 decode=self.tokenizer.decode):
+            piece = text.push(tok)
+            if piece:
+                yield piece
+
+    # -- the user-facing calls ------------------------------------------------------------
+    def caption(self, images: list, prompt: str = "describe the image.", max_new_tokens: int = 32,
+                **options) -> list[str]:
+        """One caption per image (batched)."""
+        prompts = [self.chat_prompt([user_message([im], prompt)]) for im in images]
+        return self.generate(prompts, max_new_tokens, **options)
+
+    def ask(self, images: list, questions: list[str], short: bool = False, max_new_tokens: int = 32,
+            **options) -> list[str]:
+        """One answer per (image, question) (batched); `short` asks for a word or phrase."""
+        if len(images) != len(questions):
+            raise GlimpseError(f"{len(images)} images for {len(questions)} questions")
+        prompts = [self.question_prompt(q, im, short=short) for im, q in zip(images, questions)]
+        return self.generate(prompts, max_new_tokens, **options)
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 64, stream: bool = False, **options):
+        """The assistant's reply to OpenAI-style messages (text and image parts); with stream=True,
+        an iterator of text pieces."""
+        prompt = self.chat_prompt(messages)
+        if stream:
+            return self.stream(prompt, max_new_tokens, **options)
+        return self.generate([prompt], max_new_tokens, **options)[0]

@@ -1,0 +1,213 @@
+"""The moving-shapes world, safe video decoding, the temporal head and the video dual encoder family."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("av")
+
+from glimpse.data import shapes_video as sv  # noqa: E402
+from glimpse.data.video import VideoError, VideoLimits, read_video, write_video  # noqa: E402
+from glimpse.metrics.retrieval import expected_recall  # noqa: E402
+from glimpse.models.temporal import TemporalPool  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def video_world(tmp_path_factory) -> Path:
+    from glimpse.data.world import make_video_world
+
+    out = tmp_path_factory.mktemp("video") / "world"
+    make_video_world(out, seed=3, n_train=48, n_val=8, n_test=16, frames=8, image_size=32, progress=False)
+    return out
+
+
+def _moving_square(T: int = 12, size: int = 32) -> np.ndarray:
+    frames = np.full((T, size, size, 3), 240, np.uint8)
+    for t in range(T):
+        frames[t, 8:16, 2 * t:2 * t + 8] = (215, 35, 35)
+    return frames
+
+
+# --- decoding ---------------------------------------------------------------------------------------
+
+def test_written_clips_read_back_with_uniform_and_fps_sampling(tmp_path):
+    path = tmp_path / "clip.mp4"
+    write_video(_moving_square(), path, fps=4)
+    frames = read_video(path, 4)
+    assert frames.shape == (4, 32, 32, 3) and frames.dtype == np.uint8
+    # uniform: frames 0, 4, 7, 11 of 12 (first to last); the square's left edge moves 2 px a frame
+    red = [np.flatnonzero(f[12, :, 0].astype(int) - f[12, :, 1] > 100) for f in frames]
+    assert [int(r[0]) for r in red] == pytest.approx([0, 8, 14, 22], abs=1)
+    assert read_video(path, 0, sampling="fps", fps=2).shape[0] == 6  # 3 s at 2 frames a second
+    assert read_video(path, 20).shape[0] == 20  # a short clip repeats frames
+
+
+def test_bad_videos_are_one_line_errors_naming_the_file(tmp_path):
+    path = tmp_path / "clip.mp4"
+    write_video(_moving_square(), path)
+    data = path.read_bytes()
+    cases = {"truncated": data[: len(data) // 2], "format": b"not a video at all" * 10}
+    for reason, blob in cases.items():
+        bad = tmp_path / f"{reason}.mp4"
+        bad.write_bytes(blob)
+        with pytest.raises(VideoError) as e:
+            read_video(bad, 4)
+        assert e.value.reason == reason and str(bad) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(VideoError, match="missing"):
+        read_video(tmp_path / "nope.mp4")
+    with pytest.raises(VideoError, match="too large"):
+        read_video(path, 4, limits=VideoLimits(max_pixels=16 * 16))
+    with pytest.raises(VideoError, match="too large"):
+        read_video(path, 4, limits=VideoLimits(max_decoded=5))
+    with pytest.raises(VideoError, match="too large"):
+        read_video(path, 4, limits=VideoLimits(max_bytes=100))
+
+
+# --- the world --------------------------------------------------------------------------------------
+
+def test_the_world_is_deterministic_in_its_seed(video_world, tmp_path):
+    from glimpse.data.shapes_video import generate_shapes_video
+
+    again = tmp_path / "again"
+    generate_shapes_video(again, seed=3, n_train=48, n_val=8, n_test=16, frames=8, image_size=32, progress=False)
+    for f in sorted(again.rglob("*")):
+        if f.is_file():
+            rel = f.relative_to(again)
+            assert hashlib.sha256(f.read_bytes()).digest() == hashlib.sha256((video_world / rel).read_bytes()).digest(), rel
+
+
+def test_annotations_use_real_video_formats(video_world):
+    ann = video_world / "annotations"
+    caps = json.loads((ann / "captions_train.json").read_text())
+    assert {"video_id", "file_name", "split", "start time", "end time"} <= set(caps["videos"][0])
+    assert {"caption", "video_id", "sen_id"} == set(caps["sentences"][0])
+    qa = json.loads((ann / "qa_test.json").read_text())
+    assert {"id", "video_id", "video", "question", "answer", "question_type", "answer_type"} <= set(qa[0])
+    assert {q["answer_type"] for q in qa} == {"temporal", "static"}
+    conv = json.loads((ann / "llava_video_val.json").read_text())
+    assert conv[0]["conversations"][0]["value"].startswith("<video>\n") and conv[0]["video"].endswith(".mp4")
+    clips = sv.read_clips(ann / "captions_test.json", video_world / "videos" / "test")
+    assert len(clips) == 16 and all(Path(c.path).is_file() and len(c.captions) == 5 for c in clips)
+    assert read_video(clips[0].path, 8).shape == (8, 32, 32, 3)
+
+
+def test_test_novel_alone_holds_the_novel_colour_shape_pairs(video_world):
+    def combos(split):
+        videos = json.loads((video_world / "annotations" / f"captions_{split}.json").read_text())["videos"]
+        return {(c, t["shape"]) for v in videos for t in v["tracks"] for c in t["colours"] if c}
+
+    novel = {tuple(c) for c in json.loads((video_world / "world.json").read_text())["novel_combos"]}
+    for split in ("train", "val", "test"):
+        assert not combos(split) & novel
+    assert combos("test_novel") & novel
+
+
+def test_observed_facts_follow_the_frames_and_flip_when_reversed():
+    # a square moving right, reflected by the wall at x = 10 between frames 2 and 3, then gone at frame 5
+    track = {"shape": "square", "colours": ["red", "red", "red", "orange", "orange", None],
+             "xs": [4.0, 6.0, 8.0, 9.0, 7.0, 5.0], "ys": [5.0] * 6}
+    f = sv.observe(track)
+    assert (f.direction, f.bounces, f.appear, f.disappear, f.change) == ("right", [3], 0, 5, (3, "orange"))
+    back = sv.observe(sv.reverse_tracks([track])[0])
+    assert (back.direction, back.appear, back.disappear, back.change) == ("right", 1, None, (3, "red"))
+    assert sv.reverse_tracks(sv.reverse_tracks([track])) == [track]
+    assert sv.video_caption([track]) == "a red square moves right, bounces once, turns orange and disappears"
+
+
+def test_answers_agree_with_the_tracks(video_world):
+    videos = {v["video_id"]: v for v in
+              json.loads((video_world / "annotations" / "captions_train.json").read_text())["videos"]}
+    qa = json.loads((video_world / "annotations" / "qa_train.json").read_text())
+    checked = 0
+    for q in qa:
+        v = videos[q["video_id"]]
+        expected = sv.answer_of(q["question_type"], q["shapes"], v["tracks"], v["reversed"])
+        if expected is not None:
+            assert q["answer"] == expected, q
+            checked += 1
+        assert all(s in q["question"] for s in q["shapes"])
+    assert checked > 50
+    # played backwards, what moved left moves right and what appeared first disappears last
+    v = next(v for v in videos.values() if any(sv.observe(t).direction in ("left", "right") for t in v["tracks"]))
+    t = next(t for t in v["tracks"] if sv.observe(t).direction in ("left", "right"))
+    back = sv.answer_of("direction", [t["shape"]], sv.reverse_tracks(v["tracks"]), not v["reversed"])
+    forward = sv.answer_of("direction", [t["shape"]], v["tracks"], v["reversed"])
+    assert {back, forward} == {"left", "right"} or sv.observe(t).bounces
+
+
+# --- the temporal head and the metric ---------------------------------------------------------------
+
+def test_meanp_is_bit_identical_under_frame_permutation_and_seqtransf_is_not():
+    torch.manual_seed(0)
+    frames = torch.randn(3, 8, 16)
+    perm = torch.randperm(8)
+    mean_pool = TemporalPool(16, "meanP")
+    assert torch.equal(mean_pool(frames), mean_pool(frames[:, perm]))
+    seq = TemporalPool(16, "seqTransf", layers=1, heads=2)
+    assert not torch.allclose(seq(frames), seq(frames[:, perm]), atol=1e-4)
+
+
+def test_meanp_video_logits_are_identical_under_frame_permutation():
+    from glimpse.families.video_clip.model import VideoClipConfig, VideoDualEncoder
+    from glimpse.models.text import TextConfig
+    from glimpse.models.vision import VisionConfig
+
+    torch.manual_seed(0)
+    cfg = VideoClipConfig(vision=VisionConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2),
+                          text=TextConfig(vocab_size=50, context_length=8, width=16, layers=1, heads=2),
+                          embed_dim=16, temporal="meanP")
+    model = VideoDualEncoder(cfg).eval()
+    clips, ids = torch.randn(2, 8, 3, 16, 16), torch.randint(0, 50, (2, 8))
+    out = model(clips, ids)
+    shuffled = model(clips[:, torch.randperm(8)], ids)
+    assert torch.equal(out["image_embeds"] @ out["text_embeds"].T, shuffled["image_embeds"] @ shuffled["text_embeds"].T)
+
+
+def test_expected_recall_breaks_ties_at_random():
+    sim = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0], [0.0, 0.0, 3.0]])
+    # query 0 ties with one other (1/2), query 1 ties with one (1/2), query 2 is alone at the top (1)
+    assert expected_recall(sim, torch.tensor([0, 1, 2]), 1) == pytest.approx(2 / 3)
+    assert expected_recall(sim, torch.tensor([0, 1, 2]), 2) == pytest.approx(1.0)
+    assert expected_recall(torch.tensor([[0.0, 1.0, 1.0, 1.0]]), torch.tensor([1]), 2) == pytest.approx(2 / 3)
+
+
+# --- the family, end to end -------------------------------------------------------------------------
+
+def test_video_clip_trains_skips_bad_clips_and_evaluates_the_controls(video_world, tmp_path, capsys):
+    import shutil
+
+    import glimpse
+    from glimpse.config import load_recipe
+    from glimpse.train.trainer import train
+
+    world = tmp_path / "world"
+    shutil.copytree(video_world, world)
+    bad = world / "videos" / "train" / "train_000003.mp4"
+    bad.write_bytes(bad.read_bytes()[:300])
+    sets = {"data.root": str(world), "data.image_size": 32, "data.num_workers": 0, "data.train_size": 48,
+            "data.val_size": 8, "data.test_size": 16, "model.vision.image_size": 32, "model.vision.width": 32,
+            "model.vision.layers": 1, "model.text.width": 32, "model.text.layers": 1, "model.embed_dim": 32,
+            "model.temporal_layers": 1, "train.batch_size": 8, "train.max_steps": 4, "train.warmup_steps": 1,
+            "train.log_every": 1, "train.save_every": 4, "eval.batch_size": 8}
+    out = tmp_path / "run"
+    train(load_recipe("shapes-video-clip", [f"{k}={v}" for k, v in sets.items()]), out, progress=False)
+    assert "skipped bad samples" in capsys.readouterr().out
+    results = json.loads((out / "eval.json").read_text())
+    for key in ("t2v_r1", "v2t_r5", "shuffled_t2v_r1", "reversed_t2v_r1", "single_frame_t2v_r1", "pairs_t2v_r1",
+                "pairs_acc"):
+        assert 0.0 <= results[f"test/{key}"] <= 1.0, key
+    assert results["test/n"] == 16 and results["test_novel/skipped"] == 0
+
+    pipe = glimpse.load(out)
+    clips = sorted((world / "videos" / "test").glob("*.mp4"))[:3]
+    emb = pipe.embed_videos([str(c) for c in clips])
+    assert emb.shape == (3, 32) and torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert sorted(i for i, _ in pipe.rank("a red circle moves left", [str(c) for c in clips])) == [0, 1, 2]
+    with pytest.raises(VideoError, match="train_000003"):
+        pipe.embed_videos([str(bad)])
