@@ -83,6 +83,17 @@ def tiny_vlm_run(world, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def video_world(tmp_path_factory) -> Path:
+    """A tiny moving-shapes world (48 training clips of 8 frames at 32 px; shared, read-only)."""
+    pytest.importorskip("av")
+    from glimpse.data.world import make_video_world
+
+    out = tmp_path_factory.mktemp("video") / "world"
+    make_video_world(out, seed=3, n_train=48, n_val=8, n_test=16, frames=8, image_size=32, progress=False)
+    return out
+
+
 def tiny_vq_overrides(world: Path, **extra) -> list[str]:
     """--set items that make shapes-vq tiny (32 px -> 4 x 4 codes of 16) on the session's world."""
     base = {

@@ -18,15 +18,6 @@ from glimpse.metrics.retrieval import expected_recall  # noqa: E402
 from glimpse.models.temporal import TemporalPool  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def video_world(tmp_path_factory) -> Path:
-    from glimpse.data.world import make_video_world
-
-    out = tmp_path_factory.mktemp("video") / "world"
-    make_video_world(out, seed=3, n_train=48, n_val=8, n_test=16, frames=8, image_size=32, progress=False)
-    return out
-
-
 def _moving_square(T: int = 12, size: int = 32) -> np.ndarray:
     frames = np.full((T, size, size, 3), 240, np.uint8)
     for t in range(T):

@@ -113,7 +113,13 @@ def read_video(src, num_frames: int = 8, *, sampling: str = "uniform", fps: floa
                          f"the container does not open: {e.strerror or e}") from None
     with container:
         try:
-            return _decode(av, container, label, num_frames, sampling, fps, limits)
+            try:
+                return _decode(av, container, label, num_frames, sampling, fps, limits)
+            except VideoError:
+                raise
+            except (AttributeError, TypeError, ValueError, IndexError, OverflowError) as e:
+                # what PyAV raises on streams too broken to describe themselves (no decoder settings...)
+                raise VideoError(label, "corrupt", f"{type(e).__name__}: {e}") from None
         except VideoError as e:
             if e.reason in ("corrupt", "format") and _cut_short(fp):
                 raise VideoError(label, "truncated", e.detail) from None

@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glimpse.data.images import ImageError, load_image
 from glimpse.data.messages import decode_data_url
+from glimpse.data.video import VideoLimits
 from glimpse.errors import GlimpseError
 from glimpse.families.base import can_chat, can_embed, can_generate_images
 from glimpse.infer.generate import TextStream
@@ -58,6 +59,9 @@ class ServerLimits:
     max_request_pixels: int = 32_000_000  # decoded pixels of all of a request's images
     max_request_chars: int = 100_000  # characters of all of a request's text, refused before any tokenizing
     max_decoding: int = 2  # images decoded at once, server-wide (each is shrunk to the model's size at once)
+    max_video_bytes: int = 16_000_000  # per encoded video (a video model's video_url parts)
+    max_video_frames: int = 2_000  # frames decoded from one video before it is refused
+    max_video_seconds: int = 600  # a video's declared duration
     retry_after_s: int = 1
 
     def __post_init__(self):
@@ -165,6 +169,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     engine = Engine(pipeline, max_batch=limits.max_batch, max_pending=limits.max_pending)
     decoding = threading.BoundedSemaphore(limits.max_decoding)
     transform = getattr(pipeline, "transform", None)  # the model's input size, to shrink images to
+    reads_video = hasattr(pipeline, "load_video")  # a video model's content parts are video_url
     app = FastAPI(title="glimpse", version="1", docs_url=None, redoc_url=None)
     app.state.engine, app.state.model_name = engine, model_name
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
@@ -208,6 +213,18 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
         if len(data) > limits.max_image_bytes:
             raise GlimpseError(f"an image is over the {limits.max_image_bytes}-byte limit")
         return data
+
+    def read_video(url: str):
+        """One of a request's videos as the model's input: its sampled frames, decoded within the limits."""
+        data = decode_data_url(url) if url.startswith("data:") else None
+        if data is None:
+            raise GlimpseError("videos must be base64 data: URLs (data:video/mp4;base64,...); no URL is fetched")
+        if len(data) > limits.max_video_bytes:
+            raise GlimpseError(f"a video is over the {limits.max_video_bytes}-byte limit")
+        with decoding:
+            return pipeline.load_video(data, VideoLimits(
+                max_bytes=limits.max_video_bytes, max_pixels=limits.max_image_pixels,
+                max_duration=float(limits.max_video_seconds), max_decoded=limits.max_video_frames))
 
     def read_image(url: str, budget: list[int], name: str):
         """One of a request's images: decoded within what is left of the request's pixel budget, a few at a
@@ -267,8 +284,13 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
                 if n_images > limits.max_images:
                     raise APIError(400, f"too many images: at most {limits.max_images} per request",
                                    param="messages")
+                video = part.type == "video_url"
+                if video != reads_video:
+                    raise APIError(400, f"{model_name} reads {'videos: send video_url' if reads_video else 'images: send image_url'}"
+                                   " parts", param=f"messages.{i}.content")
                 try:
-                    image = read_image(part.image_url.url, budget, f"#{n_images}")
+                    image = read_video(part.video_url.url) if video else read_image(part.image_url.url, budget,
+                                                                                    f"#{n_images}")
                 except GlimpseError as e:
                     raise APIError(400, str(e), param=f"messages.{i}.content") from None
                 parts.append({"type": "image", "image": image})

@@ -36,7 +36,13 @@ class ImagePart(_Body):
     image_url: ImageURL
 
 
-Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoPart(_Body):
+    """vLLM's video content part: {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}}."""
+    type: Literal["video_url"]
+    video_url: ImageURL
+
+
+Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class Message(_Body):

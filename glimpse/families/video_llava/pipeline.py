@@ -18,7 +18,12 @@ class VideoLanguagePipeline(VisionLanguagePipeline):
 
     def load_pixels(self, src) -> torch.Tensor:
         """A clip as [T, 3, S, S]: its uniform frames; a bad file raises VideoError."""
-        return clip_pixels(src, self.model.cfg.num_frames, self.transform, self.limits)
+        return self.load_video(src)
+
+    def load_video(self, src, limits: VideoLimits | None = None) -> torch.Tensor:
+        """A clip (a path, bytes or a decoded [T, 3, S, S] tensor) as the model's input, decoded within
+        `limits` (the pipeline's own by default; the server passes its stricter ones)."""
+        return clip_pixels(src, self.model.cfg.num_frames, self.transform, limits or self.limits)
 
     def caption(self, videos: list, prompt: str = DESCRIBE, max_new_tokens: int = 48, **options) -> list[str]:
         return super().caption(videos, prompt, max_new_tokens, **options)

@@ -1,0 +1,165 @@
+"""The video LLaVA: pooling and frame positions, training on clips (with and without a feature cache),
+asking and captioning clips from Python and the CLI, and video_url parts in the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import LiveServer
+
+import glimpse
+from glimpse.config import load_recipe
+from glimpse.train.trainer import train
+
+pytest.importorskip("av")
+
+MODEL = "tiny-video-llava"
+
+
+def overrides(world, **extra) -> list[str]:
+    sets = {"data.root": str(world), "data.image_size": 32, "data.train_size": 48, "data.val_size": 8,
+            "data.test_size": 16, "init_parts": "{}", "freeze": "[]", "train.cache_vision_features": False,
+            "model.vision.image_size": 32, "model.vision.patch_size": 8, "model.vision.width": 32,
+            "model.vision.layers": 1, "model.lm.width": 32, "model.lm.layers": 1, "model.lm.heads": 2,
+            "model.lm.kv_heads": 1, "model.lm.context_length": 96, "train.batch_size": 8, "train.max_steps": 3,
+            "train.warmup_steps": 1, "train.log_every": 1, "train.save_every": 3, "eval.batch_size": 16,
+            "eval.vqa_limit": 12}
+    sets.update(extra)
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+@pytest.fixture(scope="module")
+def run(video_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "video-llava"
+    train(load_recipe("shapes-video-llava", overrides(video_world)), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(run):
+    return glimpse.load(run)
+
+
+def clips(world, n=2):
+    return [str(p) for p in sorted((world / "videos" / "test").glob("*.mp4"))[:n]]
+
+
+def test_frames_are_pooled_before_the_projector_and_get_a_position_each():
+    from glimpse.families.video_llava.model import VideoLanguageModel, VideoLLaVAConfig
+    from glimpse.models.decoder import DecoderConfig
+    from glimpse.models.vision import VisionConfig
+
+    torch.manual_seed(0)
+    for pool, reduce in (("average", F.avg_pool2d), ("max", F.max_pool2d)):
+        cfg = VideoLLaVAConfig(vision=VisionConfig(image_size=32, patch_size=8, width=16, layers=1, heads=2,
+                                                   class_token=False, pool="mean"),
+                               lm=DecoderConfig(vocab_size=40, width=16, layers=1, heads=2, context_length=80),
+                               num_frames=3, spatial_pool=pool, image_token_id=3)
+        model = VideoLanguageModel(cfg).eval()
+        assert model.image_tokens == 3 * 4  # a 4x4 grid pooled with stride 2
+        clip = torch.randn(2, 3, 3, 32, 32)
+        feats = model.tower_features(clip)
+        grid = model.vision.forward_features(clip.flatten(0, 1), layer=-1)  # [6, 16, D]
+        expected = reduce(grid.transpose(1, 2).reshape(6, 16, 4, 4), 2, 2).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(feats, expected.reshape(2, 12, 16))
+        # the same frames in another order are other tokens: the temporal positions differ
+        projected = model.project(feats)
+        swapped = model.project(model.tower_features(clip[:, [1, 0, 2]]))
+        assert not torch.allclose(projected[:, :4], swapped[:, 4:8])
+        torch.testing.assert_close(projected[:, :4] - model.frame_pos[0], swapped[:, 4:8] - model.frame_pos[1])
+
+
+def test_a_run_answers_and_captions_clips_and_reports_the_controls(run, pipe, video_world):
+    import json
+
+    results = json.loads((run / "eval.json").read_text())
+    for key in ("temporal_acc", "chance_temporal", "shuffled_temporal_acc", "single_frame_temporal_acc",
+                "single_frame_static_acc", "cider"):
+        assert f"test/{key}" in results, key
+    videos = clips(video_world)
+    answers = pipe.ask(videos, ["which way does the circle move first?"] * 2, max_new_tokens=4)
+    captions = pipe.caption(videos, max_new_tokens=6)
+    assert len(answers) == len(captions) == 2 and all(isinstance(a, str) for a in answers + captions)
+    # decoded frames and the file give the same answer
+    frames = pipe.load_video(videos[0])
+    assert frames.shape == (8, 3, 32, 32)
+    assert pipe.ask([frames], ["what colour is the square?"], max_new_tokens=4) == \
+        pipe.ask([videos[0]], ["what colour is the square?"], max_new_tokens=4)
+
+
+def test_the_feature_cache_gives_the_losses_of_the_tower(video_world, tmp_path):
+    common = {"train.max_steps": 2, "freeze": "[vision]"}
+    a, b = tmp_path / "cached", tmp_path / "plain"
+    train(load_recipe("shapes-video-llava", overrides(video_world, **common, **{"train.cache_vision_features": True})),
+          a, progress=False)
+    train(load_recipe("shapes-video-llava", overrides(video_world, **common)), b, progress=False)
+
+    def losses(out):
+        import json
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in line]
+
+    assert losses(a) == pytest.approx(losses(b), rel=1e-5)
+
+
+def test_the_cli_asks_and_captions_a_clip_file(run, video_world, cli_env):
+    video = clips(video_world, 1)[0]
+    for args in (["ask", str(run), video, "which way does the circle move first?"], ["caption", str(run), video]):
+        r = subprocess.run([sys.executable, "-m", "glimpse", *args, "--max-new-tokens", "4"], env=cli_env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    bad = video_world.parent / "bad.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 100)
+    r = subprocess.run([sys.executable, "-m", "glimpse", "ask", str(run), str(bad), "q?"], env=cli_env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "bad.mp4" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def _video_url(path) -> str:
+    return "data:video/mp4;base64," + base64.b64encode(open(path, "rb").read()).decode()
+
+
+def test_the_server_takes_video_url_parts_and_refuses_bad_ones_with_4xx(pipe, video_world, tmp_path):
+    import httpx
+
+    from glimpse.serve import ServerLimits, create_app
+
+    video = clips(video_world, 1)[0]
+    with LiveServer(create_app(pipe, MODEL, ServerLimits(max_video_bytes=200_000, max_video_frames=50))) as s:
+        def chat(parts):
+            return httpx.post(f"{s.url}/v1/chat/completions", timeout=60, json={
+                "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": parts}]})
+
+        ok = chat([{"type": "video_url", "video_url": {"url": _video_url(video)}},
+                   {"type": "text", "text": "which way does the circle move first?"}])
+        assert ok.status_code == 200, ok.text
+        assert isinstance(ok.json()["choices"][0]["message"]["content"], str)
+        png = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()
+        truncated = tmp_path / "cut.mp4"
+        truncated.write_bytes(open(video, "rb").read()[:400])
+        big = tmp_path / "big.mp4"
+        big.write_bytes(open(video, "rb").read() + b"\x00" * 300_000)
+        for parts, words in (([{"type": "image_url", "image_url": {"url": png}}], "video_url"),
+                             ([{"type": "video_url", "video_url": {"url": _video_url(truncated)}}], "truncated"),
+                             ([{"type": "video_url", "video_url": {"url": _video_url(big)}}], "byte limit"),
+                             ([{"type": "video_url", "video_url": {"url": "https://example.com/a.mp4"}}], "data:")):
+            r = chat(parts + [{"type": "text", "text": "what happens?"}])
+            assert 400 <= r.status_code < 500 and words in r.json()["error"]["message"], (r.status_code, r.text)
+
+
+def test_an_image_model_refuses_video_parts(tiny_vlm_run, video_world):
+    import httpx
+
+    from glimpse.serve import create_app
+
+    with LiveServer(create_app(glimpse.load(tiny_vlm_run), "tiny-vlm")) as s:
+        r = httpx.post(f"{s.url}/v1/chat/completions", timeout=60, json={
+            "model": "tiny-vlm", "max_tokens": 4, "messages": [{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": _video_url(clips(video_world, 1)[0])}},
+                {"type": "text", "text": "what happens?"}]}]})
+        assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
