@@ -146,11 +146,11 @@ def chat_template(folder: Path) -> str | None:
     return None
 
 
-def image_transform(folder: Path, image_size: int) -> ImageTransform:
-    """The folder's preprocessor_config.json read strictly (ImageTransform.from_hf_preprocessor: size,
-    crop_size, resample, do_rescale, do_normalize, mean and std); CLIP's preprocessing without one.
-    Its image size must be the vision tower's."""
-    pp = folder / "preprocessor_config.json"
+def image_transform(folder: Path, image_size: int, name: str = "preprocessor_config.json") -> ImageTransform:
+    """The folder's preprocessor_config.json (or `name`: a video model's video_preprocessor_config.json) read
+    strictly (ImageTransform.from_hf_preprocessor: size, crop_size, resample, do_rescale, do_normalize, mean
+    and std); CLIP's preprocessing without one.  Its image size must be the vision tower's."""
+    pp = folder / name
     if not pp.is_file():
         return ImageTransform(image_size)
     try:

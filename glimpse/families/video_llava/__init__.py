@@ -20,13 +20,15 @@ from glimpse.data.conversations import ConversationCollate, ConversationDataset
 from glimpse.data.video import clip_pixels
 from glimpse.errors import GlimpseError
 from glimpse.families import checks
-from glimpse.families.base import Family, recipe_transform
+from glimpse.families.base import Family, HFBuild, Loaded, recipe_transform
 from glimpse.families.feature_cache import cache_tower_features
 from glimpse.families.registry import register
+from glimpse.families.video_llava import hf
 from glimpse.families.video_llava.data import video_records
 from glimpse.families.video_llava.evaluate import evaluate
 from glimpse.families.video_llava.model import POOLS, VideoLanguageModel, VideoLLaVAConfig
 from glimpse.families.video_llava.pipeline import VideoLanguagePipeline
+from glimpse.hub import folder as hf_folder
 from glimpse.losses import lm_loss_at_targets
 from glimpse.schema import check, choice
 
@@ -37,6 +39,7 @@ class VideoLLaVAFamily(Family):
     config = VideoLLaVAConfig
     train_options = frozenset({"cache_vision_features"})
     data_formats = ("llava",)
+    hf_model_types = hf.MODEL_TYPES
 
     @classmethod
     def validate(cls, recipe) -> None:
@@ -51,7 +54,9 @@ class VideoLLaVAFamily(Family):
         check(-v.layers <= m.vision_feature_layer < v.layers, "model.vision_feature_layer", m.vision_feature_layer,
               f"is not a layer of a {v.layers}-layer tower")
         check(m.pixel_shuffle == 1, "model.pixel_shuffle", m.pixel_shuffle, "must be 1: frames are pooled instead")
-        check(m.spatial_pool_stride >= 1, "model.spatial_pool_stride", m.spatial_pool_stride, "must be at least 1")
+        grid = v.image_size // max(v.patch_size, 1)
+        check(1 <= m.spatial_pool_stride <= grid, "model.spatial_pool_stride", m.spatial_pool_stride,
+              f"must be from 1 to the {grid}x{grid} patch grid's side")
         check(m.num_frames >= 1, "model.num_frames", m.num_frames, "must be at least 1")
         check(m.chat_template in TEMPLATES or "{" in m.chat_template, "model.chat_template", m.chat_template,
               f"is neither a Jinja template nor one of {', '.join(TEMPLATES)}")
@@ -108,6 +113,23 @@ class VideoLLaVAFamily(Family):
             raise GlimpseError("video_llava evaluates on the moving-shapes world's questions (data.source: shapes-video)")
         e = self.recipe.eval
         return evaluate(self.pipeline(model), self.root, splits, e.batch_size, e.vqa_limit)
+
+    @classmethod
+    def hf_build(cls, folder: Path, config: dict) -> HFBuild:
+        return hf.build(folder, config)
+
+    @classmethod
+    def hf_inputs(cls, folder: Path, model: VideoLanguageModel, tokenizer):
+        if tokenizer:
+            tokenizer.ids["image"] = model.cfg.image_token_id  # the video token: a clip's slot
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            if (folder / name).is_file():
+                return tokenizer, hf_folder.image_transform(folder, model.cfg.vision.image_size, name)
+        return tokenizer, hf_folder.image_transform(folder, model.cfg.vision.image_size)
+
+    @classmethod
+    def hf_pipeline(cls, loaded: Loaded) -> VideoLanguagePipeline:
+        return VideoLanguagePipeline(loaded.model, loaded.tokenizer, loaded.transform)
 
 
 __all__ = ["VideoLLaVAFamily", "VideoLanguageModel", "VideoLLaVAConfig", "VideoLanguagePipeline"]

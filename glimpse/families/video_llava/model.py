@@ -39,7 +39,7 @@ class VideoLanguageModel(VisionLanguageModel):
     def tokens_per_frame(cfg: VideoLLaVAConfig) -> int:
         grid = cfg.vision.image_size // cfg.vision.patch_size
         if cfg.spatial_pool != "none":
-            grid = math.ceil(grid / cfg.spatial_pool_stride)
+            grid //= cfg.spatial_pool_stride  # as nn.AvgPool2d / MaxPool2d (LLaVA-NeXT-Video's pooler)
         return grid * grid
 
     @staticmethod
@@ -58,7 +58,7 @@ class VideoLanguageModel(VisionLanguageModel):
             grid = x.transpose(1, 2).reshape(N * T, -1, g, g)
             s = self.cfg.spatial_pool_stride
             pool = F.avg_pool2d if self.cfg.spatial_pool == "average" else F.max_pool2d
-            x = pool(grid, s, s, ceil_mode=True).flatten(2).transpose(1, 2)
+            x = pool(grid, s, s).flatten(2).transpose(1, 2)
         return x.reshape(N, -1, x.shape[-1])
 
     def project(self, tower_features: torch.Tensor) -> torch.Tensor:
