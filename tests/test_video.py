@@ -202,3 +202,28 @@ def test_video_clip_trains_skips_bad_clips_and_evaluates_the_controls(video_worl
     assert sorted(i for i, _ in pipe.rank("a red circle moves left", [str(c) for c in clips])) == [0, 1, 2]
     with pytest.raises(VideoError, match="train_000003"):
         pipe.embed_videos([str(bad)])
+
+
+def test_meanp_cannot_tell_a_minimal_pair_apart(video_world):
+    """Evaluated on minimal pairs (a clip and its reversal), an order-blind model ties every pair: its
+    two-way accuracy is exactly 1/2 and its pair R@1 at most 1/2."""
+    from types import SimpleNamespace
+
+    from glimpse.data.images import ImageTransform
+    from glimpse.data.tokenizer import Tokenizer
+    from glimpse.families.video_clip.evaluate import evaluate_split
+    from glimpse.families.video_clip.model import VideoClipConfig, VideoDualEncoder
+    from glimpse.families.video_clip.pipeline import VideoClipPipeline
+    from glimpse.models.text import TextConfig
+    from glimpse.models.vision import VisionConfig
+
+    tok = Tokenizer(video_world / "tokenizer.json")
+    torch.manual_seed(0)
+    cfg = VideoClipConfig(vision=VisionConfig(image_size=32, patch_size=8, width=16, layers=1, heads=2),
+                          text=TextConfig(vocab_size=tok.vocab_size, context_length=64, width=16, layers=1, heads=2),
+                          embed_dim=16, temporal="meanP")
+    pipe = VideoClipPipeline(VideoDualEncoder(cfg), tok, ImageTransform(32))
+    out = evaluate_split(pipe, SimpleNamespace(source="shapes-video"), video_world, "test")
+    assert out["test/pairs_n"] > 0
+    assert out["test/pairs_acc"] == 0.5 and out["test/pairs_t2v_r1"] <= 0.5
+    assert out["test/reversed_t2v_r1"] == out["test/t2v_r1"] == out["test/shuffled_t2v_r1"]
