@@ -6,12 +6,13 @@ that show whether frame order is used.
     shuffled_t2v_r1           the same with each clip's frames in a fixed random order
     reversed_t2v_r1           the clips played backwards, against their forward captions
     single_frame_t2v_r1       the middle frame alone (ATP's and Singularity's single-frame baseline)
-    pairs_t2v_r1              minimal pairs (Vinoground's idea): every clip whose plain caption changes
-                              when it is played backwards, and its reversal, 2n clips; each one's plain
-                              caption retrieves among them.  Ties are broken at random in expectation
-                              (`expected_recall`), so an order-blind model, whose pairs tie, scores at
-                              most about 1/2
-    pairs_acc                 the two-way choice between a caption's clip and its twin (chance 1/2)
+    pairs_acc                 minimal pairs (Vinoground's text score): every clip whose plain caption
+                              changes when it is played backwards, and its reversal; each plain caption
+                              retrieves between its clip and the twin, R@1 over 2 candidates (chance
+                              1/2; a tie counts 1/2, so an order-blind model scores exactly 1/2)
+    pairs_t2v_r1              the same captions against all 2n clips of the pairs at once, ties broken
+                              at random in expectation (`expected_recall`): harder, since the other
+                              pairs hold near-misses too
 
 Clips that cannot be read are skipped and counted in `skipped`; `n` clips were scored.
 """
