@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from glimpse.data.chat import TEMPLATES
 from glimpse.errors import GlimpseError
 from glimpse.models.layers import ACTIVATIONS
 from glimpse.schema import check, choice
@@ -57,3 +58,17 @@ def check_vq(v, key: str) -> None:
     check(v.vq_embed_dim >= 0, f"{key}.vq_embed_dim", v.vq_embed_dim, "must be 0 (latent_channels) or more")
     check(v.sample_size % v.downsample == 0, f"{key}.sample_size", v.sample_size,
           f"must be a multiple of the downsampling factor {v.downsample}")
+
+
+def check_llava(recipe) -> None:
+    """What every LLaVA-style recipe (a VLMConfig's tower, LM, feature layer and chat template) must hold."""
+    m = recipe.model
+    check_decoder(m.lm, "model.lm")
+    v = m.vision
+    check_vision_grid(v)
+    check(-v.layers <= m.vision_feature_layer < v.layers, "model.vision_feature_layer", m.vision_feature_layer,
+          f"is not a layer of a {v.layers}-layer tower")
+    check(m.chat_template in TEMPLATES or "{" in m.chat_template, "model.chat_template", m.chat_template,
+          f"is neither a Jinja template nor one of {', '.join(TEMPLATES)}")
+    check(not recipe.train.cache_vision_features or "vision" in recipe.freeze, "train.cache_vision_features",
+          True, "needs the vision tower in the freeze list (a training tower changes its features)")

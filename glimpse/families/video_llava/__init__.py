@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from glimpse.data.chat import TEMPLATES
 from glimpse.data.conversations import ConversationCollate, ConversationDataset
 from glimpse.data.video import clip_pixels
 from glimpse.errors import GlimpseError
@@ -44,24 +43,17 @@ class VideoLLaVAFamily(Family):
     @classmethod
     def validate(cls, recipe) -> None:
         m = recipe.model
-        checks.check_decoder(m.lm, "model.lm")
-        checks.check_vision_grid(m.vision)
+        checks.check_llava(recipe)
         choice("data.source", recipe.data.source, ("shapes-video", "msrvtt"))
         choice("model.connector", m.connector, ("linear", "mlp2x_gelu"))
         choice("model.vision_feature_select", m.vision_feature_select, ("patch",))
         choice("model.spatial_pool", m.spatial_pool, POOLS)
         v = m.vision
-        check(-v.layers <= m.vision_feature_layer < v.layers, "model.vision_feature_layer", m.vision_feature_layer,
-              f"is not a layer of a {v.layers}-layer tower")
         check(m.pixel_shuffle == 1, "model.pixel_shuffle", m.pixel_shuffle, "must be 1: frames are pooled instead")
         grid = v.image_size // max(v.patch_size, 1)
         check(1 <= m.spatial_pool_stride <= grid, "model.spatial_pool_stride", m.spatial_pool_stride,
               f"must be from 1 to the {grid}x{grid} patch grid's side")
         check(m.num_frames >= 1, "model.num_frames", m.num_frames, "must be at least 1")
-        check(m.chat_template in TEMPLATES or "{" in m.chat_template, "model.chat_template", m.chat_template,
-              f"is neither a Jinja template nor one of {', '.join(TEMPLATES)}")
-        check(not recipe.train.cache_vision_features or "vision" in recipe.freeze, "train.cache_vision_features",
-              True, "needs the vision tower in the freeze list (a training tower changes its features)")
 
     def __init__(self, recipe, root: Path, tokenizer):
         super().__init__(recipe, root, tokenizer)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from glimpse.data.chat import IGNORE, TEMPLATES
+from glimpse.data.chat import IGNORE
 from glimpse.data.conversations import ConversationCollate, ConversationDataset, training_records
 from glimpse.errors import GlimpseError
 from glimpse.families import checks
@@ -65,14 +65,11 @@ class VisionLanguageFamily(Family):
     @classmethod
     def validate(cls, recipe) -> None:
         m = recipe.model
-        checks.check_decoder(m.lm, "model.lm")
+        checks.check_llava(recipe)
         v = m.vision
-        checks.check_vision_grid(v)
         choice("model.connector", m.connector, ("linear", "mlp2x_gelu", "prefix"))
         choice("model.prefix_source", m.prefix_source, ("pooled", "patches"))
         choice("model.vision_feature_select", m.vision_feature_select, ("patch", "full"))
-        check(-v.layers <= m.vision_feature_layer < v.layers, "model.vision_feature_layer", m.vision_feature_layer,
-              f"is not a layer of a {v.layers}-layer tower")
         check(m.prefix_tokens >= 1 and m.pixel_shuffle >= 1, "model.prefix_tokens/pixel_shuffle",
               (m.prefix_tokens, m.pixel_shuffle), "must be at least 1")
         grid = v.image_size // max(v.patch_size, 1)
@@ -82,10 +79,6 @@ class VisionLanguageFamily(Family):
             on = getattr(m, key)
             check(not on or m.connector != "prefix", f"model.{key}", on,
                   "is for the linear and mlp2x_gelu projectors (the prefix mapper makes its own tokens)")
-        check(m.chat_template in TEMPLATES or "{" in m.chat_template, "model.chat_template", m.chat_template,
-              f"is neither a Jinja template nor one of {', '.join(TEMPLATES)}")
-        check(not recipe.train.cache_vision_features or "vision" in recipe.freeze, "train.cache_vision_features",
-              True, "needs the vision tower in the freeze list (a training tower changes its features)")
 
     def __init__(self, recipe, root: Path, tokenizer):
         super().__init__(recipe, root, tokenizer)

@@ -1,19 +1,9 @@
-"""LLaVA (`LlavaForConditionalGeneration`) folders <-> glimpse's VisionLanguageModel, in and out.
-
-    glimpse                 LLaVA folder
-    vision.*                vision_tower.*             (a CLIP or SigLIP vision tower, see towers.py)
-    connector.linear_1/2    multi_modal_projector.linear_1/2
-    lm.*                    language_model.model.*     (a Llama-family LM, see decoder.py)
-    lm.lm_head              language_model.lm_head     (absent when tied)
-
-Files written by other transformers versions name the same tensors `model.vision_tower.*`,
-`vision_tower.vision_model.*`, `model.language_model.*`, `model.multi_modal_projector.*` and
-`lm_head.*`; `normalize` maps them all onto the names above first.
+"""LLaVA (`LlavaForConditionalGeneration`) folders <-> glimpse's VisionLanguageModel, in and out.  The
+tensor map (vision_tower / multi_modal_projector / language_model, and the names other transformers
+versions use) is glimpse/hub/llava.py, shared with the video LLaVA's LLaVA-NeXT-Video folders.
 
 `vision_feature_layer` and `vision_feature_select_strategy` map onto VLMConfig's
-`vision_feature_layer` and `vision_feature_select` ("default" drops the class token: "patch").
-The mapping itself is glimpse/hub/llava.py, shared with the video LLaVA's LLaVA-NeXT-Video folders.
-"""
+`vision_feature_layer` and `vision_feature_select` ("default" drops the class token: "patch")."""
 
 from __future__ import annotations
 
