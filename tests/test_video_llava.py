@@ -92,12 +92,19 @@ def test_a_run_answers_and_captions_clips_and_reports_the_controls(run, pipe, vi
         pipe.ask([videos[0]], ["what colour is the square?"], max_new_tokens=4)
 
 
-def test_the_feature_cache_gives_the_losses_of_the_tower(video_world, tmp_path):
-    common = {"train.max_steps": 2, "freeze": "[vision]"}
+def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_clip(video_world, tmp_path, capsys):
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(video_world, world)
+    for bad in sorted((world / "videos" / "train").glob("*.mp4"))[::3]:  # a third of the clips, cut short
+        bad.write_bytes(bad.read_bytes()[:500])
+    common = {"train.max_steps": 2, "freeze": "[vision]", "data.root": str(world)}
     a, b = tmp_path / "cached", tmp_path / "plain"
-    train(load_recipe("shapes-video-llava", overrides(video_world, **common, **{"train.cache_vision_features": True})),
+    train(load_recipe("shapes-video-llava", overrides(world, **common, **{"train.cache_vision_features": True})),
           a, progress=False)
-    train(load_recipe("shapes-video-llava", overrides(video_world, **common)), b, progress=False)
+    train(load_recipe("shapes-video-llava", overrides(world, **common)), b, progress=False)
+    assert capsys.readouterr().out.count("skipped bad samples") >= 2
 
     def losses(out):
         import json
