@@ -228,3 +228,25 @@ def test_meanp_cannot_tell_a_minimal_pair_apart(video_world):
     assert out["test/pairs_n"] > 0
     assert out["test/pairs_acc"] == 0.5 and out["test/pairs_t2v_r1"] <= 0.5
     assert out["test/reversed_t2v_r1"] == out["test/t2v_r1"] == out["test/shuffled_t2v_r1"]
+
+
+def test_a_container_without_a_frame_count_is_sampled_over_all_its_frames(tmp_path):
+    """Matroska declares no frame count: uniform sampling decodes the clip once and picks from it."""
+    import av
+
+    frames = _moving_square(T=12)
+    path = tmp_path / "clip.mkv"
+    with av.open(str(path), "w", format="matroska") as c:
+        s = c.add_stream("ffv1", rate=4)
+        s.width, s.height, s.pix_fmt = 32, 32, "yuv444p"
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].frames == 0
+    got = read_video(path, 4)
+    assert got.shape == (4, 32, 32, 3)
+    np.testing.assert_allclose(got[-1].astype(int), frames[-1].astype(int), atol=3)  # ffv1 is lossless
+    np.testing.assert_allclose(got[0].astype(int), frames[0].astype(int), atol=3)
