@@ -100,8 +100,12 @@ def glimpse_model(s: dict) -> VideoLanguageModel:
 
 
 def hf_model(m: VideoLanguageModel):
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig,
-                              LlavaNextVideoForConditionalGeneration)
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+    )
 
     v, lm = m.cfg.vision, m.lm.cfg
     config = LlavaNextVideoConfig(
