@@ -40,7 +40,10 @@ class VideoDataset(Dataset):
     def __init__(self, clips: list[Clip], num_frames: int, transform: ImageTransform, reverse_twins: bool = False,
                  limits: VideoLimits = DEFAULT_LIMITS):
         self.clips, self.num_frames, self.transform, self.limits = clips, num_frames, transform, limits
-        self.reverse_twins = reverse_twins
+        # which clips get a twin: those whose caption changes when played backwards (else the twin would be
+        # a false negative); decided once here, not at every epoch in the loader
+        self.twins = [reverse_twins and c.tracks is not None and
+                      video_caption(reverse_tracks(c.tracks)) != video_caption(c.tracks) for c in clips]
         fits = len(clips) * num_frames * 3 * transform.image_size ** 2 <= FRAME_CACHE_BYTES
         self.frames: dict[int, np.ndarray] | None = {} if fits else None
 
@@ -60,12 +63,10 @@ class VideoDataset(Dataset):
                 self.frames[idx] = frames
         views = [to_pixels(frames, self.transform)]
         captions = [clip.captions[choice % len(clip.captions)]]
-        if self.reverse_twins and clip.tracks is not None:
-            back = reverse_tracks(clip.tracks)
-            if video_caption(back) != video_caption(clip.tracks):  # else the twin would be a false negative
-                twin = clip_captions(back, np.random.default_rng(choice))
-                views.append(to_pixels(frames[::-1], self.transform))
-                captions.append(twin[choice % len(twin)])
+        if self.twins[idx]:
+            twin = clip_captions(reverse_tracks(clip.tracks), np.random.default_rng(choice))
+            views.append(to_pixels(frames[::-1], self.transform))
+            captions.append(twin[choice % len(twin)])
         return {"pixel_values": torch.stack(views), "captions": captions}
 
 
