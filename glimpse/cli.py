@@ -27,6 +27,39 @@ def cmd_data_shapes_video(a) -> None:
     print(f"wrote the moving-shapes world to {a.out}")
 
 
+def cmd_data_shapes_shop(a) -> None:
+    from glimpse.data.shapes_shop import generate_shapes_shop
+
+    info = generate_shapes_shop(a.out, seed=a.seed, n_users=a.users, n_items=a.items, image_size=a.image_size,
+                                progress=not a.quiet)
+    print(f"wrote the shapes shop to {a.out}: {info['users']} users, {info['items']} items "
+          f"({info['cold_items']} cold), {info['interactions']} purchases")
+
+
+def cmd_recommend(a) -> None:
+    from glimpse.api import load
+
+    pipe = load(a.run)
+    if not hasattr(pipe, "recommend_users"):
+        raise GlimpseError(f"{a.run} is not a recommender run")
+    if (a.user is None) == (a.history is None):
+        raise GlimpseError("give one of --user U or --history ITEM,ITEM,...")
+    if a.k < 1:
+        raise GlimpseError(f"--k must be at least 1, not {a.k}")
+    if a.user is not None:
+        recs = pipe.recommend_users([a.user], a.k, search=a.search)[0]
+    else:
+        items = [x.strip() for x in a.history.split(",") if x.strip()]
+        if not items:
+            raise GlimpseError("--history: no item ids (give them comma-separated)")
+        recs = pipe.recommend([[{"image": x} if Path(x).is_file() else x for x in items]], a.k, search=a.search)[0]
+    if a.json:
+        print(json.dumps(recs, indent=2))
+        return
+    for rank, r in enumerate(recs, start=1):
+        print(f"{rank:3d}  {r['item']:<14} {r['score']:8.3f}  {r['title']}{'  (cold)' if r['cold'] else ''}")
+
+
 def cmd_train(a) -> None:
     from glimpse.config import load_recipe
     from glimpse.train.trainer import train
@@ -247,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, default=8, help="frames a clip, 8 to 16")
     s.add_argument("--image-size", type=int, default=64)
     s.set_defaults(func=cmd_data_shapes_video)
+    s = data.add_parser("shapes-shop", help="write the shapes shop: items with pictures and titles, users' purchase "
+                        "histories (RecBole and MMRec files)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--users", type=int, default=5000)
+    s.add_argument("--items", type=int, default=2000)
+    s.add_argument("--image-size", type=int, default=64)
+    s.set_defaults(func=cmd_data_shapes_shop)
 
     t = sub.add_parser("train", help="train a recipe")
     t.add_argument("recipe", help="a recipe YAML file or the name of a shipped one")
@@ -311,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--allow-remote-images", action="append", default=[], metavar="HOST[,HOST]",
                    help="fetch http(s) image URLs from these hosts (public addresses only); off by default")
     v.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("recommend", help="recommend items with a recommender run, for a known user or a history")
+    r.add_argument("run")
+    r.add_argument("--user", help="a user id (or index) of the run's data: after everything they bought")
+    r.add_argument("--history", help="item ids (or item picture files, as new items), comma-separated, oldest first")
+    r.add_argument("--k", type=int, default=10)
+    r.add_argument("--search", choices=["exact", "faiss"], default="exact",
+                   help="exact top-k over every item, or a FAISS inner-product index (needs faiss-cpu)")
+    r.add_argument("--json", action="store_true", help="print the recommendations as JSON")
+    r.set_defaults(func=cmd_recommend)
 
     g = sub.add_parser("generate", help="generate images from a text prompt with a text-to-image run")
     g.add_argument("run")

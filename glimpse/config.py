@@ -24,7 +24,8 @@ RECIPE_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes | shapes-video (generated on first use, cached) | coco | csv | wds | msrvtt
+    source: str = "shapes"  # shapes | shapes-video | shapes-shop (generated on first use, cached) |
+    # coco | csv | wds | msrvtt | recbole | mmrec | amazon
     root: str | None = None  # shapes: where the world lives (None: the cache); others: base of relative paths
     format: str = "coco"  # which written format training reads: coco | csv | wds captions, or llava conversations
     lm_text: str = "captions"  # language-model text: captions | world (captions with questions answered) |
@@ -38,6 +39,8 @@ class DataConfig:
     test_size: int = 1000
     image_size: int = 64
     frames: int = 8  # the moving-shapes world's clip length (source: shapes-video), 8 to 16
+    users: int = 5000  # the shapes shop's buyers and items (source: shapes-shop)
+    items: int = 2000
     # real data (source: coco | csv | wds): split -> annotation json / csv file / shard pattern, and COCO image folders
     files: dict[str, str] = field(default_factory=dict)
     images: dict[str, str] = field(default_factory=dict)
@@ -199,13 +202,16 @@ def validate_recipe(r: Recipe) -> None:
     family = families.get(r.family)
     family.validate(r)
     d, t, e = r.data, r.train, r.eval
-    choice("data.source", d.source, ("shapes", "shapes-video", "coco", "csv", "wds", "msrvtt"))
+    choice("data.source", d.source, ("shapes", "shapes-video", "shapes-shop", "coco", "csv", "wds", "msrvtt", "recbole",
+                                     "mmrec", "amazon"))
     choice("data.format", d.format, tuple(dict.fromkeys(x for f in families.all_families() for x in f.data_formats)))
     choice("data.lm_text", d.lm_text, ("captions", "world", "world_binding"))
     check(0.0 <= d.binding_share <= 1.0, "data.binding_share", d.binding_share, "must be between 0 and 1")
     check(d.format in family.data_formats, "data.format", d.format,
           f"is not a format the {r.family} family trains on ({', '.join(family.data_formats)})")
     check(8 <= d.frames <= 16, "data.frames", d.frames, "must be from 8 to 16")
+    check(d.users >= 10 and d.items >= 250, "data.users/items", (d.users, d.items),
+          "must be at least 10 users and 250 items")
     for k in ("train_size", "val_size", "test_size", "image_size", "max_pixels"):
         check(getattr(d, k) >= 1, f"data.{k}", getattr(d, k), "must be at least 1")
     check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must not be negative")

@@ -88,6 +88,16 @@ def make_video_world(out: str | Path, *, seed: int, n_train: int, n_val: int, n_
     return out
 
 
+def ensure_shapes_shop(data_cfg, progress: bool = True) -> Path:
+    """The root of the recipe's shapes shop (glimpse.data.shapes_shop), generated if not there yet."""
+    from glimpse.data.shapes_shop import generate_shapes_shop
+
+    c = data_cfg
+    name = f"shapes-shop-v1-s{c.seed}-u{c.users}-i{c.items}-px{c.image_size}"
+    return _generate(_world_root(c, name), lambda tmp: generate_shapes_shop(
+        tmp, seed=c.seed, n_users=c.users, n_items=c.items, image_size=c.image_size, progress=progress))
+
+
 def _world_root(c, cache_name: str) -> Path:
     """data.root when the recipe names one (it must hold a world or be empty), else the cache's folder."""
     if not c.root:

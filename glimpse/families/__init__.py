@@ -9,6 +9,9 @@ folder's `model_type` find theirs here.
     flamingo       a frozen LM reading images through gated cross-attention blocks; interleaved prompts
     vq             image tokenizers: a VQ-VAE (diffusers' VQModel layout), images to code grids and back
     text_to_image  DALL-E style: a MaskGIT or autoregressive prior over VQ codes, read from CLIP text states
+    video_clip     CLIP4Clip: the image tower per frame, pooled over time (meanP, seqTransf); text-video retrieval
+    video_llava    LLaVA-NeXT-Video: frames through the tower, pooled, with a temporal position each, read by an LM
+    recommender    a two-tower recommender (glimpse towers for items, SASRec for users); BPR-MF and VBPR baselines
 
 A new family is a subclass of `Family` decorated with `@register` (docs/adding-a-family.md).
 """
@@ -26,7 +29,7 @@ from glimpse.families.registry import (
 )
 
 # the built-in families register themselves on import
-from glimpse.families import causal_lm, dual_encoder, encoder_decoder, flamingo, fusion, text_to_image, video_clip, video_llava, vlm, vq  # noqa: E402,F401  isort: skip
+from glimpse.families import causal_lm, dual_encoder, encoder_decoder, flamingo, fusion, recommender, text_to_image, video_clip, video_llava, vlm, vq  # noqa: E402,F401  isort: skip
 
 __all__ = ["Family", "HFBuild", "Loaded", "all_families", "get", "hf_pipeline", "recipe_transform",
            "init_from_hf", "init_part_from_hf", "load_hf", "names", "register"]

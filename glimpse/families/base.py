@@ -110,6 +110,10 @@ class Family:
     def prepare(self, model: nn.Module, device: torch.device, progress: bool) -> None:
         """Once before the first step, with the weights training starts from (a frozen tower's features)."""
 
+    def finish(self, model: nn.Module, device: torch.device) -> None:
+        """Once after the last step, before the final checkpoint (the recommender calibrates its cold
+        items on the validation split here)."""
+
     def train_data(self):
         """(dataset, collate): items are keyed as the trainer's sampler keys them; a collated batch
         holds "status" (None or a failure reason per sample) and "messages"."""

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from glimpse import families, runs
 from glimpse.config import Recipe, save_recipe, validate_recipe
 from glimpse.data.tokenizer import Tokenizer
-from glimpse.data.world import ensure_shapes, ensure_shapes_video
+from glimpse.data.world import ensure_shapes, ensure_shapes_shop, ensure_shapes_video
 from glimpse.distributed import agree, all_reduce_mean, barrier, init_distributed
 from glimpse.errors import GlimpseError
 from glimpse.hardware import matmul_gflops, warn_if_slow_dtype
@@ -52,6 +52,8 @@ def data_root(recipe: Recipe, progress: bool = True) -> Path:
         return ensure_shapes(recipe.data, progress)
     if recipe.data.source == "shapes-video":
         return ensure_shapes_video(recipe.data, progress)
+    if recipe.data.source == "shapes-shop":
+        return ensure_shapes_shop(recipe.data, progress)
     return Path(recipe.data.root or ".")
 
 
@@ -264,6 +266,8 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
                                                         for k, v in figures.items()))
                 model.train()
             barrier()
+        if step == tc.max_steps:
+            task.finish(model, device)  # on every process: the weights stay the same everywhere
         if step % tc.save_every == 0 or step == tc.max_steps:
             if main:
                 ckpt.save_checkpoint(out, step, model, optimizer,

@@ -1,0 +1,115 @@
+"""Full-ranking evaluation of a recommender on a split (val or test), with its references and controls.
+
+Every item is ranked for every user, the user's earlier purchases left out (glimpse/metrics/ranking.py).
+Figures are given over all targets and over warm and cold targets apart (cold: never bought in
+training), for the model and for:
+    popularity  the training purchase counts (one ranking for everyone)
+    shuffled    the two-tower model on each history in a random order (the order control: a SASRec user
+                encoder should lose to its own unshuffled self, a mean-pooled one not at all)
+    oracle      the shapes shop only: the generator's own probabilities of the next purchase under each
+                user's hidden (drifted) taste: the Bayes ceiling
+    chance      K over the number of items a user could be shown
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from glimpse.data import shapes_shop
+from glimpse.data.shop import Shop
+from glimpse.families.recommender.data import left_pad
+from glimpse.metrics.ranking import ndcg_at_k, recall_at_k, target_ranks
+
+KS = (10, 20)
+
+
+@torch.no_grad()
+def model_scores(model, shop: Shop, users: list[int], split: str, shuffle_seed: int | None = None) -> torch.Tensor:
+    """[len(users), N] scores of every item for each user before the split's targets."""
+    device = model.warm.device
+    if model.cfg.kind != "two_tower":
+        return model.score_users(torch.as_tensor(users, device=device)).float().cpu()
+    histories = [shop.history(u, split) for u in users]
+    if shuffle_seed is not None:
+        rng = np.random.default_rng(shuffle_seed)
+        histories = [list(rng.permutation(h)) for h in histories]
+    return model(left_pad(histories, model.cfg.max_history).to(device)).float().cpu()
+
+
+@torch.no_grad()
+def calibrate_cold(model, shop: Shop, batch_size: int = 512) -> float | None:
+    """Fit the two-tower model's cold offset (the bias added to items without an ID) by maximum likelihood
+    of the validation purchases under a softmax over every item a user has not bought: one number, for
+    the one thing training cannot learn (no cold item is bought in training).  None when validation has
+    no cold purchase to fit it on."""
+    model.eval()
+    model.cold_offset.zero_()
+    users = [u for u in range(len(shop.user_ids)) if shop.val[u]]
+    if not any(not shop.warm[t] for u in users for t in shop.val[u]):
+        return None
+    no_id = (~model.warm).float()
+    grid = torch.arange(-2.0, 4.0001, 0.1)
+    nll = torch.zeros(len(grid))
+    for i in range(0, len(users), batch_size):
+        b = users[i : i + batch_size]
+        scores = model_scores(model, shop, b, "val")
+        for r, u in enumerate(b):
+            scores[r, [h for h in shop.history(u, "val") if h not in shop.val[u]]] = float("-inf")  # bought before
+        rows = torch.as_tensor([r for r, u in enumerate(b) for _ in shop.val[u]])
+        cols = torch.as_tensor([t for u in b for t in shop.val[u]])
+        for g, delta in enumerate(grid):
+            s = scores + delta * no_id
+            nll[g] += -(s[rows, cols] - s[rows].logsumexp(1)).sum()
+    best = float(grid[int(nll.argmin())])
+    model.cold_offset.fill_(best)
+    return best
+
+
+def oracle_scores(truth: dict, users: list[int]) -> torch.Tensor:
+    arrays = shapes_shop.item_arrays(truth["items"])
+    return torch.as_tensor(np.stack([shapes_shop.log_weights(truth["users"][u], arrays) for u in users]))
+
+
+def ranking_figures(prefix: str, ranks: list[list[int]], targets: list[list[int]], warm: np.ndarray) -> dict:
+    """Recall@K and NDCG@K over all targets, warm targets and cold targets (users without any: left out)."""
+    out = {}
+    for part, keep in (("", lambda t: True), ("_warm", lambda t: warm[t]), ("_cold", lambda t: not warm[t])):
+        rows = [[r for r, t in zip(rs, ts) if keep(t)] for rs, ts in zip(ranks, targets)]
+        sizes = [sum(1 for t in ts if keep(t)) for ts in targets]
+        pairs = [(r, n) for r, n in zip(rows, sizes) if n]
+        for k in KS:
+            out[f"{prefix}recall@{k}{part}"] = float(np.mean([recall_at_k(r, n, k) for r, n in pairs])) if pairs else 0.0
+            out[f"{prefix}ndcg@{k}{part}"] = float(np.mean([ndcg_at_k(r, n, k) for r, n in pairs])) if pairs else 0.0
+    return out
+
+
+def evaluate(model, shop: Shop, splits: list[str], root=None, log_pop: torch.Tensor | None = None,
+             batch_size: int = 512, seed: int = 0) -> dict[str, float]:
+    model.eval()
+    truth = shapes_shop.read_truth(root) if root is not None and (root / "truth.json").is_file() else None
+    warm = shop.warm
+    out: dict[str, float] = {}
+    for split in splits:
+        users = [u for u in range(len(shop.user_ids)) if shop.targets(u, split)]
+        targets = [shop.targets(u, split) for u in users]
+        exclude = [shop.history(u, split) for u in users]
+        scorers = {"": lambda b, split=split: model_scores(model, shop, b, split)}
+        if model.cfg.kind == "two_tower":
+            scorers["shuffled_"] = lambda b, split=split: model_scores(model, shop, b, split, shuffle_seed=seed + b[0])
+        if log_pop is not None:
+            scorers["popularity_"] = lambda b: log_pop.expand(len(b), -1)
+        if truth is not None:
+            scorers["oracle_"] = lambda b: oracle_scores(truth, b)
+        for prefix, score in scorers.items():
+            ranks = []
+            for i in range(0, len(users), batch_size):
+                b = users[i : i + batch_size]
+                ranks += target_ranks(score(b), exclude[i : i + batch_size], targets[i : i + batch_size])
+            out |= {f"{split}/{k}": v for k, v in ranking_figures(prefix, ranks, targets, warm).items()}
+        n_items = len(shop.item_ids)
+        out[f"{split}/chance_recall@20"] = float(np.mean([min(1.0, 20 / (n_items - len(set(e)))) for e in exclude]))
+        out[f"{split}/n"] = len(users)
+        out[f"{split}/n_warm"] = int(sum(warm[t] for ts in targets for t in ts))
+        out[f"{split}/n_cold"] = int(sum(not warm[t] for ts in targets for t in ts))
+    return out
