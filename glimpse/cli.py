@@ -215,6 +215,7 @@ def cmd_generate(a) -> None:
 
 def cmd_demo(a) -> None:
     from glimpse.demo import run_captioner_demo, run_demo, run_t2i_demo
+    from glimpse.demo.recsys import run_recsys_demo
     from glimpse.demo.video import run_video_demo
 
     if a.which == "captioner":
@@ -223,6 +224,8 @@ def cmd_demo(a) -> None:
         run_t2i_demo(a.out or "runs/demo-t2i", progress=not a.quiet, overrides=a.set)
     elif a.which == "video":
         run_video_demo(a.out or "runs/demo-video", progress=not a.quiet, overrides=a.set)
+    elif a.which == "recsys":
+        run_recsys_demo(a.out or "runs/demo-recsys", progress=not a.quiet, overrides=a.set)
     else:
         run_demo(a.out or "runs/demo", progress=not a.quiet, overrides=a.set)
 
@@ -378,12 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="the main job end to end on the shapes world")
-    d.add_argument("which", nargs="?", choices=["all", "captioner", "t2i", "video"], default="all",
+    d.add_argument("which", nargs="?", choices=["all", "captioner", "t2i", "video", "recsys"], default="all",
                    help="all: the dual encoder and LLaVA (default); captioner: the encoder-decoder captioner; "
                         "t2i: text-to-image (tokenizer and MaskGIT prior); video: a video dual encoder and a "
-                        "video LLaVA on the moving-shapes world")
+                        "video LLaVA on the moving-shapes world; recsys: a two-tower recommender and BPR-MF on the shapes shop")
     d.add_argument("--out", default=None, help="runs/demo (captioner: runs/demo-captioner; t2i: runs/demo-t2i; "
-                                               "video: runs/demo-video)")
+                                               "video: runs/demo-video; recsys: runs/demo-recsys)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the demo recipe")
     d.set_defaults(func=cmd_demo)
 

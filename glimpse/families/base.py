@@ -50,6 +50,7 @@ class Loaded:
 CHAT_METHODS = ("chat", "chat_prompt", "complete", "context_length", "tokenizer")  # /v1/chat/completions, ask, chat
 EMBED_METHODS = ("embed_texts", "embed_images")  # /v1/embeddings: one of them at least
 IMAGE_METHODS = ("generate_images", "image_size")  # /v1/images/generations: PIL images of image_size pixels square
+RECOMMEND_METHODS = ("recommend", "recommend_users")  # /v1/recommendations
 
 
 def can_chat(pipeline) -> bool:
@@ -62,6 +63,10 @@ def can_embed(pipeline) -> bool:
 
 def can_generate_images(pipeline) -> bool:
     return all(hasattr(pipeline, m) for m in IMAGE_METHODS)
+
+
+def can_recommend(pipeline) -> bool:
+    return all(hasattr(pipeline, m) for m in RECOMMEND_METHODS)
 
 
 def recipe_transform(recipe, vision=None) -> ImageTransform:

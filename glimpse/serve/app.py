@@ -6,6 +6,7 @@
     POST /v1/chat/completions   vision-language models; `stream: true` as server-sent events
     POST /v1/embeddings         dual encoders; texts, and images as data: URLs (an extension)
     POST /v1/images/generations text-to-image models; PNGs as b64_json, `seed` an extension
+    POST /v1/recommendations    recommenders (a glimpse extension): item ids and scores after a history
 
 Every error is OpenAI's body {"error": {"message", "type", "param", "code"}} with a 4xx status for
 anything the client can fix.  Messages never carry a traceback or server internals: requests are
@@ -38,10 +39,15 @@ from glimpse.data.images import ImageError, load_image
 from glimpse.data.messages import decode_data_url
 from glimpse.data.video import VideoLimits
 from glimpse.errors import GlimpseError
-from glimpse.families.base import can_chat, can_embed, can_generate_images
+from glimpse.families.base import can_chat, can_embed, can_generate_images, can_recommend
 from glimpse.infer.generate import TextStream
 from glimpse.serve.engine import Engine, Job, QueueFull
-from glimpse.serve.schemas import ChatCompletionRequest, EmbeddingRequest, ImageGenerationRequest
+from glimpse.serve.schemas import (
+    ChatCompletionRequest,
+    EmbeddingRequest,
+    ImageGenerationRequest,
+    RecommendationRequest,
+)
 
 PAGE = Path(__file__).with_name("chat.html")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # the Host names a loopback server answers to
@@ -166,6 +172,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     limits = limits or ServerLimits()
     # what the model does, by the pipeline's methods (glimpse.families.base)
     chats, embeds, draws = can_chat(pipeline), can_embed(pipeline), can_generate_images(pipeline)
+    recommends = can_recommend(pipeline)
     engine = Engine(pipeline, max_batch=limits.max_batch, max_pending=limits.max_pending)
     decoding = threading.BoundedSemaphore(limits.max_decoding)
     transform = getattr(pipeline, "transform", None)  # the model's input size, to shrink images to
@@ -303,7 +310,8 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     def unable(what: str) -> APIError:
         """The 400 of an endpoint the model cannot answer, saying where it is answered."""
         where = [route for route, can in (("/v1/chat/completions", chats), ("/v1/embeddings", embeds),
-                                          ("/v1/images/generations", draws)) if can]
+                                          ("/v1/images/generations", draws), ("/v1/recommendations", recommends))
+                 if can]
         hint = f"; use {' or '.join(where)}" if where else ""
         return APIError(400, f"{model_name} {what}{hint}", param="model", code="unsupported_model")
 
@@ -511,10 +519,49 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
             raise error
         return {"created": int(time.time()), "data": [{"b64_json": p, "revised_prompt": None} for p in pngs]}
 
+    @app.post("/v1/recommendations")
+    async def recommendations(body: RecommendationRequest, request: Request):
+        check_model(body.model)
+        if not recommends:
+            raise unable("does not recommend items")
+        if (body.history is None) == (body.user is None):
+            raise APIError(400, "give one of history (item ids or data:image URLs) or user", param="history")
+        history = body.history or []
+        pictures = [i for i, x in enumerate(history) if x.startswith("data:")]
+        if len(pictures) > limits.max_images:
+            raise APIError(400, f"too many images: at most {limits.max_images} per request", param="history")
+
+        def prepare() -> list:
+            budget, items = [limits.max_request_pixels], list(history)
+            for i in pictures:
+                try:
+                    items[i] = {"image": read_image(history[i], budget, f"#{i}")}
+                except GlimpseError as e:
+                    raise APIError(400, str(e), param=f"history.{i}") from None
+            return items
+
+        items = await reserved(prepare)()
+
+        def recommend(job):
+            if job.cancelled.is_set():
+                return None
+            if body.user is not None:
+                return pipeline.recommend_users([body.user], body.k)[0]
+            return pipeline.recommend([items], body.k)[0]
+
+        recs, error = await in_worker(recommend, request)
+        if isinstance(error, JSONResponse):
+            return error
+        if error is not None:
+            raise worker_error(error)
+        return {"object": "list", "model": model_name,
+                "data": [{"object": "recommendation", "rank": r + 1, "item": x["item"], "score": x["score"],
+                          "title": x["title"], "cold": x["cold"]} for r, x in enumerate(recs)]}
+
     def openapi():  # the schema names the one model served (requests naming another get a 404)
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
-            for name in ("ChatCompletionRequest", "EmbeddingRequest", "ImageGenerationRequest"):
+            for name in ("ChatCompletionRequest", "EmbeddingRequest", "ImageGenerationRequest", "RecommendationRequest"):
                 schema["components"]["schemas"][name]["properties"]["model"]["enum"] = [model_name]
             if draws:  # and the one image size it generates
                 side = pipeline.image_size

@@ -15,6 +15,8 @@ MAX_TEXT = 100_000  # characters in one text part / message string
 MAX_EMBED_INPUTS = 256
 MAX_IMAGE_PROMPT = 1000  # characters of an image prompt (a text-to-image pipeline's own limit)
 MAX_GENERATED_IMAGES = 8  # images per /v1/images/generations request
+MAX_HISTORY = 200  # items in a /v1/recommendations history
+MAX_RECOMMENDATIONS = 1000
 
 
 class _Body(BaseModel):
@@ -103,3 +105,12 @@ class ImageGenerationRequest(_Body):
     style: Option | None = None  # accepted and ignored
     user: Annotated[str, Field(max_length=256)] | None = None  # accepted and ignored
     seed: int = Field(0, ge=0, le=2**63 - 1)  # a glimpse extension: the same seed, the same images
+
+
+class RecommendationRequest(_Body):
+    """POST /v1/recommendations (a glimpse extension): the top k items after a history (item ids, or new
+    items as `data:image/...` URLs), or for a known user of the run's data."""
+    model: str
+    history: Annotated[list[Text], Field(min_length=1, max_length=MAX_HISTORY)] | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
+    k: int = Field(10, ge=1, le=MAX_RECOMMENDATIONS)
