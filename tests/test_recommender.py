@@ -274,3 +274,25 @@ def test_demo_recsys_writes_a_report(world, shop_world, tmp_path, capsys):
     assert "BPR-MF" in out and "oracle" in out and "GFLOP/s" in out and "glimpse recommend" in out
     report = (tmp_path / "demo" / "report.html").read_text()
     assert report.count("<div class='user'>") == 6 and "class=\"cold\"" in report and "src=\"http" not in report
+
+
+def test_the_item_tower_can_train_with_the_recommender(shop_world, tmp_path):
+    import glimpse
+    from glimpse.config import load_recipe
+    from glimpse.train.trainer import train
+
+    out = tmp_path / "run"
+    recipe = load_recipe("shapes-shop", tiny_shop_overrides(shop_world, **{"freeze": "[]", "train.max_steps": 3}))
+    train(recipe, out, progress=False)
+    pipe = glimpse.load(out)
+    tower = pipe.model.item_encoder
+    from glimpse.models.dual_encoder import DualEncoder
+
+    torch.manual_seed(0)
+    untouched = DualEncoder(recipe.model.item_encoder)  # the towers the run started from (no init_parts)
+    assert not torch.equal(tower.visual_projection.weight, untouched.visual_projection.weight)
+    # the cached features are the trained tower's (recomputed after the last step)
+    from glimpse.families.recommender.data import ItemInputs, content_features
+
+    items = ItemInputs(pipe.shop, pipe.tokenizer, pipe.transform, 10**7, recipe.model.item_encoder.text.context_length)
+    assert torch.allclose(content_features(pipe.model, items, torch.device("cpu")), pipe.model.features, atol=1e-5)

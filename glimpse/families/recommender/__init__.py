@@ -23,6 +23,7 @@ from glimpse.families.recommender.data import (
     HistoryCollate,
     HistoryDataset,
     InteractionDataset,
+    ItemInputs,
     content_features,
     interaction_collate,
     log_popularity,
@@ -68,15 +69,15 @@ class RecommenderFamily(Family):
               (m.id_dropout, m.dropout), "must be in [0, 1)")
         if m.kind == "vbpr" or (m.kind == "two_tower" and m.content != "none"):
             checks.check_towers(m.item_encoder)
-            check("item_encoder" in recipe.freeze, "freeze", recipe.freeze,
-                  "must hold item_encoder: its features are computed once, before training")
+        check(m.kind != "vbpr" or "item_encoder" in recipe.freeze, "freeze", recipe.freeze,
+              "must hold item_encoder: VBPR reads fixed picture features")
 
     def __init__(self, recipe, root: Path, tokenizer):
         super().__init__(recipe, root, tokenizer)
         m = recipe.model
         m.item_encoder.text.vocab_size = m.item_encoder.text.vocab_size or tokenizer.vocab_size
         self.transform = recipe_transform(recipe, m.item_encoder.vision)
-        self.shop = None
+        self.shop, self.items = None, None
         if not m.num_items:  # a new run: the data decides the sizes (a loaded run has them in its recipe)
             self.shop = read_shop(recipe.data, root)
             m.num_items, m.num_users = len(self.shop.item_ids), len(self.shop.user_ids)
@@ -89,19 +90,29 @@ class RecommenderFamily(Family):
     def build_model(self) -> nn.Module:
         return Recommender(self.recipe.model)
 
+    def tunes_items(self, model: Recommender) -> bool:
+        """Whether training goes through the item tower (not frozen) rather than its cached features."""
+        return model.reads_content and any(p.requires_grad for p in model.item_encoder.parameters())
+
     def prepare(self, model: Recommender, device: torch.device, progress: bool = True) -> None:
-        """The frozen item tower's features of every item, which items are warm, and training popularity."""
+        """The item tower's features of every item (cached: all a frozen tower gives), which items are warm,
+        and training popularity."""
         shop = self._shop()
         model.warm.copy_(torch.as_tensor(shop.warm))
         model.log_pop.copy_(log_popularity(shop))
         if model.reads_content:
-            feats, bad = content_features(model.item_encoder, shop, self.tokenizer, self.transform,
-                                          self.recipe.data.max_pixels, device, self.recipe.eval.batch_size)
-            if bad and progress:
-                print(f"recommender: {sum(bad.values())} items read from their titles alone ({dict(bad)})")
-            model.features.copy_(feats)
+            self.items = ItemInputs(shop, self.tokenizer, self.transform, self.recipe.data.max_pixels,
+                                    model.cfg.item_encoder.text.context_length)
+            if self.items.bad and progress:
+                print(f"recommender: {sum(self.items.bad.values())} items read from their titles alone "
+                      f"({dict(self.items.bad)})")
+            model.features.copy_(content_features(model, self.items, device, self.recipe.eval.batch_size))
+            if not self.tunes_items(model):
+                self.items = None  # the cached features are all training needs
 
     def finish(self, model: Recommender, device: torch.device) -> None:
+        if self.items is not None:  # a trained tower: cache its features as they are now
+            model.features.copy_(content_features(model, self.items, device, self.recipe.eval.batch_size))
         if model.cfg.kind == "two_tower" and model.reads_content:
             offset = calibrate_cold(model, self._shop(), self.recipe.eval.batch_size)
             if offset is not None:
@@ -110,13 +121,17 @@ class RecommenderFamily(Family):
     def train_data(self):
         m, shop = self.recipe.model, self._shop()
         if m.kind == "two_tower":
-            return HistoryDataset(shop, m.max_history), HistoryCollate(m.max_history)
+            return HistoryDataset(shop, m.max_history), HistoryCollate(m.max_history, self.items)
         return InteractionDataset(shop, m.negatives), interaction_collate
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         inner = model.module if hasattr(model, "module") else model
         if inner.cfg.kind == "two_tower":
-            return in_batch_softmax_loss(inner, batch["inputs"], batch["targets"])
+            fresh = None
+            if "item_index" in batch:  # the item tower trains too: the batch's items through it
+                fresh = inner.encode_items(batch["item_pixels"], batch["item_has_picture"], batch["item_input_ids"],
+                                           batch["item_attention_mask"])
+            return in_batch_softmax_loss(inner, batch["inputs"], batch["targets"], fresh, batch.get("item_index"))
         return bpr_loss(inner, batch["users"], batch["positives"], batch["negatives"])
 
     def evaluate(self, model: Recommender, splits: list[str]) -> dict[str, float]:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from glimpse.data.images import ImageError, ImageTransform, load_image
@@ -33,34 +32,43 @@ def read_shop(data_cfg, root: Path | None = None) -> Shop:
     return load_shop(data_cfg, shop_root(data_cfg, root))
 
 
-@torch.no_grad()
-def content_features(encoder, shop: Shop, tokenizer, transform: ImageTransform, max_pixels: int,
-                     device: torch.device, batch_size: int = 256) -> tuple[torch.Tensor, Counter]:
-    """[N, 2E]: each item's picture and title embedding by the frozen dual encoder, each L2-normalised.
-    A missing or unreadable picture leaves zeros there, counted by reason."""
-    encoder.eval()
-    E = encoder.cfg.embed_dim
-    feats = torch.zeros(len(shop.item_ids), 2 * E)
-    bad: Counter = Counter()
-    for start in range(0, len(shop.item_ids), batch_size):
-        rows, pixels = [], []
-        for i in range(start, min(start + batch_size, len(shop.item_ids))):
-            if shop.images[i] is None:
-                bad["no picture"] += 1
+class ItemInputs:
+    """Every item's tower input, decoded once: pixels [N, 3, S, S] (zeros and has_picture False for an item
+    whose picture is missing or unreadable, counted by reason in `bad`) and tokenized titles."""
+
+    def __init__(self, shop: Shop, tokenizer, transform: ImageTransform, max_pixels: int, context_length: int):
+        n, size = len(shop.item_ids), transform.image_size
+        self.pixels = torch.zeros(n, 3, size, size)
+        self.has_picture = torch.zeros(n, dtype=torch.bool)
+        self.bad: Counter = Counter()
+        for i, src in enumerate(shop.images):
+            if src is None:
+                self.bad["no picture"] += 1
                 continue
             try:
-                pixels.append(transform(load_image(shop.images[i], max_pixels=max_pixels)))
-                rows.append(i)
+                self.pixels[i] = transform(load_image(src, max_pixels=max_pixels))
+                self.has_picture[i] = True
             except ImageError as e:
-                bad[e.reason] += 1
-        if rows:
-            emb = encoder.get_image_features(torch.stack(pixels).to(device)).float()
-            feats[rows, :E] = F.normalize(emb, dim=-1).cpu()
-        titles = shop.titles[start : start + batch_size]
-        ids, mask = tokenizer.batch(titles, encoder.cfg.text.context_length)
-        emb = encoder.get_text_features(ids.to(device), mask.to(device)).float()
-        feats[start : start + len(titles), E:] = F.normalize(emb, dim=-1).cpu()
-    return feats, bad
+                self.bad[e.reason] += 1
+        self.input_ids, self.attention_mask = tokenizer.batch(shop.titles, context_length)
+
+    def batch(self, items: torch.Tensor) -> dict:
+        return {"item_index": items, "item_pixels": self.pixels[items], "item_has_picture": self.has_picture[items],
+                "item_input_ids": self.input_ids[items], "item_attention_mask": self.attention_mask[items]}
+
+
+@torch.no_grad()
+def content_features(model, inputs: ItemInputs, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """[N, 2E]: every item's content features through the model's item tower, in eval mode."""
+    was_training = model.item_encoder.training
+    model.item_encoder.eval()
+    out = []
+    for start in range(0, len(inputs.pixels), batch_size):
+        b = inputs.batch(torch.arange(start, min(start + batch_size, len(inputs.pixels))))
+        out.append(model.encode_items(b["item_pixels"].to(device), b["item_has_picture"].to(device),
+                                      b["item_input_ids"].to(device), b["item_attention_mask"].to(device)).cpu())
+    model.item_encoder.train(was_training)
+    return torch.cat(out)
 
 
 def log_popularity(shop: Shop) -> torch.Tensor:
@@ -95,12 +103,18 @@ class HistoryDataset(Dataset):
 
 
 class HistoryCollate:
-    def __init__(self, max_history: int):
-        self.max_history = max_history
+    """Left-padded histories; with `items` (the item tower trained too), the tower inputs of every item the
+    batch holds, for the loss to encode afresh."""
+
+    def __init__(self, max_history: int, items: ItemInputs | None = None):
+        self.max_history, self.items = max_history, items
 
     def __call__(self, samples: list[dict]) -> dict:
         seq = left_pad([s["items"] for s in samples], self.max_history + 1)
-        return {"status": [None] * len(samples), "messages": [], "inputs": seq[:, :-1], "targets": seq[:, 1:]}
+        batch = {"status": [None] * len(samples), "messages": [], "inputs": seq[:, :-1], "targets": seq[:, 1:]}
+        if self.items is not None:
+            batch |= self.items.batch(torch.unique(seq[seq >= 0]))
+        return batch
 
 
 class InteractionDataset(Dataset):

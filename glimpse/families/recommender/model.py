@@ -106,16 +106,25 @@ class Recommender(nn.Module):
         v = F.normalize(c[:, :-1] + self.unknown_id, dim=-1)
         return torch.cat([v, c[:, -1:] + self.unknown_bias + self.cold_offset], dim=1)
 
-    def item_embeddings(self, id_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_items(self, pixel_values: torch.Tensor, has_picture: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> torch.Tensor:
+        """Content features [M, 2 * embed_dim] of items through the item tower (what `features` caches):
+        the picture's and the title's embeddings, each L2-normalised; zeros for an item without a picture."""
+        enc = self.item_encoder
+        image = F.normalize(enc.get_image_features(pixel_values).float(), dim=-1) * has_picture[:, None]
+        return torch.cat([image, F.normalize(enc.get_text_features(input_ids, attention_mask).float(), dim=-1)], 1)
+
+    def item_embeddings(self, id_keep: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         """[N, dim + 1]: each item's direction (content plus the ID embedding of warm items, and only of those
-        in `id_keep` when training drops some), L2-normalised, then its bias (popularity)."""
+        in `id_keep` when training drops some), L2-normalised, then its bias (popularity).  `features`:
+        content features to use instead of the cached ones (training through the item tower)."""
         ids = (self.warm if id_keep is None else self.warm & id_keep)[:, None]
         # an item without its ID (cold, or dropped this step) has the learned unknown item's: what an
         # average ID adds, so that known items gain nothing over cold ones from merely having one
         v = torch.where(ids, self.id_embed.weight, self.unknown_id)
         b = torch.where(ids[:, 0], self.item_bias, self.unknown_bias)
         if self.reads_content:
-            c = self.content(self.features * self.content_mask())
+            c = self.content((self.features if features is None else features) * self.content_mask())
             v, b = v + c[:, :-1], b + c[:, -1]
         if id_keep is None:
             b = b + self.cold_offset * ~ids[:, 0]
@@ -154,12 +163,18 @@ class Recommender(nn.Module):
         return self.user_states(history, v)[:, -1] @ v.T
 
 
-def in_batch_softmax_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def in_batch_softmax_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tensor,
+                          fresh: torch.Tensor | None = None, fresh_items: torch.Tensor | None = None) -> torch.Tensor:
     """Every next purchase of every history against the batch's other target items (sampled softmax).
-    inputs, targets [B, T]: targets[b, t] is the item bought after inputs[b, :t+1]; -1 = none."""
+    inputs, targets [B, T]: targets[b, t] is the item bought after inputs[b, :t+1]; -1 = none.  With the
+    item tower trained too, `fresh` holds the content features of the batch's items (`fresh_items`),
+    computed through the tower, in place of the cached ones."""
     c = model.cfg
     keep = torch.rand(c.num_items, device=inputs.device) >= c.id_dropout
-    v = model.item_embeddings(keep)
+    features = None
+    if fresh is not None:
+        features = model.features.index_put((fresh_items,), fresh)
+    v = model.item_embeddings(keep, features)
     states = model.user_states(inputs, v)
     valid = targets >= 0
     s, t = states[valid], targets[valid]

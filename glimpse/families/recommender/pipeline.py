@@ -10,7 +10,6 @@ embeddings (faiss-cpu, an optional extra; the exact ranking is its reference).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from glimpse.data.images import load_image
 from glimpse.errors import GlimpseError
@@ -54,16 +53,15 @@ class RecommenderPipeline:
         enc = self.model.item_encoder
         if enc is None:
             raise GlimpseError("this run reads no content (model.content: none): it knows items by id only")
-        E = enc.cfg.embed_dim
-        feats = torch.zeros(len(items), 2 * E, device=self.device)
-        for j, it in enumerate(items):
-            if it.get("image") is not None:
-                pixels = self.transform(load_image(it["image"], max_pixels=self.max_pixels))[None].to(self.device)
-                feats[j, :E] = F.normalize(enc.get_image_features(pixels).float(), dim=-1)[0]
-            if it.get("title"):
-                ids, mask = self.tokenizer.batch([it["title"]], enc.cfg.text.context_length)
-                feats[j, E:] = F.normalize(enc.get_text_features(ids.to(self.device), mask.to(self.device)).float(),
-                                           dim=-1)[0]
+        size = self.transform.image_size
+        pixels = torch.stack([self.transform(load_image(it["image"], max_pixels=self.max_pixels))
+                              if it.get("image") is not None else torch.zeros(3, size, size) for it in items])
+        has_picture = torch.tensor([it.get("image") is not None for it in items])
+        ids, mask = self.tokenizer.batch([it.get("title") or "" for it in items], enc.cfg.text.context_length)
+        feats = self.model.encode_items(pixels.to(self.device), has_picture.to(self.device), ids.to(self.device),
+                                        mask.to(self.device))
+        titled = torch.tensor([bool(it.get("title")) for it in items], device=self.device)
+        feats[:, enc.cfg.embed_dim:] *= titled[:, None]  # no title: the picture alone
         return self.model.embed_content(feats).float()
 
     def recommend(self, histories: list[list], k: int = 10, exclude_history: bool = True,
@@ -134,7 +132,7 @@ class RecommenderPipeline:
             try:
                 import faiss
             except ImportError:
-                raise GlimpseError("search='faiss' needs faiss-cpu: pip install 'glimpse[faiss]'") from None
+                raise GlimpseError("search='faiss' needs faiss-cpu (pip install faiss-cpu)") from None
             table = self.item_embeddings().cpu().numpy().astype("float32")
             self._index = faiss.IndexFlatIP(table.shape[1])
             self._index.add(table)
