@@ -21,7 +21,7 @@ RUNS = {"sasrec": ("shapes-shop", []), "mean": ("shapes-shop", ["model.user=mean
         "bpr": ("shapes-shop-bpr", []), "vbpr": ("shapes-shop-vbpr", [])}
 FIGURES = ["recall@20", "ndcg@20", "recall@20_warm", "ndcg@20_warm", "recall@20_cold", "ndcg@20_cold",
            "shuffled_recall@20_warm", "popularity_recall@20_warm", "oracle_recall@20_warm", "oracle_ndcg@20_warm",
-           "oracle_recall@20_cold"]
+           "oracle_recall@20_cold", "blind_oracle_recall@20_cold"]
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ training), for the model and for:
                 encoder should lose to its own unshuffled self, a mean-pooled one not at all)
     oracle      the shapes shop only: the generator's own probabilities of the next purchase under each
                 user's hidden (drifted) taste: the Bayes ceiling
+    blind_oracle  the same, not knowing cold items' popularity (which nothing a model sees reveals): the
+                ceiling of a model that places cold items by their content
     chance      K over the number of items a user could be shown
 """
 
@@ -66,9 +68,20 @@ def calibrate_cold(model, shop: Shop, batch_size: int = 512) -> float | None:
     return best
 
 
-def oracle_scores(truth: dict, users: list[int]) -> torch.Tensor:
-    arrays = shapes_shop.item_arrays(truth["items"])
-    return torch.as_tensor(np.stack([shapes_shop.log_weights(truth["users"][u], arrays) for u in users]))
+def oracle_scores(truth: dict, users: list[int], warm: np.ndarray | None = None) -> torch.Tensor:
+    """The generator's log-probability of each item as a user's next purchase.  With `warm`, the oracle
+    that does not know cold items' popularity: it gives each the expected popularity term of an item it
+    has not seen sold, log E[popularity^bias] over the warm items, what a perfect content model could do."""
+    ci, si, zi, log_pop = shapes_shop.item_arrays(truth["items"])
+    rows = []
+    for u in users:
+        user = truth["users"][u]
+        lp = log_pop
+        if warm is not None:
+            g = user["bias"]
+            lp = np.where(warm, log_pop, np.log(np.mean(np.exp(g * log_pop[warm]))) / g)
+        rows.append(shapes_shop.log_weights(user, (ci, si, zi, lp)))
+    return torch.as_tensor(np.stack(rows))
 
 
 def ranking_figures(prefix: str, ranks: list[list[int]], targets: list[list[int]], warm: np.ndarray) -> dict:
@@ -101,6 +114,7 @@ def evaluate(model, shop: Shop, splits: list[str], root=None, log_pop: torch.Ten
             scorers["popularity_"] = lambda b: log_pop.expand(len(b), -1)
         if truth is not None:
             scorers["oracle_"] = lambda b: oracle_scores(truth, b)
+            scorers["blind_oracle_"] = lambda b: oracle_scores(truth, b, warm)
         for prefix, score in scorers.items():
             ranks = []
             for i in range(0, len(users), batch_size):

@@ -44,6 +44,7 @@ class RecommenderConfig:
     heads: int = 2
     dropout: float = 0.1
     max_history: int = 50  # the newest purchases a user encoder reads
+    from_start: bool = False  # sasrec: positions counted from the oldest purchase too, not only from the newest
     # the share of training items seen without their ID embedding each step, so that the content path
     # alone places an item (which is all a cold item has)
     id_dropout: float = 0.5
@@ -70,7 +71,8 @@ class Recommender(nn.Module):
         if cfg.kind == "two_tower":
             if self.reads_content:  # content -> a direction and a bias
                 self.content = nn.Sequential(nn.Linear(feat, D), nn.GELU(), nn.Linear(D, D + 1))
-            self.user_encoder = SequenceEncoder(D, cfg.user, cfg.layers, cfg.heads, cfg.max_history, cfg.dropout)
+            self.user_encoder = SequenceEncoder(D, cfg.user, cfg.layers, cfg.heads, cfg.max_history, cfg.dropout,
+                                            cfg.from_start)
             self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
             self.unknown_id = nn.Parameter(torch.zeros(D))
             # added to the bias of items without an ID at inference, fitted on validation after training
