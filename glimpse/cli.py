@@ -52,7 +52,9 @@ def cmd_recommend(a) -> None:
         items = [x.strip() for x in a.history.split(",") if x.strip()]
         if not items:
             raise GlimpseError("--history: no item ids (give them comma-separated)")
-        recs = pipe.recommend([[{"image": x} if Path(x).is_file() else x for x in items]], a.k, search=a.search)[0]
+        pictures = (".png", ".jpg", ".jpeg", ".webp", ".gif")  # a picture file is a new item; anything else an id
+        recs = pipe.recommend([[{"image": x} if x.lower().endswith(pictures) and Path(x).is_file() else x
+                                for x in items]], a.k, search=a.search)[0]
     if a.json:
         print(json.dumps(recs, indent=2))
         return

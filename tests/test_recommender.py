@@ -43,19 +43,26 @@ def test_ranking_metrics_match_hand_computed_cases():
 
     scores = torch.tensor([[0.9, 0.1, 0.5, 0.7, 0.3],
                            [0.2, 0.2, 0.2, 0.2, 0.9]])
-    # user 0: item 0 (bought) is left out; target 2 is then behind item 3 only -> rank 1
-    # user 1: target 1 ties with items 0, 2, 3 (four-way tie after item 4): placed mid-tie -> 1 + 3 // 2 = 2
+    # user 0: item 0 (bought) is left out; target 2 is then behind item 3 only -> rank 1, no ties
+    # user 1: target 1 ties with items 0, 2, 3 after item 4: it could take places 1, 2, 3 or 4
     ranks = target_ranks(scores, [[0], []], [[2], [1]])
-    assert ranks == [[1], [2]]
-    assert recall_at_k([1], 1, 1) == 0.0 and recall_at_k([1], 1, 2) == 1.0
-    assert ndcg_at_k([1], 1, 10) == pytest.approx(1 / math.log2(3))
+    assert ranks == [[(1, 0)], [(1, 3)]]
+    assert recall_at_k([(1, 0)], 1, 1) == 0.0 and recall_at_k([(1, 0)], 1, 2) == 1.0
+    assert ndcg_at_k([(1, 0)], 1, 10) == pytest.approx(1 / math.log2(3))
     assert ndcg_at_k([0], 1, 10) == 1.0
+    # the tie: places 1..4 equally likely; K = 3 holds places 1 and 2 -> recall 1/2
+    assert recall_at_k([(1, 3)], 1, 3) == pytest.approx(0.5)
+    assert ndcg_at_k([(1, 3)], 1, 3) == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / 4)
+    # every item alike: chance, K / N
+    flat = target_ranks(torch.zeros(1, 10), [[]], [[4]])
+    assert recall_at_k(flat[0], 1, 2) == pytest.approx(0.2)
     # two relevant items at ranks 0 and 3, K = 2: one hit of two; DCG 1, ideal 1 + 1/log2(3)
     assert recall_at_k([0, 3], 2, 2) == 0.5
     assert ndcg_at_k([0, 3], 2, 2) == pytest.approx(1 / (1 + 1 / math.log2(3)))
     assert ndcg_at_k([0, 3], 2, 5) == pytest.approx((1 + 1 / math.log2(5)) / (1 + 1 / math.log2(3)))
-    # a repeat purchase stays rankable although it is in the history
-    assert target_ranks(torch.tensor([[0.1, 0.9]]), [[1]], [[1]]) == [[0]]
+    # a repeat purchase stays rankable although it is in the history; a NaN score ranks last
+    assert target_ranks(torch.tensor([[0.1, 0.9]]), [[1]], [[1]]) == [[(0, 0)]]
+    assert target_ranks(torch.tensor([[0.1, float("nan"), 0.3]]), [[]], [[1]]) == [[(2, 0)]]
 
 
 # -- the world and its files -------------------------------------------------------------------------
@@ -222,7 +229,8 @@ def test_recommend_command(shop_run, cli_env):
     assert len(lines) == 3 and lines[0].split()[0] == "1"
     r = subprocess.run(run + ["--history", "i00001,i00002", "--k", "2", "--json"], capture_output=True, text=True,
                        env=cli_env, cwd=ROOT)
-    assert r.returncode == 0, r.stderr and len(json.loads(r.stdout)) == 2
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)) == 2
     for args, msg in ((["--history", "i00001,zz"], "no item 'zz'"), ([], "give one of --user"),
                       (["--user", "nobody"], "no user 'nobody'")):
         r = subprocess.run(run + args, capture_output=True, text=True, env=cli_env, cwd=ROOT)
@@ -277,22 +285,46 @@ def test_demo_recsys_writes_a_report(world, shop_world, tmp_path, capsys):
 
 
 def test_the_item_tower_can_train_with_the_recommender(shop_world, tmp_path):
+    from safetensors.torch import load_file
+
     import glimpse
     from glimpse.config import load_recipe
     from glimpse.train.trainer import train
 
     out = tmp_path / "run"
-    recipe = load_recipe("shapes-shop", tiny_shop_overrides(shop_world, **{"freeze": "[]", "train.max_steps": 3}))
+    recipe = load_recipe("shapes-shop", tiny_shop_overrides(shop_world, **{"freeze": "[]", "train.max_steps": 3,
+                                                                          "train.save_every": 1}))
     train(recipe, out, progress=False)
     pipe = glimpse.load(out)
-    tower = pipe.model.item_encoder
-    from glimpse.models.dual_encoder import DualEncoder
-
-    torch.manual_seed(0)
-    untouched = DualEncoder(recipe.model.item_encoder)  # the towers the run started from (no init_parts)
-    assert not torch.equal(tower.visual_projection.weight, untouched.visual_projection.weight)
+    step2, step3 = (load_file(out / "checkpoints" / f"step_{s:07d}" / "model.safetensors") for s in (2, 3))
+    for name in ("item_encoder.visual_projection.weight", "item_encoder.text_projection.weight"):
+        assert not torch.equal(step2[name], step3[name]), name  # the towers moved in the last step
     # the cached features are the trained tower's (recomputed after the last step)
     from glimpse.families.recommender.data import ItemInputs, content_features
 
     items = ItemInputs(pipe.shop, pipe.tokenizer, pipe.transform, 10**7, recipe.model.item_encoder.text.context_length)
     assert torch.allclose(content_features(pipe.model, items, torch.device("cpu")), pipe.model.features, atol=1e-5)
+
+
+def test_the_cold_offset_is_the_validation_maximum_likelihood(shop_run):
+    import glimpse
+    from glimpse.families.recommender.evaluate import model_scores
+
+    pipe = glimpse.load(shop_run)
+    model, shop = pipe.model, pipe.shop
+    fitted = float(model.cold_offset)
+    users = list(range(len(shop.user_ids)))
+    with torch.no_grad():
+        model.cold_offset.zero_()
+        base = model_scores(model, shop, users, "val")
+    for u in users:
+        base[u, shop.train[u]] = float("-inf")
+    targets = torch.tensor([shop.val[u][0] for u in users])
+    no_id = (~model.warm).float()
+
+    def nll(delta):
+        s = base + delta * no_id
+        return float(-(s[torch.arange(len(users)), targets] - s.logsumexp(1)).sum())
+
+    assert -2.0 <= fitted <= 4.0
+    assert nll(fitted) <= min(nll(fitted - 0.1), nll(fitted + 0.1)) + 1e-3

@@ -129,13 +129,18 @@ def _number(path: Path, value: str, what: str) -> float:
         raise GlimpseError(f"{path}: {what} {value!r} is not a number") from None
 
 
-def read_recbole(inter: Path, item: Path) -> Shop:
+def read_items(item: Path) -> tuple[list[str], list[str], list[str | None]]:
+    """(ids, titles, picture paths) of a RecBole-style `.item` file: item_id, title and an optional image
+    column (paths relative to the file's folder)."""
     header, rows = _rows(item)
     ci, ct = _column(item, header, "item_id"), _column(item, header, "title")
     cm = _column(item, header, "image") if "image" in [h.split(":")[0] for h in header] else None
-    item_ids = [r[ci] for r in rows]
-    titles = [r[ct] for r in rows]
     images = [str(_path(item.parent, r[cm])) if cm is not None and r[cm] else None for r in rows]
+    return [r[ci] for r in rows], [r[ct] for r in rows], images
+
+
+def read_recbole(inter: Path, item: Path) -> Shop:
+    item_ids, titles, images = read_items(item)
     header, rows = _rows(inter)
     cu, cit, cts = (_column(inter, header, c) for c in ("user_id", "item_id", "timestamp"))
     events = [(r[cu], r[cit], _number(inter, r[cts], "timestamp")) for r in rows]
@@ -143,23 +148,37 @@ def read_recbole(inter: Path, item: Path) -> Shop:
 
 
 def read_mmrec(inter: Path, item: Path | None = None) -> Shop:
+    """MMRec's `.inter` (remapped integer ids).  With `item`, titles and pictures come from that file, matched
+    through MMRec's `i_id_mapping.csv` beside the `.inter` (org_id -> remap_id) when there is one, else by
+    the item file's row order."""
     header, rows = _rows(inter)
     cu, cit, cts, cx = (_column(inter, header, c) for c in ("userID", "itemID", "timestamp", "x_label"))
     if item is not None:
-        ih, irows = _rows(item)
-        ci, ct = _column(item, ih, "item_id"), _column(item, ih, "title")
-        cm = _column(item, ih, "image") if "image" in [h.split(":")[0] for h in ih] else None
-        item_ids = [r[ci] for r in irows]
-        titles = [r[ct] for r in irows]
-        images = [str(_path(item.parent, r[cm])) if cm is not None and r[cm] else None for r in irows]
+        item_ids, titles, images = read_items(item)
+        order = list(range(len(item_ids)))
+        mapping = inter.parent / "i_id_mapping.csv"
+        if mapping.is_file():
+            mh, mrows = _rows(mapping)
+            co, cr = _column(mapping, mh, "org_id"), _column(mapping, mh, "remap_id")
+            where = {it: i for i, it in enumerate(item_ids)}
+            order = [-1] * len(mrows)
+            for r in mrows:
+                remap = _int(mapping, r[cr], len(mrows))
+                if r[co] not in where:
+                    raise GlimpseError(f"{mapping}: item {r[co]!r} is not in {item}")
+                order[remap] = where[r[co]]
+            if -1 in order:
+                raise GlimpseError(f"{mapping}: remap_id {order.index(-1)} is missing")
+        id_of = lambda v: item_ids[order[_int(inter, v, len(order))]]  # noqa: E731
     else:  # MMRec's integer ids, no titles or pictures: an ID-only shop
-        n = 1 + max((int(r[cit]) for r in rows), default=-1)
+        n = 1 + max((_int(inter, r[cit], 2**31) for r in rows), default=-1)
         item_ids, titles, images = [str(i) for i in range(n)], [""] * n, [None] * n
+        id_of = lambda v: str(_int(inter, v, n))  # noqa: E731
     per_user: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
     for r in rows:
         if r[cx] not in ("0", "1", "2"):
             raise GlimpseError(f"{inter}: x_label {r[cx]!r} must be 0, 1 or 2 (train, val, test)")
-        item_id = r[cit] if item is None else item_ids[_int(inter, r[cit], len(item_ids))]
+        item_id = id_of(r[cit])
         per_user[r[cu]].append((_number(inter, r[cts], "timestamp"), int(r[cx]), item_id))
     index = {it: i for i, it in enumerate(item_ids)}
     users, split = [], ([], [], [])
@@ -175,7 +194,7 @@ def read_mmrec(inter: Path, item: Path | None = None) -> Shop:
 
 def _int(path: Path, value: str, n: int) -> int:
     if not value.isdigit() or int(value) >= n:
-        raise GlimpseError(f"{path}: itemID {value!r} is not an item index below {n}")
+        raise GlimpseError(f"{path}: {value!r} is not an item index below {n}")
     return int(value)
 
 

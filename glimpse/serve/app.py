@@ -528,6 +528,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
             raise APIError(400, "give one of history (item ids or data:image URLs) or user", param="history")
         history = body.history or []
         pictures = [i for i, x in enumerate(history) if x.startswith("data:")]
+        check_text([x for x in history if not x.startswith("data:")] + [body.user or ""], "history")
         if len(pictures) > limits.max_images:
             raise APIError(400, f"too many images: at most {limits.max_images} per request", param="history")
 

@@ -36,8 +36,6 @@ from glimpse.families.recommender.model import (
     KINDS,
     Recommender,
     RecommenderConfig,
-    bpr_loss,
-    in_batch_softmax_loss,
 )
 from glimpse.families.recommender.pipeline import RecommenderPipeline
 from glimpse.families.registry import register
@@ -69,6 +67,10 @@ class RecommenderFamily(Family):
               (m.id_dropout, m.dropout), "must be in [0, 1)")
         if m.kind == "vbpr" or (m.kind == "two_tower" and m.content != "none"):
             checks.check_towers(m.item_encoder)
+        else:
+            for key, value in (("freeze", recipe.freeze), ("init_parts", recipe.init_parts)):
+                check("item_encoder" not in value, key, value, "names item_encoder, but this model reads no content "
+                      "(model.content: none, or bpr): leave it out")
         check(m.kind != "vbpr" or "item_encoder" in recipe.freeze, "freeze", recipe.freeze,
               "must hold item_encoder: VBPR reads fixed picture features")
 
@@ -125,20 +127,16 @@ class RecommenderFamily(Family):
         return InteractionDataset(shop, m.negatives), interaction_collate
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        inner = model.module if hasattr(model, "module") else model
-        if inner.cfg.kind == "two_tower":
-            fresh = None
-            if "item_index" in batch:  # the item tower trains too: the batch's items through it
-                fresh = inner.encode_items(batch["item_pixels"], batch["item_has_picture"], batch["item_input_ids"],
-                                           batch["item_attention_mask"])
-            return in_batch_softmax_loss(inner, batch["inputs"], batch["targets"], fresh, batch.get("item_index"))
-        return bpr_loss(inner, batch["users"], batch["positives"], batch["negatives"])
+        return model(**{k: v for k, v in batch.items() if torch.is_tensor(v)})
 
     def evaluate(self, model: Recommender, splits: list[str]) -> dict[str, float]:
         for s in splits:
             if s not in ("val", "test"):
                 raise GlimpseError(f"eval split {s!r}: a recommender is evaluated on val or test")
         shop = self._shop()
+        if self.items is not None:  # the tower trains: evaluate with its features as they are now
+            model.features.copy_(content_features(model, self.items, model.features.device,
+                                                  self.recipe.eval.batch_size))
         return evaluate(model, shop, splits, shop_root(self.recipe.data, self.root), model.log_pop.cpu(),
                         self.recipe.eval.batch_size, self.recipe.train.seed)
 

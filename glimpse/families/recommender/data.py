@@ -32,28 +32,49 @@ def read_shop(data_cfg, root: Path | None = None) -> Shop:
     return load_shop(data_cfg, shop_root(data_cfg, root))
 
 
+PIXEL_CACHE_BYTES = 2 << 30  # decoded item pictures kept in memory up to this; beyond it, decoded per batch
+
+
 class ItemInputs:
-    """Every item's tower input, decoded once: pixels [N, 3, S, S] (zeros and has_picture False for an item
-    whose picture is missing or unreadable, counted by reason in `bad`) and tokenized titles."""
+    """Every item's tower input: pixels (decoded once and kept while they fit PIXEL_CACHE_BYTES, else decoded
+    per batch) with has_picture False and zeros for an item whose picture is missing or unreadable (counted
+    by reason in `bad`), and tokenized titles."""
 
     def __init__(self, shop: Shop, tokenizer, transform: ImageTransform, max_pixels: int, context_length: int):
+        self.images, self.transform, self.max_pixels = shop.images, transform, max_pixels
         n, size = len(shop.item_ids), transform.image_size
-        self.pixels = torch.zeros(n, 3, size, size)
         self.has_picture = torch.zeros(n, dtype=torch.bool)
+        keep = n * 3 * size * size * 4 <= PIXEL_CACHE_BYTES
+        self.pixels = torch.zeros(n, 3, size, size) if keep else None
         self.bad: Counter = Counter()
-        for i, src in enumerate(shop.images):
-            if src is None:
-                self.bad["no picture"] += 1
-                continue
-            try:
-                self.pixels[i] = transform(load_image(src, max_pixels=max_pixels))
-                self.has_picture[i] = True
-            except ImageError as e:
-                self.bad[e.reason] += 1
+        for i in range(n):
+            picture = self._decode(i)
+            if picture is not None and keep:
+                self.pixels[i] = picture
         self.input_ids, self.attention_mask = tokenizer.batch(shop.titles, context_length)
 
+    def _decode(self, i: int, count: bool = True) -> torch.Tensor | None:
+        if self.images[i] is None:
+            reason = "no picture"
+        else:
+            try:
+                picture = self.transform(load_image(self.images[i], max_pixels=self.max_pixels))
+                self.has_picture[i] = True
+                return picture
+            except ImageError as e:
+                reason = e.reason
+        if count:
+            self.bad[reason] += 1
+        return None
+
     def batch(self, items: torch.Tensor) -> dict:
-        return {"item_index": items, "item_pixels": self.pixels[items], "item_has_picture": self.has_picture[items],
+        if self.pixels is not None:
+            pixels = self.pixels[items]
+        else:
+            size = self.transform.image_size
+            pixels = torch.stack([p if (p := self._decode(int(i), count=False)) is not None
+                                  else torch.zeros(3, size, size) for i in items])
+        return {"item_index": items, "item_pixels": pixels, "item_has_picture": self.has_picture[items],
                 "item_input_ids": self.input_ids[items], "item_attention_mask": self.attention_mask[items]}
 
 
@@ -111,7 +132,8 @@ class HistoryCollate:
 
     def __call__(self, samples: list[dict]) -> dict:
         seq = left_pad([s["items"] for s in samples], self.max_history + 1)
-        batch = {"status": [None] * len(samples), "messages": [], "inputs": seq[:, :-1], "targets": seq[:, 1:]}
+        inputs, targets = seq[:, :-1], seq[:, 1:].masked_fill(seq[:, :-1] < 0, -1)  # nothing to predict from nothing
+        batch = {"status": [None] * len(samples), "messages": [], "inputs": inputs, "targets": targets}
         if self.items is not None:
             batch |= self.items.batch(torch.unique(seq[seq >= 0]))
         return batch
@@ -120,6 +142,7 @@ class HistoryCollate:
 class InteractionDataset(Dataset):
     def __init__(self, shop: Shop, negatives: int):
         self.pairs = np.array([(u, i) for u, h in enumerate(shop.train) for i in h], dtype=np.int64).reshape(-1, 2)
+        self.bought = [set(h) for h in shop.train]
         self.warm_items = np.flatnonzero(shop.warm)
         self.negatives = negatives
 
@@ -130,8 +153,16 @@ class InteractionDataset(Dataset):
         u, i = self.pairs[key[0]]
         # the sampler's choice is uniform over [0, 2**31): its residues pick the negatives (an RNG made per
         # sample would cost more than the model's step)
-        steps = key[1] + 0x9E3779B1 * np.arange(self.negatives, dtype=np.int64)
-        return {"user": int(u), "item": int(i), "negatives": self.warm_items[steps % len(self.warm_items)]}
+        n, negatives, step = len(self.warm_items), [], key[1]
+        for _ in range(64 * self.negatives):  # items the user bought are not negatives (as MMRec samples)
+            j = int(self.warm_items[step % n])
+            step += 0x9E3779B1
+            if j not in self.bought[u]:
+                negatives.append(j)
+                if len(negatives) == self.negatives:
+                    break
+        negatives += [int(self.warm_items[key[1] % n])] * (self.negatives - len(negatives))  # a user who bought nearly all
+        return {"user": int(u), "item": int(i), "negatives": np.array(negatives)}
 
 
 def interaction_collate(samples: list[dict]) -> dict:

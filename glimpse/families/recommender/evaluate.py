@@ -36,7 +36,7 @@ def model_scores(model, shop: Shop, users: list[int], split: str, shuffle_seed: 
     if shuffle_seed is not None:
         rng = np.random.default_rng(shuffle_seed)
         histories = [list(rng.permutation(h)) for h in histories]
-    return model(left_pad(histories, model.cfg.max_history).to(device)).float().cpu()
+    return model.score_histories(left_pad(histories, model.cfg.max_history).to(device)).float().cpu()
 
 
 @torch.no_grad()
@@ -50,7 +50,7 @@ def calibrate_cold(model, shop: Shop, batch_size: int = 512) -> float | None:
     users = [u for u in range(len(shop.user_ids)) if shop.val[u]]
     if not any(not shop.warm[t] for u in users for t in shop.val[u]):
         return None
-    no_id = (~model.warm).float()
+    no_id = (~model.warm).float().cpu()  # model_scores answers on the CPU
     grid = torch.arange(-2.0, 4.0001, 0.1)
     nll = torch.zeros(len(grid))
     for i in range(0, len(users), batch_size):
@@ -75,7 +75,7 @@ def oracle_scores(truth: dict, users: list[int], warm: np.ndarray | None = None)
     ci, si, zi, log_pop = shapes_shop.item_arrays(truth["items"])
     rows = []
     for u in users:
-        user = truth["users"][u]
+        user = truth["users"][u]  # the shop's users are the generator's, in order (u00000, u00001, ...)
         lp = log_pop
         if warm is not None:
             g = user["bias"]

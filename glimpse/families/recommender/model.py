@@ -159,10 +159,22 @@ class Recommender(nn.Module):
             s = s + (theta @ e.T + vb if items is None else (theta[:, None] * e).sum(-1) + vb)
         return s
 
-    def forward(self, history: torch.Tensor) -> torch.Tensor:
+    def score_histories(self, history: torch.Tensor) -> torch.Tensor:
         """The two-tower model's scores of every item after each history's last purchase: [B, T] -> [B, N]."""
         v = self.item_embeddings()
         return self.user_states(history, v)[:, -1] @ v.T
+
+    def forward(self, inputs=None, targets=None, item_index=None, item_pixels=None, item_has_picture=None,
+                item_input_ids=None, item_attention_mask=None, users=None, positives=None, negatives=None):
+        """The training loss of a batch (through forward, so that DDP synchronises its gradients): the
+        in-batch softmax of the two-tower model (with its items through the tower when it trains too), or
+        BPR's for bpr and vbpr."""
+        if self.cfg.kind != "two_tower":
+            return bpr_loss(self, users, positives, negatives)
+        fresh = None
+        if item_index is not None:  # the item tower trains too: the batch's items through it
+            fresh = self.encode_items(item_pixels, item_has_picture, item_input_ids, item_attention_mask)
+        return in_batch_softmax_loss(self, inputs, targets, fresh, item_index)
 
 
 def in_batch_softmax_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tensor,
