@@ -9,8 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import schemathesis
 import torch
 from conftest import PY, ROOT, LiveServer, image_data_url
+from hypothesis import HealthCheck, settings
 
 from glimpse.errors import GlimpseError
 
@@ -328,3 +330,26 @@ def test_the_cold_offset_is_the_validation_maximum_likelihood(shop_run):
 
     assert -2.0 <= fitted <= 4.0
     assert nll(fitted) <= min(nll(fitted - 0.1), nll(fitted + 0.1)) + 1e-3
+
+
+@pytest.fixture(scope="module")
+def shop_api_schema(shop_run):
+    import glimpse
+    from glimpse.serve import create_app
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(glimpse.load(shop_run), "shop"))
+    schema.config.generation.update(modes=[schemathesis.GenerationMode.POSITIVE,
+                                           schemathesis.GenerationMode.NEGATIVE], deterministic=True)
+    return schema.include(path="/v1/recommendations")
+
+
+shop_schema = schemathesis.pytest.from_fixture("shop_api_schema")
+
+
+@shop_schema.parametrize()
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_fuzzed_recommendation_requests_get_no_5xx(case):
+    response = case.call()
+    assert response.status_code < 500, (case.body, response.text)
+    if response.status_code >= 400:
+        assert response.json()["error"]["message"]
