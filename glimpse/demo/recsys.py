@@ -57,17 +57,18 @@ def run_recsys_demo(out: str | Path = "runs/demo-recsys", progress: bool = True,
     warm_users = [u for u in range(len(catalogue.user_ids)) if catalogue.warm[catalogue.test[u][0]]]
     users = warm_users[: N_USERS // 2] + cold_users[: N_USERS - N_USERS // 2]
     histories = [catalogue.history(u, "test") for u in users]
-    recs = pipe.recommend([[catalogue.item_ids[i] for i in h] for h in histories], k=10)
+    ranked = pipe.recommend([[catalogue.item_ids[i] for i in h] for h in histories], k=len(catalogue.item_ids))
 
     def picture(i: int, extra: str = "") -> str:
         cls = "cold" if not catalogue.warm[i] else ""
         return _img_tag(catalogue.images[i], 56, f"{catalogue.item_ids[i]}: {catalogue.titles[i]}{extra}", cls)
 
     blocks = []
-    for u, h, rec in zip(users, histories, recs):
+    for u, h, rec in zip(users, histories, ranked):
         target = catalogue.test[u][0]
-        got = [catalogue.index[r["item"]] for r in rec]
-        hit = f"bought next: rank {got.index(target) + 1}" if target in got else "bought next: not in the top 10"
+        order = [catalogue.index[r["item"]] for r in rec]
+        got = order[:10]
+        hit = f"ranked {order.index(target) + 1} of {len(order)}"
         blocks.append(
             f"<div class='user'><h3>{html.escape(catalogue.user_ids[u])}</h3>"
             f"<div>history, oldest first: {''.join(picture(i) for i in h[-20:])}</div>"
