@@ -182,6 +182,8 @@ def test_two_tower_trains_evaluates_and_recommends(shop_run, capfd):
     pipe = glimpse.load(out)
     recs = pipe.recommend([["i00001", "i00002"], [3, 5, 7]], k=5)
     assert [len(r) for r in recs] == [5, 5]
+    assert pipe._shop is None  # histories of item ids need only the run's own catalogue (items.json)
+    assert json.loads((out / "items.json").read_text())["item_ids"][:2] == ["i00000", "i00001"]
     assert not {"i00001", "i00002"} & {r["item"] for r in recs[0]}  # bought already: left out
     by_user = pipe.recommend_users(["u00004"], k=4)[0]
     scores = [r["score"] for r in by_user]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,18 +30,45 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 @dataclass
-class Shop:
+class Catalogue:
+    """The items alone: what a trained run needs to name what it recommends (kept in its folder)."""
     item_ids: list[str]
     titles: list[str]
     images: list[str | None]  # absolute paths; None: the item has no picture
+
+    def __post_init__(self):
+        self.index = {item: i for i, item in enumerate(self.item_ids)}  # item id -> index
+
+    def item_index(self, item: str) -> int:
+        if item not in self.index:
+            raise GlimpseError(f"no item {item!r} in the catalogue ({len(self.item_ids)} items, e.g. {self.item_ids[0]})")
+        return self.index[item]
+
+    def to_json(self) -> str:
+        return json.dumps({"item_ids": self.item_ids, "titles": self.titles, "images": self.images})
+
+    @classmethod
+    def from_json(cls, path: Path) -> Catalogue:
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+            catalogue = cls(list(d["item_ids"]), list(d["titles"]), list(d["images"]))
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            raise GlimpseError(f"{path}: not a readable item catalogue ({type(e).__name__})") from None
+        if not len(catalogue.item_ids) == len(catalogue.titles) == len(catalogue.images):
+            raise GlimpseError(f"{path}: item_ids, titles and images differ in length")
+        return catalogue
+
+
+@dataclass
+class Shop(Catalogue):
+    """The items and each user's purchases, split for training, validation and test."""
     user_ids: list[str]
     train: list[list[int]]  # per user: training purchases in time order (item indices)
     val: list[list[int]]  # per user: validation targets (the purchases after `train`)
     test: list[list[int]]  # per user: test targets (after `val`)
-    index: dict[str, int] = field(default_factory=dict)  # item id -> index
 
     def __post_init__(self):
-        self.index = {item: i for i, item in enumerate(self.item_ids)}
+        super().__post_init__()
         self.warm = np.zeros(len(self.item_ids), bool)
         for h in self.train:
             self.warm[h] = True
@@ -52,11 +79,6 @@ class Shop:
 
     def targets(self, user: int, split: str) -> list[int]:
         return {"val": self.val, "test": self.test}[split][user]
-
-    def item_index(self, item: str) -> int:
-        if item not in self.index:
-            raise GlimpseError(f"no item {item!r} in the catalogue ({len(self.item_ids)} items, e.g. {self.item_ids[0]})")
-        return self.index[item]
 
     def user_index(self, user: str | int) -> int:
         if isinstance(user, int) or (isinstance(user, str) and user.isdigit() and user not in self.user_ids):

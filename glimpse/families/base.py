@@ -115,6 +115,11 @@ class Family:
     def prepare(self, model: nn.Module, device: torch.device, progress: bool) -> None:
         """Once before the first step, with the weights training starts from (a frozen tower's features)."""
 
+    def run_files(self) -> dict[str, str]:
+        """Files the run folder keeps beside its weights (name -> text), written when training starts: what
+        a loaded run reads from its own folder rather than from its data (the recommender's catalogue)."""
+        return {}
+
     def finish(self, model: nn.Module, device: torch.device) -> None:
         """Once after the last step, before the final checkpoint (the recommender calibrates its cold
         items on the validation split here)."""

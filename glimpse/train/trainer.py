@@ -186,6 +186,10 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
             shutil.copyfile(tok_path, out / runs.TOKENIZER)
         if task.transform is not None:
             (out / runs.PREPROCESS).write_text(json.dumps(task.transform.to_dict()))
+        for name, text in task.run_files().items():
+            tmp = out / f".tmp-{name}"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, out / name)
 
     ddp = DistributedDataParallel(model) if dist_info.enabled else None
     net = ddp or model

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from glimpse.data.shop import FORMATS
+from glimpse.data.shop import FORMATS, Catalogue
 from glimpse.errors import GlimpseError
 from glimpse.families import checks
 from glimpse.families.base import Family, recipe_transform
@@ -41,6 +41,8 @@ from glimpse.families.recommender.pipeline import RecommenderPipeline
 from glimpse.families.registry import register
 from glimpse.models.sequential import MODES
 from glimpse.schema import check, choice
+
+CATALOGUE = "items.json"  # the run folder's copy of its items (ids, titles, pictures)
 
 
 @register
@@ -83,6 +85,14 @@ class RecommenderFamily(Family):
         if not m.num_items:  # a new run: the data decides the sizes (a loaded run has them in its recipe)
             self.shop = read_shop(recipe.data, root)
             m.num_items, m.num_users = len(self.shop.item_ids), len(self.shop.user_ids)
+
+    def run_files(self) -> dict[str, str]:
+        return {CATALOGUE: self._shop().to_json()}
+
+    def _catalogue(self):
+        """The run's items: from its folder when it has them (a loaded run), else from its data."""
+        path = self.root / CATALOGUE
+        return Catalogue.from_json(path) if path.is_file() and self.shop is None else self._shop()
 
     def _shop(self):
         if self.shop is None:
@@ -141,7 +151,8 @@ class RecommenderFamily(Family):
                         self.recipe.eval.batch_size, self.recipe.train.seed)
 
     def pipeline(self, model: Recommender) -> RecommenderPipeline:
-        return RecommenderPipeline(model, self._shop, self.tokenizer, self.transform, self.recipe.data.max_pixels)
+        return RecommenderPipeline(model, self._catalogue, self._shop, self.tokenizer, self.transform,
+                                   self.recipe.data.max_pixels)
 
 
 __all__ = ["RecommenderFamily", "Recommender", "RecommenderConfig", "RecommenderPipeline"]

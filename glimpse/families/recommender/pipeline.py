@@ -19,23 +19,34 @@ SEARCHES = ("exact", "faiss")
 
 
 class RecommenderPipeline:
-    def __init__(self, model, read_shop, tokenizer, transform, max_pixels: int):
+    def __init__(self, model, read_catalogue, read_shop, tokenizer, transform, max_pixels: int):
         self.model, self.tokenizer, self.transform, self.max_pixels = model, tokenizer, transform, max_pixels
-        self._read_shop, self._shop, self._items, self._index = read_shop, None, None, None
+        self._read_catalogue, self._read_shop = read_catalogue, read_shop
+        self._catalogue, self._shop, self._items, self._index = None, None, None, None
 
     @property
     def device(self) -> torch.device:
         return self.model.warm.device
 
     @property
+    def catalogue(self):
+        """The items (ids, titles, pictures): from the run folder, read on first use."""
+        if self._catalogue is None:
+            self._catalogue = self._checked(self._read_catalogue())
+        return self._catalogue
+
+    @property
     def shop(self):
-        """The catalogue and purchase histories (read from the run's data on first use)."""
+        """The items and the users' purchases (read from the run's data on first use: known users need it)."""
         if self._shop is None:
-            self._shop = self._read_shop()
-            if len(self._shop.item_ids) != self.model.cfg.num_items:
-                raise GlimpseError(f"the shop has {len(self._shop.item_ids)} items; this run was trained on "
-                                   f"{self.model.cfg.num_items}")
+            self._shop = self._checked(self._read_shop())
         return self._shop
+
+    def _checked(self, items):
+        if len(items.item_ids) != self.model.cfg.num_items:
+            raise GlimpseError(f"the data has {len(items.item_ids)} items; this run was trained on "
+                               f"{self.model.cfg.num_items}")
+        return items
 
     @torch.no_grad()
     def item_embeddings(self) -> torch.Tensor:
@@ -109,7 +120,7 @@ class RecommenderPipeline:
                 raise GlimpseError(f"item index {item} is out of range (0 to {self.model.cfg.num_items - 1})")
             return item
         if isinstance(item, str):
-            return self.shop.item_index(item)
+            return self.catalogue.item_index(item)
         raise GlimpseError(f"a history item is an item id or {{'image': ..., 'title': ...}}, not {type(item).__name__}")
 
     def _top(self, states: torch.Tensor, exclude: list[list[int]], k: int, search: str) -> list[list[dict]]:
@@ -149,6 +160,6 @@ class RecommenderPipeline:
                 for srow, irow in zip(top.values.tolist(), top.indices.tolist())]
 
     def _entry(self, i: int, score: float) -> dict:
-        shop = self.shop
-        return {"item": shop.item_ids[i], "score": score, "title": shop.titles[i], "image": shop.images[i],
+        c = self.catalogue
+        return {"item": c.item_ids[i], "score": score, "title": c.titles[i], "image": c.images[i],
                 "cold": not bool(self.model.warm[i])}
