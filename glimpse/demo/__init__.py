@@ -49,6 +49,15 @@ def _start(out) -> tuple[float, Path, float]:
     return t0, out, gflops
 
 
+def _finish(out: Path, report: Path, elapsed: float, gflops: float, **results) -> dict:
+    """The demo's summary (its figures, time and the machine's rate) written as its marker, and the report's
+    place printed: the end every demo shares."""
+    summary = {**results, "seconds": elapsed, "matmul_gflops": gflops, "report": str(report)}
+    (out / MARKER).write_text(json.dumps(summary, indent=2))
+    print(f"\nreport: {report}   ({elapsed:.0f} s in all, on a machine whose fp32 matmul runs at {gflops:.0f} GFLOP/s)")
+    return summary
+
+
 def _img_tag(image, size: int = 96, title: str = "", cls: str = "") -> str:
     """An inline <img> of an image file (a path) or of uint8 pixels [H, W, 3] (a generated image)."""
     import numpy as np
@@ -174,10 +183,7 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
     report = out / "report.html"
     report.write_text(render_report(results, keys, run / "loss.png", searches, zeroshot, elapsed, gflops,
                                     llava_results, answers, llava_run / "loss.png"))
-    summary = {"results": results, "llava_results": llava_results, "seconds": elapsed, "matmul_gflops": gflops,
-               "report": str(report)}
-    (out / MARKER).write_text(json.dumps(summary, indent=2))
-    print(f"\nreport: {report}   ({elapsed:.0f} s in all, on a machine whose fp32 matmul runs at {gflops:.0f} GFLOP/s)")
+    summary = _finish(out, report, elapsed, gflops, results=results, llava_results=llava_results)
     print(f"chat with it in a browser or through the OpenAI API: glimpse serve {llava_run}")
     return summary
 
@@ -358,9 +364,6 @@ colour-shape combination never seen in training.</p>
 <h2>Prompts and their images</h2>{grid_html}
 </body></html>
 """)
-    summary = {"results": results, "vq_results": vq_results, "seconds": elapsed, "matmul_gflops": gflops,
-               "report": str(report)}
-    (out / MARKER).write_text(json.dumps(summary, indent=2))
-    print(f"\nreport: {report}   ({elapsed:.0f} s in all, on a machine whose fp32 matmul runs at {gflops:.0f} GFLOP/s)")
+    summary = _finish(out, report, elapsed, gflops, results=results, vq_results=vq_results)
     print(f'generate more: glimpse generate {out / "t2i"} "a large red circle on the left" --n 4')
     return summary

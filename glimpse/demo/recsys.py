@@ -5,12 +5,11 @@ pictures, cold items marked."""
 from __future__ import annotations
 
 import html
-import json
 import time
 from pathlib import Path
 
 from glimpse.config import load_recipe
-from glimpse.demo import MARKER, _img_tag, _start
+from glimpse.demo import _finish, _img_tag, _start
 
 N_USERS = 6  # test users the report shows
 FIGURES = [("recall@20", "Recall@20, all test items"), ("recall@20_warm", "Recall@20, warm items"),
@@ -95,9 +94,6 @@ machine whose fp32 matmul runs at {gflops:.0f} GFLOP/s.  Full ranking over every
 <h2>Users, their histories and their recommendations</h2>{''.join(blocks)}
 </body></html>
 """)
-    summary = {"results": results, "bpr_results": bpr_results, "seconds": elapsed, "matmul_gflops": gflops,
-               "report": str(report)}
-    (out / MARKER).write_text(json.dumps(summary, indent=2))
-    print(f"\nreport: {report}   ({elapsed:.0f} s in all, on a machine whose fp32 matmul runs at {gflops:.0f} GFLOP/s)")
+    summary = _finish(out, report, elapsed, gflops, results=results, bpr_results=bpr_results)
     print(f"recommend more: glimpse recommend {out / 'recommender'} --user {catalogue.user_ids[users[0]]} --k 10")
     return summary

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from glimpse.config import load_recipe
-from glimpse.demo import MARKER, _start, same_world
+from glimpse.demo import _finish, _start, same_world
 
 N_CLIPS = 8  # test clips the report shows
 
@@ -106,9 +106,6 @@ controls show what the models get from frame order (shuffled, reversed, one fram
 <h2>Test clips, questions and answers</h2>{''.join(rows)}
 </body></html>
 """)
-    summary = {"results": results, "clip_results": clip_results, "seconds": elapsed, "matmul_gflops": gflops,
-               "report": str(report)}
-    (out / MARKER).write_text(json.dumps(summary, indent=2))
-    print(f"\nreport: {report}   ({elapsed:.0f} s in all, on a machine whose fp32 matmul runs at {gflops:.0f} GFLOP/s)")
+    summary = _finish(out, report, elapsed, gflops, results=results, clip_results=clip_results)
     print(f'ask more: glimpse ask {out / "llava"} {clips[0].path} "which way does the circle move first?"')
     return summary

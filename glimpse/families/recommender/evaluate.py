@@ -27,8 +27,10 @@ KS = (10, 20)
 
 
 @torch.no_grad()
-def model_scores(model, shop: Shop, users: list[int], split: str, shuffle_seed: int | None = None) -> torch.Tensor:
-    """[len(users), N] scores of every item for each user before the split's targets."""
+def model_scores(model, shop: Shop, users: list[int], split: str, shuffle_seed: int | None = None,
+                 item_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """[len(users), N] scores of every item for each user before the split's targets (`item_embeds`: the
+    two-tower model's item_embeddings(), computed once for many batches)."""
     device = model.warm.device
     if model.cfg.kind != "two_tower":
         return model.score_users(torch.as_tensor(users, device=device)).float().cpu()
@@ -36,7 +38,7 @@ def model_scores(model, shop: Shop, users: list[int], split: str, shuffle_seed: 
     if shuffle_seed is not None:
         rng = np.random.default_rng(shuffle_seed)
         histories = [list(rng.permutation(h)) for h in histories]
-    return model.score_histories(left_pad(histories, model.cfg.max_history).to(device)).float().cpu()
+    return model.score_histories(left_pad(histories, model.cfg.max_history).to(device), item_embeds).float().cpu()
 
 
 @torch.no_grad()
@@ -53,9 +55,10 @@ def calibrate_cold(model, shop: Shop, batch_size: int = 512) -> float | None:
     no_id = (~model.warm).float().cpu()  # model_scores answers on the CPU
     grid = torch.arange(-2.0, 4.0001, 0.1)
     nll = torch.zeros(len(grid))
+    items = model.item_embeddings()
     for i in range(0, len(users), batch_size):
         b = users[i : i + batch_size]
-        scores = model_scores(model, shop, b, "val")
+        scores = model_scores(model, shop, b, "val", item_embeds=items)
         for r, u in enumerate(b):
             scores[r, [h for h in shop.history(u, "val") if h not in shop.val[u]]] = float("-inf")  # bought before
         rows = torch.as_tensor([r for r, u in enumerate(b) for _ in shop.val[u]])
@@ -103,13 +106,15 @@ def evaluate(model, shop: Shop, splits: list[str], root=None, log_pop: torch.Ten
     truth = shapes_shop.read_truth(root) if root is not None and (root / "truth.json").is_file() else None
     warm = shop.warm
     out: dict[str, float] = {}
+    with torch.no_grad():  # once, for every batch
+        items = model.item_embeddings() if model.cfg.kind == "two_tower" else None
     for split in splits:
         users = [u for u in range(len(shop.user_ids)) if shop.targets(u, split)]
         targets = [shop.targets(u, split) for u in users]
         exclude = [shop.history(u, split) for u in users]
-        scorers = {"": lambda b, split=split: model_scores(model, shop, b, split)}
+        scorers = {"": lambda b, split=split: model_scores(model, shop, b, split, item_embeds=items)}
         if model.cfg.kind == "two_tower":
-            scorers["shuffled_"] = lambda b, split=split: model_scores(model, shop, b, split, shuffle_seed=seed + b[0])
+            scorers["shuffled_"] = lambda b, split=split: model_scores(model, shop, b, split, seed + b[0], items)
         if log_pop is not None:
             scorers["popularity_"] = lambda b: log_pop.expand(len(b), -1)
         if truth is not None:

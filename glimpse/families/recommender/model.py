@@ -159,9 +159,10 @@ class Recommender(nn.Module):
             s = s + (theta @ e.T + vb if items is None else (theta[:, None] * e).sum(-1) + vb)
         return s
 
-    def score_histories(self, history: torch.Tensor) -> torch.Tensor:
-        """The two-tower model's scores of every item after each history's last purchase: [B, T] -> [B, N]."""
-        v = self.item_embeddings()
+    def score_histories(self, history: torch.Tensor, item_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The two-tower model's scores of every item after each history's last purchase: [B, T] -> [B, N]
+        (`item_embeds`: item_embeddings() computed once by a caller that scores many batches)."""
+        v = self.item_embeddings() if item_embeds is None else item_embeds
         return self.user_states(history, v)[:, -1] @ v.T
 
     def forward(self, inputs=None, targets=None, item_index=None, item_pixels=None, item_has_picture=None,
