@@ -82,13 +82,70 @@ def cmd_eval(a) -> None:
     task, model = load_run(a.run, a.set)
     validate_recipe(task.recipe)
     task.root = data_root(task.recipe, not a.quiet)  # the run folder holds no data: find the recipe's
-    splits = a.split or task.recipe.eval.splits
-    results = task.evaluate(model, splits) if splits else {}
+    if a.explain:
+        results = _evaluate_explanations(task, model, a)
+    else:
+        splits = a.split or task.recipe.eval.splits
+        results = task.evaluate(model, splits) if splits else {}
     if not results:
         raise GlimpseError("nothing to evaluate: no splits given (--split S, or eval.splits in the recipe)")
     print_table(results)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _evaluate_explanations(task, model, a) -> dict:
+    """`glimpse eval RUN --explain`: every method against the shapes world's boxes (glimpse.explain.evaluate)."""
+    from tqdm import tqdm
+
+    from glimpse.explain import METHODS
+    from glimpse.explain.evaluate import evaluate_explanations, explain_cases
+
+    pipe = task.pipeline(model)
+    if not hasattr(pipe, "explainer"):
+        raise GlimpseError(f"{a.run}: this kind of model has no explanations (dual encoders, fusion encoders and "
+                           "vision-language models do)")
+    methods = [m.strip() for m in a.methods.split(",")] if a.methods else list(METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise GlimpseError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if a.n < 1:
+        raise GlimpseError(f"--n must be at least 1, not {a.n}")
+    split = (a.split or ["test"])[0]
+    cases = explain_cases(task.root, split, n=a.n, asks=pipe.explains)
+    with tqdm(total=len(cases), desc=f"explain {split}", unit="case", disable=a.quiet) as bar:
+        return evaluate_explanations(pipe, cases, methods, deletion_n=min(a.n, 100), sanity_n=min(a.n, 100),
+                                     progress=bar)
+
+
+def cmd_explain(a) -> None:
+    """Where a run looked: IMAGE with the heatmap of one method over it, and the text's tokens shaded."""
+    from glimpse.api import load
+    from glimpse.data.images import load_image
+    from glimpse.explain import explain
+    from glimpse.explain.render import save
+
+    pipe = load(a.run)
+    if not hasattr(pipe, "explainer"):
+        raise GlimpseError(f"{a.run}: this kind of model has no explanations (dual encoders, fusion encoders and "
+                           "vision-language models do)")
+    if pipe.explains == "texts":
+        if a.text is None:
+            raise GlimpseError(f"{a.run} matches images with texts: give --text \"the red circle\"")
+        explainer = pipe.explainer(a.image, a.text)
+    else:
+        if a.question is None:
+            raise GlimpseError(f"{a.run} answers questions: give --question \"what colour is the circle?\"")
+        explainer = pipe.explainer(a.image, question=a.question, answer=a.answer)
+    e = explain(explainer, a.method)
+    out = save(load_image(a.image), e, a.out)
+    if a.json:
+        print(json.dumps(e.to_dict(), indent=2))
+        return
+    print(f"{e.method}: {e.target}  score {e.score:.4f}  ({1000 * e.seconds:.0f} ms)")
+    if e.tokens and e.token_scores:
+        print("tokens: " + "  ".join(f"{t}:{s:.2f}" for t, s in zip(e.tokens, e.token_scores)))
+    print(f"heatmap written to {out}")
 
 
 def cmd_index_build(a) -> None:
@@ -306,7 +363,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", action="append", help="split to evaluate (repeatable; default: the recipe's)")
     e.add_argument("--json", help="also write the figures to this JSON file")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    e.add_argument("--explain", action="store_true",
+                   help="score the explanation methods against the shapes world's object boxes (--split, default test)")
+    e.add_argument("--n", type=int, default=200, help="--explain: scenes to explain (default 200)")
+    e.add_argument("--methods", help="--explain: comma-separated methods (default all)")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("explain", help="where a run looked: a heatmap over the image, the text's tokens shaded")
+    x.add_argument("run")
+    x.add_argument("image")
+    x.add_argument("--text", help="the text to match (dual encoders, fusion matching)")
+    x.add_argument("--question", help="the question to answer (vision-language runs, fusion VQA)")
+    x.add_argument("--answer", help="explain this answer instead of the one the model gives")
+    x.add_argument("--method", default="chefer", choices=["raw", "rollout", "gradcam", "chefer", "occlusion"])
+    x.add_argument("--out", default="heat.png", help="the picture to write (default heat.png)")
+    x.add_argument("--json", action="store_true", help="print the explanation (grid, tokens) as JSON")
+    x.set_defaults(func=cmd_explain)
 
     idx = sub.add_parser("index", help="image indexes").add_subparsers(dest="what", required=True)
     b = idx.add_parser("build", help="embed a folder of images into a searchable index")

@@ -85,6 +85,11 @@ _POSITION_WORDS = {"left": "left", "right": "right", "top": "top", "bottom": "bo
                    "middle": "centre", "center": "centre"}
 
 
+def position_phrase(position: str) -> str:
+    """How captions say where an object is: "on the left", "in the centre"."""
+    return _WHERE[position][0]
+
+
 def parse_caption(text: str) -> tuple | None:
     """The scene a caption describes, as `scene_key` gives it, or None when it names no whole object.
 
@@ -138,7 +143,7 @@ def generate_shapes(out: str | Path, *, seed: int = 0, n_train: int = 2000, n_va
         _write_split(out, split, index, counts[split], seed, image_size, shards, progress)
 
     (out / "labels" / "classes.txt").write_text("".join(f"{name}\n" for name in CLASSES), encoding="utf-8")
-    world = {"version": 1, "seed": seed, "image_size": image_size, "splits": counts, "colours": list(COLOURS),
+    world = {"version": 2, "seed": seed, "image_size": image_size, "splits": counts, "colours": list(COLOURS),
              "shapes": list(SHAPES), "sizes": list(SIZES), "positions": list(POSITIONS),
              "novel_combos": [list(combo) for combo in NOVEL_COMBOS], "classes": list(CLASSES)}
     (out / "world.json").write_text(json.dumps(world, indent=2) + "\n", encoding="utf-8")
@@ -153,7 +158,7 @@ def _write_split(out: Path, split: str, index: int, n: int, seed: int, size: int
     seen: set | None = None if split == "train" else set()
     image_dir = out / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
-    images, captions, llava, questions, answers, labels, clip_rows = [], [], [], [], [], [], []
+    images, captions, llava, questions, answers, labels, clip_rows, instances = [], [], [], [], [], [], [], []
     writer = _ShardWriter(out / "shards", split) if shards else None
     pending: list = []  # (stem, captions, scene, PNG future) in image order
 
@@ -177,11 +182,15 @@ def _write_split(out: Path, split: str, index: int, n: int, seed: int, size: int
                                    f"ask for fewer than {n}")
             stem = f"{split}_{i:06d}"
             file_name = f"{stem}.png"
-            png = pool.submit(_png, _draw(objects, rng, size), size)
+            canvas, boxes = _draw(objects, rng, size)
+            png = pool.submit(_png, canvas, size)
 
             caps = _captions(objects, rng)
             qas = _questions(objects, rng, allow_novel=novel)
             images.append({"id": i, "file_name": file_name, "width": size, "height": size, "scene": objects})
+            instances += [{"id": i * 3 + k, "image_id": i, "category_id": CLASSES.index(f"{o['colour']} {o['shape']}") + 1,
+                           "bbox": box, "area": round(box[2] * box[3], 2), "iscrowd": 0, **o}
+                          for k, (o, box) in enumerate(zip(objects, boxes))]
             captions += [{"id": i * 5 + k, "image_id": i, "caption": c} for k, c in enumerate(caps)]
             clip_rows += [(f"images/{split}/{file_name}", c) for c in caps]
             for k, qa in enumerate(qas):
@@ -207,6 +216,12 @@ def _write_split(out: Path, split: str, index: int, n: int, seed: int, size: int
     _write_json(ann / f"captions_{split}.json",
                 {"info": info, "licenses": [], "images": images, "annotations": captions})
     _write_json(ann / f"llava_{split}.json", llava)
+    # COCO detection annotations: each object's box [x, y, w, h] in pixels, its class (colour + shape), and
+    # the world's own words for it (what explanations are checked against, glimpse.explain)
+    categories = [{"id": k + 1, "name": name, "supercategory": name.split()[1]} for k, name in enumerate(CLASSES)]
+    _write_json(ann / f"instances_{split}.json",
+                {"info": info, "licenses": [], "images": [{k: v for k, v in im.items() if k != "scene"} for im in images],
+                 "annotations": instances, "categories": categories})
     _write_json(ann / f"vqa_questions_{split}.json",
                 {"info": info, "task_type": "Open-Ended", "data_type": "shapes", "data_subtype": split,
                  "license": licence, "questions": questions})
@@ -251,17 +266,21 @@ def _png(canvas: Image.Image, size: int) -> bytes:
     return buffer.getvalue()
 
 
-def _draw(objects: list[dict], rng: np.random.Generator, size: int) -> Image.Image:
-    """The scene drawn at _SUPERSAMPLE times the size (`_png` downsamples it)."""
+def _draw(objects: list[dict], rng: np.random.Generator, size: int) -> tuple[Image.Image, list[list[float]]]:
+    """The scene drawn at _SUPERSAMPLE times the size (`_png` downsamples it), and each object's box
+    [x, y, w, h] in the output image's pixels."""
     big = size * _SUPERSAMPLE
     canvas = Image.fromarray(_background(rng, size), "RGB").resize((big, big), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
+    boxes = []
     for o in objects:
         ax, ay = _ANCHORS[o["position"]]
         dx, dy = rng.uniform(-_JITTER, _JITTER, size=2)
         cx, cy, r = (ax + dx) * big, (ay + dy) * big, _RADIUS[o["size"]] * big
         draw_shape(draw, o["shape"], cx, cy, r, _RGB[o["colour"]])
-    return canvas
+        x0, y0, x1, y1 = (v / _SUPERSAMPLE for v in shape_box(o["shape"], cx, cy, r))
+        boxes.append([round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)])
+    return canvas, boxes
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
@@ -280,6 +299,12 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         w = 0.32 * r
         draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
         draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+
+
+def shape_box(shape: str, cx: float, cy: float, r: float) -> tuple[float, float, float, float]:
+    """The box (x0, y0, x1, y1) of what `draw_shape` draws."""
+    h = 0.9 * r if shape == "square" else r
+    return cx - h, cy - h, cx + h, cy + (0.8 * r if shape == "triangle" else h)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -76,7 +76,7 @@ def generate_shapes_shop(out: str | Path, *, seed: int = 0, n_users: int = 5000,
     draw_rng = np.random.default_rng(np.random.SeedSequence([seed, 24]))
     for it in tqdm(items, desc="shapes-shop items", unit="img", disable=not progress):
         obj = {k: it[k] for k in ("size", "colour", "shape", "position")}
-        (out / it["image"]).write_bytes(world._png(world._draw([obj], draw_rng, image_size), image_size))
+        (out / it["image"]).write_bytes(world._png(world._draw([obj], draw_rng, image_size)[0], image_size))
     _write_recbole(out, items, histories)
     _write_mmrec(out, items, histories)
     truth = {"items": [{k: it[k] for k in ("item_id", "colour", "shape", "size", "kind", "price_tier", "popularity")}

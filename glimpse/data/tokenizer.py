@@ -84,6 +84,14 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special)
 
+    def pieces(self, ids: list[int]) -> list[str]:
+        """Each token's own text, special tokens included (what an explanation shades word by word)."""
+        out = []
+        for i in ids:
+            text = self.hf.decode([i], skip_special_tokens=False)
+            out.append(text.strip() or text.replace("\n", "\\n").replace(" ", "·") or (self.hf.id_to_token(i) or ""))
+        return out
+
     def batch(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded [B, T] input_ids and attention_mask for a text tower: bos + text + eos,
         truncated to `max_length` with the eos kept (the EOS-pooling towers read it)."""

@@ -56,7 +56,7 @@ def ensure_shapes(data_cfg, progress: bool = True) -> Path:
     # v2: the tokenizer learns conversations and prompt words too, not only captions;
     # v3: VQA annotations carry the full-sentence answer too (for language-model pretraining)
     shards = "-wds" if c.format == "wds" else ""
-    name = f"shapes-v3-s{c.seed}-n{c.train_size}-{c.val_size}-{c.test_size}-px{c.image_size}{shards}"
+    name = f"shapes-v4-s{c.seed}-n{c.train_size}-{c.val_size}-{c.test_size}-px{c.image_size}{shards}"
     root = _world_root(c, name)
     if c.root and c.format == "wds" and root.joinpath("world.json").is_file() \
             and not any((root / "shards").glob("train-*.tar")):

@@ -23,6 +23,8 @@ from glimpse.data.conversations import expand_images, vqa_question
 from glimpse.data.images import DEFAULT_MAX_PIXELS, ImageTransform, load_image
 from glimpse.data.messages import IMAGE, split_content, user_message
 from glimpse.errors import ContextLengthError, GlimpseError
+from glimpse.explain.core import DEFAULT_METHOD, Explanation, explain
+from glimpse.explain.explainers import VisionLanguageExplainer
 from glimpse.infer.generate import GenerationConfig, TextStream, generate
 from glimpse.infer.generate import stream as stream_tokens
 from glimpse.models.vlm import VisionLanguageModel
@@ -186,3 +188,64 @@ class VisionLanguagePipeline:
         if stream:
             return self.stream(prompt, max_new_tokens, **options)
         return self.generate([prompt], max_new_tokens, **options)[0]
+
+    # -- explanations ---------------------------------------------------------------------
+    explains = "questions"  # what glimpse.explain's evaluation asks this pipeline about
+
+    def explain(self, images: list, questions: list[str], method: str = DEFAULT_METHOD, answers: list[str] | None = None,
+                short: bool = True) -> list[Explanation]:
+        """Where the model looked for each answer: the answer to (image, question) (generated greedily, or
+        `answers[i]`), explained by `method` (glimpse.explain.METHODS) per patch, per question token and per
+        answer word."""
+        if len(images) != len(questions) or (answers is not None and len(answers) != len(images)):
+            raise GlimpseError(f"{len(images)} images for {len(questions)} questions"
+                               + ("" if answers is None else f" and {len(answers)} answers"))
+        return [explain(self.explainer(im, question=q, answer=None if answers is None else answers[i], short=short),
+                        method) for i, (im, q) in enumerate(zip(images, questions))]
+
+    def explainer(self, image, question: str, answer: str | None = None, short: bool = True,
+                  max_new_tokens: int = 32) -> VisionLanguageExplainer:
+        return self.prompt_explainer(self.question_prompt(question, image, short=short), answer, max_new_tokens)
+
+    def explain_chat(self, messages: list[dict], method: str = DEFAULT_METHOD, max_new_tokens: int = 64) -> Explanation:
+        """The chat's last answer explained (messages ending with the assistant's reply), or the reply the
+        model gives now (messages ending with the user's turn).  The conversation holds one image."""
+        answer = None
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                and messages[-1].get("role") == "assistant":
+            answer = messages[-1].get("content")
+            if not isinstance(answer, str) or not answer.strip():
+                raise GlimpseError("the assistant message to explain must be non-empty text")
+            messages = messages[:-1]
+        return explain(self.prompt_explainer(self.chat_prompt(messages), answer, max_new_tokens), method)
+
+    def prompt_explainer(self, prompt: tuple[list[int], list], answer: str | None = None,
+                         max_new_tokens: int = 32) -> VisionLanguageExplainer:
+        """The explainer of a prompt's answer (`answer`, or the one greedy decoding gives)."""
+        ids, images = prompt
+        if len(images) != 1:
+            raise GlimpseError(f"an explanation takes a prompt with one image, not {len(images)}")
+        if answer is None:
+            answer_ids = self._trim(self.complete([prompt], max_new_tokens)[0])
+        else:
+            answer_ids = self.tokenizer.hf.encode(answer.strip(), add_special_tokens=False).ids
+        if not answer_ids:
+            raise GlimpseError("the answer is empty: there is nothing to explain")
+        if len(ids) + len(answer_ids) > self.context_length:
+            raise ContextLengthError(f"the prompt and answer ({len(ids) + len(answer_ids)} tokens) exceed the "
+                                     f"model's context of {self.context_length} tokens")
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        pixels = self.load_pixels(images[0])[None].to(device)
+        image_id = self.tokenizer.ids["image"]
+        pieces = self.tokenizer.pieces
+        return VisionLanguageExplainer(self.model, pixels, ids, answer_ids, pieces(answer_ids),
+                                       pieces([t for t in ids if t != image_id]), self.tokenizer.decode(answer_ids).strip())
+
+    def _trim(self, new_ids: list[int]) -> list[int]:
+        """A generation's answer tokens: without the end-of-sequence token and trailing whitespace."""
+        eos = self.tokenizer.ids["eos"]
+        ids = new_ids[:new_ids.index(eos)] if eos in new_ids else list(new_ids)
+        while ids and not self.tokenizer.decode([ids[-1]]).strip():
+            ids.pop()
+        return ids

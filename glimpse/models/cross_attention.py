@@ -20,9 +20,9 @@ output rather than the NaN of a softmax over nothing.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from glimpse.models.attention import attend
 from glimpse.models.layers import RMSNorm
 
 
@@ -70,7 +70,7 @@ class CrossAttention(nn.Module):
         if mask is not None:
             reads = mask.any(-1, keepdim=True)  # [B, 1, T, 1]: the token reads something
             mask = mask | ~reads  # an empty row attends everywhere, and its output is zeroed below
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        y = attend(self, q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         y = self.out(y.transpose(1, 2).reshape(B, T, -1))
         # zeroed after the projection: with a bias (GPT-2's c_proj), out(0) would be the bias, not zero
         return y if reads is None else y * reads[:, 0]

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glimpse.models.attention import attend
 from glimpse.models.cross_attention import CrossAttention
 from glimpse.models.layers import ACTIVATIONS, MLP, RMSNorm
 
@@ -244,12 +245,9 @@ class DecoderAttention(nn.Module):
             q, k = apply_rope(q, *rope_cs), apply_rope(k, *rope_cs)
         if cache is not None:
             k, v = cache.update(self.index, k, v)  # [B, KV, past + T, hd]
-        extra = {}
-        if KV != H and _SDPA_GQA:
-            extra["enable_gqa"] = True
-        elif KV != H:  # query head h reads kv head h // (H / KV), as transformers' repeat_kv
+        if KV != H and not _SDPA_GQA:  # query head h reads kv head h // (H / KV), as transformers' repeat_kv
             k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **extra)
+        y = attend(self, q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=KV != H and _SDPA_GQA)
         return self.o(y.transpose(1, 2).reshape(B, T, D))
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glimpse.models.attention import attend
 from glimpse.models.layers import ACTIVATIONS, MLP, Attention
 from glimpse.models.text import TextConfig
 
@@ -43,7 +44,7 @@ class CrossAttention(nn.Module):
         hd = D // self.heads
         q = self.q(x).view(B, T, self.heads, hd).transpose(1, 2)
         k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, hd).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)  # every image token is real: no mask
+        y = attend(self, q, k, v)  # every image token is real: no mask
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 

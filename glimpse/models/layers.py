@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glimpse.models.attention import attend
+
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -39,7 +41,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, hd]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        y = attend(self, q, k, v, attn_mask=mask, is_causal=causal and mask is None)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -109,7 +111,7 @@ class AttentionPool(nn.Module):
         hd = D // self.heads
         q = self.q(self.probe.expand(B, -1, -1)).view(B, 1, self.heads, hd).transpose(1, 2)
         k, v = self.kv(x).view(B, T, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D)
+        y = attend(self, q, k, v).transpose(1, 2).reshape(B, 1, D)
         y = self.out(y)
         y = y + self.mlp(self.ln(y))
         return y[:, 0]

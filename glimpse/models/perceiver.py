@@ -27,8 +27,9 @@ No projection has a bias (as in both).  OpenFlamingo's optional frame and media-
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from glimpse.models.attention import attend
 
 STYLES = ("openflamingo", "idefics")
 
@@ -57,7 +58,7 @@ class PerceiverAttention(nn.Module):
         k, v = self.kv(both).view(B, both.shape[1], 2, H, hd).permute(2, 0, 3, 1, 4)  # 2 x [B, H, T + L, hd]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = attend(self, q, k, v)
         return self.out(y.transpose(1, 2).reshape(B, L, H * hd))
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glimpse.models.attention import attend
+
 
 @dataclass
 class VQConfig:
@@ -102,7 +104,7 @@ class SpatialSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # [B, HW, C]
-        y = F.scaled_dot_product_attention(self.to_q(h)[:, None], self.to_k(h)[:, None], self.to_v(h)[:, None])
+        y = attend(self, self.to_q(h)[:, None], self.to_k(h)[:, None], self.to_v(h)[:, None])
         y = self.to_out[0](y[:, 0])
         return x + y.transpose(1, 2).reshape(B, C, H, W)
 

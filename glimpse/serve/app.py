@@ -7,6 +7,7 @@
     POST /v1/embeddings         dual encoders; texts, and images as data: URLs (an extension)
     POST /v1/images/generations text-to-image models; PNGs as b64_json, `seed` an extension
     POST /v1/recommendations    recommenders (a glimpse extension): item ids and scores after a history
+    POST /v1/explain            chat models (a glimpse extension): where the model looked for an answer
 
 Every error is OpenAI's body {"error": {"message", "type", "param", "code"}} with a 4xx status for
 anything the client can fix.  Messages never carry a traceback or server internals: requests are
@@ -24,6 +25,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -37,6 +39,8 @@ from glimpse.data.images import ImageError, load_image
 from glimpse.data.messages import decode_data_url
 from glimpse.data.video import VideoLimits
 from glimpse.errors import GlimpseError
+from glimpse.explain import explain
+from glimpse.explain.render import render
 from glimpse.families.base import can_chat, can_embed, can_generate_images, can_recommend
 from glimpse.infer.generate import TextStream
 from glimpse.serve.engine import Engine, Job, QueueFull
@@ -44,6 +48,7 @@ from glimpse.serve.guards import APIError, BodyLimit, Gate, ServerLimits, error_
 from glimpse.serve.schemas import (
     ChatCompletionRequest,
     EmbeddingRequest,
+    ExplainRequest,
     ImageGenerationRequest,
     RecommendationRequest,
 )
@@ -73,6 +78,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     # what the model does, by the pipeline's methods (glimpse.families.base)
     chats, embeds, draws = can_chat(pipeline), can_embed(pipeline), can_generate_images(pipeline)
     recommends = can_recommend(pipeline)
+    explains = hasattr(pipeline, "prompt_explainer")  # chat models whose answers glimpse.explain traces
     engine = Engine(pipeline, max_batch=limits.max_batch, max_pending=limits.max_pending)
     decoding = threading.BoundedSemaphore(limits.max_decoding)
     transform = getattr(pipeline, "transform", None)  # the model's input size, to shrink images to
@@ -210,7 +216,8 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     def unable(what: str) -> APIError:
         """The 400 of an endpoint the model cannot answer, saying where it is answered."""
         where = [route for route, can in (("/v1/chat/completions", chats), ("/v1/embeddings", embeds),
-                                          ("/v1/images/generations", draws), ("/v1/recommendations", recommends))
+                                          ("/v1/images/generations", draws), ("/v1/recommendations", recommends),
+                                          ("/v1/explain", explains))
                  if can]
         hint = f"; use {' or '.join(where)}" if where else ""
         return APIError(400, f"{model_name} {what}{hint}", param="model", code="unsupported_model")
@@ -251,7 +258,8 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
 
     @app.get("/v1/models")
     async def models():
-        can = (["chat"] if chats else []) + (["embeddings"] if embeds else []) + (["images"] if draws else [])
+        can = (["chat"] if chats else []) + (["embeddings"] if embeds else []) + (["images"] if draws else []) \
+            + (["explain"] if explains else [])
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "glimpse", "capabilities": can}]}
 
@@ -458,6 +466,49 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
         return {"object": "list", "model": model_name,
                 "data": [{"object": "recommendation", "rank": r + 1, "item": x["item"], "score": x["score"],
                           "title": x["title"], "cold": x["cold"]} for r, x in enumerate(recs)]}
+
+    @app.post("/v1/explain")
+    async def explain_answer(body: ExplainRequest, request: Request):
+        check_model(body.model)
+        if not explains:
+            raise unable("does not explain answers")
+        messages, answer = list(body.messages), None
+        if messages[-1].role == "assistant":  # the answer to explain, as the chat gave it
+            last = messages.pop().content
+            answer = last if isinstance(last, str) else " ".join(p.text for p in last if p.type == "text")
+            if not answer.strip() or not messages:
+                raise APIError(400, "the assistant message to explain must be non-empty text after the user's",
+                               param="messages")
+        texts = [answer or ""]
+        for m in messages:
+            texts += [m.content] if isinstance(m.content, str) else [p.text for p in m.content if p.type == "text"]
+        check_text(texts, "messages")
+
+        def prepare():
+            ids, images = build_prompt(SimpleNamespace(messages=messages))
+            if len(images) != 1:
+                raise APIError(400, f"an explanation needs a conversation with one image, not {len(images)}",
+                               param="messages")
+            return ids, images
+
+        prompt = await reserved(prepare)()
+        max_new = body.max_tokens or 64
+
+        def run(job):
+            if job.cancelled.is_set():
+                return None
+            e = explain(pipeline.prompt_explainer(prompt, answer, max_new), body.method)
+            png = io.BytesIO()
+            render(prompt[1][0], e).save(png, format="PNG")
+            return e, base64.b64encode(png.getvalue()).decode()
+
+        result, error = await in_worker(run, request)
+        if isinstance(error, JSONResponse):
+            return error
+        if error is not None:
+            raise worker_error(error)
+        e, png = result
+        return {"object": "explanation", "model": model_name, **e.to_dict(), "heatmap": f"data:image/png;base64,{png}"}
 
     def openapi():  # the schema names the one model served (requests naming another get a 404)
         if app.openapi_schema is None:

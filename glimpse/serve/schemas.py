@@ -114,3 +114,13 @@ class RecommendationRequest(_Body):
     history: Annotated[list[Text], Field(min_length=1, max_length=MAX_HISTORY)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     k: int = Field(10, ge=1, le=MAX_RECOMMENDATIONS)
+
+
+class ExplainRequest(_Body):
+    """POST /v1/explain (a glimpse extension): where the model looked for an answer.  The chat's messages
+    (one image); the answer explained is the last assistant message, or the one the model gives now when
+    the messages end with the user's turn."""
+    model: str
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    method: Literal["raw", "rollout", "gradcam", "chefer", "occlusion"] = "chefer"
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)

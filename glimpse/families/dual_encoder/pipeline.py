@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 from glimpse.data.images import ImageError, ImageTransform, load_image
 from glimpse.data.tokenizer import Tokenizer
+from glimpse.errors import GlimpseError
+from glimpse.explain.core import DEFAULT_METHOD, Explanation, explain
+from glimpse.explain.explainers import DualEncoderExplainer
 from glimpse.families.dual_encoder.model import DualEncoder
 
 DEFAULT_TEMPLATES = ["a {}", "a photo of a {}"]
@@ -99,3 +102,19 @@ class DualEncoderPipeline:
         probs = (self.model.logit_scale.exp().clamp(max=100).item() * sim).softmax(-1)
         best = [labels[i] for i in probs.argmax(-1).tolist()]
         return (best, probs) if return_probs else best
+
+    explains = "texts"  # what glimpse.explain's evaluation asks this pipeline about
+
+    def explain(self, images: list, texts: list[str], method: str = DEFAULT_METHOD) -> list[Explanation]:
+        """Why image i and text i are similar: relevance per image patch and per text token, by `method`
+        (glimpse.explain.METHODS)."""
+        if len(images) != len(texts):
+            raise GlimpseError(f"{len(images)} images but {len(texts)} texts: explain pairs them one to one")
+        return [explain(self.explainer(image, text), method) for image, text in zip(images, texts)]
+
+    def explainer(self, image, text: str) -> DualEncoderExplainer:
+        self.model.eval()
+        pixels = self.transform(load_image(image, max_pixels=self.max_pixels))[None].to(self.device)
+        ids, mask = self.tokenizer.batch([text], self.model.cfg.text.context_length)
+        return DualEncoderExplainer(self.model, pixels, ids.to(self.device), mask.to(self.device),
+                                    self.tokenizer.pieces(ids[0].tolist()), text)

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from glimpse.data.images import ImageTransform, load_image
 from glimpse.data.tokenizer import Tokenizer
 from glimpse.errors import GlimpseError
+from glimpse.explain.core import DEFAULT_METHOD, Explanation, explain
+from glimpse.families.fusion.explain import FusionExplainer
 from glimpse.families.fusion.model import FusionEncoder
 
 
@@ -146,3 +148,29 @@ class FusionPipeline:
             return [answers[i] for i in probs.argmax(-1).tolist()]
         best = probs.topk(min(top_k, len(answers)), dim=-1)
         return [[(answers[i], p) for i, p in zip(ix.tolist(), pv.tolist())] for ix, pv in zip(best.indices, best.values)]
+
+    # -- explanations ----------------------------------------------------------------------------
+    @property
+    def explains(self) -> str:
+        """What glimpse.explain's evaluation asks this pipeline about: texts to match, or questions."""
+        return "questions" if hasattr(self.model, "vqa_head") else "texts"
+
+    def explain(self, images: list, texts: list[str] | None = None, questions: list[str] | None = None,
+                method: str = DEFAULT_METHOD) -> list[Explanation]:
+        """Why image i matches text i (ITM), or why it gets its answer to question i (VQA): relevance per
+        image patch (and per text token, for chefer and rollout), by `method` (glimpse.explain.METHODS)."""
+        asked = texts if self.explains == "texts" else questions
+        if asked is None:
+            raise GlimpseError(f"this fusion run explains {self.explains}: pass {self.explains}=[...]")
+        if len(images) != len(asked):
+            raise GlimpseError(f"{len(images)} images but {len(asked)} {self.explains}")
+        return [explain(self.explainer(im, t, t), method) for im, t in zip(images, asked)]
+
+    def explainer(self, image, text: str | None = None, question: str | None = None,
+                  answer: str | None = None) -> FusionExplainer:
+        self._need("vqa_head" if self.explains == "questions" else "itm_head", "explaining")
+        words = question if self.explains == "questions" else text
+        self.model.eval()
+        ids, mask = self.tokenizer.batch([words], self.model.cfg.text.context_length)
+        return FusionExplainer(self.model, self.pixels([image]).to(self.device), ids.to(self.device),
+                               mask.to(self.device), self.tokenizer.pieces(ids[0].tolist()), words, answer)
