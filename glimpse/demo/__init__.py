@@ -152,7 +152,8 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
     for split, i in QUERIES:
         item = read_coco_captions(root / "annotations" / f"captions_{split}.json", root / "images" / split)[i]
         query = item.captions[0]
-        searches.append((query, split, str(Path(item.image).resolve()), index.search_text(query, 5)))
+        hits = index.search_text(query, 5)
+        searches.append((query, split, str(Path(item.image).resolve()), hits, _heatmap(index.pipe, hits[0][0], text=query)))
     paths, labels, classes = read_labels(root / "labels" / "test.csv", root)
     shown = list(range(0, len(paths), max(1, len(paths) // 8)))[:8]
     preds = index.pipe.classify([paths[i] for i in shown], classes)
@@ -168,7 +169,7 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
         if k in results:
             print(f"  {k:<24} {results[k]:.3f}")
     print("\nexample searches over the test and test_novel images (top 3; * = the image the caption describes):")
-    for q, _, truth, hits in searches:
+    for q, _, truth, hits, _ in searches:
         print(f"  {q!r}")
         for path, score in hits[:3]:
             print(f"    {'*' if path == truth else ' '} {score:.3f}  {Path(path).name}")
@@ -177,7 +178,7 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
         if k in llava_results:
             print(f"  {k:<24} {llava_results[k]:.3f}")
     print("\nanswers about test images:")
-    for path, q, a, truth in answers:
+    for path, q, a, truth, _ in answers:
         print(f"  {Path(path).name}: {q!r} -> {a!r}  (annotators: {truth!r})")
     elapsed = time.time() - t0
     report = out / "report.html"
@@ -188,8 +189,9 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, overrides: li
     return summary
 
 
-def _ask_llava(run: Path, data_cfg, root: Path) -> list[tuple[str, str, str, str]]:
-    """(image, question, answer, the annotators' answer) for the first test images' first questions."""
+def _ask_llava(run: Path, data_cfg, root: Path) -> list[tuple]:
+    """(image, question, answer, the annotators' answer, where it looked) for the first test images' first
+    questions."""
     from glimpse.api import load
     from glimpse.data.conversations import vqa_items
 
@@ -200,7 +202,26 @@ def _ask_llava(run: Path, data_cfg, root: Path) -> list[tuple[str, str, str, str
             seen.add(item["image"])
             picked.append(item)
     replies = m.ask([it["image"] for it in picked], [it["question"] for it in picked], max_new_tokens=32)
-    return [(it["image"], it["question"], a, it["answer"]) for it, a in zip(picked, replies)]
+    return [(it["image"], it["question"], a, it["answer"], _heatmap(m, it["image"], question=it["question"], answer=a))
+            for it, a in zip(picked, replies)]
+
+
+def _heatmap(pipe, image, text: str | None = None, question: str | None = None, answer: str | None = None,
+             size: int = 128):
+    """Where the model looked (glimpse.explain, Chefer's relevance) as pixels [size, size, 3] over the image,
+    or None when there is nothing to explain (an empty answer)."""
+    import numpy as np
+
+    from glimpse.data.images import load_image
+    from glimpse.explain import explain
+    from glimpse.explain.render import overlay
+
+    try:
+        explainer = (pipe.explainer(image, text) if text is not None
+                     else pipe.explainer(image, question=question, answer=answer, short=False))
+    except GlimpseError:
+        return None
+    return np.asarray(overlay(load_image(image), explain(explainer, "chefer").grid, size))
 
 
 def _loss_img(path) -> str:
@@ -213,13 +234,17 @@ def render_report(results, keys, loss_png, searches, zeroshot, elapsed, gflops, 
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{results[k]:.3f}</td></tr>" for k in keys if k in results)
     llava_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in llava_results.items()
                          if k in ("test/vqa_acc", "test/vqa_acc_yes_no", "test/vqa_acc_other", "test/cider", "test/bleu_4"))
-    qa_html = "".join(f"<figure>{_img_tag(p, size=128)}<figcaption><b>{html.escape(q)}</b><br>{html.escape(a)}"
-                      f"<br><small>annotators: {html.escape(t)}</small></figcaption></figure>" for p, q, a, t in answers)
+    def looked(heat, what: str) -> str:
+        return "" if heat is None else f"<figure>{_img_tag(heat, size=128, title=what)}<figcaption>where it looked</figcaption></figure>"
+
+    qa_html = "".join(f"<div class='pair'><figure>{_img_tag(p, size=128)}<figcaption><b>{html.escape(q)}</b><br>{html.escape(a)}"
+                      f"<br><small>annotators: {html.escape(t)}</small></figcaption></figure>{looked(h, a)}</div>"
+                      for p, q, a, t, h in answers)
     search_html = "".join(
         f"<div class='q'><div class='qt'>“{html.escape(q)}”{' <em>(holds a novel combination)</em>' if split == 'test_novel' else ''}"
         "</div>" + "".join(f"<figure>{_img_tag(p, title=p, cls='ok' if p == truth else '')}<figcaption>{s:.3f}"
-                           "</figcaption></figure>" for p, s in hits)
-        + "</div>" for q, split, truth, hits in searches)
+                           "</figcaption></figure>" for p, s in hits) + looked(heat, "the top image")
+        + "</div>" for q, split, truth, hits, heat in searches)
     zs_html = "".join(
         f"<figure>{_img_tag(p, cls='ok' if truth == pred else 'bad')}<figcaption>{html.escape(pred)}"
         f"{'' if truth == pred else ' (truth: ' + html.escape(truth) + ')'}</figcaption></figure>"
@@ -232,7 +257,7 @@ table {{ border-collapse: collapse; }} td {{ padding: 3px 14px; border-bottom: 1
 td:last-child {{ text-align: right; font-variant-numeric: tabular-nums; }}
 figure {{ display: inline-block; margin: 4px; text-align: center; font-size: 12px; }}
 img {{ image-rendering: pixelated; border: 2px solid #ccc; }} img.ok {{ border-color: #3a3; }} img.bad {{ border-color: #c33; }}
-.q {{ margin: 10px 0; }} .qa figure {{ width: 170px; vertical-align: top; }} .qt {{ font-weight: 600; margin-bottom: 2px; }}
+.q {{ margin: 10px 0; }} .qa figure {{ width: 150px; vertical-align: top; }} .pair {{ display: inline-block; }} .qt {{ font-weight: 600; margin-bottom: 2px; }}
 </style></head><body>
 <h1>glimpse demo</h1>
 <p>A CLIP-style dual encoder trained from scratch on the procedural shapes world
@@ -241,12 +266,13 @@ img {{ image-rendering: pixelated; border: 2px solid #ccc; }} img.ok {{ border-c
 <code>test_novel</code> holds colour–shape combinations never seen in training.</p>
 <h2>Figures</h2><table>{rows}</table>
 <h2>Training</h2>{_loss_img(loss_png)}
-<h2>Text → image search over the test and test_novel images (top 5, cosine score; green: the image the caption was written for)</h2>{search_html}
+<h2>Text → image search over the test and test_novel images (top 5, cosine score; green: the image the caption was written for; last: where the model looked in the top image, Chefer et al.'s relevance)</h2>{search_html}
 <h2>Zero-shot classification (green: right, red: wrong)</h2>{zs_html}
 <h2>LLaVA: questions about test images</h2>
 <p>The demo's vision tower, a language model pretrained on the world's text (captions, questions answered), an MLP projector
 aligned on captions (stage 1), then projector and LM tuned on conversations (stage 2).
-Answers are greedy, generated by <code>m.ask</code>.</p>
+Answers are greedy, generated by <code>m.ask</code>; beside each, where the model looked for it
+(<code>m.explain</code>: the answer's relevance through the language model and on through the vision tower).</p>
 <table>{llava_rows}</table>
 <div class="qa">{qa_html}</div>
 <h3>Stage 2 training</h3>{_loss_img(llava_loss)}

@@ -39,9 +39,9 @@ class Explanation:
     method: str
     target: str  # what was explained, in words ("similarity to 'a red circle'", "answer 'red'")
     score: float  # the explained score on the unaltered input
-    grid: torch.Tensor  # [gh, gw] relevance per image patch, >= 0, its maximum 1 (all 0: nothing found)
+    grid: torch.Tensor  # [gh, gw] relevance per image patch, min-max scaled to [0, 1] (all 0: constant)
     tokens: list[str] = field(default_factory=list)  # the text's tokens, as the model read them
-    token_scores: list[float] = field(default_factory=list)  # relevance per token, >= 0, maximum 1
+    token_scores: list[float] = field(default_factory=list)  # relevance per token, min-max scaled to [0, 1]
     words: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (generated word, its own grid)
     seconds: float = 0.0
 
@@ -60,8 +60,10 @@ class Explanation:
 
 
 def scaled(x: torch.Tensor) -> torch.Tensor:
-    """Non-negative, maximum 1 (a map with no positive relevance stays all zero)."""
-    x = x.detach().float().clamp_min(0)
+    """Min-max scaled to [0, 1], as Chefer et al.'s code shows its maps: the least relevant patch is 0
+    and the most relevant 1 (a constant map becomes all zero)."""
+    x = x.detach().float()
+    x = x - x.min()
     top = x.max()
     return x / top if top > 0 else x
 
@@ -103,7 +105,7 @@ def occlusion(score, pixels: torch.Tensor, grid_shape: tuple[int, int], batch_si
     base = score(pixels)[0]
     drops = torch.cat([base - score(occluded(pixels, ~masks[i:i + batch_size]))
                        for i in range(0, len(masks), batch_size)])
-    return drops.view(grid_shape)
+    return drops.view(grid_shape).clamp_min(0)  # painting a patch over that raises the score: no relevance
 
 
 @torch.no_grad()

@@ -26,8 +26,8 @@ import torch
 
 from glimpse.data.shapes import position_phrase
 from glimpse.errors import GlimpseError
-from glimpse.explain.core import METHODS, auc, deletion_curve, explain
-from glimpse.metrics.explain import box_share, energy_in_box, pointing_hit, spearman
+from glimpse.explain.core import METHODS, Explanation, auc, deletion_curve, explain
+from glimpse.metrics.explain import box_mask, box_share, energy_in_box, pointing_hit, spearman
 
 
 @dataclass
@@ -80,6 +80,15 @@ def explain_cases(root: str | Path, split: str = "test", n: int = 200, asks: str
     return cases
 
 
+def ideal_energy(case: Case, grid_shape: tuple[int, int]) -> float:
+    """The energy in the box of the best a patch map can say: each patch's relevance the share of it that
+    the box covers (a ceiling for maps at this patch size, shown through the same upsampling)."""
+    inside = box_mask(case.box, case.height, case.width).float()
+    gh, gw = grid_shape
+    cover = torch.nn.functional.adaptive_avg_pool2d(inside[None, None], (gh, gw))[0, 0]
+    return energy_in_box(Explanation("ideal", "", 0.0, cover).pixel_map(case.height, case.width), case.box)
+
+
 def make_explainer(pipeline, case: Case, answer: str | None = None):
     if pipeline.explains == "texts":
         return pipeline.explainer(case.image, case.text)
@@ -104,7 +113,8 @@ def randomised(pipeline, seed: int = 0):
 def evaluate_explanations(pipeline, cases: list[Case], methods=METHODS, deletion_n: int = 50, sanity_n: int = 50,
                           steps: int = 16, seed: int = 0, progress=None) -> dict[str, float]:
     """Flat figures `explain/{method}/{pointing,energy,deletion_auc,randomised_rho,ms}`, the random baselines
-    `explain/random/{pointing,energy,deletion_auc}`, and per question kind where there are several."""
+    `explain/random/{pointing,energy,deletion_auc}`, the ceiling of a patch map's energy (`explain/ideal/energy`,
+    see `ideal_energy`), and per question kind where there are several."""
     if not cases:
         raise GlimpseError("no explanation cases: the split holds no scenes of 2-3 objects with one named")
     g = torch.Generator().manual_seed(seed)
@@ -119,6 +129,7 @@ def evaluate_explanations(pipeline, cases: list[Case], methods=METHODS, deletion
         tol = case.height / explainer.grid_shape[0] / 2  # half a patch, the pointing game's tolerance
         sums["random/pointing"].append(box_share(case.box, case.height, case.width, tol))
         sums["random/energy"].append(box_share(case.box, case.height, case.width))
+        sums["ideal/energy"].append(ideal_energy(case, explainer.grid_shape))
         kept = {"answer": answer}
         for method in methods:
             e = explain(explainer, method)

@@ -16,13 +16,13 @@ _SIDE = 256  # the heatmap panel's side in pixels
 _WORD_SIDE = 96
 
 
-def overlay(image: Image.Image, grid: torch.Tensor, side: int, alpha: float = 0.55) -> Image.Image:
+def overlay(image: Image.Image, grid: torch.Tensor, side: int, alpha: float = 0.75) -> Image.Image:
     """The image resized to side x side with the relevance grid (bilinear, the inferno colour map)
     blended over it, strongest where the relevance is."""
     base = image.convert("RGB").resize((side, side), Image.BICUBIC)
     heat = Explanation("", "", 0.0, grid).pixel_map(side, side).numpy()
     colours = colormaps["inferno"](heat)[..., :3]
-    weight = alpha * (0.35 + 0.65 * heat[..., None])
+    weight = alpha * heat[..., None]
     mixed = (1 - weight) * np.asarray(base, dtype=np.float32) / 255 + weight * colours
     return Image.fromarray((mixed * 255).clip(0, 255).astype(np.uint8))
 

@@ -25,10 +25,15 @@ def box_mask(box, height: int, width: int, tolerance: float = 0.0) -> torch.Tens
 
 
 def pointing_hit(pixel_map: torch.Tensor, box, tolerance: float = 0.0) -> bool:
-    """The map's maximum (the first, in reading order, on a tie) is in the box grown by `tolerance`."""
+    """The map's maximum is in the box grown by `tolerance`.  Where several pixels share the maximum (a map
+    that is flat over a patch, or over the block of patches one image token stands for), the point is their
+    centre, not the first of them in reading order, which would favour the block's top-left corner."""
     H, W = pixel_map.shape
-    i = int(pixel_map.flatten().argmax())
-    return bool(box_mask(box, H, W, tolerance)[i // W, i % W])
+    m = pixel_map.float()
+    top = m >= m.max() - 1e-6 * m.max().abs().clamp_min(1e-12)
+    ys, xs = top.nonzero(as_tuple=True)
+    y, x = int(ys.float().mean().round()), int(xs.float().mean().round())
+    return bool(box_mask(box, H, W, tolerance)[y, x])
 
 
 def energy_in_box(pixel_map: torch.Tensor, box) -> float:

@@ -39,18 +39,15 @@ from glimpse.data.images import ImageError, load_image
 from glimpse.data.messages import decode_data_url
 from glimpse.data.video import VideoLimits
 from glimpse.errors import GlimpseError
-from glimpse.explain import explain
-from glimpse.explain.render import render
 from glimpse.families.base import can_chat, can_embed, can_generate_images, can_recommend
 from glimpse.infer.generate import TextStream
 from glimpse.serve.engine import Engine, Job, QueueFull
+from glimpse.serve.extensions import add_extensions
 from glimpse.serve.guards import APIError, BodyLimit, Gate, ServerLimits, error_response
 from glimpse.serve.schemas import (
     ChatCompletionRequest,
     EmbeddingRequest,
-    ExplainRequest,
     ImageGenerationRequest,
-    RecommendationRequest,
 )
 
 PAGE = Path(__file__).with_name("chat.html")
@@ -427,88 +424,11 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
             raise error
         return {"created": int(time.time()), "data": [{"b64_json": p, "revised_prompt": None} for p in pngs]}
 
-    @app.post("/v1/recommendations")
-    async def recommendations(body: RecommendationRequest, request: Request):
-        check_model(body.model)
-        if not recommends:
-            raise unable("does not recommend items")
-        if (body.history is None) == (body.user is None):
-            raise APIError(400, "give one of history (item ids or data:image URLs) or user", param="history")
-        history = body.history or []
-        pictures = [i for i, x in enumerate(history) if x.startswith("data:")]
-        check_text([x for x in history if not x.startswith("data:")] + [body.user or ""], "history")
-        if len(pictures) > limits.max_images:
-            raise APIError(400, f"too many images: at most {limits.max_images} per request", param="history")
-
-        def prepare() -> list:
-            budget, items = [limits.max_request_pixels], list(history)
-            for i in pictures:
-                try:
-                    items[i] = {"image": read_image(history[i], budget, f"#{i}")}
-                except GlimpseError as e:
-                    raise APIError(400, str(e), param=f"history.{i}") from None
-            return items
-
-        items = await reserved(prepare)()
-
-        def recommend(job):
-            if job.cancelled.is_set():
-                return None
-            if body.user is not None:
-                return pipeline.recommend_users([body.user], body.k)[0]
-            return pipeline.recommend([items], body.k)[0]
-
-        recs, error = await in_worker(recommend, request)
-        if isinstance(error, JSONResponse):
-            return error
-        if error is not None:
-            raise worker_error(error)
-        return {"object": "list", "model": model_name,
-                "data": [{"object": "recommendation", "rank": r + 1, "item": x["item"], "score": x["score"],
-                          "title": x["title"], "cold": x["cold"]} for r, x in enumerate(recs)]}
-
-    @app.post("/v1/explain")
-    async def explain_answer(body: ExplainRequest, request: Request):
-        check_model(body.model)
-        if not explains:
-            raise unable("does not explain answers")
-        messages, answer = list(body.messages), None
-        if messages[-1].role == "assistant":  # the answer to explain, as the chat gave it
-            last = messages.pop().content
-            answer = last if isinstance(last, str) else " ".join(p.text for p in last if p.type == "text")
-            if not answer.strip() or not messages:
-                raise APIError(400, "the assistant message to explain must be non-empty text after the user's",
-                               param="messages")
-        texts = [answer or ""]
-        for m in messages:
-            texts += [m.content] if isinstance(m.content, str) else [p.text for p in m.content if p.type == "text"]
-        check_text(texts, "messages")
-
-        def prepare():
-            ids, images = build_prompt(SimpleNamespace(messages=messages))
-            if len(images) != 1:
-                raise APIError(400, f"an explanation needs a conversation with one image, not {len(images)}",
-                               param="messages")
-            return ids, images
-
-        prompt = await reserved(prepare)()
-        max_new = body.max_tokens or 64
-
-        def run(job):
-            if job.cancelled.is_set():
-                return None
-            e = explain(pipeline.prompt_explainer(prompt, answer, max_new), body.method)
-            png = io.BytesIO()
-            render(prompt[1][0], e).save(png, format="PNG")
-            return e, base64.b64encode(png.getvalue()).decode()
-
-        result, error = await in_worker(run, request)
-        if isinstance(error, JSONResponse):
-            return error
-        if error is not None:
-            raise worker_error(error)
-        e, png = result
-        return {"object": "explanation", "model": model_name, **e.to_dict(), "heatmap": f"data:image/png;base64,{png}"}
+    # the glimpse extensions (recommendations, explanations), with this app's helpers
+    add_extensions(app, SimpleNamespace(
+        pipeline=pipeline, model_name=model_name, limits=limits, recommends=recommends, explains=explains,
+        check_model=check_model, unable=unable, check_text=check_text, reserved=reserved, read_image=read_image,
+        build_prompt=build_prompt, in_worker=in_worker, worker_error=worker_error))
 
     def openapi():  # the schema names the one model served (requests naming another get a 404)
         if app.openapi_schema is None:

@@ -51,14 +51,14 @@ def evaluate_split(pipe: DualEncoderPipeline, data_cfg, root: Path, split: str,
     out: dict[str, float] = {}
     if items:
         captions = [c for it in items for c in it.captions]
-        text_image = torch.tensor([i for i, it in enumerate(items) for _ in it.captions])
+        text_image = torch.tensor([i for i, it in enumerate(items) for _ in it.captions], device=image_embeds.device)
         recall = retrieval_metrics(image_embeds, pipe.embed_texts(captions), text_image)
         out.update({f"{split}/{k}": v for k, v in recall.items()})
     labels_csv = Path(root) / "labels" / f"{split}.csv"
     if data_cfg.source == "shapes" and labels_csv.is_file():
         paths, labels, classes = read_labels(labels_csv, root)
         image_embeds, good, _ = pipe.embed_image_stream(paths, batch_size)  # their bad images are counted above
-        labels = torch.tensor([labels[i] for i in good])
+        labels = torch.tensor([labels[i] for i in good], device=image_embeds.device)
         if good:
             scores = pipe.class_scores(image_embeds, classes, templates)
             out[f"{split}/zeroshot_acc"] = zeroshot_accuracy(scores, labels)
