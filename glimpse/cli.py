@@ -122,9 +122,11 @@ def cmd_explain(a) -> None:
     """Where a run looked: IMAGE with the heatmap of one method over it, and the text's tokens shaded."""
     from glimpse.api import load
     from glimpse.data.images import load_image
-    from glimpse.explain import explain
+    from glimpse.explain import METHODS, explain
     from glimpse.explain.render import save
 
+    if a.method not in METHODS:
+        raise GlimpseError(f"--method: unknown {a.method!r}; choose from {', '.join(METHODS)}")
     pipe = load(a.run)
     if not hasattr(pipe, "explainer"):
         raise GlimpseError(f"{a.run}: this kind of model has no explanations (dual encoders, fusion encoders and "
@@ -375,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--text", help="the text to match (dual encoders, fusion matching)")
     x.add_argument("--question", help="the question to answer (vision-language runs, fusion VQA)")
     x.add_argument("--answer", help="explain this answer instead of the one the model gives")
-    x.add_argument("--method", default="chefer", choices=["raw", "rollout", "gradcam", "chefer", "occlusion"])
+    x.add_argument("--method", default="chefer", help="raw, rollout, gradcam, chefer (default) or occlusion")
     x.add_argument("--out", default="heat.png", help="the picture to write (default heat.png)")
     x.add_argument("--json", action="store_true", help="print the explanation (grid, tokens) as JSON")
     x.set_defaults(func=cmd_explain)

@@ -106,7 +106,7 @@ def randomised(pipeline, seed: int = 0):
     with torch.no_grad():
         for p in other.model.parameters():
             if p.numel() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * p.float().std() + p.float().mean())
+                p.copy_(torch.randn(p.shape, generator=g).to(p.device) * p.float().std() + p.float().mean())
     return other
 
 

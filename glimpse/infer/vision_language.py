@@ -214,6 +214,8 @@ class VisionLanguagePipeline:
         if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
                 and messages[-1].get("role") == "assistant":
             answer = messages[-1].get("content")
+            if isinstance(answer, list):  # text parts, as OpenAI clients may send them
+                answer = " ".join(p.get("text", "") for p in answer if isinstance(p, dict) and p.get("type") == "text")
             if not isinstance(answer, str) or not answer.strip():
                 raise GlimpseError("the assistant message to explain must be non-empty text")
             messages = messages[:-1]

@@ -26,19 +26,23 @@ def box_mask(box, height: int, width: int, tolerance: float = 0.0) -> torch.Tens
 
 def pointing_hit(pixel_map: torch.Tensor, box, tolerance: float = 0.0) -> bool:
     """The map's maximum is in the box grown by `tolerance`.  Where several pixels share the maximum (a map
-    that is flat over a patch, or over the block of patches one image token stands for), the point is their
-    centre, not the first of them in reading order, which would favour the block's top-left corner."""
+    that is flat over a patch, or over the block of patches one image token stands for), the point is the one
+    nearest their centre, not the first in reading order, which would favour the block's top-left corner.
+    A constant map (no maximum) is a miss."""
     H, W = pixel_map.shape
-    m = pixel_map.float()
+    m = pixel_map.detach().float().cpu()
+    if m.max() <= m.min():  # a constant map points nowhere
+        return False
     top = m >= m.max() - 1e-6 * m.max().abs().clamp_min(1e-12)
     ys, xs = top.nonzero(as_tuple=True)
-    y, x = int(ys.float().mean().round()), int(xs.float().mean().round())
-    return bool(box_mask(box, H, W, tolerance)[y, x])
+    # the tied pixel nearest their centre: a flat block's middle, or one of two separate peaks (never between)
+    near = ((ys.float() - ys.float().mean()) ** 2 + (xs.float() - xs.float().mean()) ** 2).argmin()
+    return bool(box_mask(box, H, W, tolerance)[ys[near], xs[near]])
 
 
 def energy_in_box(pixel_map: torch.Tensor, box) -> float:
     """The share of the map's positive mass inside the box (0 for an all-zero map)."""
-    m = pixel_map.float().clamp_min(0)
+    m = pixel_map.detach().float().cpu().clamp_min(0)
     total = float(m.sum())
     return float(m[box_mask(box, *m.shape)].sum()) / total if total > 0 else 0.0
 
@@ -50,7 +54,7 @@ def box_share(box, height: int, width: int, tolerance: float = 0.0) -> float:
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
     """Ranks 1..n with ties given their average rank."""
-    x = x.flatten().double()
+    x = x.detach().flatten().double().cpu()
     order = x.argsort()
     ranks = torch.empty_like(x)
     ranks[order] = torch.arange(1, len(x) + 1, dtype=torch.float64)

@@ -93,5 +93,7 @@ class FusionExplainer:
         for a, g, c, cg in zip(self_maps, self_grads, cross_maps, cross_grads):
             R_tt, R_ti = rel.chefer_self([a], [g], R_tt, R_ti)
             R_ti = rel.chefer_cross(R_tt, R_ti, R_ii, c, cg)
-        tokens = (R_tt[0, 0] * real).tolist()
+        row = R_tt[0, 0].clone()
+        row[0] = 0  # the [CLS] token's own identity is not what it read (Chefer's generate_ours)
+        tokens = (row * real).tolist()
         return Relevance(R_ti[0, 0, cols].view(self.grid_shape), tokens)

@@ -1,0 +1,533 @@
+"""Explanations in use (glimpse.explain): the pipelines explain end to end, randomised weights give other maps,
+and the command line and the server explain with one-line errors for bad input.  The equations, metrics and
+explain mode itself are tested in test_explain.py."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import subprocess
+
+import httpx
+import pytest
+import torch
+from conftest import PY, LiveServer, image_data_url
+from PIL import Image
+from test_explain import chefer_self_reference, fusion_modules, min_max, right_padded, tiny_fusion
+from torch.testing import assert_close
+
+import glimpse
+from glimpse.errors import GlimpseError
+from glimpse.explain import METHODS, Explanation, explain
+from glimpse.explain.evaluate import evaluate_explanations, explain_cases, randomised
+from glimpse.explain.towers import grads_of
+from glimpse.metrics.explain import spearman
+from glimpse.models.attention import record_attention
+from glimpse.models.decoder import DecoderConfig
+from glimpse.models.vision import VisionConfig
+from glimpse.models.vlm import VisionLanguageModel, VLMConfig
+
+V = 40  # tiny vocabulary of the hand-built models
+TIGHT = dict(atol=1e-5, rtol=1e-5)
+ATTENTION_METHODS = [m for m in METHODS if m != "occlusion"]
+
+# -- 7. the pipelines end to end --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dual(tiny_run):
+    return glimpse.load(tiny_run)
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_vlm_run):
+    return glimpse.load(tiny_vlm_run)
+
+
+@pytest.fixture(scope="module")
+def image(world):
+    return world / "images" / "test" / "test_000000.png"
+
+
+def assert_a_map(grid, shape=(4, 4)):
+    assert grid.shape == shape and bool(torch.isfinite(grid).all())
+    assert float(grid.min()) == 0.0 and float(grid.max()) in (0.0, 1.0)  # min-max scaled (all 0: constant)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_dual_encoder_explains_every_method(dual, image, method):
+    text = "a small red circle"
+    (e,) = dual.explain([image], [text], method=method)
+    assert isinstance(e, Explanation) and e.method == method and e.target == f"similarity to {text!r}"
+    assert_a_map(e.grid)
+    assert e.score == pytest.approx(float(dual.embed_images([image]) @ dual.embed_texts([text])[0]), abs=1e-5)
+    assert e.tokens == ["<bos>", "a", "small", "red", "circle", "<eos>"]
+    if method != "occlusion":
+        assert len(e.token_scores) == len(e.tokens) and all(0 <= s <= 1 for s in e.token_scores)
+        assert max(e.token_scores) == 1.0
+        assert float(e.grid.max()) == 1.0
+    assert e.words == [] and e.seconds > 0
+    d = e.to_dict()
+    assert len(d["grid"]) == 4 and all(len(r) == 4 for r in d["grid"])
+    assert json.loads(json.dumps(d))["method"] == method
+
+
+def test_dual_encoder_explain_refuses_bad_calls(dual, image):
+    with pytest.raises(GlimpseError, match="2 images but 1 texts"):
+        dual.explain([image, image], ["a red circle"])
+    with pytest.raises(ValueError, match="unknown explanation method"):
+        dual.explain([image], ["a red circle"], method="nonsense")
+
+
+def test_vlm_explains_its_own_answer_word_by_word(vlm, image):
+    question = "what colour is the circle?"
+    (e,) = vlm.explain([image], [question], method="raw")  # the answer greedy decoding gives
+    answer = vlm.ask([image], [question], short=True)[0]
+    assert e.target == f"answer {answer!r}"
+    assert 1 <= len(e.words) <= 32 and all(isinstance(w, str) for w, _ in e.words)
+    for _, g in e.words:
+        assert_a_map(g)
+    assert_a_map(e.grid)
+    assert "what" in e.tokens and "colour" in e.tokens and len(e.tokens) == len(e.token_scores)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_vlm_explains_every_method(vlm, image, method):
+    explainer = vlm.explainer(image, question="what colour is the circle?", max_new_tokens=3)
+    e = explain(explainer, method)
+    assert e.method == method and e.target == f"answer {explainer.answer!r}"
+    assert_a_map(e.grid)
+    assert math.isfinite(e.score) and e.score <= 0  # a log-probability
+    if method == "occlusion":
+        assert e.words == [] and e.token_scores == []
+    else:
+        assert len(e.words) == len(explainer.answer_words) >= 1
+        for _, g in e.words:
+            assert_a_map(g)
+        assert len(e.tokens) == len(e.token_scores) > 0 and all(0 <= s <= 1 for s in e.token_scores)
+
+
+def test_vlm_explains_a_given_answer(vlm, image):
+    question = "what colour is the circle?"
+    (e,) = vlm.explain([image], [question], method="chefer", answers=["red"])
+    assert e.target == "answer 'red'" and [w for w, _ in e.words] == ["red"]
+    assert_a_map(e.words[0][1])
+    (two,) = vlm.explain([image], [question], method="rollout", answers=["red circle"])
+    assert two.target == "answer 'red circle'" and [w for w, _ in two.words] == ["red", "circle"]
+    # the score is the answer's log-probability, read at the positions that predict its tokens
+    ids, _ = vlm.question_prompt(question, image, short=True)
+    answer = vlm.tokenizer.hf.encode("red circle", add_special_tokens=False).ids
+    with torch.no_grad():
+        logits = vlm.model(torch.tensor([ids + answer]), pixel_values=vlm.load_pixels(image)[None])[0]
+    lp = logits.float().log_softmax(-1)
+    assert e.score == pytest.approx(float(lp[len(ids) - 1, answer[0]]), abs=1e-4)
+    assert two.score == pytest.approx(float(lp[len(ids) - 1, answer[0]] + lp[len(ids), answer[1]]), abs=1e-4)
+    with pytest.raises(GlimpseError, match="1 images for 1 questions and 2 answers"):
+        vlm.explain([image], ["what colour is the circle?"], answers=["red", "blue"])
+
+
+def test_vlm_relevance_follows_the_rules_on_the_recorded_maps(vlm, image):
+    """Chefer's text relevance (the predicting row of R less its identity) and Grad-CAM's patch map (the last
+    LM layer's gradient-weighted row over the image tokens, spread onto the patches each token holds),
+    recomputed here from the recorded maps."""
+    from glimpse.models.connectors import pixel_shuffle
+
+    question = "what colour is the circle?"
+    ex = vlm.explainer(image, question=question, answer="red")
+    m = vlm.model
+    with record_attention() as rec, torch.enable_grad():
+        logits = m(ex.ids, pixel_values=ex.pixels)
+        target = logits[0, -2].float().log_softmax(-1)[ex.answer_ids[0]]
+    maps = rec.maps_of([b.attn for b in m.lm.blocks])
+    grads = grads_of(target, maps)
+    pos = ex.ids.shape[1] - 2  # the last prompt token predicts the one answer token
+    image_rows = (ex.ids[0] == m.cfg.image_token_id).nonzero()[:, 0]
+    text_rows = (ex.ids[0, :pos + 1] != m.cfg.image_token_id).nonzero()[:, 0]
+
+    row = chefer_self_reference(maps, grads)[0, pos] - (torch.arange(ex.ids.shape[1]) == pos).float()
+    assert_close(torch.tensor(explain(ex, "chefer").token_scores), min_max(row[text_rows]), atol=1e-4, rtol=1e-4)
+
+    cam = (grads[-1] * maps[-1]).clamp(min=0).mean(1)[0, pos, image_rows]  # [image tokens]
+    f, side = m.cfg.pixel_shuffle, m.cfg.vision.image_size // m.cfg.vision.patch_size
+    held = pixel_shuffle(torch.arange(float(side * side)).view(1, -1, 1), f)[0].long()  # token -> its patches
+    patches = torch.zeros(side * side)
+    for k, cells in enumerate(held):
+        patches[cells] = cam[k] / (f * f)
+    e = explain(ex, "gradcam")
+    assert_close(e.grid, min_max(patches).view(side, side), atol=1e-4, rtol=1e-4)
+    assert_close(e.words[0][1], e.grid)  # one word: its map is the whole map
+
+
+def test_vlm_explain_chat_explains_the_last_assistant_message(vlm, image):
+    picture = Image.open(image).convert("RGB")
+    asked = {"role": "user", "content": [{"type": "image", "image": picture},
+                                         {"type": "text", "text": "what colour is the circle?"}]}
+    e = vlm.explain_chat([asked, {"role": "assistant", "content": "red"}], method="raw")
+    assert e.target == "answer 'red'" and [w for w, _ in e.words] == ["red"]
+    ids, _ = vlm.chat_prompt([asked])  # the answer is explained after the prompt that asked for it
+    assert e.tokens == vlm.tokenizer.pieces([t for t in ids if t != vlm.model.cfg.image_token_id])
+    with pytest.raises(GlimpseError, match="non-empty text"):
+        vlm.explain_chat([asked, {"role": "assistant", "content": "  "}])
+    two = {"role": "user", "content": [{"type": "image", "image": picture}, {"type": "image", "image": picture},
+                                       {"type": "text", "text": "which is red?"}]}
+    with pytest.raises(GlimpseError, match="one image"):
+        vlm.explain_chat([two, {"role": "assistant", "content": "red"}])
+
+
+def test_vlm_image_token_relevance_lands_on_the_patches_the_token_holds():
+    """With a 2 x 2 pixel shuffle each image token stands for 4 patches: its relevance is spread over exactly
+    those, as glimpse.models.connectors.pixel_shuffle groups them."""
+    from types import SimpleNamespace
+
+    from glimpse.explain.explainers import VisionLanguageExplainer
+    from glimpse.models.connectors import pixel_shuffle
+
+    torch.manual_seed(0)
+    lm = DecoderConfig(arch="llama", vocab_size=V, width=32, layers=1, heads=2, context_length=32)
+    m = VisionLanguageModel(VLMConfig(vision=VisionConfig(image_size=32, patch_size=8, width=16, layers=1, heads=2),
+                                      lm=lm, pixel_shuffle=2, image_token_id=V - 1))
+    assert m.image_tokens == 4
+    held = pixel_shuffle(torch.arange(16.0).view(1, 16, 1), 2)[0]  # [4 tokens, 4 patch numbers]
+    fake = SimpleNamespace(model=m)
+    for k in range(4):
+        onehot = torch.zeros(4)
+        onehot[k] = 1.0
+        grid = VisionLanguageExplainer._to_patches(fake, onehot, None)
+        expected = torch.zeros(16)
+        expected[held[k].long()] = 0.25
+        assert_close(grid, expected)
+        through_tower = VisionLanguageExplainer._to_patches(fake, onehot, torch.eye(17))  # class token + 16
+        assert_close(through_tower, expected)
+
+
+def test_fusion_explainer_every_method():
+    from glimpse.families.fusion.explain import FusionExplainer
+
+    px = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    ids, mask = right_padded((6,), 8, seed=2)
+    tokens = [f"t{i}" for i in range(8)]
+    for objective in ("pretrain", "vqa"):
+        m = tiny_fusion(objective)
+        ex = FusionExplainer(m, px, ids, mask, tokens, "six words", answer="blue" if objective == "vqa" else None)
+        assert ex.target == ("answer 'blue'" if objective == "vqa" else "match with 'six words'")
+        with torch.no_grad():
+            logits = (m.answer_logits(px, ids, mask) if objective == "vqa" else
+                      m.itm_logits(m.text.forward_features(ids, mask), mask, *m.encode_image(m.vision, px)))
+        expected = logits.log_softmax(-1)[0, 1]  # the match class, or "blue" (answer 1)
+        assert ex.base_score == pytest.approx(float(expected), abs=1e-5)
+        for method in METHODS:
+            e = explain(ex, method)
+            assert_a_map(e.grid, (2, 2))
+            if method in ("chefer", "rollout"):
+                assert len(e.token_scores) == 8 and e.token_scores[6:] == [0.0, 0.0]  # padding
+    with pytest.raises(GlimpseError, match="not one of"):
+        FusionExplainer(tiny_fusion("vqa"), px, ids, mask, tokens, "six words", answer="purple")
+
+
+def handle_residual(R):
+    """Chefer's eqs. 8-9 as hila-chefer/Transformer-MM-Explainability writes them, with a guard for a row that
+    holds nothing but its identity (a padding token's, which nothing reads: 0 rather than 0 / 0)."""
+    eye = torch.eye(R.shape[-1])
+    r = R - eye
+    sums = r.sum(-1, keepdim=True)
+    return torch.where(sums > 0, r / sums.clamp_min(1e-30), r) + eye
+
+
+def test_fusion_chefer_map_follows_the_bimodal_rules():
+    """The image map of a fusion model's match: rules 6-7 through each tower and each fusion layer's
+    self-attention, rule 10 (R_ti += R̄_ttᵀ Ā R̄_ii) at each cross-attention, then the [CLS] row of R_ti over
+    the patches; recomputed here from the recorded maps in the order the layers run."""
+    from glimpse.families.fusion.explain import FusionExplainer
+
+    m = tiny_fusion("pretrain")
+    px = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    ids, mask = right_padded((6,), 8, seed=2)
+    ex = FusionExplainer(m, px, ids, mask, [f"t{i}" for i in range(8)], "six words")
+    with record_attention() as rec, torch.enable_grad():
+        target = ex._target(ex._logits(px, m.text.forward_features(ids, mask)))[0]
+    mods = fusion_modules(m)
+    maps = rec.maps_of(mods)
+    grads = dict(zip(map(id, mods), grads_of(target, maps)))
+    attn = dict(zip(map(id, mods), maps))
+
+    def cam(mod):
+        return (grads[id(mod)] * attn[id(mod)]).clamp(min=0).mean(1)[0]
+
+    def through(mods_, R):
+        for mod in mods_:
+            R = R + cam(mod) @ R
+        return R
+
+    R_ii = through([b.attn for b in m.vision.blocks], torch.eye(5))
+    R_tt = through([b.attn for b in m.text.blocks], torch.eye(8))
+    R_ti = torch.zeros(8, 5)
+    for b in m.fusion.blocks:
+        a = cam(b.attn)
+        R_tt, R_ti = R_tt + a @ R_tt, R_ti + a @ R_ti
+        R_ti = R_ti + handle_residual(R_tt).T @ cam(b.cross) @ handle_residual(R_ii)
+    e = explain(ex, "chefer")
+    assert_close(e.grid, min_max(R_ti[0, 1:]).view(2, 2), atol=1e-4, rtol=1e-4)
+
+
+def test_fusion_chefer_token_scores_leave_out_the_cls_tokens_own_identity():
+    from glimpse.families.fusion.explain import FusionExplainer
+
+    m = tiny_fusion("pretrain")
+    px = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    ids, mask = right_padded((6,), 8, seed=2)
+    ex = FusionExplainer(m, px, ids, mask, [f"t{i}" for i in range(8)], "six words")
+    e = explain(ex, "chefer")
+    # the reference: rules 5-6 through the text tower and the fusion layers' self-attention (the cross-attention
+    # adds nothing to R_tt: the image never attends to the text), then the [CLS] row without its own entry
+    text_mods = [b.attn for b in m.text.blocks] + [b.attn for b in m.fusion.blocks]
+    with record_attention() as rec, torch.enable_grad():
+        target = ex._target(ex._logits(px, m.text.forward_features(ids, mask)))[0]
+    maps = rec.maps_of(text_mods)
+    R = chefer_self_reference(maps, grads_of(target, maps))
+    row = (R[0, 0] * mask[0]).detach()
+    row[0] = 0
+    assert_close(torch.tensor(e.token_scores), min_max(row), atol=1e-4, rtol=1e-4)
+
+
+def test_explain_cases_name_one_object_of_two_or_three(world):
+    cases = explain_cases(world, "test", n=200, asks="texts")  # every scene of 2-3 objects that names one
+    assert 4 <= len(cases) < 40 and explain_cases(world, "test", n=4, asks="texts") == cases[:4]
+    coco = json.loads((world / "annotations" / "instances_test.json").read_text())
+    by_file = {im["file_name"]: im["id"] for im in coco["images"]}
+    for c in cases:
+        objs = [a for a in coco["annotations"] if a["image_id"] == by_file[c.image.rsplit("/", 1)[-1]]]
+        assert len(objs) in (2, 3) and c.kind == "name" and c.answer == ""
+        named = [o for o in objs if o["bbox"] == c.box]
+        assert len(named) == 1 and c.text == f"a {named[0]['size']} {named[0]['colour']} {named[0]['shape']}"
+        assert sum((o["colour"], o["shape"]) == (named[0]["colour"], named[0]["shape"]) for o in objs) == 1
+    questions = explain_cases(world, "test", n=4, asks="questions")
+    assert [c.kind for c in questions] == ["colour", "shape", "colour", "shape"]
+    assert all(c.answer and c.text.startswith("what ") for c in questions)
+    with pytest.raises(GlimpseError, match="missing"):
+        explain_cases(world / "nowhere", "test")
+
+
+def test_evaluate_explanations_gives_every_figure(dual, world):
+    cases = explain_cases(world, "test", n=4, asks="texts")
+    out = evaluate_explanations(dual, cases, deletion_n=2, sanity_n=2)
+    for method in METHODS:
+        for figure in ("pointing", "energy", "deletion_auc", "randomised_rho", "ms"):
+            key = f"explain/{method}/{figure}"
+            assert key in out and math.isfinite(out[key]), key
+        assert 0 <= out[f"explain/{method}/pointing"] <= 1 and 0 <= out[f"explain/{method}/energy"] <= 1
+        assert -1 <= out[f"explain/{method}/randomised_rho"] <= 1 and out[f"explain/{method}/ms"] > 0
+    for figure in ("pointing", "energy"):
+        assert 0 < out[f"explain/random/{figure}"] < 1
+    assert out["explain/random/pointing"] > out["explain/random/energy"]  # the tolerance grows the box
+    assert out["explain/random/energy"] < out["explain/ideal/energy"] <= 1  # the best a 4 x 4 map can do
+    assert math.isfinite(out["explain/random/deletion_auc"])
+    assert out["explain/n"] == 4
+    with pytest.raises(GlimpseError, match="no explanation cases"):
+        evaluate_explanations(dual, [])
+
+
+# -- 8. model randomisation -------------------------------------------------------------------------------
+def test_randomised_redraws_every_weight_of_a_copy_only(dual, image):
+    before = {k: v.clone() for k, v in dual.model.state_dict().items()}
+    (trained,) = dual.explain([image], ["a small red circle"], method="chefer")
+    other = randomised(dual, seed=0)
+    assert other.model is not dual.model
+    mine = dict(dual.model.named_parameters())
+    for name, p in other.model.named_parameters():
+        if p.numel() > 1:
+            assert not torch.equal(p, mine[name]), name
+            assert float(p.detach().std()) == pytest.approx(float(mine[name].detach().std()), rel=0.5), name
+    for k, v in dual.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    (again,) = dual.explain([image], ["a small red circle"], method="chefer")
+    assert torch.equal(again.grid, trained.grid)
+    (redrawn,) = other.explain([image], ["a small red circle"], method="chefer")
+    assert not torch.equal(redrawn.grid, trained.grid)
+    assert redrawn.score != pytest.approx(trained.score)
+    assert_close(randomised(dual, seed=0).model.state_dict(), other.model.state_dict())  # seeded
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_spearman_of_maps_on_a_gpu():
+    m = torch.rand(4, 4, device="cuda")
+    assert spearman(m, m) == pytest.approx(1.0)
+
+
+@cuda
+def test_randomised_on_a_gpu(tiny_run):
+    pipe = glimpse.load(tiny_run, device="cuda")
+    other = randomised(pipe)
+    assert next(other.model.parameters()).is_cuda
+
+
+# -- 9. the command line ----------------------------------------------------------------------------------
+def cli(args, env):
+    return subprocess.run([PY, "-m", "glimpse", "--quiet", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def cli_in_process(args, capsys, monkeypatch, tmp_path):
+    """`glimpse ARGS` in this process (faster than a subprocess for the errors): (exit code, stdout, stderr)."""
+    from glimpse.cli import main
+
+    monkeypatch.setenv("GLIMPSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("GLIMPSE_DEBUG", raising=False)
+    capsys.readouterr()
+    code = 0
+    try:
+        main(["--quiet", *args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err, fragment):
+    assert code not in (0, None)
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("glimpse: error:"), err
+    assert fragment in lines[0] and "Traceback" not in err
+
+
+def test_cli_explain_writes_a_heatmap_and_prints_the_target(tiny_run, image, tmp_path, cli_env):
+    out = tmp_path / "heat.png"
+    r = cli(["explain", str(tiny_run), str(image), "--text", "a red circle", "--out", str(out)], cli_env)
+    assert r.returncode == 0, r.stderr
+    assert "chefer: similarity to 'a red circle'" in r.stdout and f"heatmap written to {out}" in r.stdout
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width >= 256 and im.height >= 256
+
+
+def test_cli_explain_json_for_both_kinds_of_run(tiny_run, tiny_vlm_run, image, tmp_path, cli_env):
+    r = cli(["explain", str(tiny_run), str(image), "--text", "a red circle", "--method", "rollout", "--json",
+             "--out", str(tmp_path / "a.png")], cli_env)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["method"] == "rollout" and d["target"] == "similarity to 'a red circle'"
+    assert len(d["grid"]) == 4 and all(len(row) == 4 for row in d["grid"])
+    assert [t["token"] for t in d["tokens"]] == ["<bos>", "a", "red", "circle", "<eos>"]
+    r = cli(["explain", str(tiny_vlm_run), str(image), "--question", "what colour is the circle?", "--answer", "red",
+             "--method", "gradcam", "--json", "--out", str(tmp_path / "b.png")], cli_env)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["target"] == "answer 'red'" and [w["word"] for w in d["words"]] == ["red"]
+    assert len(d["words"][0]["grid"]) == 4 and (tmp_path / "b.png").is_file()
+
+
+def test_cli_explain_a_vlm_answer_it_generates(tiny_vlm_run, image, tmp_path, capsys, monkeypatch):
+    code, out, err = cli_in_process(["explain", str(tiny_vlm_run), str(image), "--question", "what colour is it?",
+                                     "--method", "raw", "--out", str(tmp_path / "v.png")], capsys, monkeypatch,
+                                    tmp_path)
+    assert code == 0, err
+    assert out.startswith("raw: answer '") and (tmp_path / "v.png").is_file()
+
+
+def test_cli_explain_errors_are_one_line(tiny_run, tiny_vlm_run, image, tmp_path, capsys, monkeypatch):
+    def run(*args):
+        return cli_in_process(["explain", *map(str, args), "--out", str(tmp_path / "x.png")], capsys, monkeypatch,
+                              tmp_path)
+
+    one_line_error(*run(tiny_run, image)[::2], "--text")
+    one_line_error(*run(tiny_vlm_run, image)[::2], "--question")
+    one_line_error(*run(tiny_run, tmp_path / "missing.png", "--text", "a red circle")[::2], "missing.png")
+    assert not (tmp_path / "x.png").exists()
+    code, _, err = run(tiny_run, image, "--text", "a red circle", "--method", "nonsense")
+    one_line_error(code, err, "nonsense")
+
+
+def test_cli_explain_unknown_method_is_one_line(tiny_run, image, tmp_path, capsys, monkeypatch):
+    code, _, err = cli_in_process(["explain", str(tiny_run), str(image), "--text", "a red circle", "--method",
+                                   "nonsense"], capsys, monkeypatch, tmp_path)
+    one_line_error(code, err, "nonsense")
+
+
+def test_cli_eval_explain(tiny_run, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out.json"
+    code, stdout, err = cli_in_process(["eval", str(tiny_run), "--explain", "--n", "3", "--methods", "raw,chefer",
+                                        "--json", str(out)], capsys, monkeypatch, tmp_path)
+    assert code == 0, err
+    figures = json.loads(out.read_text())
+    for key in ("explain/raw/pointing", "explain/chefer/energy", "explain/chefer/deletion_auc",
+                "explain/random/pointing", "explain/n"):
+        assert key in figures, key
+    assert figures["explain/n"] == 3 and not any(k.startswith("explain/rollout") for k in figures)
+    assert "explain/raw/pointing" in stdout
+    code, _, err = cli_in_process(["eval", str(tiny_run), "--explain", "--methods", "raw,nonsense"], capsys,
+                                  monkeypatch, tmp_path)
+    one_line_error(code, err, "nonsense")
+    code, _, err = cli_in_process(["eval", str(tiny_run), "--explain", "--n", "0"], capsys, monkeypatch, tmp_path)
+    one_line_error(code, err, "--n")
+
+
+# -- 10. the server's /v1/explain -------------------------------------------------------------------------
+MODEL = "tiny-vlm"
+
+
+@pytest.fixture(scope="module")
+def explain_server(vlm):
+    from glimpse.serve import ServerLimits, create_app
+
+    with LiveServer(create_app(vlm, MODEL, ServerLimits(max_images=4))) as s:
+        yield s
+
+
+def user(image_urls, text="what colour is the circle?"):
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
+            + [{"type": "text", "text": text}]}
+
+
+def post_explain(server, **body):
+    return httpx.post(server.url + "/v1/explain", json={"model": MODEL, **body}, timeout=120)
+
+
+def test_server_explains_an_answer(explain_server, image):
+    url = image_data_url(image)
+    r = httpx.get(explain_server.url + "/v1/models")
+    assert "explain" in r.json()["data"][0]["capabilities"]
+    r = post_explain(explain_server, messages=[user([url])], method="raw", max_tokens=3)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["object"] == "explanation" and d["model"] == MODEL and d["method"] == "raw"
+    assert len(d["grid"]) == 4 and all(len(row) == 4 for row in d["grid"])
+    assert d["tokens"] and 1 <= len(d["words"]) <= 3 and d["target"].startswith("answer ")
+    assert d["heatmap"].startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(d["heatmap"].split(",", 1)[1]))) as im:
+        assert im.format == "PNG" and im.width >= 256
+    r = post_explain(explain_server, messages=[user([url]), {"role": "assistant", "content": "red"}])
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["method"] == "chefer" and d["target"] == "answer 'red'" and [w["word"] for w in d["words"]] == ["red"]
+
+
+BAD_EXPLAIN = {
+    "no image": lambda url: dict(messages=[{"role": "user", "content": "what colour is the circle?"}]),
+    "two images": lambda url: dict(messages=[user([url, url])]),
+    "empty assistant message": lambda url: dict(messages=[user([url]), {"role": "assistant", "content": " "}]),
+    "only an assistant message": lambda url: dict(messages=[{"role": "assistant", "content": "red"}]),
+    "unknown method": lambda url: dict(messages=[user([url])], method="nonsense"),
+    "broken base64 image": lambda url: dict(messages=[user(["data:image/png;base64,@@@@"])]),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_EXPLAIN))
+def test_server_explain_bad_requests_get_a_one_line_400(explain_server, image, name):
+    r = post_explain(explain_server, **BAD_EXPLAIN[name](image_data_url(image)))
+    assert r.status_code == 400, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert err["message"] and "\n" not in err["message"]
+    assert not re.search(r"Traceback|File \"|\.py\b|site-packages", err["message"])
+    assert err["param"] == {"unknown method": "method", "broken base64 image": "messages.0.content"}.get(name, "messages")
+
+
+def test_a_dual_encoder_server_does_not_explain(dual, image):
+    from glimpse.serve import create_app
+
+    with LiveServer(create_app(dual, "tiny-clip")) as s:
+        assert "explain" not in httpx.get(s.url + "/v1/models").json()["data"][0]["capabilities"]
+        r = httpx.post(s.url + "/v1/explain", json={"model": "tiny-clip", "messages": [user([image_data_url(image)])]},
+                       timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_model"
