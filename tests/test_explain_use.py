@@ -531,3 +531,23 @@ def test_a_dual_encoder_server_does_not_explain(dual, image):
         r = httpx.post(s.url + "/v1/explain", json={"model": "tiny-clip", "messages": [user([image_data_url(image)])]},
                        timeout=60)
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_model"
+
+
+def test_a_hugging_face_llava_folder_explains_an_answer(tmp_path, image):
+    """A LlavaForConditionalGeneration folder loaded by glimpse explains like a glimpse run: the answer's
+    relevance through its Llama LM and on through its CLIP tower (class token dropped, penultimate layer)."""
+    pytest.importorskip("transformers")
+    from test_hf_llava import write_llava_folder
+
+    write_llava_folder(tmp_path)
+    pipe = glimpse.load(tmp_path)
+    for method in METHODS:
+        e = pipe.explain([image], ["w3 w4 w5"], method=method, answers=["w7 w8"])[0]
+        assert e.target == "answer 'w7 w8'"
+        assert [w for w, _ in e.words] == ([] if method == "occlusion" else ["w7", "w8"])  # occlusion: one map
+        assert e.grid.shape == (2, 2) and torch.isfinite(e.grid).all() and float(e.grid.max()) <= 1
+    with record_attention() as rec, torch.no_grad():
+        ex = pipe.explainer(image, question="w3 w4 w5", answer="w7 w8")
+        logits = pipe.model(ex.ids, pixel_values=ex.pixels)
+    assert_close(logits, pipe.model(ex.ids, pixel_values=ex.pixels), atol=1e-5, rtol=1e-5)  # explain mode = fast path
+    assert len(rec.calls) >= len(pipe.model.lm.blocks)

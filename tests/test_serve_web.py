@@ -41,7 +41,12 @@ def test_upload_ask_and_follow_up_in_chromium(tiny_vlm_run, world, tmp_path):
         page.click("[data-testid=send]")
         page.wait_for_selector("[data-testid=answer][data-done='1']", timeout=60_000)
         answers = page.locator("[data-testid=answer] span")
-        assert answers.nth(0).inner_text() == expected
+        assert answers.nth(0).inner_text() == expected and expected.strip()
+        # "where did it look?": the conversation so far goes to /v1/explain, the heatmap comes back as a PNG
+        page.click("[data-testid=explain]")
+        page.wait_for_selector("[data-testid=heatmap]", timeout=60_000)
+        assert page.get_attribute("[data-testid=heatmap]", "src").startswith("data:image/png;base64,")
+        assert page.locator("[data-testid=explain]").count() == 0  # the button gives way to the picture
         # a follow-up without a new image: the page sends the whole conversation, image included
         page.fill("[data-testid=text]", "what color is it?")
         page.keyboard.press("Enter")
