@@ -138,7 +138,9 @@ def test_vlm_relevance_follows_the_rules_on_the_recorded_maps(vlm, image):
     m = vlm.model
     with record_attention() as rec, torch.enable_grad():
         logits = m(ex.ids, pixel_values=ex.pixels)
-        target = logits[0, -2].float().log_softmax(-1)[ex.answer_ids[0]]
+        row = logits[0, -2].float()  # the answer token's margin to the runner-up (what the gradient methods explain)
+        answer = int(ex.answer_ids[0])
+        target = row[answer] - torch.cat([row[:answer], row[answer + 1:]]).max()
     maps = rec.maps_of([b.attn for b in m.lm.blocks])
     grads = grads_of(target, maps)
     pos = ex.ids.shape[1] - 2  # the last prompt token predicts the one answer token
