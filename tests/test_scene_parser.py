@@ -54,7 +54,7 @@ def test_any_palette_colour_is_read(world):
     for _, scene in _split(world, "test")[:6]:
         for colour in COLOURS:
             swapped = [dict(o, colour=colour) if k == 0 else o for k, o in enumerate(scene)]
-            image = Image.open(io.BytesIO(_png(_draw(swapped, np.random.default_rng(7), 32), 32)))
+            image = Image.open(io.BytesIO(_png(_draw(swapped, np.random.default_rng(7), 32)[0], 32)))
             parse = parse_scene(image)
             assert parse.key == scene_key(swapped) and not parse.extra, (swapped, parse)
 

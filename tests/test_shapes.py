@@ -57,7 +57,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(world, tmp_path):
 
 def test_layout_and_world_json(world):
     info = json.loads((world / "world.json").read_text())
-    assert info["version"] == 1 and info["seed"] == 0 and info["image_size"] == 32
+    assert info["version"] == 2 and info["seed"] == 0 and info["image_size"] == 32
     assert info["splits"] == {"train": 24, "val": 12, "test": 12, "test_novel": 12}
     assert info["classes"] == CLASSES and len(CLASSES) == 24 and CLASSES[:2] == ["red circle", "red square"]
     assert info["novel_combos"] == [list(c) for c in NOVEL_COMBOS]
@@ -65,7 +65,7 @@ def test_layout_and_world_json(world):
     for split in SPLITS:
         names = sorted(p.name for p in (world / "images" / split).iterdir())
         assert names == [f"{split}_{i:06d}.png" for i in range(info["splits"][split])]
-        for name in ("captions", "llava", "vqa_questions", "vqa_annotations"):
+        for name in ("captions", "llava", "vqa_questions", "vqa_annotations", "instances"):
             assert (world / "annotations" / f"{name}_{split}.json").is_file()
         assert (world / "labels" / f"{split}.csv").is_file() and (world / f"{split}.csv").is_file()
     assert sorted(p.name for p in (world / "shards").glob("train-*.tar")) == \

@@ -18,7 +18,9 @@ from torch import nn
 
 from glimpse import runs
 from glimpse.data.conversations import vqa_items
+from glimpse.data.formats import ImageText
 from glimpse.data.pairs import PairCollate, PairDataset, load_pairs
+from glimpse.data.world import read_scenes
 from glimpse.distributed import all_reduce_int
 from glimpse.errors import GlimpseError
 from glimpse.families import checks
@@ -67,6 +69,8 @@ class FusionFamily(Family):
         for k in ("mlm_weight", "itm_weight", "itc_weight", "max_answers"):
             check(getattr(m, k) >= 0, f"model.{k}", getattr(m, k), "must not be negative")
         check(0 < m.mlm_probability < 1, "model.mlm_probability", m.mlm_probability, "must be within (0, 1)")
+        check(not m.phrase_captions or (recipe.data.source == "shapes" and recipe.data.format == "coco"),
+              "model.phrase_captions", m.phrase_captions, "needs the shapes world in its coco format (its scenes)")
         check(0 < m.init_temperature <= 1, "model.init_temperature", m.init_temperature, "must be within (0, 1]")
         check(0 <= m.momentum < 1, "model.momentum", m.momentum, "must be within [0, 1)")
         check(0 <= m.distill_alpha <= 1, "model.distill_alpha", m.distill_alpha, "must be within [0, 1]")
@@ -93,7 +97,13 @@ class FusionFamily(Family):
         if m.objective == "vqa":
             dataset = VQADataset(vqa_items(d, self.root, "train"), m.answers, self.transform, d.max_pixels)
             return dataset, VQACollate(self.tokenizer, m.text.context_length)
-        dataset = PairDataset(load_pairs(d, self.root, "train"), self.transform, d.max_pixels)
+        items = load_pairs(d, self.root, "train")
+        if m.phrase_captions:
+            scenes = {Path(w.path).name: w.scene for w in read_scenes(self.root, "train")}
+            items = [ImageText(it.image, it.captions + [f"a {o['size']} {o['colour']} {o['shape']}"
+                                                         for o in scenes[Path(it.image).name]], it.image_id)
+                     for it in items]
+        dataset = PairDataset(items, self.transform, d.max_pixels)
         return dataset, PairCollate(self.tokenizer, m.text.context_length)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:

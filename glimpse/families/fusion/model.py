@@ -47,6 +47,9 @@ class FusionConfig:
     itm_weight: float = 1.0
     itc_weight: float = 1.0
     mlm_probability: float = 0.15
+    # shapes world, pretrain/retrieval: each training image's one-object phrases ("a small red circle") join its
+    # captions, so matching also learns phrases that name one object (what region-phrase data gives real data)
+    phrase_captions: bool = False
     # momentum distillation (ALBEF): an EMA teacher's predictions mixed into the targets
     distill: bool = False
     momentum: float = 0.995
