@@ -2,6 +2,7 @@
 freezing, fine-tuning from a pretraining run, VQA-classification and re-ranked retrieval eval."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,6 +262,25 @@ def test_recipe_validation_errors(key, value, message):
     with pytest.raises(GlimpseError) as e:
         load_recipe("shapes-fusion-pretrain", [f"{key}={value}"])
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_phrase_captions_join_each_training_image_s_captions(world):
+    """model.phrase_captions: each shapes-world training image's one-object phrases join its captions (the
+    explanation study's ITM positives); refused where there are no scenes to read."""
+    from glimpse.data.tokenizer import Tokenizer
+    from glimpse.data.world import read_scenes
+    from glimpse.families import get
+
+    recipe = load_recipe("shapes-fusion-pretrain", tiny_overrides(world, **{"model.phrase_captions": "true"}))
+    dataset, _ = get("fusion")(recipe, world, Tokenizer(world / "tokenizer.json")).train_data()
+    scenes = {Path(w.path).name: w for w in read_scenes(world, "train")}
+    for item in dataset.items[:10]:
+        scene = scenes[Path(item.image).name]
+        phrases = [f"a {o['size']} {o['colour']} {o['shape']}" for o in scene.scene]
+        assert item.captions == scene.captions + phrases
+    with pytest.raises(GlimpseError, match="model.phrase_captions"):
+        load_recipe("shapes-fusion-pretrain", tiny_overrides(world, **{"model.phrase_captions": "true",
+                                                                       "data.format": "wds"}))
 
 
 @pytest.fixture(scope="module")
