@@ -103,6 +103,7 @@ def test_demo_writes_a_self_contained_report(world, tmp_path, cli_env):
     assert "src=\"http" not in page and "src='http" not in page  # nothing fetched from elsewhere
     assert "test_novel/t2i_r1" in page and "LLaVA: questions about test images" in page
     assert "test/vqa_acc" in page and page.count("annotators: ") == 6
+    assert page.count("where it looked</figcaption>") >= 6  # each search's top image explained (glimpse.explain)
     # experiments/demo_llava_ablation.py retrains the LLaVA stages on this demo's tower and LM, with a change
     tiny = [f"{stage}.{k}" for stage in ("stage1", "stage2") for k in
             ("train.max_steps=2", "train.save_every=2", "train.batch_size=8", "train.warmup_steps=1")]
