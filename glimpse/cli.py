@@ -100,9 +100,10 @@ def _evaluate_explanations(task, model, a) -> dict:
 
     from glimpse.explain import METHODS
     from glimpse.explain.evaluate import evaluate_explanations, explain_cases
+    from glimpse.families.base import can_explain
 
     pipe = task.pipeline(model)
-    if not hasattr(pipe, "explainer"):
+    if not can_explain(pipe):
         raise GlimpseError(f"{a.run}: this kind of model has no explanations (dual encoders, fusion encoders and "
                            "vision-language models do)")
     methods = [m.strip() for m in a.methods.split(",")] if a.methods else list(METHODS)
@@ -127,8 +128,10 @@ def cmd_explain(a) -> None:
 
     if a.method not in METHODS:
         raise GlimpseError(f"--method: unknown {a.method!r}; choose from {', '.join(METHODS)}")
+    from glimpse.families.base import can_explain
+
     pipe = load(a.run)
-    if not hasattr(pipe, "explainer"):
+    if not can_explain(pipe):
         raise GlimpseError(f"{a.run}: this kind of model has no explanations (dual encoders, fusion encoders and "
                            "vision-language models do)")
     if pipe.explains == "texts":

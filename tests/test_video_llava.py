@@ -157,6 +157,12 @@ def test_the_server_takes_video_url_parts_and_refuses_bad_ones_with_4xx(pipe, vi
                              ([{"type": "video_url", "video_url": {"url": "https://example.com/a.mp4"}}], "data:")):
             r = chat(parts + [{"type": "text", "text": "what happens?"}])
             assert 400 <= r.status_code < 500 and words in r.json()["error"]["message"], (r.status_code, r.text)
+        # explanations trace one image: a video model neither offers nor answers /v1/explain
+        assert "explain" not in httpx.get(f"{s.url}/v1/models").json()["data"][0]["capabilities"]
+        r = httpx.post(f"{s.url}/v1/explain", timeout=60, json={"model": MODEL, "messages": [
+            {"role": "user", "content": [{"type": "video_url", "video_url": {"url": _video_url(video)}},
+                                         {"type": "text", "text": "what happens?"}]}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_model", r.text
 
 
 def test_an_image_model_refuses_video_parts(tiny_vlm_run, video_world):

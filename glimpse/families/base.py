@@ -69,6 +69,17 @@ def can_recommend(pipeline) -> bool:
     return all(hasattr(pipeline, m) for m in RECOMMEND_METHODS)
 
 
+def can_explain(pipeline) -> bool:
+    """`glimpse explain`, `glimpse eval --explain`: an `explainer` and what it explains (`explains`: "texts" or
+    "questions"; None where a subclass has no explanations, as the video LLaVA's clips)."""
+    return hasattr(pipeline, "explainer") and getattr(pipeline, "explains", None) is not None
+
+
+def can_explain_chat(pipeline) -> bool:
+    """`POST /v1/explain`: a chat model whose answers are explained (`prompt_explainer`)."""
+    return can_explain(pipeline) and hasattr(pipeline, "prompt_explainer")
+
+
 def recipe_transform(recipe, vision=None) -> ImageTransform:
     """A recipe's image preprocessing: its vision tower's image size (`vision`, or the model's) and its
     data set's pixel statistics."""

@@ -39,7 +39,7 @@ from glimpse.data.images import ImageError, load_image
 from glimpse.data.messages import decode_data_url
 from glimpse.data.video import VideoLimits
 from glimpse.errors import GlimpseError
-from glimpse.families.base import can_chat, can_embed, can_generate_images, can_recommend
+from glimpse.families.base import can_chat, can_embed, can_explain_chat, can_generate_images, can_recommend
 from glimpse.infer.generate import TextStream
 from glimpse.serve.engine import Engine, Job, QueueFull
 from glimpse.serve.extensions import add_extensions
@@ -75,7 +75,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     # what the model does, by the pipeline's methods (glimpse.families.base)
     chats, embeds, draws = can_chat(pipeline), can_embed(pipeline), can_generate_images(pipeline)
     recommends = can_recommend(pipeline)
-    explains = hasattr(pipeline, "prompt_explainer")  # chat models whose answers glimpse.explain traces
+    explains = can_explain_chat(pipeline)  # chat models whose answers glimpse.explain traces
     engine = Engine(pipeline, max_batch=limits.max_batch, max_pending=limits.max_pending)
     decoding = threading.BoundedSemaphore(limits.max_decoding)
     transform = getattr(pipeline, "transform", None)  # the model's input size, to shrink images to

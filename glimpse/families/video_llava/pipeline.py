@@ -13,6 +13,8 @@ DESCRIBE = "describe what happens in the video."
 
 
 class VideoLanguagePipeline(VisionLanguagePipeline):
+    explains = None  # LLaVA's explanations trace one image; a clip's frames (per-frame relevance) are not built
+
     def __init__(self, model, tokenizer, transform, limits: VideoLimits = DEFAULT_LIMITS):
         super().__init__(model, tokenizer, transform)
         self.limits = limits
