@@ -100,12 +100,7 @@ def _evaluate_explanations(task, model, a) -> dict:
 
     from glimpse.explain import METHODS
     from glimpse.explain.evaluate import evaluate_explanations, explain_cases
-    from glimpse.families.base import can_explain
-
-    pipe = task.pipeline(model)
-    if not can_explain(pipe):
-        raise GlimpseError(f"{a.run}: this kind of model has no explanations (dual encoders, fusion encoders and "
-                           "vision-language models do)")
+    pipe = _explainable(task.pipeline(model), a.run)
     methods = [m.strip() for m in a.methods.split(",")] if a.methods else list(METHODS)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -119,6 +114,15 @@ def _evaluate_explanations(task, model, a) -> dict:
                                      progress=bar)
 
 
+def _explainable(pipe, run):
+    from glimpse.families.base import can_explain
+
+    if not can_explain(pipe):
+        raise GlimpseError(f"{run}: this kind of model has no explanations (dual encoders, fusion encoders and "
+                           "vision-language models of images do)")
+    return pipe
+
+
 def cmd_explain(a) -> None:
     """Where a run looked: IMAGE with the heatmap of one method over it, and the text's tokens shaded."""
     from glimpse.api import load
@@ -128,12 +132,7 @@ def cmd_explain(a) -> None:
 
     if a.method not in METHODS:
         raise GlimpseError(f"--method: unknown {a.method!r}; choose from {', '.join(METHODS)}")
-    from glimpse.families.base import can_explain
-
-    pipe = load(a.run)
-    if not can_explain(pipe):
-        raise GlimpseError(f"{a.run}: this kind of model has no explanations (dual encoders, fusion encoders and "
-                           "vision-language models do)")
+    pipe = _explainable(load(a.run), a.run)
     if pipe.explains == "texts":
         if a.text is None:
             raise GlimpseError(f"{a.run} matches images with texts: give --text \"the red circle\"")

@@ -97,11 +97,10 @@ def make_explainer(pipeline, case: Case, answer: str | None = None):
 
 def randomised(pipeline, seed: int = 0):
     """The pipeline with a copy of its model whose every weight tensor is redrawn from a normal of the
-    tensor's own mean and spread: the scale of each layer stays, what training wrote is gone."""
+    tensor's own mean and spread: the scale of each layer stays, what training wrote is gone.  (Only for
+    explaining given answers: the copy shares the pipeline's other state, a chat model's feature cache too.)"""
     other = copy.copy(pipeline)
     other.model = copy.deepcopy(pipeline.model)
-    if hasattr(other, "_cache"):  # image features the trained model computed
-        other._cache = type(pipeline._cache)()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in other.model.parameters():
