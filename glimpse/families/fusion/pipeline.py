@@ -164,12 +164,14 @@ class FusionPipeline:
             raise GlimpseError(f"this fusion run explains {self.explains}: pass {self.explains}=[...]")
         if len(images) != len(asked):
             raise GlimpseError(f"{len(images)} images but {len(asked)} {self.explains}")
-        return [explain(self.explainer(im, t, t), method) for im, t in zip(images, asked)]
+        return [explain(self.explainer(im, text=t, question=t), method) for im, t in zip(images, asked)]
 
     def explainer(self, image, text: str | None = None, question: str | None = None,
                   answer: str | None = None) -> FusionExplainer:
         self._need("vqa_head" if self.explains == "questions" else "itm_head", "explaining")
         words = question if self.explains == "questions" else text
+        if not isinstance(words, str):
+            raise GlimpseError(f"this fusion run explains {self.explains}: give the {self.explains[:-1]}")
         self.model.eval()
         ids, mask = self.tokenizer.batch([words], self.model.cfg.text.context_length)
         return FusionExplainer(self.model, self.pixels([image]).to(self.device), ids.to(self.device),
