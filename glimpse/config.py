@@ -50,6 +50,22 @@ class DataConfig:
     # (the shapes world is ~95% plain background, which CLIP's would map to one large constant)
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
+    # source wds: read the shards as a stream (split by process and loader worker, shuffled through a
+    # buffer, its position saved in checkpoints) instead of indexing them into memory first
+    stream: bool = False
+    shuffle_buffer: int = 1000  # samples held for shuffling a stream (0: in shard order)
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021) on linear layers: W x + (alpha / r) B A dropout(x), A, B trained,
+    W frozen.  Saved in PEFT's format beside the run's weights."""
+
+    r: int = 0  # the rank; 0: no LoRA
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # which linear layers: names or name suffixes under the model (q_proj, lm.layers.0.attn.q_proj, ...)
+    targets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -81,6 +97,12 @@ class TrainConfig:
     # split each batch into this many parts of similar length, each padded to its own longest (the
     # same samples and loss as one part, less padding computed; one process; families that implement it)
     padding_groups: int = 1
+    # several processes (torchrun): ddp replicates the model; fsdp shards parameters, gradients and optimizer
+    # state block by block (torch FSDP2), with sharded checkpoints (torch.distributed.checkpoint)
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    log_to: list[str] = field(default_factory=list)  # beside metrics.jsonl (always written): tensorboard
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -220,6 +242,15 @@ def validate_recipe(r: Recipe) -> None:
         check(v is None or len(v) == 3, f"data.{k}", v, "must hold 3 values (R, G, B)")
     check(d.image_std is None or min(d.image_std) > 0, "data.image_std", d.image_std, "must be positive")
     choice("train.precision", t.precision, ("fp32", "bf16"))
+    choice("train.parallel", t.parallel, ("ddp", "fsdp"))
+    for sink in t.log_to:
+        choice("train.log_to", sink, ("tensorboard",))
+    check(t.lora.r >= 0 and t.lora.alpha > 0 and 0 <= t.lora.dropout < 1, "train.lora", t.lora,
+          "needs r >= 0, alpha > 0 and dropout in [0, 1)")
+    check(t.lora.r == 0 or bool(t.lora.targets), "train.lora.targets", t.lora.targets,
+          "must name the linear layers to adapt (e.g. [q_proj, v_proj])")
+    check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "must not be negative")
+    check(not d.stream or d.source == "wds", "data.stream", d.stream, "streams WebDataset shards (data.source: wds)")
     for k in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints", "padding_groups"):
         check(getattr(t, k) >= 1, f"train.{k}", getattr(t, k), "must be at least 1")
     for option, off in (("padding_groups", t.padding_groups == 1), ("cache_vision_features", not t.cache_vision_features)):
