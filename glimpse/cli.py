@@ -305,8 +305,16 @@ def cmd_serve(a) -> None:
 def cmd_convert(a) -> None:
     from glimpse.api import export
 
-    out = export(a.src, a.dst, a.dtype)
-    print(f"wrote a Hugging Face model folder to {out}")
+    if a.to == "safetensors":  # a sharded (FSDP) checkpoint as one file, where glimpse.load looks
+        from glimpse.train.checkpoint import write_consolidated
+
+        print(f"wrote the whole model to {write_consolidated(a.src, a.dst)}")
+        return
+    if a.dst is None:
+        raise GlimpseError("convert --to hf: give the folder to write (glimpse convert RUN DST --to hf)")
+    out = export(a.src, a.dst, a.dtype, merge_lora=a.merge_lora)
+    print(f"wrote a Hugging Face model folder to {out}"
+          + (f" (and its LoRA adapters in PEFT's format to {out / 'adapter'})" if (out / "adapter").is_dir() else ""))
 
 
 def print_table(results: dict[str, float]) -> None:
@@ -468,11 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the demo recipe")
     d.set_defaults(func=cmd_demo)
 
-    v = sub.add_parser("convert", help="export a glimpse run as a Hugging Face model folder")
+    v = sub.add_parser("convert", help="export a glimpse run as a Hugging Face model folder, or a sharded "
+                                       "(FSDP) checkpoint as one safetensors file")
     v.add_argument("src", help="a glimpse run (or one of its checkpoints)")
-    v.add_argument("dst", help="the folder to write")
-    v.add_argument("--to", choices=["hf"], required=True, help="the output format")
+    v.add_argument("dst", nargs="?", default=None,
+                   help="hf: the folder to write; safetensors: the file (default: model.safetensors in the "
+                        "checkpoint's folder, where glimpse.load and the hf export read it)")
+    v.add_argument("--to", choices=["hf", "safetensors"], required=True, help="the output format")
     v.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights' dtype")
+    v.add_argument("--merge-lora", action="store_true", help="a LoRA run: write the model with its adapters merged "
+                   "(default: the base model, and the adapters in PEFT's format in DST/adapter)")
     v.set_defaults(func=cmd_convert)
     return p
 

@@ -251,6 +251,8 @@ def validate_recipe(r: Recipe) -> None:
           "must name the linear layers to adapt (e.g. [q_proj, v_proj])")
     check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "must not be negative")
     check(not d.stream or d.source == "wds", "data.stream", d.stream, "streams WebDataset shards (data.source: wds)")
+    check(not d.stream or family.streams, "data.stream", d.stream, f"is for the families that read a stream "
+          f"({', '.join(f.name for f in families.all_families() if f.streams)}), not {r.family}")
     for k in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints", "padding_groups"):
         check(getattr(t, k) >= 1, f"train.{k}", getattr(t, k), "must be at least 1")
     for option, off in (("padding_groups", t.padding_groups == 1), ("cache_vision_features", not t.cache_vision_features)):

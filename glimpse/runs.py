@@ -7,6 +7,7 @@
     RUN/eval.json                   the final evaluation
     RUN/run.json                    wall time, steps, and this machine's fp32 matmul rate (what the time is worth)
     RUN/checkpoints/step_NNNNNNN/   model.safetensors (+ optimizer, RNG and trainer state: train/checkpoint.py)
+    RUN/adapter/                    a LoRA run's adapters in PEFT's format (glimpse.hub.peft), where its family exports
 
 Weights are read strictly: a missing, unexpected or mis-shaped tensor is an error that names it.
 """
@@ -24,6 +25,8 @@ from glimpse.errors import GlimpseError
 RECIPE, TOKENIZER, PREPROCESS = "recipe.yaml", "tokenizer.json", "preprocess.json"
 METRICS, LOSS_PLOT, EVAL, RUN_INFO = "metrics.jsonl", "loss.png", "eval.json", "run.json"
 CHECKPOINTS, STEP_PREFIX, WEIGHTS = "checkpoints", "step_", "model.safetensors"
+TENSORBOARD = "tensorboard"  # train.log_to: [tensorboard] event files
+ADAPTER = "adapter"  # a LoRA run's adapters in PEFT's format (glimpse.hub.peft)
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -61,6 +64,9 @@ def run_weights(path: str | Path) -> Path:
     latest = latest_checkpoint(p)
     if latest is None:
         raise GlimpseError(f"{p} is not a glimpse run: no checkpoints found")
+    if not (latest / WEIGHTS).is_file() and (latest / "sharded").is_dir():  # an FSDP checkpoint
+        raise GlimpseError(f"{latest} holds sharded weights only: write them as one file first with "
+                           f"`glimpse convert {p} --to safetensors`")
     return latest / WEIGHTS
 
 
@@ -104,8 +110,12 @@ def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path)
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     if unexpected:
+        lora = any(".lora_A." in k or ".lora_B." in k for k in unexpected)
         raise GlimpseError(f"checkpoint {path} has unexpected tensor {unexpected[0]}"
-                           + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+                           + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+                           + ("; it is a LoRA run's (base weights + adapters): glimpse.load and glimpse eval read "
+                              "it; to start another run from it, export it merged (glimpse convert RUN DST --to hf "
+                              "--merge-lora) and start from DST" if lora else ""))
     for k in missing:
         alias = next((a for a, v in expected.items() if a in tensors and v.data_ptr() == expected[k].data_ptr()), None)
         if alias is None:

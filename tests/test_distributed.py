@@ -1,6 +1,7 @@
 """DDP on 2 CPU processes (gloo): contrastive losses gather negatives across processes."""
 
 import json
+import math
 import subprocess
 
 import torch
@@ -72,3 +73,37 @@ def test_torchrun_two_processes_train_like_one(world, tmp_path, cli_env):
     assert len(a) == len(b) == 3
     # the same global batch, the same weights: equal up to float summation order
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_two_processes_read_a_stream_and_save_its_position(world, tmp_path, cli_env):
+    """data.stream under DDP: each process reads its own shards; the checkpoint records the position."""
+    import io
+    import shutil
+    import tarfile
+
+    from glimpse.data.formats import iter_webdataset
+
+    root = tmp_path / "data"
+    (root / "shards").mkdir(parents=True)
+    shutil.copy(world / "tokenizer.json", root / "tokenizer.json")
+    samples = list(iter_webdataset(world / "shards" / "train-000000.tar"))
+    for s in range(4):
+        with tarfile.open(root / "shards" / f"train-{s}.tar", "w") as tar:
+            for it in samples[s * 40:(s + 1) * 40]:
+                for ext, data in (("png", it.image), ("txt", it.captions[0].encode())):
+                    info = tarfile.TarInfo(f"{it.image_id}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    sets = tiny_overrides(world, **{"data.source": "wds", "data.root": str(root), "data.stream": "true",
+                                    "data.files": "{train: 'shards/train-*.tar'}", "train.max_steps": 3,
+                                    "train.save_every": 3, "eval.splits": "[]", "train.threads": 1})
+    args = ["--quiet", "train", "shapes-clip"] + [x for s in sets for x in ("--set", s)]
+    run = tmp_path / "two"
+    r = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "glimpse", *args, "--out", str(run)], env=dict(cli_env, OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    state = json.loads((run / "checkpoints" / "step_0000003" / "state.json").read_text())
+    assert state["stream"]["processes"] == 2 and state["stream"]["batches"] == 3 and state["stream"]["batch_size"] == 8

@@ -85,7 +85,7 @@ def iter_webdataset(shards: PathLike | Iterable[PathLike]) -> Iterator[ImageText
     first of png/jpg/jpeg/webp, the captions the .json "captions" list, else the .txt, else the .json
     "caption".  Samples without an image or a caption are skipped.
     """
-    paths = _expand_shards(shards)
+    paths = expand_shards(shards)
     return (sample for path in paths for sample in _iter_shard(path))
 
 
@@ -329,7 +329,7 @@ def _expand_braces(pattern: str) -> list[str]:
     return [path for option in options for path in _expand_braces(head + option + tail)]
 
 
-def _expand_shards(shards: PathLike | Iterable[PathLike]) -> list[str]:
+def expand_shards(shards: PathLike | Iterable[PathLike]) -> list[str]:
     patterns = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
     paths = []
     for pattern in patterns:
@@ -360,17 +360,24 @@ def _iter_shard(path: str) -> Iterator[ImageText]:
                 if not member.isfile() or dot <= name.rfind("/") + 1:
                     continue
                 if name[:dot] != key:
-                    if key is not None and (sample := _sample(path, key, files)):
+                    if key is not None and (sample := wds_sample(path, key, files)):
                         yield sample
                     key, files = name[:dot], {}
                 files[name[dot + 1:].lower()] = tar.extractfile(member).read()
-            if key is not None and (sample := _sample(path, key, files)):
+            if key is not None and (sample := wds_sample(path, key, files)):
                 yield sample
     except (tarfile.TarError, EOFError, OSError) as e:
         raise GlimpseError(f"{path}: not a readable tar file ({e})") from None
 
 
-def _sample(path: str, key: str, files: dict[str, bytes]) -> ImageText | None:
+def wds_usable(suffixes) -> bool:
+    """Whether a sample's member suffixes (lower case) can make an image-caption pair: an image and a
+    .txt or a .json.  The stream (glimpse.data.stream) decides by the names alone which samples it counts."""
+    return any(ext in suffixes for ext in _IMAGE_EXTS) and ("txt" in suffixes or "json" in suffixes)
+
+
+def wds_sample(path: str, key: str, files: dict[str, bytes]) -> ImageText | None:
+    """The image and captions of one WebDataset sample (suffix -> bytes), None without an image or a caption."""
     image = next((files[ext] for ext in _IMAGE_EXTS if ext in files), None)
     meta = None
     if "json" in files:

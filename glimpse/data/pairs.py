@@ -6,14 +6,16 @@ the dataset reports them, the collate drops them, and the trainer counts them by
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from glimpse.data.formats import ImageText, iter_webdataset, read_coco_captions, read_csv_captions
+from glimpse.data.formats import ImageText, iter_webdataset, read_coco_captions, read_csv_captions, wds_sample
 from glimpse.data.images import ImageError, ImageTransform, load_image, split_failures
+from glimpse.data.stream import ShardSample, ShardStream
 from glimpse.errors import GlimpseError
 
 
@@ -46,6 +48,37 @@ def load_pairs(data_cfg, root: Path, split: str) -> list[ImageText]:
     if fmt == "csv":
         return read_csv_captions(files, images)
     return list(iter_webdataset(files))
+
+
+def stream_pairs(data_cfg, root: Path, transform: ImageTransform, seed: int) -> ShardStream:
+    """The training split's shards as a stream (`data.stream`) of the items PairDataset gives."""
+    files, _ = split_files(data_cfg, root, "train")
+    return ShardStream(files, StreamPairs(transform, data_cfg.max_pixels, seed), seed=seed,
+                       shuffle_buffer=data_cfg.shuffle_buffer)
+
+
+class StreamPairs:
+    """A stream's decoder: a shard sample -> {"pixel_values", "caption"}, as PairDataset gives, or the
+    bad-sample record (a bad image, a .json that is broken or holds no caption).  The caption is drawn
+    by (seed, epoch, key), so a replayed stream draws the same ones."""
+
+    def __init__(self, transform: ImageTransform, max_pixels: int, seed: int):
+        self.transform, self.max_pixels, self.seed = transform, max_pixels, seed
+
+    def __call__(self, s: ShardSample) -> dict:
+        name = f"{s.shard.rsplit('/', 1)[-1]}:{s.key}"  # the shard's file name and the sample's key
+        try:
+            item = wds_sample(s.shard, s.key, s.files)
+        except GlimpseError as e:
+            return {"error": "corrupt", "message": str(e)}
+        if item is None:
+            return {"error": "format", "message": f"{name}: no caption"}
+        choice = zlib.crc32(f"{self.seed}:{s.epoch}:{s.key}".encode())
+        try:
+            arr = self.transform.resized_array(load_image(item.image, max_pixels=self.max_pixels, name=name))
+        except ImageError as e:
+            return {"error": e.reason, "message": str(e)}
+        return {"pixel_values": self.transform.normalize(arr), "caption": item.captions[choice % len(item.captions)]}
 
 
 # decoded training images a PairDataset keeps in memory (uint8, resized), when the whole set fits:

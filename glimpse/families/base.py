@@ -101,6 +101,8 @@ class Family:
     # for the others: "padding_groups" (a batch run as length-sorted parts), "cache_vision_features"
     train_options: ClassVar[frozenset[str]] = frozenset()
     data_formats: ClassVar[tuple[str, ...]] = ("coco", "csv", "wds")  # the data.format values it trains on
+    # train_data reads WebDataset shards as a stream (glimpse.data.stream) when the recipe sets data.stream
+    streams: ClassVar[bool] = False
     hf_model_types: ClassVar[tuple[str, ...]] = ()  # the config.json model_type values it loads
     hf_class_names: ClassVar[tuple[str, ...]] = ()  # diffusers folders: the config.json _class_name values it loads
 
@@ -136,8 +138,9 @@ class Family:
         items on the validation split here)."""
 
     def train_data(self):
-        """(dataset, collate): items are keyed as the trainer's sampler keys them; a collated batch
-        holds "status" (None or a failure reason per sample) and "messages"."""
+        """(dataset, collate): items are keyed as the trainer's sampler keys them, or the dataset is a
+        torch IterableDataset that orders itself (a glimpse.data.stream.ShardStream, `data.stream`); a
+        collated batch holds "status" (None or a failure reason per sample) and "messages"."""
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:

@@ -44,9 +44,11 @@ def tower_fingerprint(model, settings, transform: ImageTransform, max_pixels: in
     """Equal for two calls exactly when the tower would give every image the same features; `settings`:
     whatever else of the model's config decides them (the feature layer, the tokens kept)."""
     h = hashlib.sha1(repr((model.cfg.vision, settings, transform.to_dict(), max_pixels)).encode())
-    for name, t in sorted(model.vision.state_dict().items()):
+    # parameters as the module holds them now, not state_dict(): under FSDP (gathered) that gives shards
+    for name, t in sorted([*model.vision.named_parameters(), *model.vision.named_buffers()], key=lambda x: x[0]):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        # a copy: numpy's view would pin the parameter's storage, which FSDP frees after gathering it
+        h.update(t.detach().cpu().clone().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

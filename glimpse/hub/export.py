@@ -43,6 +43,9 @@ class HFFolder:
     generation_config: dict | None = None
     transform: ImageTransform | None = None  # -> preprocessor_config.json
     files: dict[str, dict] = field(default_factory=dict)  # more JSON files by name (processor_config.json)
+    # (tensor-name prefix, module-path prefix): where the module a tensor belongs to sits in the transformers
+    # class when the files keep other names (LLaVA's); PEFT adapters name modules (glimpse.hub.peft)
+    module_prefixes: tuple[tuple[str, str], ...] = ()
 
 
 def token_names(tokenizer) -> dict[str, str | None]:
@@ -82,13 +85,19 @@ def check_destination(dst: str | Path, dtype: str) -> Path:
     return dst
 
 
-def write_folder(folder: HFFolder, dst: str | Path, dtype: str = "fp32") -> Path:
+def write_folder(folder: HFFolder, dst: str | Path, dtype: str = "fp32", extra=None) -> Path:
     """`folder` is an HFFolder (a transformers folder), or any object with `write(tmp, dtype)` that writes
-    its own files (a diffusers folder: no tokenizer); either way into a temporary folder renamed when complete."""
+    its own files (a diffusers folder: no tokenizer); either way into a temporary folder renamed when complete.
+    `extra(tmp, dtype)` writes more into it first (a LoRA run's PEFT adapter, `adapter/`)."""
     dst = check_destination(dst, dtype)
     cast = torch_dtype(dtype)
     if not isinstance(folder, HFFolder):
-        return _atomically(dst, lambda tmp: folder.write(tmp, cast))
+        def fill(tmp: Path) -> None:
+            folder.write(tmp, cast)
+            if extra is not None:
+                extra(tmp, cast)
+
+        return _atomically(dst, fill)
     tensors = {k: v.to(cast) for k, v in to_hf(folder.state_dict, folder.rules).items()}
     config = {**folder.config, "dtype": str(cast).removeprefix("torch.")}  # float32, bfloat16, float16
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": folder.model_max_length,
@@ -112,6 +121,8 @@ def write_folder(folder: HFFolder, dst: str | Path, dtype: str = "fp32") -> Path
         (tmp / "chat_template.jinja").write_text(folder.chat_template)
     for name, content in files.items():
         (tmp / name).write_text(json.dumps(content, indent=2))
+    if extra is not None:
+        extra(tmp, cast)
     if dst.exists():
         dst.rmdir()
     tmp.rename(dst)

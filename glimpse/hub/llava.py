@@ -26,6 +26,12 @@ _RENAMES = (("model.vision_tower.", "vision_tower."), ("vision_tower.vision_mode
             ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
 
 
+# Where the files' tensors sit as modules of transformers' LlavaForConditionalGeneration (5.x, whose
+# loader maps the file names above onto them): what PEFT adapters name (glimpse.hub.peft)
+MODULE_PREFIXES = (("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
+                   ("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head"))
+
+
 def normalize(sd: dict) -> dict:
     out = {}
     for k, v in sd.items():

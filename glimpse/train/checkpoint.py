@@ -15,12 +15,14 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from glimpse import runs
 from glimpse.errors import GlimpseError
@@ -34,10 +36,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class CheckpointMismatch(GlimpseError):
+    """A sound checkpoint that this run cannot resume as set up (another parallel mode or process count)."""
+
+
+SHARDED = "sharded"  # a checkpoint's torch.distributed.checkpoint folder (FSDP runs)
+
+
 def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return _dedup(model.state_dict())
+
+
+def _dedup(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage (tied weights): save each tensor once, contiguous
     out, seen = {}, {}
-    for k, v in model.state_dict().items():
+    for k, v in tensors.items():
         ptr = (v.data_ptr(), v.shape, v.stride())
         if ptr in seen:
             continue
@@ -46,14 +59,30 @@ def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _write_rng(path: Path) -> None:
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(path))
+
+
+def _trainer_state(state: dict, step: int, optimizer_json: dict | None) -> str:
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    return json.dumps({
+        **state,
+        "step": step,
+        **({"optimizer": optimizer_json} if optimizer_json is not None else {}),
+        "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    })
+
+
 def save_checkpoint(run: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, keep: int = 2) -> Path:
+    """One process's model (DDP replicas are equal: the main process saves)."""
     ckdir = Path(run) / runs.CHECKPOINTS
-    ckdir.mkdir(parents=True, exist_ok=True)
-    final = ckdir / f"{runs.STEP_PREFIX}{step:07d}"
-    tmp = ckdir / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    final, tmp = _fresh_tmp(ckdir, step)
     save_file(_state_tensors(model), str(tmp / runs.WEIGHTS))
     opt = optimizer.state_dict()
     tensors, meta = {}, {}
@@ -64,23 +93,60 @@ def save_checkpoint(run: str | Path, step: int, model: torch.nn.Module, optimize
             else:
                 meta[f"{pid}.{name}"] = v
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / "rng.safetensors"))
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    (tmp / "state.json").write_text(json.dumps({
-        **state,
-        "step": step,
-        "optimizer": {"param_groups": opt["param_groups"], "scalars": meta},
-        "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
-        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-    }))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    _write_rng(tmp / "rng.safetensors")
+    (tmp / "state.json").write_text(_trainer_state(state, step, {"param_groups": opt["param_groups"],
+                                                                 "scalars": meta}))
+    return _commit(run, tmp, final, keep)
+
+
+def save_sharded_checkpoint(run: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            state: dict, keep: int = 2, full_weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """FSDP: every process writes its shards of the model and optimizer (torch.distributed.checkpoint, under
+    `sharded/`) and its own RNG state; the main process then writes the trainer state and renames the folder
+    into place as `save_checkpoint` does.  `full_weights` (the main process's gathered model, at the end of
+    a run) is written beside as model.safetensors, so glimpse.load reads the run at once.  Called on every
+    process."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank = dist.get_rank()
+    ckdir = Path(run) / runs.CHECKPOINTS
+    final = ckdir / f"{runs.STEP_PREFIX}{step:07d}"
+    tmp = _fresh_tmp(ckdir, step)[1] if rank == 0 else ckdir / f".tmp-{final.name}"
+    dist.barrier()  # the main process made the empty folder
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDED))
+    _write_rng(tmp / f"rng-{rank}.safetensors")
+    if rank == 0 and full_weights is not None:
+        save_file(_dedup(full_weights), str(tmp / runs.WEIGHTS))
+    dist.barrier()  # every shard is on disk before the folder is renamed into place
+    if rank == 0:
+        (tmp / "state.json").write_text(_trainer_state({**state, "processes": dist.get_world_size()}, step, None))
+        _commit(run, tmp, final, keep)
+    dist.barrier()
+    return final
+
+
+def _fresh_tmp(ckdir: Path, step: int) -> tuple[Path, Path]:
+    ckdir.mkdir(parents=True, exist_ok=True)
+    final = ckdir / f"{runs.STEP_PREFIX}{step:07d}"
+    tmp = ckdir / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return final, tmp
+
+
+def _commit(run: str | Path, tmp: Path, final: Path, keep: int) -> Path:
+    """Flush the temporary folder, rename it into place (an old folder of the same step set aside first),
+    and drop all but the newest `keep` checkpoints."""
+    ckdir = final.parent
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in [*(d for d in tmp.rglob("*") if d.is_dir()), tmp]:
+        _fsync_dir(d)
     aside = ckdir / f".old-{final.name}"
     if final.exists():  # a step saved again: the old folder goes aside, so a crash never leaves none
         shutil.rmtree(aside, ignore_errors=True)
@@ -118,18 +184,32 @@ def _pause_for_tests(ckdir: Path) -> None:
             time.sleep(1)
 
 
-def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, optimizer and RNG states; returns the trainer state."""
+def is_sharded(ckpt: Path) -> bool:
+    return (Path(ckpt) / SHARDED).is_dir()
+
+
+def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    sharded: bool = False) -> dict:
+    """Restore model, optimizer and RNG states; returns the trainer state.  `sharded`: the model is FSDP's
+    and every process reads its own shards (called on every process)."""
+    if is_sharded(ckpt) != sharded:
+        was = "fsdp" if is_sharded(ckpt) else "ddp"
+        raise CheckpointMismatch(f"{ckpt} was written with train.parallel: {was}; resume it the same way, or start "
+                                 f"a new run from its weights (init: {ckpt}"
+                                 + (f", after `glimpse convert {ckpt} --to safetensors`)" if was == "fsdp" else ")"))
     try:
         state = json.loads((ckpt / "state.json").read_text())
-        runs.load_weights(model, ckpt / runs.WEIGHTS)
-        tensors = load_file(str(ckpt / "optimizer.safetensors"))
-        rng = load_file(str(ckpt / "rng.safetensors"))
-        opt_state: dict = {}
-        for key, v in [*tensors.items(), *state["optimizer"]["scalars"].items()]:
-            pid, name = key.split(".", 1)
-            opt_state.setdefault(int(pid), {})[name] = v
-        optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+        if sharded:
+            rng = _load_shards(ckpt, model, optimizer)  # may raise CheckpointMismatch: not caught below
+        else:
+            runs.load_weights(model, ckpt / runs.WEIGHTS)
+            tensors = load_file(str(ckpt / "optimizer.safetensors"))
+            rng = load_file(str(ckpt / "rng.safetensors"))
+            opt_state: dict = {}
+            for key, v in [*tensors.items(), *state["optimizer"]["scalars"].items()]:
+                pid, name = key.split(".", 1)
+                opt_state.setdefault(int(pid), {})[name] = v
+            optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
@@ -138,7 +218,61 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
         np_state = state["numpy_rng"]
         np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
         int(state["step"])
-    except (OSError, json.JSONDecodeError, SafetensorError, KeyError, ValueError, TypeError, RuntimeError) as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except (OSError, json.JSONDecodeError, SafetensorError, KeyError, ValueError, TypeError, RuntimeError,
+            CheckpointException) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GlimpseError(f"broken checkpoint {ckpt}: {detail}") from None
     return state
+
+
+def _load_shards(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    saved = json.loads((ckpt / "state.json").read_text()).get("processes")
+    if saved != dist.get_world_size():
+        raise CheckpointMismatch(f"{ckpt} was written by {saved} processes; resume it with as many (--nproc_per_node)")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    both = {"model": model_state, "optimizer": optim_state}
+    dcp.load(both, checkpoint_id=str(ckpt / SHARDED))
+    set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
+    return load_file(str(ckpt / f"rng-{dist.get_rank()}.safetensors"))
+
+
+def write_consolidated(src: str | Path, dst: str | Path | None = None) -> Path:
+    """`glimpse convert RUN --to safetensors`: the whole model of a run's latest (or the given) sharded
+    checkpoint written as one safetensors file, by default model.safetensors inside the checkpoint, where
+    glimpse.load, `glimpse eval` and the Hugging Face export read a run's weights.  Written atomically."""
+    src = Path(src)
+    ck = src if runs.checkpoint_step(src) is not None else runs.latest_checkpoint(src)
+    if ck is None or not ck.is_dir():
+        raise GlimpseError(f"{src} is not a glimpse run or checkpoint: no checkpoints found")
+    if not is_sharded(ck):
+        raise GlimpseError(f"{ck} is not sharded: its weights are {ck / runs.WEIGHTS} already")
+    out = Path(dst) if dst is not None else ck / runs.WEIGHTS
+    tmp = out.with_name(f".tmp-{out.name}")
+    save_file(_dedup(consolidate(ck)), str(tmp))
+    os.replace(tmp, out)
+    return out
+
+
+def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The full model of a sharded checkpoint, read on one process (no process group): what
+    `glimpse convert RUN --to safetensors` writes as model.safetensors."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        meta = dcp.FileSystemReader(str(ckpt / SHARDED)).read_metadata()
+        model = {k: torch.empty(m.size, dtype=m.properties.dtype)
+                 for k, m in meta.state_dict_metadata.items()
+                 if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(model, checkpoint_id=str(ckpt / SHARDED), no_dist=True)
+    except (OSError, ValueError, RuntimeError, CheckpointException) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GlimpseError(f"broken checkpoint {ckpt}: {detail}") from None
+    return {k[len("model."):]: v for k, v in model.items()}
+

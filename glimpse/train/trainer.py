@@ -27,12 +27,13 @@ from glimpse import families, runs
 from glimpse.config import Recipe, save_recipe, validate_recipe
 from glimpse.data.tokenizer import Tokenizer
 from glimpse.data.world import ensure_shapes, ensure_shapes_shop, ensure_shapes_video
-from glimpse.distributed import agree, all_reduce_mean, barrier, init_distributed
+from glimpse.distributed import agree, all_reduce_int, all_reduce_mean, barrier, init_distributed
 from glimpse.errors import GlimpseError
 from glimpse.hardware import matmul_gflops, warn_if_slow_dtype
 from glimpse.hub import folder as hub_folder
 from glimpse.hub import is_hf_folder, resolve
 from glimpse.train import checkpoint as ckpt
+from glimpse.train import parallel
 from glimpse.train.plots import plot_metrics
 from glimpse.train.sampler import StepBatchSampler
 
@@ -89,7 +90,9 @@ def resume_state(out: Path, model, optimizer, main: bool) -> dict:
     (the next save replaces it)."""
     for ck in reversed(runs.list_checkpoints(out)):
         try:
-            return ckpt.load_checkpoint(ck, model, optimizer)
+            return ckpt.load_checkpoint(ck, model, optimizer, sharded=parallel.is_sharded(model))
+        except ckpt.CheckpointMismatch:
+            raise
         except GlimpseError as e:
             if main:
                 print(f"glimpse: warning: {e}; resuming from the checkpoint before it", file=sys.stderr)
@@ -98,10 +101,21 @@ def resume_state(out: Path, model, optimizer, main: bool) -> dict:
 
 class MetricsLog:
     """RUN/metrics.jsonl, one JSON record per line; on resume, records past the checkpoint are dropped
-    (the file rewritten through a temporary one, so a crash there loses nothing)."""
+    (the file rewritten through a temporary one, so a crash there loses nothing).  With `tensorboard`,
+    every number also goes to TensorBoard event files in RUN/tensorboard (torch.utils.tensorboard), whose
+    records past the checkpoint TensorBoard drops on resume (purge_step)."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None, tensorboard: bool = False):
         self.path, self.enabled = path, enabled
+        self.board = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise GlimpseError("train.log_to: tensorboard needs the tensorboard package: "
+                                   "pip install 'glimpse-vl[tensorboard]'") from None
+            self.board = SummaryWriter(str(path.parent / runs.TENSORBOARD),
+                                       purge_step=None if resume_step is None else resume_step + 1)
         if enabled and resume_step is not None and path.exists():
             keep = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
             tmp = path.with_name(f".tmp-{path.name}")
@@ -114,6 +128,19 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.board.add_scalar(key, value, step)
+                elif isinstance(value, dict):  # bad samples by reason
+                    for sub, v in value.items():
+                        self.board.add_scalar(f"{key}/{sub}", v, step)
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
@@ -171,6 +198,16 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
             runs.load_part(model, part, runs.run_weights(run))
     for part in recipe.freeze:
         runs.model_part(model, part, "freeze: ").requires_grad_(False)
+    if tc.lora.r > 0:  # adapters on the targets outside the frozen parts; only they train (PEFT's default)
+        from glimpse.models import lora
+
+        lora.apply_lora(model, tc.lora, skip=recipe.freeze)
+        lora.mark_only_lora_trainable(model)
+    fsdp = dist_info.enabled and tc.parallel == "fsdp"
+    if tc.activation_checkpointing:
+        parallel.checkpoint_blocks(model)
+    if fsdp:  # before the optimizer: it must hold the sharded parameters
+        parallel.shard(model, tc.precision)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr, betas=tuple(tc.betas))
     state = {"failures": {}, "bad_in_a_row": 0}
     start = 0
@@ -179,7 +216,8 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         start = state["step"]
         if main:
             print(f"resuming {out} from step {start}")
-    task.prepare(model, device, main and progress)  # once, with the weights training starts from
+    with parallel.gathered(model, writeback=True):
+        task.prepare(model, device, main and progress)  # once, with the weights training starts from
     if main:
         save_recipe(recipe, out / runs.RECIPE)
         if tok_path.resolve() != (out / runs.TOKENIZER).resolve():
@@ -191,26 +229,34 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, out / name)
 
-    ddp = DistributedDataParallel(model) if dist_info.enabled else None
+    ddp = DistributedDataParallel(model) if dist_info.enabled and not fsdp else None
     net = ddp or model
     if tc.compile:
         net = torch.compile(net)  # the same parameters: checkpoints and eval use `model` as is
     dataset, collate = task.train_data()
     if tc.group_by_length and not hasattr(dataset, "lengths"):
         raise GlimpseError(f"train.group_by_length: a {recipe.family} run's samples have no length to group by")
-    sampler = StepBatchSampler(len(dataset), tc.batch_size, seed=tc.seed, start_step=start, rank=dist_info.rank,
-                               world_size=dist_info.world_size, grad_accum=tc.grad_accum, max_steps=tc.max_steps,
-                               lengths=dataset.lengths() if tc.group_by_length else None)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=recipe.data.num_workers,
-                        persistent_workers=False, prefetch_factor=4 if recipe.data.num_workers else None)
-    log = MetricsLog(out / runs.METRICS, main, start if existing is not None else None)
+    # data.stream: the data set orders itself (glimpse.data.stream), endlessly, from the checkpoint's position
+    stream = isinstance(dataset, torch.utils.data.IterableDataset)
+    if stream:
+        micro = tc.batch_size // (dist_info.world_size * tc.grad_accum)
+        dataset.start_at(start * tc.grad_accum, micro, recipe.data.num_workers, state.get("stream"))
+        loader = DataLoader(dataset, batch_size=micro, collate_fn=collate, num_workers=recipe.data.num_workers,
+                            persistent_workers=False, prefetch_factor=4 if recipe.data.num_workers else None)
+    else:
+        sampler = StepBatchSampler(len(dataset), tc.batch_size, seed=tc.seed, start_step=start, rank=dist_info.rank,
+                                   world_size=dist_info.world_size, grad_accum=tc.grad_accum, max_steps=tc.max_steps,
+                                   lengths=dataset.lengths() if tc.group_by_length else None)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=recipe.data.num_workers,
+                            persistent_workers=False, prefetch_factor=4 if recipe.data.num_workers else None)
+    log = MetricsLog(out / runs.METRICS, main, start if existing is not None else None, "tensorboard" in tc.log_to)
     failures = Counter(state["failures"])
     bad_in_a_row = state["bad_in_a_row"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
     bar = tqdm(total=tc.max_steps, initial=start, desc=f"train {recipe.name}", disable=not (main and progress),
                dynamic_ncols=True, mininterval=1.0)
 
-    batches = iter(loader)
+    batches = dataset.read(loader) if stream else iter(loader)
     step = start
     model.train()
     while step < tc.max_steps:
@@ -247,12 +293,18 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
             loss_sum += loss.detach()
             n_micro += 1
             n_samples += len(batch["status"])
+        if fsdp:
+            parallel.sync_replicated_grads(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over every process's shards
+            grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
             raise GlimpseError(f"non-finite gradient at step {step}; stopped before the optimizer step: "
                                "lower train.lr or use train.precision=fp32")
         optimizer.step()
         step += 1
+        if step == start + 1:  # what one process holds (its shards under FSDP): the largest over processes
+            memory = {k: all_reduce_int(v, device, "max") for k, v in parallel.local_bytes(model, optimizer).items()}
         dt = time.perf_counter() - t0
         loss_value = all_reduce_mean(loss_sum / max(n_micro, 1)).item()  # skipped micro-batches do not count
         throughput = n_samples * dist_info.world_size / dt
@@ -263,34 +315,59 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
                        "grad_norm": grad_norm.item(), "samples_per_s": throughput,
                        **({"bad_samples": dict(failures)} if failures else {})})
         if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
-            if main:
-                figures = task.evaluate(model, recipe.eval.during_train)
-                log.write({"step": step, **figures})
-                bar.write(f"step {step}: " + "  ".join(f"{k} {v if isinstance(v, int) else format(v, '.3f')}"
-                                                        for k, v in figures.items()))
-                model.train()
-            barrier()
+            with parallel.gathered(model):  # FSDP: the main process evaluates the whole model alone
+                if main:
+                    figures = task.evaluate(model, recipe.eval.during_train)
+                    log.write({"step": step, **figures})
+                    bar.write(f"step {step}: " + "  ".join(f"{k} {v if isinstance(v, int) else format(v, '.3f')}"
+                                                            for k, v in figures.items()))
+                    model.train()
+                barrier()
         if step == tc.max_steps:
-            task.finish(model, device)  # on every process: the weights stay the same everywhere
+            with parallel.gathered(model, writeback=True):
+                task.finish(model, device)  # on every process: the weights stay the same everywhere
         if step % tc.save_every == 0 or step == tc.max_steps:
+            trainer_state = {"failures": dict(failures), "bad_in_a_row": bad_in_a_row,
+                             **({"stream": dataset.position(step * tc.grad_accum)} if stream else {})}
+            if fsdp:  # every process writes its shards; the last checkpoint also holds the whole model
+                full = parallel.full_state(model) if step == tc.max_steps else None
+                ckpt.save_sharded_checkpoint(out, step, model, optimizer, trainer_state, tc.keep_checkpoints,
+                                             full if main else None)
+            elif main:
+                ckpt.save_checkpoint(out, step, model, optimizer, trainer_state, tc.keep_checkpoints)
             if main:
-                ckpt.save_checkpoint(out, step, model, optimizer,
-                                     {"failures": dict(failures), "bad_in_a_row": bad_in_a_row}, tc.keep_checkpoints)
                 plot_metrics(out / runs.METRICS, out / runs.LOSS_PLOT)
             barrier()
     bar.close()
 
     results: dict = {}
+    with parallel.gathered(model):
+        if main:
+            results = task.evaluate(model, recipe.eval.splits) if recipe.eval.splits else {}
     if main:
-        results = task.evaluate(model, recipe.eval.splits) if recipe.eval.splits else {}
         log.write({"step": step, **results, "bad_samples": dict(failures)})
         (out / runs.EVAL).write_text(json.dumps(results, indent=2) + "\n")
         plot_metrics(out / runs.METRICS, out / runs.LOSS_PLOT)
         (out / runs.RUN_INFO).write_text(json.dumps({
             "seconds": round(time.time() - t_start, 1), "steps": [start, step], "matmul_gflops": round(gflops, 1),
             "device": str(device), "threads": torch.get_num_threads(), "processes": dist_info.world_size,
-            "torch": torch.__version__}, indent=2) + "\n")
+            **({"parallel": tc.parallel} if dist_info.enabled else {}), "torch": torch.__version__,
+            "bytes_per_process": memory if step > start else None}, indent=2) + "\n")
         if failures:
             print("skipped bad samples: " + ", ".join(f"{r} {n}" for r, n in sorted(failures.items())))
+    if tc.lora.r > 0:  # the adapters in PEFT's format too, where the family exports (RUN/adapter: glimpse.hub.peft)
+        from glimpse.hub import peft as hub_peft
+        from glimpse.models import lora
+
+        layers = lora.lora_layers(model)  # on every process: FSDP gathers each adapter whole
+        if main:
+            from_folder = recipe.init and not recipe.init_parts and is_hf_folder(recipe.init)
+            try:  # they apply to the Hugging Face folder the run started from, if it did
+                hub_peft.adapter_of(task.to_hf(model), layers, tc.lora,
+                                    str(resolve(recipe.init).resolve()) if from_folder else None
+                                    ).write(out / runs.ADAPTER)
+            except GlimpseError as e:
+                print(f"glimpse: note: no PEFT adapter written: {e}", file=sys.stderr)
+    log.close()
     barrier()
     return results

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from glimpse.data.images import ImageTransform
-from glimpse.data.pairs import PairCollate, PairDataset, load_pairs
+from glimpse.data.pairs import PairCollate, PairDataset, load_pairs, stream_pairs
 from glimpse.families import checks
 from glimpse.families.base import Family, HFBuild, Loaded, recipe_transform
 from glimpse.families.dual_encoder import hf
@@ -33,6 +33,7 @@ class DualEncoderFamily(Family):
     name = "dual_encoder"
     config = DualEncoderConfig
     hf_model_types = hf.MODEL_TYPES
+    streams = True
 
     @classmethod
     def validate(cls, recipe) -> None:
@@ -52,8 +53,11 @@ class DualEncoderFamily(Family):
         return DualEncoder(self.recipe.model)
 
     def train_data(self):
-        items = load_pairs(self.recipe.data, self.root, "train")
-        dataset = PairDataset(items, self.transform, self.recipe.data.max_pixels)
+        d = self.recipe.data
+        if d.stream:
+            dataset = stream_pairs(d, self.root, self.transform, self.recipe.train.seed)
+        else:
+            dataset = PairDataset(load_pairs(d, self.root, "train"), self.transform, d.max_pixels)
         return dataset, PairCollate(self.tokenizer, self.recipe.model.text.context_length)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from glimpse.data.pairs import PairCollate, PairDataset, load_pairs
+from glimpse.data.pairs import PairCollate, PairDataset, load_pairs, stream_pairs
 from glimpse.errors import GlimpseError
 from glimpse.families import checks
 from glimpse.families.base import Family, HFBuild, Loaded, recipe_transform
@@ -55,6 +55,7 @@ class CaptionCollate(PairCollate):
 @register
 class EncoderDecoderFamily(Family):
     name = "encoder_decoder"
+    streams = True
     config = EncoderDecoderConfig
     hf_model_types = hf.MODEL_TYPES
 
@@ -79,9 +80,11 @@ class EncoderDecoderFamily(Family):
         return EncoderDecoderCaptioner(self.recipe.model)
 
     def train_data(self):
-        m = self.recipe.model
-        items = load_pairs(self.recipe.data, self.root, "train")
-        dataset = PairDataset(items, self.transform, self.recipe.data.max_pixels)
+        m, d = self.recipe.model, self.recipe.data
+        if d.stream:
+            dataset = stream_pairs(d, self.root, self.transform, self.recipe.train.seed)
+        else:
+            dataset = PairDataset(load_pairs(d, self.root, "train"), self.transform, d.max_pixels)
         # + 1: the bos the collate drops from each row makes room for the eos
         return dataset, CaptionCollate(self.tokenizer, m.decoder.context_length + 1, m.decoder_start_token_id)
 

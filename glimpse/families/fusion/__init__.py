@@ -19,7 +19,7 @@ from torch import nn
 from glimpse import runs
 from glimpse.data.conversations import vqa_items
 from glimpse.data.formats import ImageText
-from glimpse.data.pairs import PairCollate, PairDataset, load_pairs
+from glimpse.data.pairs import PairCollate, PairDataset, load_pairs, stream_pairs
 from glimpse.data.world import read_scenes
 from glimpse.distributed import all_reduce_int
 from glimpse.errors import GlimpseError
@@ -55,6 +55,7 @@ def fusion_loss(out: dict[str, torch.Tensor], cfg: FusionConfig) -> tuple[torch.
 @register
 class FusionFamily(Family):
     name = "fusion"
+    streams = True  # image-text pretraining; not the answer-classification objective (vqa)
     config = FusionConfig
 
     @classmethod
@@ -71,6 +72,8 @@ class FusionFamily(Family):
         check(0 < m.mlm_probability < 1, "model.mlm_probability", m.mlm_probability, "must be within (0, 1)")
         check(not m.phrase_captions or (recipe.data.source == "shapes" and recipe.data.format == "coco"),
               "model.phrase_captions", m.phrase_captions, "needs the shapes world in its coco format (its scenes)")
+        check(not recipe.data.stream or m.objective != "vqa", "data.stream", recipe.data.stream,
+              "streams image-caption pairs: not for model.objective vqa (questions)")
         check(0 < m.init_temperature <= 1, "model.init_temperature", m.init_temperature, "must be within (0, 1]")
         check(0 <= m.momentum < 1, "model.momentum", m.momentum, "must be within [0, 1)")
         check(0 <= m.distill_alpha <= 1, "model.distill_alpha", m.distill_alpha, "must be within [0, 1]")
@@ -97,6 +100,9 @@ class FusionFamily(Family):
         if m.objective == "vqa":
             dataset = VQADataset(vqa_items(d, self.root, "train"), m.answers, self.transform, d.max_pixels)
             return dataset, VQACollate(self.tokenizer, m.text.context_length)
+        if d.stream:  # phrase_captions needs the shapes world's scenes, which a stream (source wds) has not
+            stream = stream_pairs(d, self.root, self.transform, self.recipe.train.seed)
+            return stream, PairCollate(self.tokenizer, m.text.context_length)
         items = load_pairs(d, self.root, "train")
         if m.phrase_captions:
             scenes = {Path(w.path).name: w.scene for w in read_scenes(self.root, "train")}

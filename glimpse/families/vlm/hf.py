@@ -17,7 +17,14 @@ from glimpse.families.vlm.model import VisionLanguageModel, VLMConfig
 from glimpse.hub import folder as hf
 from glimpse.hub.decoder import hf_decoder_config, lm_part
 from glimpse.hub.export import HFFolder, special_tokens, token_ids, token_names
-from glimpse.hub.llava import PARTS_PREFIX, llava_config, llava_rules, llava_unused, normalize
+from glimpse.hub.llava import (
+    MODULE_PREFIXES,
+    PARTS_PREFIX,
+    llava_config,
+    llava_rules,
+    llava_unused,
+    normalize,
+)
 from glimpse.hub.towers import hf_vision_config, vision_part
 from glimpse.models.decoder import CausalLM
 from glimpse.models.vision import VisionTransformer
@@ -83,4 +90,4 @@ def to_hf(model: VisionLanguageModel, tok, transform) -> HFFolder:
     return HFFolder(config, dict(model.state_dict()), rules, json.loads(Path(tok.path).read_text()), specials,
                     model.cfg.lm.context_length, tokenizer_config={"extra_special_tokens": {"image_token": names["image"]}},
                     chat_template=PARTS_PREFIX + TEMPLATES.get(t, t), generation_config=ids, transform=transform,
-                    files={"processor_config.json": processor})
+                    files={"processor_config.json": processor}, module_prefixes=MODULE_PREFIXES)
