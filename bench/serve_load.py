@@ -1,10 +1,10 @@
 """Serving throughput and latency: the batching server vs a one-request-at-a-time server.
 
 Starts `glimpse serve RUN` twice in subprocesses on loopback, in one run and on the same model:
-batched (--max-batch 8 by default) and one-at-a-time (--max-batch 1: requests wait their turn).
-For 1, 8 and 32 closed-loop clients (each sends its next request when its answer arrives), for
---seconds each, it measures requests/s and p50 / p95 latency of greedy VQA-style chat requests on
-the world's test images, and prints the batched/baseline ratios.
+batched (continuous batching, --max-batch 8 rows by default) and one-at-a-time (--max-batch 1:
+requests wait their turn).  For 1, 8 and 32 closed-loop clients (each sends its next request when its
+answer arrives), for --seconds each, it measures requests/s and p50 / p95 latency of greedy VQA-style
+chat requests on the world's test images, and prints the batched/baseline ratios.
 
     python bench/serve_load.py [RUN] [--seconds 15] [--max-tokens 16]
 

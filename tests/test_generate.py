@@ -231,3 +231,89 @@ def test_cuda_graph_decoding_equals_eager(arch):
         eager = generate(m, prompts, GenerationConfig(max_new_tokens=12, cuda_graph=False, ignore_eos=True, **cfg))
         graph = generate(m, prompts, GenerationConfig(max_new_tokens=12, cuda_graph=True, ignore_eos=True, **cfg))
         assert graph == eager
+
+
+# ---- continuous batching: rows join a running batch and leave it ----------------------------------
+
+LATE = [[33, 2, 48, 5, 9, 27, 40, 1, 13, 56, 21, 30, 7, 44, 18, 3], [8, 29], [51, 6, 36, 22]]
+
+
+def run_schedule(model, cfg, joins, removals=None, decode=None):
+    """Drive a running DecodeBatch: joins {step: [(prompt, max_new_tokens)]}, removals {step: [name]};
+    -> {name: tokens}, names being (step, i).  Checks after every step that the cache holds no column
+    that no row reads."""
+    from glimpse.infer.batch import DecodeBatch
+
+    batch, out, names, step, removals = DecodeBatch(model, cfg, decode=decode), {}, {}, 0, removals or {}
+    widths = []
+    while step <= max(joins) or batch.running:
+        if step in joins:
+            prompts, limits = zip(*joins[step])
+            for i, h in enumerate(batch.add(list(prompts), max_new_tokens=list(limits))):
+                names[h] = (step, i)
+                out[(step, i)] = []
+        batch.remove([h for h in batch.running if names[h] in removals.get(step, ())])
+        events, _ = batch.choose()
+        for h, tok in events:
+            out[names[h]].append(tok)
+        batch.advance()
+        if batch.running:
+            assert batch.mask.shape[1] == int(batch.mask.sum(1).max())  # compact: no all-padding column
+            widths.append(batch.mask.shape[1])
+        step += 1
+    return out, widths
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rows_that_join_a_running_batch_decode_as_alone(arch):
+    model = tiny(arch)
+    joins = {0: [(PROMPTS[0], 12)],
+             3: [(PROMPTS[1], 6), (PROMPTS[2], 10)],  # shorter than the batch: padded on the left
+             5: [(LATE[0], 9)],  # longer than the batch: the running rows get the padding
+             7: [(LATE[1], 8), (LATE[2], 3)]}
+    out, widths = run_schedule(model, greedy(), joins)
+    for step, rows in joins.items():
+        for i, (prompt, n) in enumerate(rows):
+            assert out[(step, i)] == generate(model, [prompt], greedy(n))[0], (step, i)
+            assert len(out[(step, i)]) == n
+    assert max(widths) <= model.cfg.context_length  # gpt2's learned positions bound the columns
+    assert max(widths) == len(LATE[0]) + 8  # the longest row sets the width, padding is trimmed
+
+
+def test_finished_rows_leave_and_the_others_continue():
+    model = tiny()
+    full = generate(model, PROMPTS, greedy(12))
+    eos = full[1][3]  # row 1 ends early on it; others may too, each where it first produces it
+    cfg = GenerationConfig(max_new_tokens=12, eos_token_id=eos)
+    expected = generate(model, PROMPTS, cfg)
+    joins = {0: [(PROMPTS[0], 12), (PROMPTS[1], 12)], 2: [(PROMPTS[2], 12)], 4: [(LATE[1], 12)]}
+    out, _ = run_schedule(model, cfg, joins, removals={4: [(0, 0)]})  # row (0, 0)'s client leaves at step 4
+    assert out[(0, 1)] == expected[1] and len(out[(0, 1)]) < 12
+    assert out[(2, 0)] == expected[2]
+    assert out[(0, 0)] == expected[0][:4]  # what it had before it left
+    assert out[(4, 0)] == generate(model, [LATE[1]], cfg)[0]
+    # stop strings: a row ends where its text holds one, the token that completed it dropped
+    stop = letters(full[0][5:7])
+    got, _ = run_schedule(model, greedy(12, stop_strings=[stop]), {0: [(PROMPTS[1], 12)], 1: [(PROMPTS[0], 12)]},
+                          decode=letters)
+    assert got[(1, 0)] == generate(model, [PROMPTS[0]], greedy(12, stop_strings=[stop]), decode=letters)[0]
+    assert stop not in letters(got[(1, 0)]) and len(got[(1, 0)]) < 12
+
+
+def test_a_running_batch_refuses_misuse():
+    from glimpse.infer.batch import DecodeBatch
+
+    model = tiny()
+    batch = DecodeBatch(model, greedy())
+    batch.add([PROMPTS[0]])
+    batch.choose()
+    with pytest.raises(RuntimeError):  # rows join between steps
+        batch.add([PROMPTS[1]])
+    with pytest.raises(ValueError):
+        DecodeBatch(model, greedy(num_beams=2))
+    fixed = DecodeBatch(model, greedy(), fixed=True)
+    fixed.add([PROMPTS[0]])
+    with pytest.raises(ValueError):
+        fixed.add([PROMPTS[1]])
+    with pytest.raises(ValueError):
+        DecodeBatch(model, greedy()).add([PROMPTS[0]], max_new_tokens=0)

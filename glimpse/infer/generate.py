@@ -4,6 +4,8 @@ Prompts of different lengths are LEFT-padded into one batch (so every row's next
 last column), prefilled once into a KV cache with `position_ids = positions_from_mask(mask)`, then
 decoded one token per step: the mask grows by a column of ones and the position by one.  A prompt's
 tokens therefore do not depend on what else is in the batch (batch invariance, up to float noise).
+Greedy decoding and sampling run on `DecodeBatch` (infer/batch.py), a fixed batch here; the server's
+continuous batching drives the same engine with rows that join and leave between steps.
 
 Results are the NEW tokens only, one list per prompt, and exclude what ended the row:
 
@@ -30,170 +32,43 @@ after `max_new_tokens`, its running beams join the hypotheses.  The best-scoring
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 
-from glimpse.models.decoder import positions_from_mask
+from glimpse.infer.batch import (
+    DecodeBatch,
+    GenerationConfig,
+    _check_config,
+    _check_prompts,
+    _eos_ids,
+    _pick,
+    _prefill,
+    _step,
+)
 
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 32
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1.0: off
-    num_beams: int = 1
-    eos_token_id: int | list[int] | None = None
-    stop_strings: list[str] = field(default_factory=list)  # needs a `decode` callable
-    seed: int | None = None
-    ignore_eos: bool = False  # benchmarks decode a fixed number of tokens
-    cuda_graph: bool = True  # on CUDA, replay each greedy/sampling step as a CUDA graph (infer/cuda_graph.py)
-
-
-def _eos_ids(cfg: GenerationConfig) -> set[int]:
-    if cfg.ignore_eos or cfg.eos_token_id is None:
-        return set()
-    return {cfg.eos_token_id} if isinstance(cfg.eos_token_id, int) else set(cfg.eos_token_id)
-
-
-def _check(prompts, cfg: GenerationConfig, prefix_embeds, decode) -> None:
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt, each of at least one token")
-    if cfg.max_new_tokens < 0 or cfg.num_beams < 1 or cfg.top_k < 0:
-        raise ValueError("max_new_tokens and top_k must be >= 0, num_beams >= 1")
-    if cfg.do_sample and cfg.temperature <= 0:
-        raise ValueError("sampling needs temperature > 0 (use do_sample=False for greedy)")
-    if cfg.do_sample and cfg.num_beams > 1:
-        raise ValueError("beam search is greedy: do_sample with num_beams > 1 is not supported")
-    if cfg.stop_strings and decode is None:
-        raise ValueError("stop_strings need a `decode` callable (token ids -> text)")
-    if prefix_embeds is not None:
-        if len(prefix_embeds) != len(prompts):
-            raise ValueError(f"{len(prefix_embeds)} prefix_embeds for {len(prompts)} prompts")
-        for i, (p, e) in enumerate(zip(prompts, prefix_embeds)):
-            if e.ndim != 2 or e.shape[0] != len(p):
-                raise ValueError(f"prefix_embeds[{i}] is {tuple(e.shape)}, expected [{len(p)}, D]")
-
-
-def _memory_inputs(memory, memory_mask, T: int, device) -> dict:
-    """Per-prompt memories [S_i, D] and masks [T_i, S_i] as the batch's [B, S, D] and [B, 1, T, S]:
-    memories padded at the end (slots no token reads), masks left-padded with the prompts."""
-    if memory is None:
-        return {}
-    S = max(m.shape[0] for m in memory)
-    mem = torch.zeros(len(memory), S, memory[0].shape[-1], dtype=memory[0].dtype, device=device)
-    for i, m in enumerate(memory):
-        mem[i, :m.shape[0]] = m
-    if memory_mask is None and all(m.shape[0] == S for m in memory):
-        return {"memory": mem}
-    mask = torch.zeros(len(memory), 1, T, S, dtype=torch.bool, device=device)
-    for i, m in enumerate(memory):
-        if memory_mask is None:
-            mask[i, 0, :, :m.shape[0]] = True
-        else:
-            t, s = memory_mask[i].shape
-            mask[i, 0, T - t:, :s] = memory_mask[i].to(device)
-    return {"memory": mem, "memory_mask": mask}
-
-
-def _prefill(model, prompts, pad_id: int, prefix_embeds, extra: int, memory=None, memory_mask=None):
-    """Left-pad, run the prompts through a fresh cache with room for `extra` more tokens.
-    -> (last logits [B, V], mask [B, T], last positions [B, 1], cache)."""
-    device = next(model.parameters()).device
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(B, T, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-        mask[i, T - len(p):] = 1
-    pos = positions_from_mask(mask)
-    cache = model.new_cache(B, T + extra)
-    x = model.embed(ids)  # the padding keeps pad_id's embedding; the mask hides it anyway
-    for i, e in enumerate(prefix_embeds or []):
-        x[i, T - e.shape[0]:] = e.to(x)
-    hidden = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, cache=cache, return_hidden=True,
-                   **_memory_inputs(memory, memory_mask, T, device))
-    return model.lm_head(hidden[:, -1]), mask, pos[:, -1:], cache  # logits of the last position only
-
-
-def _step(model, tokens: torch.Tensor, mask, pos, cache):
-    """Feed one token per row [N]; -> (logits [N, V], mask, pos)."""
-    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-    pos = pos + 1
-    return model(tokens[:, None], mask, position_ids=pos, cache=cache)[:, -1], mask, pos
-
-
-# Below this a temperature changes no draw (a logit gap of 1e-5 becomes 10 nats), and logits / T can
-# overflow float32 (1e-40 is subnormal), which would make every probability NaN.
-MIN_TEMPERATURE = 1e-6
-
-
-def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row [N] from logits [N, V]: argmax, or a draw after temperature/top-k/top-p."""
-    if not cfg.do_sample:
-        return logits.argmax(-1)
-    logits = logits.float() / max(cfg.temperature, MIN_TEMPERATURE)
-    if cfg.top_k > 0:
-        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if cfg.top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        # drop a token when the more likely ones already reach top_p: the smallest set with
-        # mass >= top_p survives, and the most likely token always does
-        drop = sorted_p.cumsum(-1) - sorted_p >= cfg.top_p
-        drop[:, 0] = False
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+__all__ = ["DecodeBatch", "GenerationConfig", "TextStream", "generate", "stream", "_pick"]
 
 
 def _decode_events(model, prompts, cfg, pad_id, prefix_embeds, decode, out,
                    cancelled=None, memory=(None, None)) -> Iterator[tuple[int, int]]:
-    """Greedy / sampling loop: appends to `out[row]` and yields (row, token) for each kept token.
-    `cancelled(row)`, asked before each step, ends a row early (a server's client went away)."""
-    eos = _eos_ids(cfg)
-    logits, mask, pos, cache = _prefill(model, prompts, pad_id, prefix_embeds, cfg.max_new_tokens, *memory)
-    generator = None
-    if cfg.do_sample and cfg.seed is not None:
-        generator = torch.Generator(device=logits.device).manual_seed(cfg.seed)
-    alive = [True] * len(prompts)
-    static = None  # after the prefill, steps replay as a CUDA graph where there is one
-    if cfg.cuda_graph and logits.is_cuda and cfg.max_new_tokens > 1:
-        from glimpse.infer.cuda_graph import StaticDecoder
-
-        static = StaticDecoder(model, cache, mask, pos)
+    """Greedy / sampling: one fixed `DecodeBatch` (infer/batch.py); appends to `out[row]` and yields
+    (row, token) for each kept token as it is chosen, before the next forward pass.  `cancelled(row)`,
+    asked before each step, ends a row early (a server's client went away)."""
+    batch = DecodeBatch(model, cfg, pad_id=pad_id, decode=decode, fixed=True)
     try:
-        for step in range(cfg.max_new_tokens):
+        batch.add(prompts, prefix_embeds=prefix_embeds, memory=memory[0], memory_mask=memory[1])
+        while True:
             if cancelled is not None:
-                alive = [a and not cancelled(row) for row, a in enumerate(alive)]
-                if not any(alive):
-                    break
-            tokens = _pick(logits, cfg, generator)
-            for row, tok in enumerate(tokens.tolist()):
-                if not alive[row]:
-                    continue
-                if tok in eos:
-                    alive[row] = False
-                    continue
+                batch.remove([row for row in batch.running if cancelled(row)])
+            if not batch.running:
+                break
+            events, _ = batch.choose()
+            for row, tok in events:
                 out[row].append(tok)
-                if cfg.stop_strings and any(s in decode(out[row]) for s in cfg.stop_strings):
-                    out[row].pop()  # documented cut: drop the token that completed the stop string
-                    alive[row] = False
-                    continue
                 yield row, tok
-            if not any(alive) or step == cfg.max_new_tokens - 1:
-                break  # the last chosen token needs no forward pass
-            # finished rows keep stepping (the batch stays rectangular) on pad tokens nobody reads
-            tokens = tokens.masked_fill(~torch.tensor(alive, device=tokens.device), pad_id)
-            if static is not None:
-                logits = static.step(tokens)
-            else:
-                logits, mask, pos = _step(model, tokens, mask, pos, cache)
+            batch.advance()
     finally:
-        if static is not None:
-            static.close()
+        batch.close()
 
 
 def _beam_events(model, prompts, cfg, pad_id, prefix_embeds, out, memory=(None, None)) -> Iterator[tuple[int, int]]:
@@ -254,9 +129,8 @@ def _events(model, prompts, cfg, pad_id=0, prefix_embeds=None, decode=None, canc
             memory_mask=None, *, out):
     """Dispatch to the greedy/sampling loop or beam search; yields (row, token), fills `out`.
     (torch.no_grad on a generator function holds only while the generator itself runs.)"""
-    _check(prompts, cfg, prefix_embeds, decode)
-    if memory is not None and (len(memory) != len(prompts) or (memory_mask is not None and len(memory_mask) != len(prompts))):
-        raise ValueError(f"{len(memory)} memories (and their masks) for {len(prompts)} prompts")
+    _check_config(cfg, decode)
+    _check_prompts(prompts, prefix_embeds, memory, memory_mask)
     if cfg.max_new_tokens == 0:
         return
     if cfg.num_beams > 1:

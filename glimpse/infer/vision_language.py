@@ -25,6 +25,7 @@ from glimpse.data.messages import IMAGE, split_content, user_message
 from glimpse.errors import ContextLengthError, GlimpseError
 from glimpse.explain.core import DEFAULT_METHOD, Explanation, explain
 from glimpse.explain.explainers import VisionLanguageExplainer
+from glimpse.infer.batch import DecodeBatch
 from glimpse.infer.generate import GenerationConfig, TextStream, generate
 from glimpse.infer.generate import stream as stream_tokens
 from glimpse.models.vlm import VisionLanguageModel
@@ -125,11 +126,12 @@ class VisionLanguagePipeline:
                                 stop_strings=stops, **options)
 
     @torch.no_grad()
-    def _inputs(self, prompts: list[tuple[list[int], list]], max_new_tokens: int):
+    def _inputs(self, prompts: list[tuple[list[int], list]], max_new_tokens: int | list[int]):
         device, embeds, done = next(self.model.parameters()).device, [], {}
-        for ids, images in prompts:
-            if len(ids) + max_new_tokens > self.context_length:
-                raise ContextLengthError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) "
+        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
+        for (ids, images), n in zip(prompts, limits):
+            if len(ids) + n > self.context_length:
+                raise ContextLengthError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({n}) "
                                          f"exceeds the model's context of {self.context_length} tokens")
             key = (id(ids), id(images))  # n choices of one request share its prompt: embed it once
             if key not in done:
@@ -147,6 +149,13 @@ class VisionLanguagePipeline:
         ids, embeds = self._inputs(prompts, max_new_tokens)
         return generate(self.model.lm, ids, cfg, pad_id=self.tokenizer.pad_id, prefix_embeds=embeds,
                         decode=self.tokenizer.decode, on_token=on_token, cancelled=cancelled)
+
+    def open_batch(self, **options) -> PromptBatch:
+        """An empty running batch, for continuous batching (glimpse.serve's engine): (ids, images)
+        prompts join it between decoding steps (`add_prompts`), finished rows leave at once; options
+        are GenerationConfig's (the decoding all its rows share)."""
+        self.model.eval()
+        return PromptBatch(self, self._config(1, options))
 
     def generate(self, prompts: list[tuple[list[int], list]], max_new_tokens: int = 32, on_token=None,
                  **options) -> list[str]:
@@ -251,3 +260,18 @@ class VisionLanguagePipeline:
         while ids and not self.tokenizer.decode([ids[-1]]).strip():
             ids.pop()
         return ids
+
+
+class PromptBatch(DecodeBatch):
+    """A running `DecodeBatch` (infer/batch.py) over the language model whose rows are (ids, images)
+    prompts: their images go through the vision tower and projector as in `complete`."""
+
+    def __init__(self, pipeline: VisionLanguagePipeline, cfg: GenerationConfig):
+        super().__init__(pipeline.model.lm, cfg, pad_id=pipeline.tokenizer.pad_id, decode=pipeline.tokenizer.decode)
+        self.pipeline = pipeline
+
+    def add_prompts(self, prompts: list[tuple[list[int], list]], max_new_tokens: int | list[int]) -> list[int]:
+        """New rows, one per prompt, each ending after its max_new_tokens; -> their handles.
+        Raises ContextLengthError, or an image's error, before the batch changes."""
+        ids, embeds = self.pipeline._inputs(prompts, max_new_tokens)
+        return self.add(ids, prefix_embeds=embeds, max_new_tokens=max_new_tokens)

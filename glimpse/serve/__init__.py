@@ -40,6 +40,12 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: st
     if not loopback and api_key is None and not no_api_key:
         raise GlimpseError(f"refusing to serve on {host} without an API key: anyone who reaches it could use the "
                            "model; pass --api-key KEY (or set GLIMPSE_API_KEY), or --no-api-key to serve it openly")
+    if str(device).startswith("cpu") and not os.environ.get("OMP_NUM_THREADS"):
+        import torch
+
+        # the model worker shares the CPU with the HTTP side (the event loop, image decoding): leave that a
+        # core, or torch's intra-op threads, spinning between a small model's many small ops, starve it
+        torch.set_num_threads(max(1, torch.get_num_threads() - 1))
     pipeline = load(run, device=device)
     name = model_name or run_dir(run).name
     remote = RemoteImageFetcher(allow_remote_images) if allow_remote_images else None

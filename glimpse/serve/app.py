@@ -251,7 +251,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "pending": engine.pending, "batches": engine.batches,
-                "rows": engine.rows, "cancelled": engine.cancelled}
+                "rows": engine.rows, "joined": engine.joined, "cancelled": engine.cancelled}
 
     @app.get("/v1/models")
     async def models():

@@ -1,19 +1,31 @@
-"""The server's model worker: one thread owns the model; requests wait in a bounded queue and are
-batched.
+"""The server's model worker: one thread owns the model; requests wait in a bounded queue and decode
+in a running batch (continuous batching).
 
 * Admission: at most `max_pending` requests are admitted (waiting + running); one more is refused
   at once (`QueueFull`, which the API turns into a 429 with Retry-After).  The API `reserve`s a slot
   before it decodes a request's images, so a burst is refused before any decoding, and the slot goes
   with the job (`submit(job, reserved=True)`) or back (`unreserve`).  A request whose client went away
-  is `cancel`led: it leaves the queue, or its rows stop at the next decoding step, and its slot is
-  free immediately.
-* Batching: whenever the worker is free it takes the oldest waiting request and every other waiting
-  request that decodes the same way (greedy, or sampling with the same temperature / top-p, and the
-  same stop strings) up to `max_batch` rows (a request with n choices is n rows), and runs them as
-  one left-padded batch.  Generation is batch-invariant (infer/generate.py), so a greedy answer is
-  the same whether its request was batched or not; a request with a `seed` runs alone, so that its
-  samples depend on the seed only.  Each row stops at its own max_tokens.
-* Other model calls (embeddings) go through the same queue, one at a time.
+  is `cancel`led: it leaves the queue, or its rows leave the batch before the next decoding step, and
+  its slot is free immediately.
+* Batching: when the worker is idle it starts a batch with the oldest waiting request and every other
+  waiting request that decodes the same way (greedy, or sampling with the same temperature / top-p,
+  and the same stop strings), up to `max_batch` rows (a request with n choices is n rows).  Between
+  decoding steps, waiting requests that decode the same way join the running batch while rows are
+  free: their prompts are prefilled together and their cache rows appended (infer/batch.py:
+  `DecodeBatch`); at once while half the rows or more are free, otherwise after at most `JOIN_WAIT`
+  steps, so that joins come in groups and a prefill serves several rows.  A
+  row leaves at once when it ends (eos, a stop string, its own max_tokens) or its client goes away,
+  and a request is answered as soon as its last row ends.  A waiting request that decodes differently
+  (or a call) stops the joining: the batch drains, then the next batch starts with it, so it is not
+  starved.  Generation is batch-invariant, so a greedy answer is the same whether its request ran
+  alone, joined a running batch or was joined; a request with a `seed` runs alone, so that its
+  samples depend on the seed only.
+* Pipelines without the step API (`open_batch`: the encoder-decoder captioner's and Flamingo's, whose
+  rows read cross-attention memories the running batch does not merge) keep whole-batch decoding: the
+  group taken above runs `pipeline.complete` to its end, and the longest prompt plus the largest
+  max_tokens of a group must fit the context.
+* Other model calls (embeddings, explanations, images) go through the same queue, one at a time, when
+  no batch is running.
 
 Results and streamed tokens reach the waiting coroutine through thread-safe callbacks.
 """
@@ -50,6 +62,10 @@ class Job:
 
 _alone = itertools.count()
 
+# While more than half the batch's rows are busy, a waiting request joins after at most this many steps:
+# joins then come in groups, and each prefill serves several rows.
+JOIN_WAIT = 4
+
 
 def batch_key(options: dict) -> tuple:
     """Jobs with equal keys can share a batch (see the module docstring)."""
@@ -78,9 +94,10 @@ class Engine:
         self._admitted = 0
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.batches = 0  # counters for /health and tests
+        self.batches = 0  # counters for /health and tests: batches started, rows decoded,
         self.rows = 0
-        self.cancelled = 0
+        self.joined = 0  # rows that joined a running batch,
+        self.cancelled = 0  # requests whose client left
 
     # -- the request side ------------------------------------------------------------------
     @property
@@ -141,18 +158,32 @@ class Engine:
         first = self._waiting.popleft()
         if first.call is not None:
             return [first]
+        whole = not hasattr(self.pipeline, "open_batch")  # whole-batch decoding: the context bounds the group
         group, rows = [first], len(first.prompts)
         longest, most = len(first.prompts[0][0]), first.max_new_tokens
         for job in list(self._waiting):
             if job.call is not None or job.key != first.key or rows + len(job.prompts) > self.max_batch:
                 continue
             # the batch decodes its longest prompt for its largest max_new_tokens: that must fit
-            if max(longest, len(job.prompts[0][0])) + max(most, job.max_new_tokens) > self.context_length:
+            if whole and max(longest, len(job.prompts[0][0])) + max(most, job.max_new_tokens) > self.context_length:
                 continue
             self._waiting.remove(job)
             group.append(job)
             rows += len(job.prompts)
             longest, most = max(longest, len(job.prompts[0][0])), max(most, job.max_new_tokens)
+        return group
+
+    def _joiners(self, key: tuple, free: int) -> list[Job]:
+        """The waiting jobs, oldest first, that join a running batch of `key` in `free` rows: up to the
+        first one that decodes differently or does not fit (holding the lock)."""
+        group = []
+        for job in self._waiting:
+            if self._stop or job.call is not None or job.key != key or len(job.prompts) > free:
+                break
+            group.append(job)
+            free -= len(job.prompts)
+        for job in group:
+            self._waiting.remove(job)
         return group
 
     def _loop(self) -> None:
@@ -166,6 +197,8 @@ class Engine:
             try:
                 if group[0].call is not None:
                     _report(group[0], group[0].call(), None)
+                elif hasattr(self.pipeline, "open_batch"):
+                    self._decode(group)
                 else:
                     self._generate(group)
             except Exception as e:  # reported to the requests; the worker lives on
@@ -176,7 +209,95 @@ class Engine:
                     for job in group:
                         self._release(job)
 
+    def _finish(self, job: Job, result, error) -> None:
+        _report(job, result, error)
+        with self._cond:
+            self._release(job)
+
+    def _decode(self, group: list[Job]) -> None:
+        """Continuous batching: a running batch that jobs join between steps and leave when done.
+        Every job of `group` (taken over from the caller) and every joiner is answered and released here."""
+        taken, batch, key = list(group), None, group[0].key  # taken: not yet in the batch (or answered)
+        group.clear()
+        rows: dict[int, tuple[Job, int]] = {}  # a running row's handle -> (its job, its choice)
+        out: dict[Job, list[list[int]]] = {}  # a running job's tokens per choice
+        left: dict[Job, int] = {}  # a running job's rows still decoding
+
+        def admit(joining: list[Job]) -> None:
+            prompts = [p for job in joining for p in job.prompts]
+            try:
+                handles = batch.add_prompts(prompts, [job.max_new_tokens for job in joining for _ in job.prompts])
+            except Exception as e:
+                if len(joining) > 1:  # find the one at fault: the others join without it
+                    for job in joining:
+                        admit([job])
+                else:
+                    self._finish(joining[0], None, e)
+                return
+            it = iter(handles)
+            for job in joining:
+                out[job], left[job] = [[] for _ in job.prompts], len(job.prompts)
+                rows.update((next(it), (job, choice)) for choice in range(len(job.prompts)))
+            self.rows += len(prompts)
+
+        def leave(job: Job) -> None:  # its client is gone
+            mine = [h for h, (j, _) in rows.items() if j is job]
+            batch.remove(mine)
+            for h in mine:
+                del rows[h]
+            del out[job], left[job]
+            self._finish(job, None, None)  # nothing to report; frees the slot if `cancel` did not
+
+        try:
+            batch = self.pipeline.open_batch(**taken[0].options)
+            self.batches += 1
+            admit(taken)
+            taken = []
+            waited = 0
+            while True:
+                free = self.max_batch - len(rows)
+                if out and free and (2 * free >= self.max_batch or waited >= JOIN_WAIT):
+                    # the batch runs: waiting jobs that decode the same way join it
+                    with self._cond:
+                        taken = self._joiners(key, free)
+                    waited = 0
+                    if taken:
+                        self.joined += sum(len(j.prompts) for j in taken)
+                        admit(taken)
+                        taken = []
+                elif free and self._waiting:
+                    waited += 1
+                for job in [j for j in out if j.cancelled.is_set()]:
+                    leave(job)
+                if not rows:
+                    return
+                events, ended = batch.choose()
+                for h, token in events:
+                    job, choice = rows[h]
+                    out[job][choice].append(token)
+                    if job.on_token is not None and not job.cancelled.is_set():
+                        try:
+                            job.on_token(choice, token)
+                        except Exception:  # the request's side is gone (its loop closed): stop its rows
+                            job.cancelled.set()
+                for h in ended:
+                    job, _ = rows.pop(h)
+                    left[job] -= 1
+                    if not left[job]:  # answered as soon as its last row ends
+                        tokens = out.pop(job)
+                        del left[job]
+                        self._finish(job, tokens, None)
+                batch.advance()
+        except Exception as e:  # the batch is lost: each job in it that is still unanswered gets the error
+            for job in taken + list(out):
+                if not job.released:
+                    self._finish(job, None, e)
+        finally:
+            if batch is not None:
+                batch.close()
+
     def _generate(self, group: list[Job]) -> None:
+        """Whole-batch decoding, for pipelines without `open_batch`."""
         rows = [(job, choice) for job in group for choice in range(len(job.prompts))]
         counts = [0] * len(rows)
 

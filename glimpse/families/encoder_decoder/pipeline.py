@@ -57,6 +57,8 @@ class CaptionerPipeline:
                                "does not read the text)")
         return self._start(), images[-1:]
 
+    # No `open_batch` (continuous batching): each row reads a cross-attention memory, which a running
+    # DecodeBatch does not merge across joins; the server decodes this pipeline's groups whole.
     def complete(self, prompts: list[tuple[list[int], list]], max_new_tokens: int = 32, on_token=None,
                  cancelled=None, **options) -> list[list[int]]:
         """New token ids for (start ids, [image]) prompts, decoded in one batch; options are

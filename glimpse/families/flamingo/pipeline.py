@@ -89,6 +89,8 @@ class FlamingoPipeline:
         return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=[self.end_id, self.tokenizer.ids["eos"]],
                                 **options)
 
+    # No `open_batch` (continuous batching): each row reads a cross-attention memory, which a running
+    # DecodeBatch does not merge across joins; the server decodes this pipeline's groups whole.
     @torch.no_grad()
     def complete(self, prompts: list[tuple[list[int], list]], max_new_tokens: int = 32, on_token=None,
                  cancelled=None, **options) -> list[list[int]]:
