@@ -6,7 +6,7 @@ with torch's FlopCounterMode, and (b) the best GFLOP/s of a plain torch.matmul o
 square product over several rounds.
 Prints the ratio for fp32 and for bf16 autocast.
 
-    python bench/train_throughput.py [--steps 10] [--batch 128]
+    python bench/train_throughput.py [--steps 10] [--batch 128] [--compile]
 """
 
 from __future__ import annotations
@@ -46,26 +46,27 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5, rounds: int 
     return best
 
 
-def train_step_gflops(precision: str, batch: int, steps: int) -> tuple[float, float]:
+def train_step_gflops(precision: str, batch: int, steps: int, compile: bool = False) -> tuple[float, float]:
     torch.manual_seed(0)
     model = DualEncoder(CONFIG)
+    net = torch.compile(model) if compile else model  # as train.compile: the same parameters
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     pixels = torch.randn(batch, 3, 64, 64)
     ids = torch.randint(0, 1024, (batch, CONFIG.text.context_length))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    def step():
+    def step(m=net):
         opt.zero_grad(set_to_none=True)
         with autocast:
-            out = model(pixels, ids)
+            out = m(pixels, ids)
             loss = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
         loss.backward()
         opt.step()
 
-    with FlopCounterMode(display=False) as counter:
-        step()
+    with FlopCounterMode(display=False) as counter:  # counted on the eager model: the same FLOPs
+        step(model)
     flops = counter.get_total_flops()
-    for _ in range(2):
+    for _ in range(3 if compile else 2):  # the first compiled steps compile
         step()
     times = []
     for _ in range(steps):
@@ -80,6 +81,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--compile", action="store_true", help="also time the fp32 step under torch.compile")
     a = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; config: ViT {CONFIG.vision.width}x"
           f"{CONFIG.vision.layers} on 64px/8, text {CONFIG.text.width}x{CONFIG.text.layers}, batch {a.batch}")
@@ -88,6 +90,9 @@ def main() -> None:
         ref = matmul_gflops(dtype)
         achieved, sps = train_step_gflops(precision, a.batch, a.steps)
         print(f"{precision:<10}{achieved:>14.1f}{sps:>11.1f}{ref:>16.1f}{achieved / ref:>8.2f}")
+        if a.compile and precision == "fp32":
+            achieved, sps = train_step_gflops(precision, a.batch, a.steps, compile=True)
+            print(f"{'compiled':<10}{achieved:>14.1f}{sps:>11.1f}{ref:>16.1f}{achieved / ref:>8.2f}")
 
 
 if __name__ == "__main__":

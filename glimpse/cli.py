@@ -306,6 +306,9 @@ def cmd_convert(a) -> None:
     from glimpse.api import export
 
     if a.to == "safetensors":  # a sharded (FSDP) checkpoint as one file, where glimpse.load looks
+        if a.merge_lora or a.dtype != "fp32":
+            raise GlimpseError("convert --to safetensors writes the checkpoint's weights as they are: "
+                               "--merge-lora and --dtype are for --to hf")
         from glimpse.train.checkpoint import write_consolidated
 
         print(f"wrote the whole model to {write_consolidated(a.src, a.dst)}")

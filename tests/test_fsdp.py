@@ -167,3 +167,36 @@ def test_frozen_tower_and_lm_under_fsdp(world, tmp_path, fsdp_env):
     for k in a:  # the frozen parts as they started (the same seed), the adapters trained alike
         trained = ".lora_" in k or k.startswith("connector.linear_2")
         assert torch.allclose(a[k], b[k], atol=1e-5) if trained else torch.equal(a[k], b[k]), k
+
+
+def _gathered_worker(rank, world, store, results):
+    import torch.distributed as dist
+
+    from glimpse.train import parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ModuleList([torch.nn.Linear(16, 16)]),
+                                torch.nn.Linear(16, 4))
+    parallel.shard(model, "bf16")  # gathered copies are bf16: a careless writeback would round every weight
+    before = parallel.full_state(model)
+    with parallel.gathered(model, writeback=True):
+        pass
+    untouched = parallel.full_state(model)
+    with parallel.gathered(model, writeback=True):
+        with torch.no_grad():
+            model[1][0].weight.fill_(0.5)  # as a k-means initialisation writes a codebook
+    changed = parallel.full_state(model)
+    if rank == 0:
+        results["untouched"] = all(torch.equal(before[k], untouched[k]) for k in before)
+        results["changed"] = torch.equal(changed["1.0.weight"], torch.full((16, 16), 0.5))
+        results["others"] = all(torch.equal(before[k], changed[k]) for k in before if k != "1.0.weight")
+    dist.destroy_process_group()
+
+
+def test_gathered_writes_back_only_what_changed_and_keeps_fp32_shards(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_gathered_worker, args=(2, tmp_path / "store", results), nprocs=2, join=True)
+    assert dict(results) == {"untouched": True, "changed": True, "others": True}

@@ -3,8 +3,8 @@
 Every process (torch.distributed rank) and every DataLoader worker of it is a *slot*; slot k of K (k =
 rank x workers + worker) reads, in epoch e, the shards at k, k + K, k + 2K, ... of the shard list
 permuted by (seed, e), so an epoch reads every shard exactly once over all slots.  A slot's samples pass
-through a shuffle buffer of `shuffle_buffer` samples (webdataset's shuffle: once the buffer is full each
-new sample replaces a random one, which goes out) drawn by an RNG seeded by (seed, e, rank, worker).
+through a shuffle buffer of `shuffle_buffer` samples (after webdataset's: once the buffer is full each
+new sample replaces a random one, which goes out; draining uses webdataset's `pick`) drawn by an RNG seeded by (seed, e, rank, worker).
 A slot's stream is its epochs one after the other, endlessly.  A shard's members are grouped into
 samples by webdataset's `group_by_keys`, keeping the members its `tar_file_iterator` keeps; the members
 themselves are read by a lean tar reader here (`_Tar`), as tarfile's parsing made the stream a third
@@ -60,7 +60,7 @@ class ShardSample:
 
 
 class ShuffleBuffer:
-    """webdataset's buffer shuffle (`webdataset.filters.pick`), its state kept in the open so that a
+    """A buffer shuffle after webdataset's (the drain is its `webdataset.filters.pick`), its state kept in the open so that a
     replay on placeholders can hand over to the real samples mid-way."""
 
     def __init__(self, size: int, rng: random.Random):

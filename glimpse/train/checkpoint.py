@@ -192,6 +192,13 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
                     sharded: bool = False) -> dict:
     """Restore model, optimizer and RNG states; returns the trainer state.  `sharded`: the model is FSDP's
     and every process reads its own shards (called on every process)."""
+    if is_sharded(ckpt) and not sharded and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        try:
+            n = json.loads((ckpt / "state.json").read_text()).get("processes")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            n = None
+        raise CheckpointMismatch(f"{ckpt} is sharded over {n or 'several'} processes: resume it under torchrun "
+                                 f"--nproc_per_node={n or 'N'} with train.parallel: fsdp")
     if is_sharded(ckpt) != sharded:
         was = "fsdp" if is_sharded(ckpt) else "ddp"
         raise CheckpointMismatch(f"{ckpt} was written with train.parallel: {was}; resume it the same way, or start "
@@ -251,9 +258,17 @@ def write_consolidated(src: str | Path, dst: str | Path | None = None) -> Path:
     if not is_sharded(ck):
         raise GlimpseError(f"{ck} is not sharded: its weights are {ck / runs.WEIGHTS} already")
     out = Path(dst) if dst is not None else ck / runs.WEIGHTS
+    if not out.parent.is_dir():
+        raise GlimpseError(f"{out.parent} is not a folder: create it first, or write elsewhere")
     tmp = out.with_name(f".tmp-{out.name}")
-    save_file(_dedup(consolidate(ck)), str(tmp))
-    os.replace(tmp, out)
+    try:
+        save_file(_dedup(consolidate(ck)), str(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise GlimpseError(f"could not write {out}: {e.strerror or e}") from None
     return out
 
 

@@ -109,19 +109,22 @@ def gathered(model: nn.Module, writeback: bool = False):
         m.unshard()
     for m in blocks_:
         m.set_reshard_after_forward(False, recurse=False)
-    full = None
+    # writeback sends back only the parameters the block changed: under bf16 the gathered copies are rounded,
+    # and the fp32 shards of the others must stay as they are (buffers are not sharded: changes stay anyway)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()} if writeback else None
+    changed = None
     try:
         yield
-        if writeback:
-            full = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
-                    for k, v in [*model.named_parameters(), *model.named_buffers()]}
+        if before is not None:
+            changed = {k: v.detach().float().clone() for k, v in model.named_parameters()
+                       if not torch.equal(v, before[k])}
     finally:
         for m in groups:
             m.reshard()
         for m in blocks_:
             m.set_reshard_after_forward(True, recurse=False)
-    if full is not None:
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+    if changed:
+        set_model_state_dict(model, changed, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -114,6 +114,8 @@ class MetricsLog:
             except ImportError:
                 raise GlimpseError("train.log_to: tensorboard needs the tensorboard package: "
                                    "pip install 'glimpse-vl[tensorboard]'") from None
+            if resume_step is None:  # a fresh run: no curves of an earlier attempt in the same folder
+                shutil.rmtree(path.parent / runs.TENSORBOARD, ignore_errors=True)
             self.board = SummaryWriter(str(path.parent / runs.TENSORBOARD),
                                        purge_step=None if resume_step is None else resume_step + 1)
         if enabled and resume_step is not None and path.exists():
@@ -256,118 +258,127 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     bar = tqdm(total=tc.max_steps, initial=start, desc=f"train {recipe.name}", disable=not (main and progress),
                dynamic_ncols=True, mininterval=1.0)
 
-    batches = dataset.read(loader) if stream else iter(loader)
-    step = start
-    model.train()
-    while step < tc.max_steps:
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tc) * group.get("lr_scale", 1.0)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, n_samples, n_micro = torch.zeros((), device=device), 0, 0
-        for micro in range(tc.grad_accum):
-            batch = next(batches)
-            for status in batch["status"]:
-                if status is None:
-                    bad_in_a_row = 0
-                else:
-                    failures[status] += 1
-                    bad_in_a_row += 1
-            # processes decide together, or one would wait in a collective the other skipped
-            n_good, worst_run = agree(len(batch["status"]) - len(batch["messages"]), bad_in_a_row)
-            if worst_run > tc.max_consecutive_failures:
-                last = batch["messages"][-1] if batch["messages"] else "on another process"
-                raise GlimpseError(f"stopping: {worst_run} bad samples in a row (last: {last}); check the data")
-            if n_good == 0:  # a micro-batch with no good sample (on some process): skip it everywhere
-                continue
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            sync = contextlib.nullcontext() if ddp is None or micro == tc.grad_accum - 1 else ddp.no_sync()
-            with sync:
-                with autocast:
-                    loss = task.loss(net, batch)
-                # every process must agree before backward, or DDP's all-reduce would hang
-                if not bool(all_reduce_mean(torch.isfinite(loss.detach()).float()) == 1.0):
-                    raise GlimpseError(f"non-finite loss at step {step} (loss={loss.item()}); stopped before "
-                                       "the optimizer step: lower train.lr or use train.precision=fp32")
-                (loss / tc.grad_accum).backward()
-            loss_sum += loss.detach()
-            n_micro += 1
-            n_samples += len(batch["status"])
-        if fsdp:
-            parallel.sync_replicated_grads(model)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over every process's shards
-            grad_norm = grad_norm.full_tensor()
-        if not torch.isfinite(grad_norm):
-            raise GlimpseError(f"non-finite gradient at step {step}; stopped before the optimizer step: "
-                               "lower train.lr or use train.precision=fp32")
-        optimizer.step()
-        step += 1
-        if step == start + 1:  # what one process holds (its shards under FSDP): the largest over processes
-            memory = {k: all_reduce_int(v, device, "max") for k, v in parallel.local_bytes(model, optimizer).items()}
-        dt = time.perf_counter() - t0
-        loss_value = all_reduce_mean(loss_sum / max(n_micro, 1)).item()  # skipped micro-batches do not count
-        throughput = n_samples * dist_info.world_size / dt
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{throughput:.0f}")
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            log.write({"step": step, "loss": loss_value, "lr": lr_at(step - 1, tc),
-                       "grad_norm": grad_norm.item(), "samples_per_s": throughput,
-                       **({"bad_samples": dict(failures)} if failures else {})})
-        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
-            with parallel.gathered(model):  # FSDP: the main process evaluates the whole model alone
+    try:  # the progress bar and TensorBoard's writer are closed however training ends
+        batches = dataset.read(loader) if stream else iter(loader)
+        step = start
+        model.train()
+        while step < tc.max_steps:
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, tc) * group.get("lr_scale", 1.0)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, n_samples, n_micro = torch.zeros((), device=device), 0, 0
+            for micro in range(tc.grad_accum):
+                batch = next(batches)
+                for status in batch["status"]:
+                    if status is None:
+                        bad_in_a_row = 0
+                    else:
+                        failures[status] += 1
+                        bad_in_a_row += 1
+                # processes decide together, or one would wait in a collective the other skipped
+                n_good, worst_run = agree(len(batch["status"]) - len(batch["messages"]), bad_in_a_row)
+                if worst_run > tc.max_consecutive_failures:
+                    last = batch["messages"][-1] if batch["messages"] else "on another process"
+                    raise GlimpseError(f"stopping: {worst_run} bad samples in a row (last: {last}); check the data")
+                if n_good == 0:  # a micro-batch with no good sample (on some process): skip it everywhere
+                    continue
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                sync = contextlib.nullcontext() if ddp is None or micro == tc.grad_accum - 1 else ddp.no_sync()
+                with sync:
+                    with autocast:
+                        loss = task.loss(net, batch)
+                    # every process must agree before backward, or DDP's all-reduce would hang
+                    if not bool(all_reduce_mean(torch.isfinite(loss.detach()).float()) == 1.0):
+                        raise GlimpseError(f"non-finite loss at step {step} (loss={loss.item()}); stopped before "
+                                           "the optimizer step: lower train.lr or use train.precision=fp32")
+                    (loss / tc.grad_accum).backward()
+                loss_sum += loss.detach()
+                n_micro += 1
+                n_samples += len(batch["status"])
+            if fsdp:
+                parallel.sync_replicated_grads(model)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over every process's shards
+                grad_norm = grad_norm.full_tensor()
+            if not torch.isfinite(grad_norm):
+                raise GlimpseError(f"non-finite gradient at step {step}; stopped before the optimizer step: "
+                                   "lower train.lr or use train.precision=fp32")
+            optimizer.step()
+            step += 1
+            if step == start + 1:  # what one process holds (its shards under FSDP): the largest over processes
+                memory = {k: all_reduce_int(v, device, "max") for k, v in parallel.local_bytes(model, optimizer).items()}
+            dt = time.perf_counter() - t0
+            loss_value = all_reduce_mean(loss_sum / max(n_micro, 1)).item()  # skipped micro-batches do not count
+            throughput = n_samples * dist_info.world_size / dt
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{throughput:.0f}")
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                log.write({"step": step, "loss": loss_value, "lr": lr_at(step - 1, tc),
+                           "grad_norm": grad_norm.item(), "samples_per_s": throughput,
+                           **({"bad_samples": dict(failures)} if failures else {})})
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+                with parallel.gathered(model):  # FSDP: the main process evaluates the whole model alone
+                    if main:
+                        figures = task.evaluate(model, recipe.eval.during_train)
+                        log.write({"step": step, **figures})
+                        bar.write(f"step {step}: " + "  ".join(f"{k} {v if isinstance(v, int) else format(v, '.3f')}"
+                                                                for k, v in figures.items()))
+                        model.train()
+                    barrier()
+            if step == tc.max_steps:
+                with parallel.gathered(model, writeback=True):
+                    task.finish(model, device)  # on every process: the weights stay the same everywhere
+            if step % tc.save_every == 0 or step == tc.max_steps:
+                trainer_state = {"failures": dict(failures), "bad_in_a_row": bad_in_a_row,
+                                 **({"stream": dataset.position(step * tc.grad_accum)} if stream else {})}
+                if fsdp:  # every process writes its shards; the last checkpoint also holds the whole model
+                    full = parallel.full_state(model) if step == tc.max_steps else None
+                    ckpt.save_sharded_checkpoint(out, step, model, optimizer, trainer_state, tc.keep_checkpoints,
+                                                 full if main else None)
+                elif main:
+                    ckpt.save_checkpoint(out, step, model, optimizer, trainer_state, tc.keep_checkpoints)
                 if main:
-                    figures = task.evaluate(model, recipe.eval.during_train)
-                    log.write({"step": step, **figures})
-                    bar.write(f"step {step}: " + "  ".join(f"{k} {v if isinstance(v, int) else format(v, '.3f')}"
-                                                            for k, v in figures.items()))
-                    model.train()
+                    plot_metrics(out / runs.METRICS, out / runs.LOSS_PLOT)
                 barrier()
-        if step == tc.max_steps:
-            with parallel.gathered(model, writeback=True):
-                task.finish(model, device)  # on every process: the weights stay the same everywhere
-        if step % tc.save_every == 0 or step == tc.max_steps:
-            trainer_state = {"failures": dict(failures), "bad_in_a_row": bad_in_a_row,
-                             **({"stream": dataset.position(step * tc.grad_accum)} if stream else {})}
-            if fsdp:  # every process writes its shards; the last checkpoint also holds the whole model
-                full = parallel.full_state(model) if step == tc.max_steps else None
-                ckpt.save_sharded_checkpoint(out, step, model, optimizer, trainer_state, tc.keep_checkpoints,
-                                             full if main else None)
-            elif main:
-                ckpt.save_checkpoint(out, step, model, optimizer, trainer_state, tc.keep_checkpoints)
+        bar.close()
+
+        results: dict = {}
+        with parallel.gathered(model):
             if main:
-                plot_metrics(out / runs.METRICS, out / runs.LOSS_PLOT)
-            barrier()
-    bar.close()
-
-    results: dict = {}
-    with parallel.gathered(model):
+                results = task.evaluate(model, recipe.eval.splits) if recipe.eval.splits else {}
         if main:
-            results = task.evaluate(model, recipe.eval.splits) if recipe.eval.splits else {}
-    if main:
-        log.write({"step": step, **results, "bad_samples": dict(failures)})
-        (out / runs.EVAL).write_text(json.dumps(results, indent=2) + "\n")
-        plot_metrics(out / runs.METRICS, out / runs.LOSS_PLOT)
-        (out / runs.RUN_INFO).write_text(json.dumps({
-            "seconds": round(time.time() - t_start, 1), "steps": [start, step], "matmul_gflops": round(gflops, 1),
-            "device": str(device), "threads": torch.get_num_threads(), "processes": dist_info.world_size,
-            **({"parallel": tc.parallel} if dist_info.enabled else {}), "torch": torch.__version__,
-            "bytes_per_process": memory if step > start else None}, indent=2) + "\n")
-        if failures:
-            print("skipped bad samples: " + ", ".join(f"{r} {n}" for r, n in sorted(failures.items())))
-    if tc.lora.r > 0:  # the adapters in PEFT's format too, where the family exports (RUN/adapter: glimpse.hub.peft)
-        from glimpse.hub import peft as hub_peft
-        from glimpse.models import lora
+            log.write({"step": step, **results, "bad_samples": dict(failures)})
+            (out / runs.EVAL).write_text(json.dumps(results, indent=2) + "\n")
+            plot_metrics(out / runs.METRICS, out / runs.LOSS_PLOT)
+            (out / runs.RUN_INFO).write_text(json.dumps({
+                "seconds": round(time.time() - t_start, 1), "steps": [start, step], "matmul_gflops": round(gflops, 1),
+                "device": str(device), "threads": torch.get_num_threads(), "processes": dist_info.world_size,
+                **({"parallel": tc.parallel} if dist_info.enabled else {}), "torch": torch.__version__,
+                "bytes_per_process": memory if step > start else None}, indent=2) + "\n")
+            if failures:
+                print("skipped bad samples: " + ", ".join(f"{r} {n}" for r, n in sorted(failures.items())))
+        if tc.lora.r > 0:  # the adapters in PEFT's format too, where the family exports (RUN/adapter: glimpse.hub.peft)
+            from glimpse.hub import peft as hub_peft
+            from glimpse.models import lora
 
-        layers = lora.lora_layers(model)  # on every process: FSDP gathers each adapter whole
-        if main:
-            from_folder = recipe.init and not recipe.init_parts and is_hf_folder(recipe.init)
-            try:  # they apply to the Hugging Face folder the run started from, if it did
-                hub_peft.adapter_of(task.to_hf(model), layers, tc.lora,
-                                    str(resolve(recipe.init).resolve()) if from_folder else None
-                                    ).write(out / runs.ADAPTER)
-            except GlimpseError as e:
-                print(f"glimpse: note: no PEFT adapter written: {e}", file=sys.stderr)
-    log.close()
-    barrier()
-    return results
+            layers = lora.lora_layers(model)  # on every process: FSDP gathers each adapter whole
+            full = parallel.full_state(model) if fsdp else None  # ditto, the whole model
+            if main:
+                from_folder = recipe.init and not recipe.init_parts and is_hf_folder(recipe.init)
+                plain = model
+                if fsdp:  # the export reads plain tensors: a one-process copy of the model
+                    plain = task.build_model()
+                    lora.apply_lora(plain, tc.lora, skip=recipe.freeze)
+                    runs.load_tensors(plain, full, out)
+                try:  # they apply to the Hugging Face folder the run started from, if it did
+                    hub_peft.adapter_of(task.to_hf(plain), layers, tc.lora,
+                                        str(resolve(recipe.init).resolve()) if from_folder else None
+                                        ).write(out / runs.ADAPTER)
+                except GlimpseError as e:
+                    print(f"glimpse: note: no PEFT adapter written: {e}", file=sys.stderr)
+        barrier()
+        return results
+    finally:
+        bar.close()
+        log.close()
