@@ -261,6 +261,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     try:  # the progress bar and TensorBoard's writer are closed however training ends
         batches = dataset.read(loader) if stream else iter(loader)
         step = start
+        final = None  # FSDP: the whole model gathered for the last checkpoint, used again by the adapter export
         model.train()
         while step < tc.max_steps:
             t0 = time.perf_counter()
@@ -333,9 +334,9 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
                 trainer_state = {"failures": dict(failures), "bad_in_a_row": bad_in_a_row,
                                  **({"stream": dataset.position(step * tc.grad_accum)} if stream else {})}
                 if fsdp:  # every process writes its shards; the last checkpoint also holds the whole model
-                    full = parallel.full_state(model) if step == tc.max_steps else None
+                    final = parallel.full_state(model) if step == tc.max_steps else None
                     ckpt.save_sharded_checkpoint(out, step, model, optimizer, trainer_state, tc.keep_checkpoints,
-                                                 full if main else None)
+                                                 final if main else None)
                 elif main:
                     ckpt.save_checkpoint(out, step, model, optimizer, trainer_state, tc.keep_checkpoints)
                 if main:
@@ -363,14 +364,15 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
             from glimpse.models import lora
 
             layers = lora.lora_layers(model)  # on every process: FSDP gathers each adapter whole
-            full = parallel.full_state(model) if fsdp else None  # ditto, the whole model
+            if fsdp and final is None:  # a run resumed at its last step saved nothing: gather it now
+                final = parallel.full_state(model)
             if main:
                 from_folder = recipe.init and not recipe.init_parts and is_hf_folder(recipe.init)
                 plain = model
                 if fsdp:  # the export reads plain tensors: a one-process copy of the model
                     plain = task.build_model()
                     lora.apply_lora(plain, tc.lora, skip=recipe.freeze)
-                    runs.load_tensors(plain, full, out)
+                    runs.load_tensors(plain, final, out)
                 try:  # they apply to the Hugging Face folder the run started from, if it did
                     hub_peft.adapter_of(task.to_hf(plain), layers, tc.lora,
                                         str(resolve(recipe.init).resolve()) if from_folder else None
