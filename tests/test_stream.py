@@ -281,14 +281,17 @@ def test_a_streamed_run_resumed_from_a_checkpoint_logs_the_same_losses(world, tm
               resume=True, progress=False)
 
 
-@pytest.mark.parametrize("family", ["encoder_decoder", "fusion"])
+@pytest.mark.parametrize("family", ["encoder_decoder", "fusion", "vlm"])
 def test_the_other_caption_families_train_on_a_stream(world, tmp_path, family):
+    from conftest import tiny_vlm_overrides
     from test_captioner import tiny_captioner_overrides
     from test_fusion import tiny_overrides as fusion_overrides
 
     extra = {**_stream_data(world, tmp_path), "train.max_steps": 2, "train.save_every": 2}
     name, sets = {"encoder_decoder": ("shapes-captioner", tiny_captioner_overrides(world, **extra)),
-                  "fusion": ("shapes-fusion-pretrain", fusion_overrides(world, **extra))}[family]
+                  "fusion": ("shapes-fusion-pretrain", fusion_overrides(world, **extra)),
+                  "vlm": ("shapes-llava-stage1", tiny_vlm_overrides(
+                      world, **extra, **{"train.cache_vision_features": "false"}))}[family]
     train(load_recipe(name, sets), tmp_path / "run", progress=False)
     assert len([r for r in _records(tmp_path / "run") if "loss" in r]) == 2
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_0000002" / "state.json").read_text())
@@ -302,3 +305,7 @@ def test_recipes_refuse_a_stream_where_it_cannot_be_read():
         load_recipe("shapes-lm", ["data.source=wds", "data.stream=true"])
     with pytest.raises(GlimpseError, match="data.stream.*not for model.objective vqa"):
         load_recipe("shapes-fusion-vqa", ["data.source=wds", "data.stream=true", "init=null"])
+    with pytest.raises(GlimpseError, match="data.stream.*not with data.format llava"):
+        load_recipe("shapes-llava-stage2", ["data.source=wds", "data.stream=true", "init=null"])
+    with pytest.raises(GlimpseError, match="cache_vision_features.*not with data.stream"):
+        load_recipe("shapes-llava-stage1", ["data.source=wds", "data.stream=true"])

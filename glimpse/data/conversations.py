@@ -27,7 +27,8 @@ from torch.utils.data import Dataset
 from glimpse.data.chat import IGNORE, VQA_INSTRUCTION, from_llava, tokenize_conversation
 from glimpse.data.formats import read_llava, read_vqa
 from glimpse.data.images import ImageError, ImageTransform, load_image, split_failures
-from glimpse.data.pairs import load_pairs, split_files
+from glimpse.data.pairs import load_pairs, split_files, stream_caption
+from glimpse.data.stream import ShardSample, ShardStream
 from glimpse.errors import GlimpseError
 
 # reasons a sample is dropped, besides the image errors
@@ -211,6 +212,41 @@ class ConversationDataset(Dataset):
         if self.loader is not None:
             return self.loader(src, name)
         return self.transform(load_image(src, max_pixels=self.max_pixels, name=name))
+
+
+def stream_conversations(data_cfg, root: Path, tokenizer, template: str, transform: ImageTransform,
+                         image_tokens: int, context_length: int, seed: int) -> ShardStream:
+    """The training split's WebDataset shards as a stream (`data.stream`) of caption conversations: LLaVA's
+    stage 1 (image-caption pretraining, as on LCS-558K) read without holding the set in memory."""
+    files, _ = split_files(data_cfg, root, "train")
+    decode = StreamCaptionConversations(tokenizer, template, transform, data_cfg.max_pixels, image_tokens,
+                                        context_length, seed)
+    return ShardStream(files, decode, seed=seed, shuffle_buffer=data_cfg.shuffle_buffer)
+
+
+class StreamCaptionConversations:
+    """A stream's decoder: a shard sample -> the item ConversationDataset gives for a caption record (the
+    image, then its caption as the answer), or the bad-sample record."""
+
+    def __init__(self, tokenizer, template: str, transform: ImageTransform, max_pixels: int, image_tokens: int,
+                 context_length: int, seed: int):
+        self.tokenizer, self.template, self.transform, self.max_pixels = tokenizer, template, transform, max_pixels
+        self.image_tokens, self.context_length, self.seed = image_tokens, context_length, seed
+
+    def __call__(self, s: ShardSample) -> dict:
+        got = stream_caption(s, self.seed)
+        if isinstance(got, dict):
+            return got
+        name, image, caption = got
+        messages = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": caption}]
+        encoded = encode_sample(self.tokenizer, self.template, messages, 1, self.image_tokens, self.context_length)
+        if isinstance(encoded, str):
+            return {"error": encoded, "message": f"{name} dropped: {DROP_REASONS[encoded]}"}
+        try:
+            pixels = self.transform(load_image(image, max_pixels=self.max_pixels, name=name))
+        except ImageError as e:
+            return {"error": e.reason, "message": str(e)}
+        return {"input_ids": encoded[0], "labels": encoded[1], "pixel_values": [pixels]}
 
 
 class ConversationCollate:

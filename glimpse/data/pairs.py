@@ -59,26 +59,36 @@ def stream_pairs(data_cfg, root: Path, transform: ImageTransform, seed: int) -> 
 
 class StreamPairs:
     """A stream's decoder: a shard sample -> {"pixel_values", "caption"}, as PairDataset gives, or the
-    bad-sample record (a bad image, a .json that is broken or holds no caption).  The caption is drawn
-    by (seed, epoch, key), so a replayed stream draws the same ones."""
+    bad-sample record (a bad image, or what `stream_caption` refuses)."""
 
     def __init__(self, transform: ImageTransform, max_pixels: int, seed: int):
         self.transform, self.max_pixels, self.seed = transform, max_pixels, seed
 
     def __call__(self, s: ShardSample) -> dict:
-        name = f"{s.shard.rsplit('/', 1)[-1]}:{s.key}"  # the shard's file name and the sample's key
+        got = stream_caption(s, self.seed)
+        if isinstance(got, dict):
+            return got
+        name, image, caption = got
         try:
-            item = wds_sample(s.shard, s.key, s.files)
-        except GlimpseError as e:
-            return {"error": "corrupt", "message": str(e)}
-        if item is None:
-            return {"error": "format", "message": f"{name}: no caption"}
-        choice = zlib.crc32(f"{self.seed}:{s.epoch}:{s.key}".encode())
-        try:
-            arr = self.transform.resized_array(load_image(item.image, max_pixels=self.max_pixels, name=name))
+            arr = self.transform.resized_array(load_image(image, max_pixels=self.max_pixels, name=name))
         except ImageError as e:
             return {"error": e.reason, "message": str(e)}
-        return {"pixel_values": self.transform.normalize(arr), "caption": item.captions[choice % len(item.captions)]}
+        return {"pixel_values": self.transform.normalize(arr), "caption": caption}
+
+
+def stream_caption(s: ShardSample, seed: int) -> tuple[str, bytes, str] | dict:
+    """(the sample's name, its image bytes, one of its captions) of a shard sample, or the bad-sample record (a
+    .json that is broken or holds no caption).  The caption is drawn by (seed, epoch, key), so a replayed
+    stream draws the same ones."""
+    name = f"{s.shard.rsplit('/', 1)[-1]}:{s.key}"  # the shard's file name and the sample's key
+    try:
+        item = wds_sample(s.shard, s.key, s.files)
+    except GlimpseError as e:
+        return {"error": "corrupt", "message": str(e)}
+    if item is None:
+        return {"error": "format", "message": f"{name}: no caption"}
+    choice = zlib.crc32(f"{seed}:{s.epoch}:{s.key}".encode())
+    return name, item.image, item.captions[choice % len(item.captions)]
 
 
 # decoded training images a PairDataset keeps in memory (uint8, resized), when the whole set fits:

@@ -18,7 +18,12 @@ import torch
 from torch import nn
 
 from glimpse.data.chat import IGNORE
-from glimpse.data.conversations import ConversationCollate, ConversationDataset, training_records
+from glimpse.data.conversations import (
+    ConversationCollate,
+    ConversationDataset,
+    stream_conversations,
+    training_records,
+)
 from glimpse.errors import GlimpseError
 from glimpse.families import checks
 from glimpse.families.base import Family, HFBuild, Loaded, recipe_transform
@@ -61,6 +66,7 @@ class VisionLanguageFamily(Family):
     train_options = frozenset({"padding_groups", "cache_vision_features"})
     data_formats = ("coco", "csv", "wds", "llava")
     hf_model_types = hf.MODEL_TYPES
+    streams = True  # image-caption shards (LLaVA's stage 1); conversations and VQA mixes are read whole
 
     @classmethod
     def validate(cls, recipe) -> None:
@@ -75,6 +81,12 @@ class VisionLanguageFamily(Family):
         grid = v.image_size // max(v.patch_size, 1)
         check(m.connector == "prefix" or grid % m.pixel_shuffle == 0, "model.pixel_shuffle", m.pixel_shuffle,
               f"must divide the {grid}x{grid} patch grid")
+        d = recipe.data
+        if d.stream:
+            check(d.format != "llava" and not d.vqa_mix, "data.stream", d.stream,
+                  "streams image-caption shards: not with data.format llava or data.vqa_mix")
+            check(not recipe.train.cache_vision_features, "train.cache_vision_features", True,
+                  "caches the features of a set read whole: not with data.stream")
         for key in ("image_positions", "projector_norm"):  # parts of the projectors
             on = getattr(m, key)
             check(not on or m.connector != "prefix", f"model.{key}", on,
@@ -107,6 +119,10 @@ class VisionLanguageFamily(Family):
     def train_data(self):
         m = self.recipe.model
         image_tokens = VisionLanguageModel.count_image_tokens(m)
+        if self.recipe.data.stream:
+            return stream_conversations(self.recipe.data, self.root, self.tokenizer, m.chat_template, self.transform,
+                                        image_tokens, m.lm.context_length, self.recipe.train.seed), \
+                ConversationCollate(self.tokenizer.pad_id)
         records = self.records if self.records is not None else training_records(self.recipe.data, self.root)
         dataset = ConversationDataset(records, self.tokenizer, m.chat_template, self.transform,
                                       self.recipe.data.max_pixels, image_tokens, m.lm.context_length, self.image_rows)
