@@ -74,6 +74,36 @@ def test_frames_are_pooled_before_the_projector_and_get_a_position_each():
         torch.testing.assert_close(projected[:, :4] - model.frame_pos[0], swapped[:, 4:8] - model.frame_pos[1])
 
 
+def test_temporal_tokens_are_the_video_dual_encoders_temporal_head_and_reverse_with_the_clip():
+    from glimpse.families.video_clip.model import VideoClipConfig, VideoDualEncoder
+    from glimpse.families.video_llava.model import VideoLanguageModel, VideoLLaVAConfig
+    from glimpse.models.decoder import DecoderConfig
+    from glimpse.models.text import TextConfig
+    from glimpse.models.vision import VisionConfig
+
+    torch.manual_seed(0)
+    vision = VisionConfig(image_size=32, patch_size=8, width=16, layers=1, heads=2, class_token=False, pool="mean")
+    clip_model = VideoDualEncoder(VideoClipConfig(vision=vision, text=TextConfig(vocab_size=40, width=16, layers=1,
+                                                                                 heads=2, context_length=8),
+                                                  embed_dim=24, num_frames=3)).eval()
+    cfg = VideoLLaVAConfig(vision=vision, lm=DecoderConfig(vocab_size=40, width=16, layers=1, heads=2, context_length=80),
+                           num_frames=3, image_token_id=3, temporal_tokens=True, temporal_dim=24)
+    model = VideoLanguageModel(cfg).eval()
+    for part in ("vision", "visual_projection", "temporal"):  # as init_parts loads them from a video_clip run
+        getattr(model, part).load_state_dict(getattr(clip_model, part).state_dict())
+    assert model.image_tokens == 3 * (4 + 1)
+    clip = torch.randn(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.tower_features(clip)
+        tokens = model.project(feats)
+        per_frame = clip_model.temporal.per_frame(clip_model.get_image_features(clip.flatten(0, 1)).view(2, 3, -1))
+        torch.testing.assert_close(per_frame.mean(1), clip_model.get_video_features(clip))
+        torch.testing.assert_close(tokens[:, 12:], model.temporal_connector(per_frame) + model.frame_pos)
+        # the cache's reversed twin is exactly the reversed clip's features
+        torch.testing.assert_close(model.reverse_features(feats), model.tower_features(clip.flip(1)))
+        assert not torch.allclose(model.project(model.reverse_features(feats))[:, 12:], tokens[:, 12:].flip(1))
+
+
 def test_a_run_answers_and_captions_clips_and_reports_the_controls(run, pipe, video_world):
     import json
 
@@ -92,14 +122,18 @@ def test_a_run_answers_and_captions_clips_and_reports_the_controls(run, pipe, vi
         pipe.ask([videos[0]], ["what colour is the square?"], max_new_tokens=4)
 
 
-def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_clip(video_world, tmp_path, capsys):
+@pytest.mark.parametrize("temporal_tokens", [False, True])
+def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_clip(video_world, tmp_path, capsys,
+                                                                                   temporal_tokens):
     import shutil
 
     world = tmp_path / "world"
     shutil.copytree(video_world, world)
     for bad in sorted((world / "videos" / "train").glob("*.mp4"))[::3]:  # a third of the clips, cut short
         bad.write_bytes(bad.read_bytes()[:500])
-    common = {"train.max_steps": 2, "freeze": "[vision]", "data.root": str(world)}
+    # with reversed twins: the cache's twin rows are its clips' rows with the frames reversed, as decoded
+    common = {"train.max_steps": 2, "freeze": "[vision]", "data.root": str(world), "model.reverse_twins": True,
+              "model.temporal_tokens": temporal_tokens, "model.lm.context_length": 128}
     a, b = tmp_path / "cached", tmp_path / "plain"
     train(load_recipe("shapes-video-llava", overrides(world, **common, **{"train.cache_vision_features": True})),
           a, progress=False)
@@ -112,6 +146,40 @@ def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_cli
                 if '"loss"' in line]
 
     assert losses(a) == pytest.approx(losses(b), rel=1e-5)
+
+
+def test_reversed_twins_answer_as_the_clip_played_backwards(video_world):
+    import json
+    from types import SimpleNamespace
+
+    from glimpse.data import shapes_video as sv
+    from glimpse.families.video_llava.data import REVERSED, reversed_source, video_records
+
+    cfg = SimpleNamespace(source="shapes-video")
+    plain, both = video_records(cfg, video_world, "train"), video_records(cfg, video_world, "train", twins=True)
+    twins = [r for r in both if r["images"][0].endswith(REVERSED)]
+    assert [r for r in both if not r["images"][0].endswith(REVERSED)] == plain and twins
+    videos = {v["video_id"]: v for v in
+              json.loads((video_world / "annotations" / "captions_train.json").read_text())["videos"]}
+    qa = {(q["video_id"], q["question"]): q for q in json.loads((video_world / "annotations" / "qa_train.json").read_text())}
+    flipped = 0
+    for twin in twins:
+        path, backwards = reversed_source(twin["images"][0])
+        assert backwards and twin["messages"][0]["content"].startswith("<image>\n")
+        v = videos[path.rsplit("/", 1)[1].removesuffix(".mp4")]
+        back = sv.reverse_tracks(v["tracks"])
+        turns = twin["messages"]
+        for ask, answer in zip(turns[::2], turns[1::2]):
+            question = ask["content"].removeprefix("<image>\n")
+            q = qa.get((v["video_id"], question))
+            if q is None:  # the description
+                assert answer["content"].lower().rstrip(".") == sv.video_caption(back)
+                continue
+            expected = sv.answer_of(q["question_type"], q["shapes"], back, not v["reversed"])
+            assert answer["content"] == (q["answer"] if expected is None else expected), (q, answer)
+            assert q["question_type"] != "before_after"
+            flipped += answer["content"] != q["answer"]
+    assert flipped > len(twins) // 4
 
 
 def test_the_cli_asks_and_captions_a_clip_file(run, video_world, cli_env):

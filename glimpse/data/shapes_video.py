@@ -132,7 +132,8 @@ def _qa(question: str, answer: str, qtype: str, shapes: tuple = ()) -> dict:
 
 def answer_of(qtype: str, shapes: list[str], tracks: list[dict], reversed_: bool) -> str | None:
     """The answer to a question of type `qtype` about `shapes` (in the question's order) for a clip's tracks
-    (None for types it does not recompute: before_after and exists).  The generator's answers are
+    (None for types it does not recompute, before_after and exists, and for an order question whose shapes
+    tie).  The generator's answers are
     these; evaluation asks them again of a clip played backwards (`reverse_tracks`, `not reversed_`)."""
     facts = {f.shape: f for f in map(observe, tracks)}
     frames = len(tracks[0]["colours"])
@@ -140,11 +141,11 @@ def answer_of(qtype: str, shapes: list[str], tracks: list[dict], reversed_: bool
         return facts[shapes[0]].direction
     if qtype == "bounces":
         return str(len(facts[shapes[0]].bounces))
-    if qtype == "appear_order":
-        return min(shapes, key=lambda s: facts[s].appear)
-    if qtype == "disappear_order":
-        end = {s: facts[s].disappear if facts[s].disappear is not None else frames + 1 for s in shapes}
-        return min(shapes, key=end.get)
+    if qtype in ("appear_order", "disappear_order"):
+        when = {s: facts[s].appear for s in shapes} if qtype == "appear_order" else \
+            {s: facts[s].disappear if facts[s].disappear is not None else frames + 1 for s in shapes}
+        # a tie (both there from the start, say, as in a reversal) has no answer: the generator never asks it
+        return min(shapes, key=when.get) if len(set(when.values())) == len(shapes) else None
     if qtype == "arrow":
         return "reverse" if reversed_ else "forward"
     if qtype == "colour":

@@ -33,10 +33,17 @@ class TemporalPool(nn.Module):
     def forward(self, frames: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, D]
         if self.mode == "meanP":
             return frames.sort(dim=1).values.mean(dim=1)
+        return self.per_frame(frames).mean(dim=1)
+
+    def per_frame(self, frames: torch.Tensor) -> torch.Tensor:
+        """seqTransf's frames before the mean [B, T, D]: each frame's embedding with what the transformer
+        read from the others (the video LLaVA's temporal tokens)."""
+        if self.mode == "meanP":
+            return frames
         T = frames.shape[1]
         if T > self.frame_pos.shape[1]:
             raise ValueError(f"{T} frames: this temporal transformer has positions for {self.frame_pos.shape[1]}")
         x = frames + self.frame_pos[:, :T]
         for block in self.blocks:
             x = block(x)
-        return (frames + self.norm(x)).mean(dim=1)
+        return frames + self.norm(x)

@@ -23,7 +23,7 @@ from glimpse.families.base import Family, HFBuild, Loaded, recipe_transform
 from glimpse.families.feature_cache import cache_tower_features
 from glimpse.families.registry import register
 from glimpse.families.video_llava import hf
-from glimpse.families.video_llava.data import video_records
+from glimpse.families.video_llava.data import reversed_source, video_records
 from glimpse.families.video_llava.evaluate import evaluate
 from glimpse.families.video_llava.model import POOLS, VideoLanguageModel, VideoLLaVAConfig
 from glimpse.families.video_llava.pipeline import VideoLanguagePipeline
@@ -66,7 +66,12 @@ class VideoLLaVAFamily(Family):
         self.records, self.image_rows, self.feature_cache = None, None, None  # see prepare()
 
     def load_clip(self, src, name=None) -> torch.Tensor:
-        return clip_pixels(src, self.recipe.model.num_frames, self.transform)
+        src, backwards = reversed_source(src)
+        pixels = clip_pixels(src, self.recipe.model.num_frames, self.transform)
+        return pixels.flip(0) if backwards else pixels
+
+    def _records(self) -> list[dict]:
+        return video_records(self.recipe.data, self.root, "train", twins=self.recipe.model.reverse_twins)
 
     def build_model(self) -> nn.Module:
         return VideoLanguageModel(self.recipe.model)
@@ -74,17 +79,20 @@ class VideoLLaVAFamily(Family):
     def prepare(self, model: VideoLanguageModel, device: torch.device, progress: bool = True) -> None:
         """A frozen tower's pooled features of every training clip, computed once (train.cache_vision_features)."""
         if self.recipe.train.cache_vision_features:
-            self.records = video_records(self.recipe.data, self.root, "train")
+            self.records = self._records()
             c = model.cfg
-            self.image_rows, self.feature_cache = cache_tower_features(
-                model, [clip for r in self.records for clip in r["images"]], self.transform,
+            clips = [clip for r in self.records for clip in r["images"]]
+            rows, cache = cache_tower_features(
+                model, [clip for clip in clips if not reversed_source(clip)[1]], self.transform,
                 self.recipe.data.max_pixels, device, self.recipe.eval.batch_size, progress,
-                settings=(c.vision_feature_layer, c.num_frames, c.spatial_pool, c.spatial_pool_stride),
+                settings=(c.vision_feature_layer, c.num_frames, c.spatial_pool, c.spatial_pool_stride,
+                          c.temporal_tokens),
                 loader=self.load_clip)
+            self.image_rows, self.feature_cache = _with_twins(rows, cache, clips, model.reverse_features)
 
     def train_data(self):
         m = self.recipe.model
-        records = self.records if self.records is not None else video_records(self.recipe.data, self.root, "train")
+        records = self.records if self.records is not None else self._records()
         dataset = ConversationDataset(records, self.tokenizer, m.chat_template, self.transform,
                                       self.recipe.data.max_pixels, VideoLanguageModel.count_image_tokens(m),
                                       m.lm.context_length, self.image_rows, loader=self.load_clip)
@@ -122,6 +130,21 @@ class VideoLLaVAFamily(Family):
     @classmethod
     def hf_pipeline(cls, loaded: Loaded) -> VideoLanguagePipeline:
         return VideoLanguagePipeline(loaded.model, loaded.tokenizer, loaded.transform)
+
+
+def _with_twins(rows: dict, cache: torch.Tensor, clips: list, reverse) -> tuple[dict, torch.Tensor]:
+    """The feature cache with a row for each reversed twin: its clip's row with the frames in reverse order
+    (`reverse`: the model's `reverse_features`; the tower reads each frame alone, so that is exactly the
+    reversed clip's features)."""
+    twins = [c for c in dict.fromkeys(clips) if reversed_source(c)[1]]
+    own = [rows[reversed_source(c)[0]] for c in twins]
+    good = [(c, r) for c, r in zip(twins, own) if isinstance(r, int)]
+    rows = {**rows, **{c: r for c, r in zip(twins, own) if not isinstance(r, int)}}  # a bad clip's reason
+    if not good:
+        return rows, cache
+    flipped = reverse(cache[[r for _, r in good]])
+    rows.update({c: len(cache) + i for i, (c, _) in enumerate(good)})
+    return rows, torch.cat([cache, flipped])
 
 
 __all__ = ["VideoLLaVAFamily", "VideoLanguageModel", "VideoLLaVAConfig", "VideoLanguagePipeline"]

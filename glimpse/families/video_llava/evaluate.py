@@ -106,7 +106,7 @@ def evaluate_split(pipe, root: Path, split: str, batch_size: int = 64, limit: in
         clip = clips[q["video_id"]]
         if q["question_type"] in FLIP_TYPES:
             back = answer_of(q["question_type"], q["shapes"], reverse_tracks(clip.tracks), not clip.reversed)
-            if back != q["answer"]:
+            if back is not None and back != q["answer"]:  # None: the reversal ties them, no answer
                 flips.append({**q, "answer": back})
     if flips:
         got = answers(lambda v: pixels[v].flip(0), flips)

@@ -5,6 +5,11 @@ projector (LLaVA-NeXT-Video's `LlavaNextVideoPooler`: average or max, stride 2, 
 tokens), the projector maps every pooled token, and a learned temporal position is added to all the
 tokens of frame t.  The clip's T x tokens-per-frame features fill the `<image>` slots of the text, so
 the prompt expansion, the feature cache and generation are LLaVA's own.
+
+With `temporal_tokens`, T more tokens follow: CLIP4Clip's temporal head (a shapes-video-clip run's
+`visual_projection` and seqTransf `temporal`, loaded by init_parts) over the frames' pooled embeddings,
+one token a frame, through a projector of its own.  A video dual encoder trained against its clips'
+reversals reads frame order (docs/results.md); these tokens hand the LM what that model read.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glimpse.models.connectors import Projector
+from glimpse.models.temporal import TemporalPool
 from glimpse.models.vlm import VisionLanguageModel, VLMConfig
 
 POOLS = ("average", "max", "none")
@@ -27,6 +34,16 @@ class VideoLLaVAConfig(VLMConfig):
     spatial_pool: str = "average"  # average | max | none: LLaVA-NeXT-Video's spatial_pool_mode
     spatial_pool_stride: int = 2
     frame_positions: bool = True  # a learned embedding per frame, added to its tokens
+    # training on the moving-shapes world: each clip's reversed twin (its frames backwards, its answers as
+    # they then are) beside it, so the loss pays for frame order (video_llava/data.py)
+    reverse_twins: bool = False
+    # CLIP4Clip's temporal head as one more token a frame (module docstring); its sizes are the video dual
+    # encoder's (embed_dim, temporal_layers, temporal_heads, max_frames)
+    temporal_tokens: bool = False
+    temporal_dim: int = 128
+    temporal_layers: int = 2
+    temporal_heads: int = 2
+    temporal_max_frames: int = 16
 
 
 class VideoLanguageModel(VisionLanguageModel):
@@ -34,6 +51,11 @@ class VideoLanguageModel(VisionLanguageModel):
         super().__init__(cfg)
         self.frame_pos = nn.Parameter(torch.randn(cfg.num_frames, self.lm.cfg.width) * 0.02) \
             if cfg.frame_positions else None
+        if cfg.temporal_tokens:  # named as in the video dual encoder, so its run's parts load by init_parts
+            self.visual_projection = nn.Linear(cfg.vision.width, cfg.temporal_dim, bias=False)
+            self.temporal = TemporalPool(cfg.temporal_dim, "seqTransf", cfg.temporal_layers, cfg.temporal_heads,
+                                         cfg.temporal_max_frames)
+            self.temporal_connector = Projector("mlp2x_gelu", cfg.temporal_dim, self.lm.cfg.width)
 
     @staticmethod
     def tokens_per_frame(cfg: VideoLLaVAConfig) -> int:
@@ -45,7 +67,7 @@ class VideoLanguageModel(VisionLanguageModel):
     @staticmethod
     def count_image_tokens(cfg: VideoLLaVAConfig) -> int:
         """How many `<image>` tokens stand for one clip in the text."""
-        return cfg.num_frames * VideoLanguageModel.tokens_per_frame(cfg)
+        return cfg.num_frames * (VideoLanguageModel.tokens_per_frame(cfg) + int(cfg.temporal_tokens))
 
     def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Clips [N, T, 3, H, W] -> pooled patch features [N, T x tokens_per_frame, Dv] (cacheable)."""
@@ -59,11 +81,33 @@ class VideoLanguageModel(VisionLanguageModel):
             s = self.cfg.spatial_pool_stride
             pool = F.avg_pool2d if self.cfg.spatial_pool == "average" else F.max_pool2d
             x = pool(grid, s, s).flatten(2).transpose(1, 2)
-        return x.reshape(N, -1, x.shape[-1])
+        x = x.reshape(N, -1, x.shape[-1])
+        if self.cfg.temporal_tokens:  # then each frame's pooled embedding, for the temporal head
+            x = torch.cat([x, self.vision(pixel_values.flatten(0, 1)).view(N, T, -1).to(x.dtype)], dim=1)
+        return x
+
+    def split_features(self, tower_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tower features -> (the pooled patches [N, T, tokens, Dv], the frames' pooled embeddings [N, T, Dv] or None)."""
+        N, T = tower_features.shape[0], self.cfg.num_frames
+        patches = T * self.tokens_per_frame(self.cfg)
+        frames = tower_features[:, patches:] if self.cfg.temporal_tokens else None
+        return tower_features[:, :patches].reshape(N, T, -1, tower_features.shape[-1]), frames
+
+    def reverse_features(self, tower_features: torch.Tensor) -> torch.Tensor:
+        """The tower features of the clips played backwards (the tower reads each frame alone)."""
+        patches, frames = self.split_features(tower_features)
+        parts = [patches.flip(1).flatten(1, 2)] + ([] if frames is None else [frames.flip(1)])
+        return torch.cat(parts, dim=1)
 
     def project(self, tower_features: torch.Tensor) -> torch.Tensor:
-        """[N, T x tokens, Dv] -> [N, T x tokens, lm width], each frame's tokens with its position."""
-        x = self.connector(tower_features)
+        """[N, features, Dv] -> [N, image tokens, lm width]: each frame's tokens with its position, then
+        (temporal_tokens) the temporal head's token of each frame."""
+        patches, frames = self.split_features(tower_features)
+        T = self.cfg.num_frames
+        x = self.connector(patches.flatten(1, 2))
         if self.frame_pos is not None:
             x = x + self.frame_pos.repeat_interleave(self.tokens_per_frame(self.cfg), dim=0).to(x.dtype)
+        if frames is not None:
+            t = self.temporal_connector(self.temporal.per_frame(self.visual_projection(frames)))
+            x = torch.cat([x, t + self.frame_pos[:T].to(t.dtype) if self.frame_pos is not None else t], dim=1)
         return x
