@@ -7,7 +7,9 @@ attention), with random weights: speed does not depend on their values.  Measure
 - training: samples/s of a LLaVA stage-2 step (vision frozen; projector + LM learn; AdamW),
   loss on the answer tokens only, as LLaVA's data gives it;
 - decoding: greedy tokens/s at batch 1 and 16, the same prompt (image + text) and the same
-  number of new tokens (EOS ignored); image encoding and prefill included for both.
+  number of new tokens (EOS ignored); image encoding and prefill included for both.  On a CPU,
+  glimpse decodes on oneDNN-packed weights (glimpse/infer/packed_linear.py); the "F.linear weights"
+  rows are the same model without them.
 
     python bench/vlm_vs_transformers.py [--size small|base] [--precision fp32|bf16] [--device cpu|cuda]
 
@@ -17,6 +19,7 @@ Prints each figure and the ratio glimpse / transformers.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -186,10 +189,18 @@ def main() -> None:
             c = train_samples_per_s(ours, glimpse_loss, batch, device, a.precision, a.steps, compile=True)
             rows.append(("train samples/s, compiled", c, h))
     if "decode" not in a.skip:
+        plain = None
+        if device.type == "cpu":  # the same weights without the decode-time oneDNN packing, for the history
+            plain = copy.deepcopy(ours)
+            plain.lm._glimpse_packed = True  # pack_linears then leaves it as it is
         for bs in (1, 16):
             g = decode_tokens_per_s(ours, "glimpse", s, bs, a.new_tokens, device, a.precision, max(2, a.steps // 2))
             h = decode_tokens_per_s(theirs, "hf", s, bs, a.new_tokens, device, a.precision, max(2, a.steps // 2))
             rows.append((f"greedy tokens/s, batch {bs}", g, h))
+            if plain is not None:
+                p = decode_tokens_per_s(plain, "glimpse", s, bs, a.new_tokens, device, a.precision,
+                                        max(2, a.steps // 2))
+                rows.append((f"  ... F.linear weights, batch {bs}", p, h))
     print(f"{'':28s} {'glimpse':>10s} {'transformers':>13s} {'ratio':>7s}")
     for name, g, h in rows:
         print(f"{name:28s} {g:10.1f} {h:13.1f} {g / h:6.2f}x")

@@ -317,3 +317,48 @@ def test_a_running_batch_refuses_misuse():
         fixed.add([PROMPTS[1]])
     with pytest.raises(ValueError):
         DecodeBatch(model, greedy()).add([PROMPTS[0]], max_new_tokens=0)
+
+
+# ---- oneDNN-packed weights for decoding on a CPU --------------------------------------------------
+
+def test_packed_linear_equals_linear_and_never_goes_stale():
+    from glimpse.infer.packed_linear import PackedLinear, available, pack_linears
+
+    if not available():
+        pytest.skip("this torch build has no oneDNN")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 8, bias=False))
+    keys = list(model.state_dict())
+    assert pack_linears(model) == 2 and pack_linears(model) == 0  # once per model
+    assert all(type(m) is PackedLinear for m in (model[0], model[2])) and list(model.state_dict()) == keys
+    x = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        packed = model(x)
+        assert model[0]._packed is not None  # the packed path ran
+        plain = model[2](torch.nn.functional.gelu(torch.nn.functional.linear(x, model[0].weight, model[0].bias)))
+        torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+        model[0].weight.add_(0.5)  # an in-place change (an optimizer step, load_state_dict) re-packs
+        changed = model(x)
+        assert not torch.allclose(changed, packed, atol=1e-3)
+        torch.testing.assert_close(changed, model[2](torch.nn.functional.gelu(
+            torch.nn.functional.linear(x, model[0].weight, model[0].bias))), atol=1e-5, rtol=1e-5)
+    y = model(x)  # with autograd on, the plain F.linear: gradients flow as before
+    y.sum().backward()
+    assert model[0].weight.grad is not None and model[2].weight.grad is not None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_decoding_on_packed_weights_equals_plain(arch):
+    torch.manual_seed(0)
+    cfg = DecoderConfig(arch=arch, vocab_size=97, width=64, layers=2, heads=4,
+                        kv_heads=2 if arch == "llama" else 4, context_length=64)
+    packed, plain = CausalLM(cfg).eval(), CausalLM(cfg).eval()
+    plain.load_state_dict(packed.state_dict())
+    plain._glimpse_packed = True  # marks it done: pack_linears leaves it plain
+    prompts = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]]
+    for kw in (dict(), dict(do_sample=True, temperature=0.8, seed=3), dict(num_beams=3)):
+        assert generate(packed, prompts, greedy(12, **kw)) == generate(plain, prompts, greedy(12, **kw))
+    from glimpse.infer.packed_linear import PackedLinear, available
+
+    assert any(type(m) is PackedLinear for m in packed.modules()) == available()
+    assert not any(type(m) is PackedLinear for m in plain.modules())

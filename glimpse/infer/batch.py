@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glimpse.infer.packed_linear import pack_linears
 from glimpse.models.decoder import KVCache, positions_from_mask
 
 
@@ -110,6 +111,7 @@ def _memory_inputs(memory, memory_mask, T: int, device) -> dict:
 def _prefill(model, prompts, pad_id: int, prefix_embeds, extra: int, memory=None, memory_mask=None):
     """Left-pad, run the prompts through a fresh cache with room for `extra` more tokens.
     -> (last logits [B, V], mask [B, T], last positions [B, 1], cache)."""
+    pack_linears(model)  # on a CPU the decode steps then multiply by oneDNN-packed weights
     device = next(model.parameters()).device
     B, T = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)

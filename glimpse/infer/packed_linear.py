@@ -1,0 +1,68 @@
+"""Linear layers with oneDNN-packed weights, for decoding on a CPU.
+
+A decode step multiplies a few rows (one per sequence) by every weight matrix of the LM.  On a CPU,
+`F.linear` on PyTorch's [out, in] weight runs such products well below the memory bandwidth they are
+bound by: a [16, 768] x [768, 32000] LM head at 34 GFLOP/s, where the same weight reordered once into
+oneDNN's blocked layout runs it about 2x faster (bench/RESULTS.md, "CPU decoding").  `pack_linears`
+gives each `nn.Linear` of a model such a copy, used only where it helps: autograd off, fp32 input on
+the CPU, at most `MAX_ROWS` rows (a long prefill is faster on the plain weight).
+
+The parameters are untouched: state dicts, training, explanations and every other path see the same
+module.  A copy is made at first use and re-made when its weight has changed since (an optimizer
+step or `load_state_dict` bumps the tensor's version), so it is never stale.  The copies cost the
+LM's linear weights' memory once more.  The packed product is oneDNN's, so it may differ from
+`F.linear` in the last bits (tests compare greedy tokens and logits within float tolerance).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_ROWS = 64  # above this (a prefill), F.linear is as fast or faster
+_HINT = 16  # the row count oneDNN chooses its blocking for; 1-16 is what decoding runs
+
+
+def available() -> bool:
+    """Whether this torch build has the oneDNN ops (every x86 and arm64 CPU wheel does)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class PackedLinear(nn.Linear):
+    """An nn.Linear (same parameters, same state dict) that multiplies small fp32 CPU batches with a
+    oneDNN-packed copy of its weight when no gradient is wanted.  Made by `pack_linears`."""
+
+    _packed: torch.Tensor | None = None
+    _packed_of: tuple[int, int] = (-1, -1)  # (data_ptr, version) of the weight it was made from
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (torch.is_grad_enabled() or x.dtype != torch.float32 or w.dtype != torch.float32
+                or x.device.type != "cpu" or w.device.type != "cpu" or x.numel() > MAX_ROWS * self.in_features
+                or torch.compiler.is_compiling()):
+            return F.linear(x, w, self.bias)
+        key = (w.data_ptr(), w._version)
+        if self._packed is None or self._packed_of != key:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), _HINT)
+            self._packed_of = key
+        bias = None if self.bias is None else self.bias.detach()
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self._packed, bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Turn each plain nn.Linear of `model` into a PackedLinear in place (its class only: parameters,
+    hooks and state dict stay); -> how many.  Once per model; a no-op where oneDNN is missing or the
+    model is distributed (FSDP and DDP own their parameters' storage)."""
+    if getattr(model, "_glimpse_packed", False):
+        return 0
+    model._glimpse_packed = True
+    if not available() or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear:  # exactly: LoRA and FSDP subclasses keep their own forward
+            m.__class__ = PackedLinear
+            n += 1
+    return n
