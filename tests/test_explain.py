@@ -19,7 +19,7 @@ from torch.testing import assert_close
 
 from glimpse.explain import METHODS, Explanation, explain
 from glimpse.explain import relevance as rel
-from glimpse.explain.core import auc, cell_masks, deletion_curve, occlusion
+from glimpse.explain.core import auc, cell_masks, deletion_curve, integrated_gradients, occlusion, patch_order
 from glimpse.explain.explainers import DualEncoderExplainer
 from glimpse.explain.towers import grads_of
 from glimpse.families.fusion import FusionConfig, FusionEncoder
@@ -546,3 +546,28 @@ def test_world_instances_are_coco_boxes_of_the_scene_objects(world):
             assert abs(cols.min() - x) <= 1.5 and abs(cols.max() + 1 - (x + w)) <= 1.5, objs[0]
             assert abs(rows.min() - y) <= 1.5 and abs(rows.max() + 1 - (y + h)) <= 1.5, objs[0]
     assert singles >= 5
+
+
+def test_integrated_gradients_of_a_linear_score_is_gradient_times_input():
+    px = planted_pixels()
+    grid = integrated_gradients(planted_score, px, steps=4, batch_size=3)
+    assert grid.shape == (32, 32)
+    expected = torch.zeros(32, 32)
+    expected[8:16, 16:24] = px[0, :, 8:16, 16:24].sum(0)  # a constant gradient of 1 there, times the pixel
+    assert_close(grid, expected, rtol=1e-6, atol=1e-6)
+    # completeness: the attributions sum to score(x) - score(baseline) (baseline 0, score(0) = 0)
+    assert float(grid.sum()) == pytest.approx(float(planted_score(px)[0]), rel=1e-5)
+    # a pixel that lowers the score gets none (the positive part), and the order of patches follows
+    assert float(integrated_gradients(lambda p: -planted_score(p), px).abs().max()) == 0.0
+    assert patch_order(grid, (4, 4))[0] == CELL[0] * 4 + CELL[1]
+
+
+def test_integrated_gradients_completeness_on_a_nonlinear_score():
+    w = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(1)).abs()
+    px = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def score(p):  # positive weights on positive pixels: every attribution is >= 0, so none is clipped
+        return torch.tanh((p * w).sum((1, 2, 3)) / 20) * 3
+
+    grid = integrated_gradients(score, px, steps=64)
+    assert float(grid.sum()) == pytest.approx(float(score(px)[0] - score(torch.zeros_like(px))[0]), rel=1e-3)

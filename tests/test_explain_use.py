@@ -22,7 +22,9 @@ from torch.testing import assert_close
 import glimpse
 from glimpse.errors import GlimpseError
 from glimpse.explain import METHODS, Explanation, explain
+from glimpse.explain.core import PIXEL_METHODS
 from glimpse.explain.evaluate import evaluate_explanations, explain_cases, randomised
+from glimpse.explain.relevance import ATTENTION_METHODS
 from glimpse.explain.towers import grads_of
 from glimpse.metrics.explain import spearman
 from glimpse.models.attention import record_attention
@@ -32,7 +34,6 @@ from glimpse.models.vlm import VisionLanguageModel, VLMConfig
 
 V = 40  # tiny vocabulary of the hand-built models
 TIGHT = dict(atol=1e-5, rtol=1e-5)
-ATTENTION_METHODS = [m for m in METHODS if m != "occlusion"]
 
 # -- 7. the pipelines end to end --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -60,16 +61,17 @@ def test_dual_encoder_explains_every_method(dual, image, method):
     text = "a small red circle"
     (e,) = dual.explain([image], [text], method=method)
     assert isinstance(e, Explanation) and e.method == method and e.target == f"similarity to {text!r}"
-    assert_a_map(e.grid)
+    side = dual.transform.image_size if method in PIXEL_METHODS else 4  # a map per pixel, or per patch
+    assert_a_map(e.grid, (side, side))
     assert e.score == pytest.approx(float(dual.embed_images([image]) @ dual.embed_texts([text])[0]), abs=1e-5)
     assert e.tokens == ["<bos>", "a", "small", "red", "circle", "<eos>"]
-    if method != "occlusion":
+    if method in ATTENTION_METHODS:
         assert len(e.token_scores) == len(e.tokens) and all(0 <= s <= 1 for s in e.token_scores)
         assert max(e.token_scores) == 1.0
         assert float(e.grid.max()) == 1.0
     assert e.words == [] and e.seconds > 0
     d = e.to_dict()
-    assert len(d["grid"]) == 4 and all(len(r) == 4 for r in d["grid"])
+    assert len(d["grid"]) == side and all(len(r) == side for r in d["grid"])
     assert json.loads(json.dumps(d))["method"] == method
 
 
@@ -97,9 +99,10 @@ def test_vlm_explains_every_method(vlm, image, method):
     explainer = vlm.explainer(image, question="what colour is the circle?", max_new_tokens=3)
     e = explain(explainer, method)
     assert e.method == method and e.target == f"answer {explainer.answer!r}"
-    assert_a_map(e.grid)
+    side = explainer.pixels.shape[-1] if method in PIXEL_METHODS else 4
+    assert_a_map(e.grid, (side, side))
     assert math.isfinite(e.score) and e.score <= 0  # a log-probability
-    if method == "occlusion":
+    if method not in ATTENTION_METHODS:
         assert e.words == [] and e.token_scores == []
     else:
         assert len(e.words) == len(explainer.answer_words) >= 1
@@ -220,7 +223,7 @@ def test_fusion_explainer_every_method():
         assert ex.base_score == pytest.approx(float(expected), abs=1e-5)
         for method in METHODS:
             e = explain(ex, method)
-            assert_a_map(e.grid, (2, 2))
+            assert_a_map(e.grid, (16, 16) if method in PIXEL_METHODS else (2, 2))
             if method in ("chefer", "rollout"):
                 assert len(e.token_scores) == 8 and e.token_scores[6:] == [0.0, 0.0]  # padding
     with pytest.raises(GlimpseError, match="not one of"):
@@ -546,8 +549,10 @@ def test_a_hugging_face_llava_folder_explains_an_answer(tmp_path, image):
     for method in METHODS:
         e = pipe.explain([image], ["w3 w4 w5"], method=method, answers=["w7 w8"])[0]
         assert e.target == "answer 'w7 w8'"
-        assert [w for w, _ in e.words] == ([] if method == "occlusion" else ["w7", "w8"])  # occlusion: one map
-        assert e.grid.shape == (2, 2) and torch.isfinite(e.grid).all() and float(e.grid.max()) <= 1
+        # occlusion and integrated gradients: one map (per pixel for the latter)
+        assert [w for w, _ in e.words] == (["w7", "w8"] if method in ATTENTION_METHODS else [])
+        side = pipe.transform.image_size if method in PIXEL_METHODS else 2
+        assert e.grid.shape == (side, side) and torch.isfinite(e.grid).all() and float(e.grid.max()) <= 1
     with record_attention() as rec, torch.no_grad():
         ex = pipe.explainer(image, question="w3 w4 w5", answer="w7 w8")
         logits = pipe.model(ex.ids, pixel_values=ex.pixels)

@@ -8,8 +8,12 @@ answer's log-probability, a LLaVA answer's log-probability).  It offers two thin
 - `attention(method) -> Relevance`: the attention methods of glimpse.explain.relevance, run on the maps
   that explain mode records.
 
-`explain(explainer, method)` makes an `Explanation` of either kind; occlusion is model-agnostic and needs only
-`score`.  The families' pipelines build their explainers (`pipeline.explain(...)`).
+- `differentiable_score(pixels)`: `score` with autograd, for integrated gradients.
+
+`explain(explainer, method)` makes an `Explanation` of any kind; occlusion is model-agnostic and needs only
+`score`, integrated gradients only `differentiable_score`.  The attention methods and occlusion give a
+relevance per patch; integrated gradients one per pixel (a grid of the image's size).  The families'
+pipelines build their explainers (`pipeline.explain(...)`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import torch.nn.functional as F
 
 from glimpse.explain.relevance import ATTENTION_METHODS
 
-METHODS = (*ATTENTION_METHODS, "occlusion")
+PIXEL_METHODS = ("integrated_gradients",)  # maps at the image's resolution, finer than the patches
+METHODS = (*ATTENTION_METHODS, *PIXEL_METHODS, "occlusion")
 DEFAULT_METHOD = "chefer"
 
 
@@ -39,7 +44,7 @@ class Explanation:
     method: str
     target: str  # what was explained, in words ("similarity to 'a red circle'", "answer 'red'")
     score: float  # the explained score on the unaltered input
-    grid: torch.Tensor  # [gh, gw] relevance per image patch, min-max scaled to [0, 1] (all 0: constant)
+    grid: torch.Tensor  # [gh, gw] relevance per image patch ([H, W] per pixel: PIXEL_METHODS), min-max scaled to [0, 1]
     tokens: list[str] = field(default_factory=list)  # the text's tokens, as the model read them
     token_scores: list[float] = field(default_factory=list)  # relevance per token, min-max scaled to [0, 1]
     words: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (generated word, its own grid)
@@ -74,6 +79,8 @@ def explain(explainer, method: str = DEFAULT_METHOD) -> Explanation:
     start = time.perf_counter()
     if method == "occlusion":
         rel = Relevance(occlusion(explainer.score, explainer.pixels, explainer.grid_shape))
+    elif method == "integrated_gradients":
+        rel = Relevance(integrated_gradients(explainer.differentiable_score, explainer.pixels))
     else:
         rel = explainer.attention(method)
     scores = [float(s) for s in scaled(torch.tensor(rel.token_scores))] if rel.token_scores else []
@@ -106,6 +113,29 @@ def occlusion(score, pixels: torch.Tensor, grid_shape: tuple[int, int], batch_si
     drops = torch.cat([base - score(occluded(pixels, ~masks[i:i + batch_size]))
                        for i in range(0, len(masks), batch_size)])
     return drops.view(grid_shape).clamp_min(0)  # painting a patch over that raises the score: no relevance
+
+
+def integrated_gradients(score, pixels: torch.Tensor, steps: int = 16, batch_size: int = 16) -> torch.Tensor:
+    """Integrated gradients (Sundararajan et al. 2017): each pixel's (x - x0) times the mean gradient of the
+    score along the straight path from the baseline x0 to the image, summed over the colour channels, its
+    positive part.  The baseline is the mean-colour image (0 in the towers' normalised space: what occlusion
+    paints with), the path integral a midpoint rule of `steps` points.  Completeness: the attributions sum
+    to score(x) - score(x0), up to the rule's error.  [H, W], per pixel."""
+    alphas = (torch.arange(steps, device=pixels.device, dtype=pixels.dtype) + 0.5) / steps
+    total = torch.zeros_like(pixels[0])
+    for a in alphas.split(batch_size):
+        path = (pixels * a[:, None, None, None]).requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(score(path).sum(), path)
+        total += grad.sum(0)
+    return (pixels[0] * total / steps).sum(0).clamp_min(0).detach()
+
+
+def patch_order(grid: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor:
+    """Patch indices, most relevant first, of a patch map or of a pixel map (its mean over each patch)."""
+    if tuple(grid.shape) != tuple(grid_shape):
+        grid = F.adaptive_avg_pool2d(grid[None, None].float(), grid_shape)[0, 0]
+    return grid.flatten().argsort(descending=True, stable=True)
 
 
 @torch.no_grad()

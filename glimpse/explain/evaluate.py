@@ -26,7 +26,7 @@ import torch
 
 from glimpse.data.shapes import position_phrase
 from glimpse.errors import GlimpseError
-from glimpse.explain.core import METHODS, Explanation, auc, deletion_curve, explain
+from glimpse.explain.core import METHODS, Explanation, auc, deletion_curve, explain, patch_order
 from glimpse.metrics.explain import box_mask, box_share, energy_in_box, pointing_hit, spearman
 
 
@@ -138,7 +138,7 @@ def evaluate_explanations(pipeline, cases: list[Case], methods=METHODS, deletion
                 sums[f"{key}/energy"].append(energy_in_box(pm, case.box))
             sums[f"{method}/ms"].append(1000 * e.seconds)
             if i < deletion_n:
-                order = e.grid.flatten().argsort(descending=True, stable=True)
+                order = patch_order(e.grid, explainer.grid_shape)
                 curve = deletion_curve(explainer.score, explainer.pixels, order, explainer.grid_shape, steps)
                 sums[f"{method}/deletion_auc"].append(auc(curve))
             if i < sanity_n:

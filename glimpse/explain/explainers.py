@@ -32,9 +32,12 @@ class DualEncoderExplainer:
             self.text_embed = F.normalize(model.get_text_features(input_ids, attention_mask).float(), dim=-1)
             self.base_score = float(self.score(pixels)[0])
 
+    def differentiable_score(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.get_image_features(pixels).float(), dim=-1) @ self.text_embed[0]
+
     @torch.no_grad()
     def score(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.get_image_features(pixels).float(), dim=-1) @ self.text_embed[0]
+        return self.differentiable_score(pixels)
 
     def attention(self, method: str) -> Relevance:
         m = self.model
@@ -97,10 +100,13 @@ class VisionLanguageExplainer:
         index = self.answer_ids[None, :, None].expand(lg.shape[0], -1, 1)
         return lg.gather(-1, index)[..., 0] - lg.scatter(-1, index, float("-inf")).max(-1).values
 
-    @torch.no_grad()
-    def score(self, pixels: torch.Tensor) -> torch.Tensor:
+    def differentiable_score(self, pixels: torch.Tensor) -> torch.Tensor:
         ids = self.ids.expand(len(pixels), -1)
         return self._answer_logprob(self.model(ids, pixel_values=pixels)).sum(-1)
+
+    @torch.no_grad()
+    def score(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.differentiable_score(pixels)
 
     def _to_patches(self, token_relevance: torch.Tensor, vit_R: torch.Tensor | None) -> torch.Tensor:
         """Image-token relevance [n_tokens] -> patch relevance [n_patches]; through the tower's relevance

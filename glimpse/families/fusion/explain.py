@@ -54,9 +54,12 @@ class FusionExplainer:
     def _target(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.log_softmax(-1)[:, self.answer_index if self.vqa else 1]
 
+    def differentiable_score(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._target(self._logits(pixels))
+
     @torch.no_grad()
     def score(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._target(self._logits(pixels))
+        return self.differentiable_score(pixels)
 
     def attention(self, method: str) -> Relevance:
         m = self.model
