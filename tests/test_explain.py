@@ -19,7 +19,15 @@ from torch.testing import assert_close
 
 from glimpse.explain import METHODS, Explanation, explain
 from glimpse.explain import relevance as rel
-from glimpse.explain.core import auc, cell_masks, deletion_curve, integrated_gradients, occlusion, patch_order
+from glimpse.explain.core import (
+    auc,
+    cell_masks,
+    deletion_curve,
+    guided,
+    integrated_gradients,
+    occlusion,
+    patch_order,
+)
 from glimpse.explain.explainers import DualEncoderExplainer
 from glimpse.explain.towers import grads_of
 from glimpse.families.fusion import FusionConfig, FusionEncoder
@@ -571,3 +579,13 @@ def test_integrated_gradients_completeness_on_a_nonlinear_score():
 
     grid = integrated_gradients(score, px, steps=64)
     assert float(grid.sum()) == pytest.approx(float(score(px)[0] - score(torch.zeros_like(px))[0]), rel=1e-3)
+
+
+def test_guided_keeps_the_fine_maps_pixels_where_the_coarse_map_points():
+    coarse = torch.tensor([[0.0, 3.0], [0.0, 0.0]])  # the top-right patch
+    fine = torch.zeros(8, 8)
+    fine[1, 6] = 2.0  # a pixel in the top-right patch
+    fine[6, 1] = 4.0  # a stronger one where the coarse map says nothing
+    out = guided(coarse, fine)
+    assert out.shape == (8, 8) and divmod(int(out.argmax()), 8) == (1, 6)
+    assert float(out[6, 1]) == 0.0 and float(out.max()) <= 1.0

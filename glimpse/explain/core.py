@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from glimpse.explain.relevance import ATTENTION_METHODS
 
-PIXEL_METHODS = ("integrated_gradients",)  # maps at the image's resolution, finer than the patches
+PIXEL_METHODS = ("integrated_gradients", "chefer_ig")  # maps at the image's resolution, finer than the patches
 METHODS = (*ATTENTION_METHODS, *PIXEL_METHODS, "occlusion")
 DEFAULT_METHOD = "chefer"
 
@@ -81,6 +81,9 @@ def explain(explainer, method: str = DEFAULT_METHOD) -> Explanation:
         rel = Relevance(occlusion(explainer.score, explainer.pixels, explainer.grid_shape))
     elif method == "integrated_gradients":
         rel = Relevance(integrated_gradients(explainer.differentiable_score, explainer.pixels))
+    elif method == "chefer_ig":
+        rel = Relevance(guided(explainer.attention("chefer").grid,
+                               integrated_gradients(explainer.differentiable_score, explainer.pixels)))
     else:
         rel = explainer.attention(method)
     scores = [float(s) for s in scaled(torch.tensor(rel.token_scores))] if rel.token_scores else []
@@ -129,6 +132,16 @@ def integrated_gradients(score, pixels: torch.Tensor, steps: int = 16, batch_siz
             (grad,) = torch.autograd.grad(score(path).sum(), path)
         total += grad.sum(0)
     return (pixels[0] * total / steps).sum(0).clamp_min(0).detach()
+
+
+def guided(patch_map: torch.Tensor, pixel_map: torch.Tensor) -> torch.Tensor:
+    """A patch map upsampled (bilinear, as `Explanation.pixel_map`) times a pixel map, each min-max scaled:
+    Guided Grad-CAM's recipe (Selvaraju et al. 2017: Grad-CAM's coarse map times guided backpropagation's
+    fine one), here with Chefer's relevance as the coarse map and integrated gradients as the fine one.
+    The coarse map says which object, the fine one which of the patch's pixels.  [H, W]."""
+    H, W = pixel_map.shape
+    coarse = F.interpolate(scaled(patch_map)[None, None], size=(H, W), mode="bilinear", align_corners=False)
+    return coarse[0, 0].clamp_min(0) * scaled(pixel_map)
 
 
 def patch_order(grid: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor:
