@@ -558,3 +558,11 @@ def test_a_hugging_face_llava_folder_explains_an_answer(tmp_path, image):
         logits = pipe.model(ex.ids, pixel_values=ex.pixels)
     assert_close(logits, pipe.model(ex.ids, pixel_values=ex.pixels), atol=1e-5, rtol=1e-5)  # explain mode = fast path
     assert len(rec.calls) >= len(pipe.model.lm.blocks)
+
+
+def test_the_servers_explain_methods_are_the_librarys():
+    import typing
+
+    from glimpse.serve.schemas import ExplainRequest
+
+    assert set(typing.get_args(ExplainRequest.model_fields["method"].annotation)) == set(METHODS)

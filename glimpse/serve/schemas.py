@@ -122,5 +122,5 @@ class ExplainRequest(_Body):
     the messages end with the user's turn."""
     model: str
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
-    method: Literal["raw", "rollout", "gradcam", "chefer", "occlusion"] = "chefer"
+    method: Literal["raw", "rollout", "gradcam", "chefer", "integrated_gradients", "chefer_ig", "occlusion"] = "chefer"
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
