@@ -10,17 +10,17 @@ import torch
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
-from glimpse.explain.core import Explanation
+from glimpse.explain.core import PIXEL_METHODS, Explanation
 
 _SIDE = 256  # the heatmap panel's side in pixels
 _WORD_SIDE = 96
 
 
-def overlay(image: Image.Image, grid: torch.Tensor, side: int, alpha: float = 0.75) -> Image.Image:
+def overlay(image: Image.Image, grid: torch.Tensor, side: int, alpha: float = 0.75, gamma: float = 1.0) -> Image.Image:
     """The image resized to side x side with the relevance grid (bilinear, the inferno colour map)
-    blended over it, strongest where the relevance is."""
+    blended over it, strongest where the relevance is; shown as relevance ** gamma."""
     base = image.convert("RGB").resize((side, side), Image.BICUBIC)
-    heat = Explanation("", "", 0.0, grid).pixel_map(side, side).numpy()
+    heat = Explanation("", "", 0.0, grid).pixel_map(side, side).numpy() ** gamma
     colours = colormaps["inferno"](heat)[..., :3]
     weight = alpha * heat[..., None]
     mixed = (1 - weight) * np.asarray(base, dtype=np.float32) / 255 + weight * colours
@@ -53,7 +53,8 @@ def render(image: Image.Image, e: Explanation) -> Image.Image:
     draw = ImageDraw.Draw(canvas)
     draw.text((pad, 4), f"{e.method}: {e.target}", fill=(0, 0, 0), font=font)
     draw.text((pad, 4 + line), f"score {e.score:.3f}   {1000 * e.seconds:.0f} ms", fill=(90, 90, 90), font=font)
-    canvas.paste(overlay(image, e.grid, _SIDE), (pad, top))
+    # a pixel map is heavy-tailed (a few pixels near 1): its square root shows the shape it lights
+    canvas.paste(overlay(image, e.grid, _SIDE, gamma=0.5 if e.method in PIXEL_METHODS else 1.0), (pad, top))
     if len(e.words) > 1:
         for k, (word, grid) in enumerate(e.words):
             x0 = _SIDE + 2 * pad + k * (_WORD_SIDE + pad)

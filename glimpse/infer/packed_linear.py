@@ -5,7 +5,7 @@ A decode step multiplies a few rows (one per sequence) by every weight matrix of
 bound by: a [16, 768] x [768, 32000] LM head at 34 GFLOP/s, where the same weight reordered once into
 oneDNN's blocked layout runs it about 2x faster (bench/RESULTS.md, "CPU decoding").  `pack_linears`
 gives each `nn.Linear` of a model such a copy, used only where it helps: autograd off, fp32 input on
-the CPU, at most `MAX_ROWS` rows (a long prefill is faster on the plain weight).
+the CPU, at most `MAX_ROWS` rows (beyond, the packed weight gains little).
 
 The parameters are untouched: state dicts, training, explanations and every other path see the same
 module.  A copy is made at first use and re-made when its weight has changed since (an optimizer
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_ROWS = 64  # above this (a prefill), F.linear is as fast or faster
+MAX_ROWS = 128  # above this (a long prefill), F.linear is about as fast
 _HINT = 16  # the row count oneDNN chooses its blocking for; 1-16 is what decoding runs
 
 
