@@ -278,6 +278,14 @@ def test_phrase_captions_join_each_training_image_s_captions(world):
         scene = scenes[Path(item.image).name]
         phrases = [f"a {o['size']} {o['colour']} {o['shape']}" for o in scene.scene]
         assert item.captions == scene.captions + phrases
+    recipe = load_recipe("shapes-fusion-pretrain", tiny_overrides(world, **{"model.phrase_captions": "true",
+                                                                            "model.phrase_repeat": "3"}))
+    dataset, _ = get("fusion")(recipe, world, Tokenizer(world / "tokenizer.json")).train_data()
+    item = dataset.items[0]
+    phrases = [f"a {o['size']} {o['colour']} {o['shape']}" for o in scenes[Path(item.image).name].scene]
+    assert item.captions == scenes[Path(item.image).name].captions + phrases * 3  # phrases weigh 3x as much
+    with pytest.raises(GlimpseError, match="model.phrase_repeat"):
+        load_recipe("shapes-fusion-pretrain", tiny_overrides(world, **{"model.phrase_repeat": "0"}))
     with pytest.raises(GlimpseError, match="model.phrase_captions"):
         load_recipe("shapes-fusion-pretrain", tiny_overrides(world, **{"model.phrase_captions": "true",
                                                                        "data.format": "wds"}))

@@ -65,7 +65,7 @@ class FusionFamily(Family):
         choice("model.objective", m.objective, OBJECTIVES)
         check(not m.text.causal, "model.text.causal", m.text.causal, "must be false: MLM and fusion read both sides")
         checks.check_towers(m)
-        for k in ("fusion_layers", "embed_dim", "rerank_k"):
+        for k in ("fusion_layers", "embed_dim", "rerank_k", "phrase_repeat"):
             check(getattr(m, k) >= 1, f"model.{k}", getattr(m, k), "must be at least 1")
         for k in ("mlm_weight", "itm_weight", "itc_weight", "max_answers"):
             check(getattr(m, k) >= 0, f"model.{k}", getattr(m, k), "must not be negative")
@@ -107,7 +107,8 @@ class FusionFamily(Family):
         if m.phrase_captions:
             scenes = {Path(w.path).name: w.scene for w in read_scenes(self.root, "train")}
             items = [ImageText(it.image, it.captions + [f"a {o['size']} {o['colour']} {o['shape']}"
-                                                         for o in scenes[Path(it.image).name]], it.image_id)
+                                                         for o in scenes[Path(it.image).name]] * m.phrase_repeat,
+                               it.image_id)
                      for it in items]
         dataset = PairDataset(items, self.transform, d.max_pixels)
         return dataset, PairCollate(self.tokenizer, m.text.context_length)
