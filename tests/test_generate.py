@@ -337,6 +337,9 @@ def test_packed_linear_equals_linear_and_never_goes_stale():
         assert model[0]._packed is not None  # the packed path ran
         plain = model[2](torch.nn.functional.gelu(torch.nn.functional.linear(x, model[0].weight, model[0].bias)))
         torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+        strided = torch.randn(5, 3, 24).transpose(0, 1)  # a view whose rows are not contiguous
+        torch.testing.assert_close(model[0](strided), torch.nn.functional.linear(strided, model[0].weight,
+                                                                                 model[0].bias), atol=1e-5, rtol=1e-5)
         model[0].weight.add_(0.5)  # an in-place change (an optimizer step, load_state_dict) re-packs
         changed = model(x)
         assert not torch.allclose(changed, packed, atol=1e-3)

@@ -47,7 +47,8 @@ class PackedLinear(nn.Linear):
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), _HINT)
             self._packed_of = key
         bias = None if self.bias is None else self.bias.detach()
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self._packed, bias, "none", [], "")
+        rows = x.reshape(-1, self.in_features).contiguous()  # a no-op unless x is a strided view
+        y = torch.ops.mkldnn._linear_pointwise(rows, self._packed, bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
 
