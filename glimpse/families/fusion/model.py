@@ -50,7 +50,7 @@ class FusionConfig:
     # shapes world, pretrain/retrieval: each training image's one-object phrases ("a small red circle") join its
     # captions, so matching also learns phrases that name one object (what region-phrase data gives real data)
     phrase_captions: bool = False
-    phrase_repeat: int = 1  # each phrase joins the captions this many times: more steps match a phrase
+    phrase_repeat: int = 1  # each phrase joins the captions this many times (3 did worse: docs/results.md)
     # momentum distillation (ALBEF): an EMA teacher's predictions mixed into the targets
     distill: bool = False
     momentum: float = 0.995
