@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
+import pickle
 
 import pytest
 import torch
@@ -345,6 +347,10 @@ def test_packed_linear_equals_linear_and_never_goes_stale():
         assert not torch.allclose(changed, packed, atol=1e-3)
         torch.testing.assert_close(changed, model[2](torch.nn.functional.gelu(
             torch.nn.functional.linear(x, model[0].weight, model[0].bias))), atol=1e-5, rtol=1e-5)
+        twin = copy.deepcopy(model)  # a used model copies (randomised explanations, EMA teachers) and pickles
+        assert twin[0]._packed is None and type(twin[0]) is PackedLinear
+        torch.testing.assert_close(twin(x), model(x))
+        assert pickle.loads(pickle.dumps(model))[0]._packed is None
     y = model(x)  # with autograd on, the plain F.linear: gradients flow as before
     y.sum().backward()
     assert model[0].weight.grad is not None and model[2].weight.grad is not None

@@ -36,6 +36,14 @@ class PackedLinear(nn.Linear):
     _packed: torch.Tensor | None = None
     _packed_of: tuple[int, int] = (-1, -1)  # (data_ptr, version) of the weight it was made from
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the packed weight behind (oneDNN's opaque tensor has no storage to copy):
+        a copy packs its own at first use."""
+        state = super().__getstate__()
+        state.pop("_packed", None)
+        state.pop("_packed_of", None)
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (torch.is_grad_enabled() or x.dtype != torch.float32 or w.dtype != torch.float32
