@@ -139,9 +139,8 @@ def guided(patch_map: torch.Tensor, pixel_map: torch.Tensor) -> torch.Tensor:
     Guided Grad-CAM's recipe (Selvaraju et al. 2017: Grad-CAM's coarse map times guided backpropagation's
     fine one), here with Chefer's relevance as the coarse map and integrated gradients as the fine one.
     The coarse map says which object, the fine one which of the patch's pixels.  [H, W]."""
-    H, W = pixel_map.shape
-    coarse = F.interpolate(scaled(patch_map)[None, None], size=(H, W), mode="bilinear", align_corners=False)
-    return coarse[0, 0].clamp_min(0) * scaled(pixel_map)
+    coarse = Explanation("", "", 0.0, scaled(patch_map)).pixel_map(*pixel_map.shape)
+    return coarse * scaled(pixel_map)
 
 
 def patch_order(grid: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor:
