@@ -80,22 +80,44 @@ def contrastive_loss(out: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
 
 # -- fusion encoders (ALBEF): ITC, ITM with hard negatives, MLM ----------------------------------
 
+def known_matches(text_keys: torch.Tensor, image_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch's true pairs from description keys (glimpse.data.pairs.description_keys): text i
+    matches image j when its key is among image j's.  Returns (t2i [b, B]: local texts against every
+    image, i2t [b, B]: local images against every text); the diagonal is always a match."""
+    K = all_reduce_int(image_keys.shape[1], image_keys.device, "max")
+    padded = F.pad(image_keys, (0, K - image_keys.shape[1]), value=-1)
+    (all_text, offset), (all_image, _) = gather_with_grad(text_keys), gather_with_grad(padded)
+    b, B = text_keys.shape[0], all_text.shape[0]
+    t2i = (text_keys[:, None, None] == all_image[None]).any(-1)  # [b, B]
+    i2t = (all_text[None, :, None] == padded[:, None, :]).any(-1)  # [b, B]
+    diagonal = F.one_hot(torch.arange(b, device=text_keys.device) + offset, B).bool()
+    return t2i | diagonal, i2t | diagonal
+
+
 def itc_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
              teacher_image: torch.Tensor | None = None, teacher_text: torch.Tensor | None = None,
-             alpha: float = 0.0) -> torch.Tensor:
+             alpha: float = 0.0, matches: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """ALBEF's image-text contrastive loss: CLIP's InfoNCE over the global batch; with a teacher's
     embeddings, the one-hot targets are mixed with the teacher's softmax (momentum distillation):
-    targets = alpha * softmax(teacher similarities) + (1 - alpha) * one-hot."""
-    if teacher_image is None:
+    targets = alpha * softmax(teacher similarities) + (1 - alpha) * one-hot.  With `matches`
+    (known_matches: (t2i, i2t) [b, B]), the one-hot target is spread evenly over every true pair, as
+    ALBEF's retrieval fine-tuning does over captions of the same image id."""
+    if teacher_image is None and matches is None:
         return clip_loss(image_embeds, text_embeds, logit_scale)
     (all_image, offset), (all_text, _) = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
     with torch.no_grad():
-        (t_image, _), (t_text, _) = gather_with_grad(teacher_image), gather_with_grad(teacher_text)
-        eye = F.one_hot(torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset,
-                        all_image.shape[0]).float()
-        rows = slice(offset, offset + image_embeds.shape[0])
-        soft_i2t = alpha * (logit_scale * t_image[rows] @ t_text.T).float().softmax(1) + (1 - alpha) * eye
-        soft_t2i = alpha * (logit_scale * t_text[rows] @ t_image.T).float().softmax(1) + (1 - alpha) * eye
+        if matches is None:
+            eye = F.one_hot(torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset,
+                            all_image.shape[0]).float()
+            hard_i2t = hard_t2i = eye
+        else:
+            hard_t2i, hard_i2t = (m.float() / m.sum(1, keepdim=True) for m in matches)
+        soft_i2t, soft_t2i = hard_i2t, hard_t2i
+        if teacher_image is not None:
+            (t_image, _), (t_text, _) = gather_with_grad(teacher_image), gather_with_grad(teacher_text)
+            rows = slice(offset, offset + image_embeds.shape[0])
+            soft_i2t = alpha * (logit_scale * t_image[rows] @ t_text.T).float().softmax(1) + (1 - alpha) * hard_i2t
+            soft_t2i = alpha * (logit_scale * t_text[rows] @ t_image.T).float().softmax(1) + (1 - alpha) * hard_t2i
     logits_i2t = (logit_scale * image_embeds @ all_text.T).float()
     logits_t2i = (logit_scale * text_embeds @ all_image.T).float()
     loss = -((logits_i2t.log_softmax(1) * soft_i2t).sum(1).mean() + (logits_t2i.log_softmax(1) * soft_t2i).sum(1).mean()) / 2
@@ -120,11 +142,12 @@ def hard_negative_indices(sim: torch.Tensor, positive: torch.Tensor, same: torch
     return torch.multinomial(weights, 1).squeeze(1)
 
 
-def itm_hard_negatives(out: dict[str, torch.Tensor]):
+def itm_hard_negatives(out: dict[str, torch.Tensor], matches: tuple[torch.Tensor, torch.Tensor] | None = None):
     """The `hard_negatives` function a fusion encoder's forward calls: gathers the batch over
     processes (with gradient, so a negative drawn from another process trains its towers too),
     scores local rows against it by ITC similarity, and draws one negative image per local text
-    and one negative text per local image.  Returns (negative patches, pooled, text states, mask)."""
+    and one negative text per local image, never a known match (`matches`: known_matches' (t2i,
+    i2t)).  Returns (negative patches, pooled, text states, mask)."""
     img, txt, ids = out["image_embeds"], out["text_embeds"], out["input_ids"]
     T = all_reduce_int(ids.shape[1], ids.device, "max")
     all_img, offset = gather_with_grad(img.detach())
@@ -139,8 +162,11 @@ def itm_hard_negatives(out: dict[str, torch.Tensor]):
     same = (local_ids[:, None, :] == all_ids[None, :, :]).all(-1)  # [b, B]
     with torch.no_grad():  # similarities at the ITC temperature, as ALBEF weighs them
         scale = out["logit_scale"].detach()
-        neg_image = hard_negative_indices(scale * txt @ all_img.T, positive, same)  # for each text, an image
-        neg_text = hard_negative_indices(scale * img @ all_txt.T, positive, same)  # for each image, a text
+        same_image = same_text = same
+        if matches is not None:
+            same_image, same_text = same | matches[0], same | matches[1]
+        neg_image = hard_negative_indices(scale * txt @ all_img.T, positive, same_image)  # for each text, an image
+        neg_text = hard_negative_indices(scale * img @ all_txt.T, positive, same_text)  # for each image, a text
     patches, _ = gather_with_grad(out["patches"])
     pooled, _ = gather_with_grad(out["pooled"])
     states, _ = gather_with_grad(pad_tokens(out["text_states"], T))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from glimpse import runs
 from glimpse.config import load_recipe
+from glimpse.data.pairs import description_keys
 from glimpse.errors import GlimpseError
 from glimpse.families.fusion import FusionConfig, FusionEncoder, fusion_loss
 from glimpse.families.fusion.answers import answer_scores, answer_vocabulary
@@ -20,6 +21,7 @@ from glimpse.losses import (
     hard_negative_indices,
     itc_loss,
     itm_hard_negatives,
+    known_matches,
     mask_tokens,
 )
 from glimpse.metrics.retrieval import recall_from_scores
@@ -104,6 +106,35 @@ def test_hard_negatives_follow_similarity_and_never_the_positive():
     assert hard_negative_indices(torch.zeros(2, 2), torch.arange(2), only_dup).tolist() == [1, 0]
     with pytest.raises(GlimpseError, match="at least 2 samples"):
         hard_negative_indices(torch.zeros(1, 1), torch.arange(1))
+
+
+def test_known_matches_spread_itc_targets_and_are_never_itm_negatives():
+    # image 0 shows a red circle and a blue square; image 1 a red circle; image 2 a blue square
+    samples = [{"caption": "a red circle", "descriptions": ["scene 0", "a red circle", "a blue square"]},
+               {"caption": "scene 1", "descriptions": ["scene 1", "a red circle"]},
+               {"caption": "a blue square", "descriptions": ["scene 2", "a blue square"]}]
+    keys = description_keys(samples, "caption")
+    assert keys["image_keys"].shape == (3, 3) and (keys["image_keys"][1:, 2] == -1).all()
+    t2i, i2t = known_matches(keys["text_keys"], keys["image_keys"])
+    assert t2i.int().tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    assert i2t.int().tolist() == [[1, 0, 1], [1, 1, 0], [0, 0, 1]]
+    torch.manual_seed(0)
+    img, txt, scale = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(3, 8), dim=-1), torch.tensor(10.0)
+    eye = torch.eye(3, dtype=torch.bool)
+    assert torch.allclose(itc_loss(img, txt, scale, matches=(eye, eye)), clip_loss(img, txt, scale))
+    # by hand: each row's cross-entropy against its matches, shared evenly
+    def soft_ce(logits, m):
+        return -(logits.log_softmax(1) * m.float() / m.sum(1, keepdim=True)).sum(1).mean()
+    want = (soft_ce(scale * img @ txt.T, i2t) + soft_ce(scale * txt @ img.T, t2i)) / 2
+    assert torch.allclose(itc_loss(img, txt, scale, matches=(t2i, i2t)), want)
+    # ITM: text 0's only true negative image is 2; image 0's only true negative text is 1
+    out = {"image_embeds": img, "text_embeds": txt, "logit_scale": scale,
+           "patches": torch.arange(3.0)[:, None, None].expand(3, 2, 4), "pooled": torch.arange(3.0)[:, None],
+           "text_states": torch.arange(3.0)[:, None, None].expand(3, 5, 4), "text_mask": torch.ones(3, 5, dtype=torch.long),
+           "input_ids": torch.arange(3)[:, None].expand(3, 5)}
+    for _ in range(20):
+        neg_patches, neg_pooled, neg_states, _ = itm_hard_negatives(out, matches=(t2i, i2t))
+        assert neg_pooled[0, 0] == 2 and neg_states[0, 0, 0] == 1
 
 
 def test_itm_negatives_are_other_samples_features():
@@ -359,6 +390,13 @@ def _ddp_worker(rank, world, store, results):
     out = {"image_embeds": img, "text_embeds": txt, "logit_scale": torch.tensor(100.0), "patches": patches,
            "pooled": patches[:, 0], "text_states": states, "text_mask": torch.ones(b, 5 + rank, dtype=torch.long),
            "input_ids": torch.arange(b)[:, None].expand(b, 5 + rank) + 10 * rank}
+    # rank 0's first image also holds rank 1's first text (its key), and rank 1's images hold more keys
+    text_keys = torch.arange(b) + 100 * rank
+    image_keys = torch.cat([text_keys[:, None], torch.full((b, 1 + rank), -1)], 1)
+    if rank == 0:
+        image_keys[0, 1] = 100
+    t2i, i2t = known_matches(text_keys, image_keys)
+    results[f"matches{rank}"] = (t2i.nonzero().tolist(), i2t.nonzero().tolist())
     neg_patches, _, neg_states, neg_mask = itm_hard_negatives(out)
     owners = (neg_patches[:, 0, 0] // 10).long().tolist()
     neg_patches.sum().backward()
@@ -376,3 +414,6 @@ def test_hard_negatives_are_gathered_across_processes(tmp_path):
         assert r["owners"] == [1 - rank] * 3 and r["rows"] == [0, 1, 2], r  # drawn from the other process
         assert r["mask_len"] == 6  # text padded to the longest over processes
         assert r["grad"] > 0  # the negative's owner gets its gradient
+    # (t2i, i2t) nonzero [local row, global column]: the diagonal, and rank 1's first text with rank 0's first image
+    assert results["matches0"] == ([[0, 0], [1, 1], [2, 2]], [[0, 0], [0, 3], [1, 1], [2, 2]])
+    assert results["matches1"] == ([[0, 0], [0, 3], [1, 4], [2, 5]], [[0, 3], [1, 4], [2, 5]])

@@ -152,6 +152,18 @@ def test_sasrec_states_are_causal_and_the_mean_is_order_blind():
     assert torch.allclose(mean(h, table)[:, -1], mean(torch.tensor([[-1, -1, 6, 5, 4, 3]]), table)[:, -1], atol=1e-6)
 
 
+def test_target_share_keeps_only_each_history_s_newest_targets():
+    from glimpse.families.recommender.data import HistoryCollate
+
+    samples = [{"items": [1, 2, 3, 4, 5]}, {"items": [7, 8, 9, 10, 11, 12, 13]}, {"items": [20, 21]}]
+    full = HistoryCollate(6)(samples)
+    assert full["targets"].tolist() == [[-1, -1, 2, 3, 4, 5], [8, 9, 10, 11, 12, 13], [-1, -1, -1, -1, -1, 21]]
+    half = HistoryCollate(6, target_share=0.5)(samples)
+    assert torch.equal(half["inputs"], full["inputs"])
+    # 4 targets -> the newest 2; 6 -> 3; 1 -> still 1 (every history keeps one)
+    assert half["targets"].tolist() == [[-1, -1, -1, -1, 4, 5], [-1, -1, -1, 11, 12, 13], [-1, -1, -1, -1, -1, 21]]
+
+
 # -- the family end to end ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

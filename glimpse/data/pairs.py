@@ -6,6 +6,7 @@ the dataset reports them, the collate drops them, and the trainer counts them by
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from pathlib import Path
 
@@ -126,7 +127,24 @@ class PairDataset(Dataset):
                 return {"error": e.reason, "message": str(e)}
             if self.pixels is not None:
                 self.pixels[idx] = arr
-        return {"pixel_values": self.transform.normalize(arr), "caption": caption}
+        return {"pixel_values": self.transform.normalize(arr), "caption": caption, "descriptions": item.captions}
+
+
+def text_key(text: str) -> int:
+    """A stable 63-bit key of a text (Python's hash() differs between loader processes)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def description_keys(samples: list[dict], text_key_name: str) -> dict:
+    """"text_keys" [B] (each sample's text) and "image_keys" [B, K] (every text known to describe each
+    sample's image, -1 padded): the batch's true matches beyond its diagonal, for contrastive and
+    matching losses that must not treat another image the text also describes as a negative."""
+    keys = [sorted({text_key(t) for t in s["descriptions"]}) for s in samples]
+    image_keys = torch.full((len(samples), max(len(k) for k in keys)), -1, dtype=torch.long)
+    for i, k in enumerate(keys):
+        image_keys[i, :len(k)] = torch.tensor(k, dtype=torch.long)
+    return {"text_keys": torch.tensor([text_key(s[text_key_name]) for s in samples], dtype=torch.long),
+            "image_keys": image_keys}
 
 
 class TextCollate:
@@ -164,4 +182,6 @@ class PairCollate:
             batch["pixel_values"] = torch.stack([s["pixel_values"] for s in good])
             batch["input_ids"], batch["attention_mask"] = self.tokenizer.pad([self._row(s[self.text_key])
                                                                               for s in good])
+            if all("descriptions" in s for s in good):
+                batch.update(description_keys(good, self.text_key))
         return batch

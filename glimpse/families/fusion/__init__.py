@@ -11,6 +11,7 @@ No Hugging Face class computes this model: export refuses it.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,17 +31,27 @@ from glimpse.families.fusion.evaluate import evaluate_fusion
 from glimpse.families.fusion.model import OBJECTIVES, FusionConfig, FusionEncoder
 from glimpse.families.fusion.pipeline import FusionPipeline
 from glimpse.families.registry import register
-from glimpse.losses import answer_loss, itc_loss, itm_hard_negatives, itm_loss, mask_tokens, mlm_loss
+from glimpse.losses import (
+    answer_loss,
+    itc_loss,
+    itm_hard_negatives,
+    itm_loss,
+    known_matches,
+    mask_tokens,
+    mlm_loss,
+)
 from glimpse.models.fusion import FUSIONS
 from glimpse.schema import check, choice
 
 
-def fusion_loss(out: dict[str, torch.Tensor], cfg: FusionConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """L = mlm_weight * L_MLM + itm_weight * L_ITM + itc_weight * L_ITC over what `out` holds;
-    returns the total and the parts (detached, for logs and tests)."""
+def fusion_loss(out: dict[str, torch.Tensor], cfg: FusionConfig,
+                matches: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """L = mlm_weight * L_MLM + itm_weight * L_ITM + itc_weight * L_ITC over what `out` holds (`matches`:
+    the batch's known true pairs, glimpse.losses.known_matches); returns the total and the parts
+    (detached, for logs and tests)."""
     alpha = cfg.distill_alpha if "teacher_image_embeds" in out else 0.0
     parts = {"itc": itc_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"],
-                             out.get("teacher_image_embeds"), out.get("teacher_text_embeds"), alpha)}
+                             out.get("teacher_image_embeds"), out.get("teacher_text_embeds"), alpha, matches)}
     weights = {"itc": cfg.itc_weight}
     if "itm_logits" in out:
         parts["itm"] = itm_loss(out["itm_logits"], all_reduce_int(out["image_embeds"].shape[0], out["itm_logits"].device))
@@ -123,9 +134,12 @@ class FusionFamily(Family):
             specials = [i for i in (*self.tokenizer.ids.values(), m.mask_token_id) if i is not None]
             mlm_ids, mlm_labels = mask_tokens(batch["input_ids"], batch["attention_mask"], m.mask_token_id,
                                               self.tokenizer.vocab_size, specials, m.mlm_probability)
+        matches = None
+        if m.known_matches and "text_keys" in batch:
+            matches = known_matches(batch["text_keys"], batch["image_keys"])
         out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], mlm_ids, mlm_labels,
-                    itm_hard_negatives if m.itm_weight > 0 else None)
-        return fusion_loss(out, m)[0]
+                    partial(itm_hard_negatives, matches=matches) if m.itm_weight > 0 else None)
+        return fusion_loss(out, m, matches)[0]
 
     def load_init(self, model: nn.Module, path: Path) -> None:
         """Start from another fusion run (`init: RUN`): every part both models have is loaded

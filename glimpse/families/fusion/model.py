@@ -51,6 +51,9 @@ class FusionConfig:
     # captions, so matching also learns phrases that name one object (what region-phrase data gives real data)
     phrase_captions: bool = False
     phrase_repeat: int = 1  # each phrase joins the captions this many times (3 did worse: docs/results.md)
+    # pretrain/retrieval: another image in the batch that a text also describes (a phrase naming an object
+    # both hold; the same caption) is a positive of ITC's targets and never drawn as an ITM negative
+    known_matches: bool = False
     # momentum distillation (ALBEF): an EMA teacher's predictions mixed into the targets
     distill: bool = False
     momentum: float = 0.995

@@ -67,6 +67,7 @@ class RecommenderFamily(Family):
         check(m.dim % m.heads == 0, "model.heads", m.heads, f"must divide model.dim ({m.dim})")
         check(0.0 <= m.id_dropout < 1.0 and 0.0 <= m.dropout < 1.0, "model.id_dropout/dropout",
               (m.id_dropout, m.dropout), "must be in [0, 1)")
+        check(0.0 < m.target_share <= 1.0, "model.target_share", m.target_share, "must be in (0, 1]")
         if m.kind == "vbpr" or (m.kind == "two_tower" and m.content != "none"):
             checks.check_towers(m.item_encoder)
         else:
@@ -133,7 +134,7 @@ class RecommenderFamily(Family):
     def train_data(self):
         m, shop = self.recipe.model, self._shop()
         if m.kind == "two_tower":
-            return HistoryDataset(shop, m.max_history), HistoryCollate(m.max_history, self.items)
+            return HistoryDataset(shop, m.max_history), HistoryCollate(m.max_history, self.items, m.target_share)
         return InteractionDataset(shop, m.negatives), interaction_collate
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:

@@ -127,12 +127,17 @@ class HistoryCollate:
     """Left-padded histories; with `items` (the item tower trained too), the tower inputs of every item the
     batch holds, for the loss to encode afresh."""
 
-    def __init__(self, max_history: int, items: ItemInputs | None = None):
-        self.max_history, self.items = max_history, items
+    def __init__(self, max_history: int, items: ItemInputs | None = None, target_share: float = 1.0):
+        self.max_history, self.items, self.target_share = max_history, items, target_share
 
     def __call__(self, samples: list[dict]) -> dict:
         seq = left_pad([s["items"] for s in samples], self.max_history + 1)
         inputs, targets = seq[:, :-1], seq[:, 1:].masked_fill(seq[:, :-1] < 0, -1)  # nothing to predict from nothing
+        if self.target_share < 1.0:  # only each history's newest targets carry loss
+            n = (targets >= 0).sum(1, keepdim=True)
+            keep = (n * self.target_share).ceil().clamp(min=1)
+            slot = torch.arange(targets.shape[1] - 1, -1, -1)  # slots counted from the newest
+            targets = targets.masked_fill(slot[None] >= keep, -1)
         batch = {"status": [None] * len(samples), "messages": [], "inputs": inputs, "targets": targets}
         if self.items is not None:
             batch |= self.items.batch(torch.unique(seq[seq >= 0]))

@@ -48,6 +48,9 @@ class RecommenderConfig:
     # the share of training items seen without their ID embedding each step, so that the content path
     # alone places an item (which is all a cold item has)
     id_dropout: float = 0.5
+    # the share of each training history's newest next-purchase targets that carry loss (1: every one, as
+    # SASRec trains); what is asked at evaluation is always the purchase after a whole history
+    target_share: float = 1.0
     logq: bool = True  # subtract log popularity from in-batch logits (Yi et al. 2019): popular items are over-sampled negatives
     negatives: int = 1  # bpr, vbpr: sampled negatives per positive
     num_items: int = 0  # set from the data
