@@ -315,6 +315,18 @@ def test_phrase_captions_join_each_training_image_s_captions(world):
     item = dataset.items[0]
     phrases = [f"a {o['size']} {o['colour']} {o['shape']}" for o in scenes[Path(item.image).name].scene]
     assert item.captions == scenes[Path(item.image).name].captions + phrases * 3  # phrases weigh 3x as much
+    # known_matches: a phrase's other images in the batch are known to match it, and the loss reads that
+    recipe = load_recipe("shapes-fusion-pretrain", tiny_overrides(world, **{"model.phrase_captions": "true",
+                                                                            "model.known_matches": "true"}))
+    family = get("fusion")(recipe, world, Tokenizer(world / "tokenizer.json"))
+    dataset, collate = family.train_data()
+    samples = [dataset[(i, 5)] for i in range(16)]  # choice 5: each image's first phrase (after 5 captions)
+    batch = collate(samples)
+    t2i, _ = known_matches(batch["text_keys"], batch["image_keys"])
+    for i, s in enumerate(samples):
+        assert t2i[i].tolist() == [s["caption"] in other["descriptions"] for other in samples]
+    assert t2i.sum() > 16  # some phrase names an object of another image too
+    assert torch.isfinite(family.loss(family.build_model(), batch))
     with pytest.raises(GlimpseError, match="model.phrase_repeat"):
         load_recipe("shapes-fusion-pretrain", tiny_overrides(world, **{"model.phrase_repeat": "0"}))
     with pytest.raises(GlimpseError, match="model.phrase_captions"):

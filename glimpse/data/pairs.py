@@ -164,8 +164,9 @@ class PairCollate:
 
     text_key = "caption"
 
-    def __init__(self, tokenizer, context_length: int):
+    def __init__(self, tokenizer, context_length: int, match_keys: bool = False):
         self.tokenizer, self.context_length = tokenizer, context_length
+        self.match_keys = match_keys  # add description_keys (a loss that masks the batch's other true pairs)
         self.ids: dict[str, list[int]] = {}  # text -> its row: a caption is tokenized once, not every epoch
 
     def _row(self, text: str) -> list[int]:
@@ -182,6 +183,6 @@ class PairCollate:
             batch["pixel_values"] = torch.stack([s["pixel_values"] for s in good])
             batch["input_ids"], batch["attention_mask"] = self.tokenizer.pad([self._row(s[self.text_key])
                                                                               for s in good])
-            if all("descriptions" in s for s in good):
+            if self.match_keys and all("descriptions" in s for s in good):
                 batch.update(description_keys(good, self.text_key))
         return batch

@@ -83,6 +83,8 @@ class FusionFamily(Family):
         check(0 < m.mlm_probability < 1, "model.mlm_probability", m.mlm_probability, "must be within (0, 1)")
         check(not m.phrase_captions or (recipe.data.source == "shapes" and recipe.data.format == "coco"),
               "model.phrase_captions", m.phrase_captions, "needs the shapes world in its coco format (its scenes)")
+        check(not m.known_matches or not recipe.data.stream, "model.known_matches", m.known_matches,
+              "needs every caption of an image, which a stream (data.stream) does not give")
         check(not recipe.data.stream or m.objective != "vqa", "data.stream", recipe.data.stream,
               "streams image-caption pairs: not for model.objective vqa (questions)")
         check(0 < m.init_temperature <= 1, "model.init_temperature", m.init_temperature, "must be within (0, 1]")
@@ -122,7 +124,7 @@ class FusionFamily(Family):
                                it.image_id)
                      for it in items]
         dataset = PairDataset(items, self.transform, d.max_pixels)
-        return dataset, PairCollate(self.tokenizer, m.text.context_length)
+        return dataset, PairCollate(self.tokenizer, m.text.context_length, match_keys=m.known_matches)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         m = self.recipe.model
