@@ -106,8 +106,10 @@ class PairDataset(Dataset):
     for the next epochs when the whole set fits in PIXEL_CACHE_BYTES; only normalising is repeated.
     """
 
-    def __init__(self, items: list[ImageText], transform: ImageTransform, max_pixels: int):
+    def __init__(self, items: list[ImageText], transform: ImageTransform, max_pixels: int,
+                 descriptions: bool = False):
         self.items, self.transform, self.max_pixels = items, transform, max_pixels
+        self.descriptions = descriptions  # each sample carries all its image's captions (for description_keys)
         fits = len(items) * 3 * transform.image_size ** 2 <= PIXEL_CACHE_BYTES
         self.pixels: dict[int, np.ndarray] | None = {} if fits else None  # index -> uint8 [S, S, 3]
 
@@ -127,7 +129,10 @@ class PairDataset(Dataset):
                 return {"error": e.reason, "message": str(e)}
             if self.pixels is not None:
                 self.pixels[idx] = arr
-        return {"pixel_values": self.transform.normalize(arr), "caption": caption, "descriptions": item.captions}
+        sample = {"pixel_values": self.transform.normalize(arr), "caption": caption}
+        if self.descriptions:
+            sample["descriptions"] = item.captions
+        return sample
 
 
 def text_key(text: str) -> int:
@@ -164,9 +169,8 @@ class PairCollate:
 
     text_key = "caption"
 
-    def __init__(self, tokenizer, context_length: int, match_keys: bool = False):
+    def __init__(self, tokenizer, context_length: int):
         self.tokenizer, self.context_length = tokenizer, context_length
-        self.match_keys = match_keys  # add description_keys (a loss that masks the batch's other true pairs)
         self.ids: dict[str, list[int]] = {}  # text -> its row: a caption is tokenized once, not every epoch
 
     def _row(self, text: str) -> list[int]:
@@ -183,6 +187,6 @@ class PairCollate:
             batch["pixel_values"] = torch.stack([s["pixel_values"] for s in good])
             batch["input_ids"], batch["attention_mask"] = self.tokenizer.pad([self._row(s[self.text_key])
                                                                               for s in good])
-            if self.match_keys and all("descriptions" in s for s in good):
+            if all("descriptions" in s for s in good):  # a dataset that gives them: the batch's true pairs
                 batch.update(description_keys(good, self.text_key))
         return batch

@@ -123,8 +123,8 @@ class FusionFamily(Family):
                                                          for o in scenes[Path(it.image).name]] * m.phrase_repeat,
                                it.image_id)
                      for it in items]
-        dataset = PairDataset(items, self.transform, d.max_pixels)
-        return dataset, PairCollate(self.tokenizer, m.text.context_length, match_keys=m.known_matches)
+        dataset = PairDataset(items, self.transform, d.max_pixels, descriptions=m.known_matches)
+        return dataset, PairCollate(self.tokenizer, m.text.context_length)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         m = self.recipe.model
