@@ -50,8 +50,10 @@ def png_loader(world: Path, transform, collate, workers: int, batch: int) -> tup
 
 
 def stream_loader(world: Path, transform, collate, workers: int, batch: int, n: int) -> tuple[DataLoader, int]:
+    # one epoch, as the PNG side's sampler stops after its steps: an endless stream's workers would go on
+    # into the next epoch (a shuffle buffer to fill, batches to prefetch) while the last batches are counted
     stream = ShardStream(str(world / "shards" / "train-*.tar"), StreamPairs(transform, MAX_PIXELS, 0), seed=0,
-                         shuffle_buffer=1000)
+                         shuffle_buffer=1000, epochs=1)
     stream.start_at(0, batch, workers)
     return DataLoader(stream, batch_size=batch, collate_fn=collate, num_workers=workers,
                       prefetch_factor=4 if workers else None), n // batch * batch
