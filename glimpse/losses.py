@@ -18,27 +18,42 @@ from glimpse.errors import GlimpseError
 from glimpse.models.fusion import pad_tokens
 
 
-def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE over normalised embeddings [B, E]."""
+def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+              negative_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE over normalised embeddings [B, E].  `negative_embeds` [n, E], texts that
+    match no image (hard negatives), join every image's candidates, as in NegCLIP; texts still choose
+    among the images only."""
     (all_image, offset), (all_text, _) = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
     labels = torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset
-    logits_i2t = logit_scale * image_embeds @ all_text.T  # [b, B]
+    all_text = _with_negatives(all_text, negative_embeds)
+    logits_i2t = logit_scale * image_embeds @ all_text.T  # [b, B (+ N)]
     logits_t2i = logit_scale * text_embeds @ all_image.T  # [b, B]
     loss = (F.cross_entropy(logits_i2t.float(), labels) + F.cross_entropy(logits_t2i.float(), labels)) / 2
     return loss * _share(image_embeds.shape[0], all_image.shape[0])
 
 
+def _with_negatives(all_text: torch.Tensor, negative_embeds: torch.Tensor | None) -> torch.Tensor:
+    """The gathered texts followed by every process's hard negatives (after all the positives, so the
+    positives' columns stay where the labels say)."""
+    if negative_embeds is None:
+        return all_text
+    return torch.cat([all_text, gather_with_grad(negative_embeds)[0]])
+
+
 def siglip_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+    negative_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SigLIP's pairwise sigmoid loss, normalised per image as in the paper: -Σ log σ(z·(s·x·y + b)) / B."""
+    """SigLIP's pairwise sigmoid loss, normalised per image as in the paper: -Σ log σ(z·(s·x·y + b)) / B.
+    `negative_embeds` (hard negatives) are more texts labelled -1 for every image."""
     all_text, offset = gather_with_grad(text_embeds)
-    b = image_embeds.shape[0]
-    logits = (logit_scale * image_embeds @ all_text.T + logit_bias).float()  # [b, B]
+    b, B = image_embeds.shape[0], all_text.shape[0]
+    all_text = _with_negatives(all_text, negative_embeds)
+    logits = (logit_scale * image_embeds @ all_text.T + logit_bias).float()  # [b, B (+ N)]
     labels = -torch.ones_like(logits)
     cols = torch.arange(b, device=logits.device) + offset
     labels[torch.arange(b, device=logits.device), cols] = 1.0
-    return -F.logsigmoid(labels * logits).sum() / b * _share(b, all_text.shape[0])
+    return -F.logsigmoid(labels * logits).sum() / b * _share(b, B)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -73,9 +88,10 @@ def _share(local: int, total: int) -> float:
 
 
 def contrastive_loss(out: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    negatives = out.get("negative_embeds")
     if kind == "siglip":
-        return siglip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], out["logit_bias"])
-    return clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
+        return siglip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], out["logit_bias"], negatives)
+    return clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], negatives)
 
 
 # -- fusion encoders (ALBEF): ITC, ITM with hard negatives, MLM ----------------------------------

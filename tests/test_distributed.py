@@ -16,13 +16,16 @@ from glimpse.losses import clip_loss, siglip_loss
 def _worker(rank, world, store, results):
     torch.manual_seed(0)
     img, txt = F.normalize(torch.randn(8, 6), dim=-1), F.normalize(torch.randn(8, 6), dim=-1)
+    neg = F.normalize(torch.randn(8, 6), dim=-1)  # hard negative texts, split over the processes as the rest
     scale, bias = torch.tensor(7.0), torch.tensor(-3.0)
-    losses = {"clip": lambda i, t: clip_loss(i, t, scale), "siglip": lambda i, t: siglip_loss(i, t, scale, bias)}
+    losses = {"clip": lambda i, t, n: clip_loss(i, t, scale), "siglip": lambda i, t, n: siglip_loss(i, t, scale, bias),
+              "clip+negatives": lambda i, t, n: clip_loss(i, t, scale, n),
+              "siglip+negatives": lambda i, t, n: siglip_loss(i, t, scale, bias, n)}
     # the single-process reference on the whole global batch, before joining the group
     refs = {}
     for name, fn in losses.items():
         ref_i, ref_t = img.clone().requires_grad_(), txt.clone().requires_grad_()
-        loss = fn(ref_i, ref_t)
+        loss = fn(ref_i, ref_t, neg)
         loss.backward()
         refs[name] = (loss.item(), ref_i.grad, ref_t.grad)
     # a file store: the processes meet through a file, so no port can be taken in between
@@ -33,7 +36,7 @@ def _worker(rank, world, store, results):
         for name, fn in losses.items():
             ref, ref_gi, ref_gt = refs[name]
             loc_i, loc_t = img[rows].clone().requires_grad_(), txt[rows].clone().requires_grad_()
-            local = fn(loc_i, loc_t)  # this process's rows against the whole global batch
+            local = fn(loc_i, loc_t, neg[rows])  # this process's rows against the whole global batch
             local.backward()
             mean = local.detach().clone()
             dist.all_reduce(mean)

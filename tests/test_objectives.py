@@ -31,6 +31,24 @@ def test_siglip_loss_matches_reference_formula():
     torch.testing.assert_close(siglip_loss(img, txt, s, b), torch.tensor(ref / 5, dtype=torch.float32))
 
 
+def test_hard_negatives_are_more_candidates_for_images_only():
+    torch.manual_seed(0)
+    img, txt, neg = (F.normalize(torch.randn(n, 8), dim=-1) for n in (4, 4, 3))
+    s, b = torch.tensor(10.0), torch.tensor(-5.0)
+    i2t = s * img @ torch.cat([txt, neg]).T  # [4, 7]: every image against the texts, then the negatives
+    ref = (F.cross_entropy(i2t, torch.arange(4)) + F.cross_entropy(s * txt @ img.T, torch.arange(4))) / 2
+    torch.testing.assert_close(clip_loss(img, txt, s, neg), ref)
+    assert clip_loss(img, txt, s, neg) > clip_loss(img, txt, s)  # more candidates: a harder choice
+    # an empty set of negatives (a process whose batch had none) is no negatives at all
+    torch.testing.assert_close(clip_loss(img, txt, s, neg[:0]), clip_loss(img, txt, s))
+    ref = 0.0
+    for i in range(4):
+        for j, t in enumerate(torch.cat([txt, neg])):
+            z = 1.0 if i == j else -1.0
+            ref -= math.log(1 / (1 + math.exp(-z * (s * img[i] @ t + b).item())))
+    torch.testing.assert_close(siglip_loss(img, txt, s, b, neg), torch.tensor(ref / 4, dtype=torch.float32))
+
+
 def test_retrieval_metrics_by_hand():
     images = torch.eye(3)
     # captions 0 and 1 belong to image 0, caption 2 to image 1, caption 3 to image 2

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from glimpse.data.formats import ImageText, iter_webdataset, read_coco_captions, read_csv_captions, wds_sample
 from glimpse.data.images import ImageError, ImageTransform, load_image, split_failures
+from glimpse.data.negatives import swapped_negative
 from glimpse.data.stream import ShardSample, ShardStream
 from glimpse.errors import GlimpseError
 
@@ -107,9 +108,10 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, items: list[ImageText], transform: ImageTransform, max_pixels: int,
-                 descriptions: bool = False):
+                 descriptions: bool = False, negatives: bool = False):
         self.items, self.transform, self.max_pixels = items, transform, max_pixels
         self.descriptions = descriptions  # each sample carries all its image's captions (for description_keys)
+        self.negatives = negatives  # each sample carries a hard negative of its caption (glimpse.data.negatives)
         fits = len(items) * 3 * transform.image_size ** 2 <= PIXEL_CACHE_BYTES
         self.pixels: dict[int, np.ndarray] | None = {} if fits else None  # index -> uint8 [S, S, 3]
 
@@ -132,6 +134,8 @@ class PairDataset(Dataset):
         sample = {"pixel_values": self.transform.normalize(arr), "caption": caption}
         if self.descriptions:
             sample["descriptions"] = item.captions
+        if self.negatives:  # drawn by the sampler's key, which differs each epoch and repeats on resume
+            sample["negative"] = swapped_negative(caption, idx << 31 | choice)
         return sample
 
 
@@ -185,8 +189,13 @@ class PairCollate:
         good, batch = split_failures(samples)
         if good:
             batch["pixel_values"] = torch.stack([s["pixel_values"] for s in good])
-            batch["input_ids"], batch["attention_mask"] = self.tokenizer.pad([self._row(s[self.text_key])
-                                                                              for s in good])
+            texts = [s[self.text_key] for s in good]
+            negatives = [s["negative"] for s in good if s.get("negative")]
+            rows = [self._row(t) for t in texts] + [self.tokenizer.tower_ids(t, self.context_length) for t in negatives]
+            ids, mask = self.tokenizer.pad(rows)  # one length for both (negatives vary too much to cache)
+            batch["input_ids"], batch["attention_mask"] = ids[:len(texts)], mask[:len(texts)]
+            if negatives:  # hard negatives: texts no image of the batch matches
+                batch["negative_ids"], batch["negative_mask"] = ids[len(texts):], mask[len(texts):]
             if all("descriptions" in s for s in good):  # a dataset that gives them: the batch's true pairs
                 batch.update(description_keys(good, self.text_key))
         return batch

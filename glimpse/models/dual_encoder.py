@@ -28,6 +28,9 @@ class DualEncoderConfig:
     init_logit_bias: float = -10.0  # siglip only
     projection_bias: bool = False
     vision_projection: bool = True  # False: image features are the pooled tower output (SigLIP)
+    # training: each caption also gives a hard negative with swapped attributes (NegCLIP; the shapes world's
+    # words: glimpse.data.negatives), one more candidate text for every image of the batch
+    hard_negatives: bool = False
 
 
 class DualEncoder(nn.Module):
@@ -59,12 +62,22 @@ class DualEncoder(nn.Module):
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.text_projection(self.text(input_ids, attention_mask))  # [B, E]
 
-    def forward(self, pixel_values, input_ids, attention_mask=None) -> dict[str, torch.Tensor]:
-        """Normalised embeddings and the (clamped) temperature; the loss is in glimpse.losses."""
+    def forward(self, pixel_values, input_ids, attention_mask=None, negative_ids=None,
+                negative_mask=None) -> dict[str, torch.Tensor]:
+        """Normalised embeddings and the (clamped) temperature; the loss is in glimpse.losses.  Hard
+        negative texts (`negative_ids` [n, T], padded as `input_ids`) go through the text tower in the
+        same pass and come out as "negative_embeds" [n, E]."""
         image = F.normalize(self.get_image_features(pixel_values), dim=-1)
+        b = input_ids.shape[0]
+        if negative_ids is not None:
+            input_ids = torch.cat([input_ids, negative_ids])
+            attention_mask = None if attention_mask is None else torch.cat([attention_mask, negative_mask])
         text = F.normalize(self.get_text_features(input_ids, attention_mask), dim=-1)
+        text, negatives = text[:b], text[b:]
         # CLIP clamps the learned temperature at 100 to keep training stable
         out = {"image_embeds": image, "text_embeds": text, "logit_scale": self.logit_scale.clamp(max=math.log(100)).exp()}
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
+        if negative_ids is not None:
+            out["negative_embeds"] = negatives
         return out

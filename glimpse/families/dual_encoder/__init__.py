@@ -43,6 +43,9 @@ class DualEncoderFamily(Family):
         choice("model.text.norm", m.text.norm, ("pre", "post"))
         checks.check_towers(m)
         check(m.embed_dim >= 1, "model.embed_dim", m.embed_dim, "must be at least 1")
+        d = recipe.data
+        check(not m.hard_negatives or (d.source == "shapes" and not d.stream), "model.hard_negatives",
+              m.hard_negatives, "swaps the shapes world's attribute words: it needs data.source shapes, not a stream")
 
     def __init__(self, recipe, root: Path, tokenizer):
         super().__init__(recipe, root, tokenizer)
@@ -57,11 +60,16 @@ class DualEncoderFamily(Family):
         if d.stream:
             dataset = stream_pairs(d, self.root, self.transform, self.recipe.train.seed)
         else:
-            dataset = PairDataset(load_pairs(d, self.root, "train"), self.transform, d.max_pixels)
+            dataset = PairDataset(load_pairs(d, self.root, "train"), self.transform, d.max_pixels,
+                                  negatives=self.recipe.model.hard_negatives)
         return dataset, PairCollate(self.tokenizer, self.recipe.model.text.context_length)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        negatives = ()
+        if self.recipe.model.hard_negatives:  # always a tensor, maybe of 0 rows: every process gathers them
+            ids = batch.get("negative_ids", batch["input_ids"][:0])
+            negatives = (ids, batch.get("negative_mask", batch["attention_mask"][:0]))
+        out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], *negatives)
         return contrastive_loss(out, self.recipe.model.loss)
 
     def pipeline(self, model: DualEncoder) -> DualEncoderPipeline:
