@@ -1,7 +1,8 @@
 """The shapes-shop recipes over several seeds (world and training): mean and standard deviation of each
 figure, warm and cold apart, with the popularity, shuffled-history and oracle references.
 
-    python experiments/shop_seeds.py --out runs/shop-seeds [--seeds 0 1 2] [--runs sasrec mean bpr vbpr]
+    python experiments/shop_seeds.py --out runs/shop-seeds [--seeds 0 1 2] [--runs sasrec mean bpr vbpr] \
+        [--set data.users=20000 ...]
 
 Each run is `glimpse train RECIPE --set data.seed=S --set train.seed=S`; a finished run is not trained
 again.  Run from a folder that holds runs/shapes-clip (the frozen item tower).
@@ -29,6 +30,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/shop-seeds")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override for every run (a bigger shop: data.users=20000)")
     a = p.parse_args()
     results: dict[str, list[dict]] = {}
     for name in a.runs:
@@ -38,7 +41,7 @@ def main() -> None:
             if not (out / "eval.json").is_file():
                 cmd = [sys.executable, "-m", "glimpse", "--quiet", "train", recipe, "--out", str(out),
                        "--set", f"data.seed={seed}", "--set", f"train.seed={seed}"]
-                for s in sets:
+                for s in sets + a.set:
                     cmd += ["--set", s]
                 print(" ".join(cmd[2:]), flush=True)
                 subprocess.run(cmd, check=True)
