@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import threading
 import time
 import uuid
@@ -40,10 +39,10 @@ from glimpse.data.messages import decode_data_url
 from glimpse.data.video import VideoLimits
 from glimpse.errors import GlimpseError
 from glimpse.families.base import can_chat, can_embed, can_explain_chat, can_generate_images, can_recommend
-from glimpse.infer.generate import TextStream
 from glimpse.serve.engine import Engine, Job, QueueFull
 from glimpse.serve.extensions import add_extensions
 from glimpse.serve.guards import APIError, BodyLimit, Gate, ServerLimits, error_response
+from glimpse.serve.replies import answer_or_disconnect, sse_chunks
 from glimpse.serve.schemas import (
     ChatCompletionRequest,
     EmbeddingRequest,
@@ -233,7 +232,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
         job.call = lambda: call(job)
         engine.submit(job, reserved=True)
         try:
-            event = await _answer_or_disconnect(request, done)
+            event = await answer_or_disconnect(request, done)
         except asyncio.CancelledError:  # the server is shutting down
             engine.cancel(job)
             raise
@@ -307,10 +306,11 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
             return "length" if len(tokens) >= max_new else "stop"
 
         if body.stream:
-            return StreamingResponse(_sse(engine, job, events, reply, body, pipeline.tokenizer.decode, usage, finish),
+            return StreamingResponse(sse_chunks(engine, job, events, reply, body, pipeline.tokenizer.decode, usage,
+                                                finish),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            event = await _answer_or_disconnect(request, events)
+            event = await answer_or_disconnect(request, events)
         except asyncio.CancelledError:  # the server is shutting down
             engine.cancel(job)
             raise
@@ -445,62 +445,3 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
 
     app.openapi = openapi
     return app
-
-
-async def _answer_or_disconnect(request: Request, events: asyncio.Queue):
-    """The job's final event, or None as soon as the client disconnects (no polling: one task
-    waits for the answer, one for the connection's http.disconnect)."""
-
-    async def disconnected():
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    answer = asyncio.ensure_future(events.get())
-    gone = asyncio.ensure_future(disconnected())
-    done = set()
-    try:
-        done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (answer, gone):
-            if task not in done:
-                task.cancel()
-    return answer.result() if answer in done else None
-
-
-async def _sse(engine, job, events, reply, body, decode, usage, finish):
-    """The chunks of a streamed completion, as OpenAI sends them; the job is cancelled if the client
-    goes away (the response task is cancelled and this generator closed)."""
-    def chunk(choices, **extra):
-        return "data: " + json.dumps({**reply, "object": "chat.completion.chunk", "choices": choices,
-                                      **extra}) + "\n\n"
-
-    streams = [TextStream(decode) for _ in range(body.n)]
-    finished = False  # the job answered: its slot was released by the worker, nothing to cancel
-    try:
-        for i in range(body.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        while True:
-            event = await events.get()
-            if event[0] == "token":
-                _, i, token = event
-                piece = streams[i].push(token)
-                if piece:
-                    yield chunk([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
-                continue
-            _, tokens, error = event
-            finished = True
-            if error is not None:
-                message, kind = (str(error), "invalid_request_error") if isinstance(error, GlimpseError) else \
-                    ("internal server error", "server_error")
-                err = {"message": message, "type": kind, "param": None, "code": None}
-                yield "data: " + json.dumps({"error": err}) + "\n\n"
-                break
-            for i, t in enumerate(tokens):
-                yield chunk([{"index": i, "delta": {}, "finish_reason": finish(t)}])
-            if body.stream_options is not None and body.stream_options.include_usage:
-                yield chunk([], usage=usage(tokens))
-            break
-        yield "data: [DONE]\n\n"
-    finally:
-        if not finished:  # the client left mid-stream (or the server is closing): free its slot now
-            engine.cancel(job)
