@@ -13,7 +13,7 @@ from conftest import tiny_overrides
 
 from glimpse.data.negatives import swapped_negative
 from glimpse.data.pairs import PairCollate, PairDataset, load_pairs
-from glimpse.data.shapes import parse_caption
+from glimpse.data.shapes import NOVEL_COMBOS, parse_caption
 from glimpse.data.tokenizer import Tokenizer
 from glimpse.errors import GlimpseError
 
@@ -30,6 +30,8 @@ def test_negatives_are_false_of_their_scene_and_drawn_by_the_seed(world):
         assert negative == swapped_negative(caption, seed=k)  # the seed alone decides
         assert negative is not None and parse_caption(negative) is not None
         assert parse_caption(negative) != parse_caption(caption), (caption, negative)
+        # never a colour-shape pair held out for test_novel: training must not see it even as a negative
+        assert not {(c, s) for _, c, s, _ in parse_caption(negative)} & set(NOVEL_COMBOS)
         words, neg_words = re.findall(r"\w+", caption), re.findall(r"\w+", negative)
         changed = [(a, b) for a, b in zip(words, neg_words) if a != b]
         assert len(words) == len(neg_words) and changed

@@ -8,6 +8,9 @@ Two kinds, over the shapes world's attribute words (sizes, colours, shapes):
 - a replaced attribute: one word becomes another of its kind ("a red circle" -> "a green circle").
 A candidate that still describes the same scene (two red circles swapping "small" and "large" at the
 same place, say) is redrawn: the negative must be false of the image, which `parse_caption` decides.
+So is one that names a colour-shape pair the world holds out for test_novel (NOVEL_COMBOS): training
+would otherwise see those pairs only as negatives, and learn that they never match (the first run of
+`model.hard_negatives` lost 0.08 of test_novel R@1 before this rule).
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from __future__ import annotations
 import random
 import re
 
-from glimpse.data.shapes import COLOURS, SHAPES, SIZES, parse_caption
+from glimpse.data.shapes import COLOURS, NOVEL_COMBOS, SHAPES, SIZES, parse_caption
 
 WORD_KINDS = (tuple(SIZES), tuple(COLOURS), tuple(SHAPES))
 _TRIES = 8
+_HELD_OUT = set(NOVEL_COMBOS)
 
 
 def swapped_negative(caption: str, seed: int, swap_share: float = 0.5) -> str | None:
@@ -44,6 +48,9 @@ def swapped_negative(caption: str, seed: int, swap_share: float = 0.5) -> str | 
             i = rng.choice(kinds[k])
             changed[i] = rng.choice([w for w in WORD_KINDS[k] if w != parts[i].lower()])
         negative = "".join(changed)
-        if negative != caption and (truth is None or parse_caption(negative) != truth):
+        if negative == caption:
+            continue
+        scene = parse_caption(negative)
+        if truth is None or (scene != truth and not any((c, s) in _HELD_OUT for _, c, s, _ in scene)):
             return negative
     return None
