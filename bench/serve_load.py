@@ -1,7 +1,7 @@
 """Serving throughput and latency: the batching server vs a one-request-at-a-time server.
 
 Starts `glimpse serve RUN` twice in subprocesses on loopback, in one run and on the same model:
-batched (continuous batching, --max-batch 8 rows by default) and one-at-a-time (--max-batch 1:
+batched (continuous batching, --max-batch 32 rows by default, as the server) and one-at-a-time (--max-batch 1:
 requests wait their turn).  For 1, 8 and 32 closed-loop clients (each sends its next request when its
 answer arrives), for --seconds each, it measures requests/s and p50 / p95 latency of greedy VQA-style
 chat requests on the world's test images, and prints the batched/baseline ratios.
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("run", nargs="?", default="runs/demo/shapes-llava-stage2")
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--clients", default="1,8,32")
     a = ap.parse_args()
     if not (Path(a.run) / "recipe.yaml").is_file():

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--device", default="cpu")
     v.add_argument("--model-name", help="the model id clients send (default: the run folder's name)")
-    v.add_argument("--max-batch", type=_at_least_one, default=8, help="rows decoded together")
+    v.add_argument("--max-batch", type=_at_least_one, default=32, help="rows decoded together")
     v.add_argument("--max-pending", type=_at_least_one, default=32, help="requests in flight before a 429")
     v.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 request "
                    "(default: $GLIMPSE_API_KEY)")
