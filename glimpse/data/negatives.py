@@ -50,7 +50,9 @@ def swapped_negative(caption: str, seed: int, swap_share: float = 0.5) -> str | 
         negative = "".join(changed)
         if negative == caption:
             continue
-        scene = parse_caption(negative)
-        if truth is None or (scene != truth and not any((c, s) in _HELD_OUT for _, c, s, _ in scene)):
+        if truth is None:
+            return negative
+        scene = parse_caption(negative)  # a swap or a replacement keeps the caption readable
+        if scene is not None and scene != truth and not any((c, s) in _HELD_OUT for _, c, s, _ in scene):
             return negative
     return None
