@@ -11,8 +11,10 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
+from glimpse.data.formats import read_coco_captions
+from glimpse.data.images import ImageTransform
 from glimpse.data.negatives import swapped_negative
-from glimpse.data.pairs import PairCollate, PairDataset, load_pairs
+from glimpse.data.pairs import PairCollate, PairDataset
 from glimpse.data.shapes import NOVEL_COMBOS, parse_caption
 from glimpse.data.tokenizer import Tokenizer
 from glimpse.errors import GlimpseError
@@ -55,9 +57,7 @@ def test_swapping_words_that_leave_the_scene_as_it_was_is_not_a_negative():
 
 
 def test_the_collate_pads_negatives_with_the_captions(world):
-    items = load_pairs(type("D", (), {"source": "shapes", "format": "coco", "root": str(world)})(), world, "train")
-    from glimpse.data.images import ImageTransform
-
+    items = read_coco_captions(world / "annotations" / "captions_train.json", world / "images" / "train")
     dataset = PairDataset(items[:8], ImageTransform(32), 10**8, negatives=True)
     samples = [dataset[(i, 7 * i)] for i in range(8)]
     assert [s["negative"] for s in samples] == [dataset[(i, 7 * i)]["negative"] for i in range(8)]
