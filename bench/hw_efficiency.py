@@ -22,12 +22,11 @@ bf16 at the base size, >= 70% of the bandwidth bound at batch 1).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from vlm_vs_transformers import SIZES, _sync, batch_inputs, glimpse_loss, glimpse_model
+from vlm_vs_transformers import SIZES, _median_time, _sync, batch_inputs, glimpse_loss, glimpse_model
 
 from glimpse.infer.generate import GenerationConfig, generate
 
@@ -78,19 +77,6 @@ def copy_gbs(device, megabytes: int, reps: int = 10) -> float:
     return best
 
 
-def median_time(fn, device, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def train_step(model, batch: dict, device, precision: str, steps: int, compile: bool) -> tuple[float, float]:
     """(FLOPs of one stage-2 step, its median seconds)."""
     model.vision.requires_grad_(False)
@@ -111,7 +97,7 @@ def train_step(model, batch: dict, device, precision: str, steps: int, compile: 
             loss = glimpse_loss(model, batch)
         loss.backward()
     opt.zero_grad(set_to_none=True)
-    return counter.get_total_flops(), median_time(step, device, steps)
+    return counter.get_total_flops(), _median_time(step, device, steps)
 
 
 def lm_bytes_per_token(lm, prompt_len: int, short: int, long: int) -> tuple[float, float]:
@@ -141,8 +127,8 @@ def decode_seconds_per_token(model, s: dict, device, precision: str, short: int,
                        prefix_embeds=list(embeds))
         assert len(out[0]) == n
 
-    t_short = median_time(lambda: run(short), device, reps, warmup=1)
-    t_long = median_time(lambda: run(long), device, reps, warmup=1)
+    t_short = _median_time(lambda: run(short), device, reps, warmup=1)
+    t_long = _median_time(lambda: run(long), device, reps, warmup=1)
     return (t_long - t_short) / (long - short), ids.shape[1]
 
 
