@@ -48,7 +48,7 @@ def main() -> None:
                 by_colour_total[o["colour"]] += 1
     print(f"{args.split}: {len(scenes)} images, exact {exact / len(scenes):.3f}, "
           f"objects right {sum(right.values())}/{sum(total.values())}")
-    print("by size and shape: " + ", ".join(f"{sz} {sh} {right[k]}/{total[k]}" for k in sorted(total) for sz, sh in [k]))
+    print("by size and shape: " + ", ".join(f"{size} {shape} {right[size, shape]}/{n}" for (size, shape), n in sorted(total.items())))
     print("by colour: " + ", ".join(f"{c} {by_colour[c]}/{by_colour_total[c]}" for c in sorted(by_colour_total)))
     print("extra, by reason: " + (", ".join(f"{r} {n}" for r, n in reasons.most_common()) or "none"))
 
