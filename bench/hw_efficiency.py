@@ -26,9 +26,15 @@ import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from vlm_vs_transformers import SIZES, _median_time, _sync, batch_inputs, glimpse_loss, glimpse_model
-
-from glimpse.infer.generate import GenerationConfig, generate
+from vlm_vs_transformers import (
+    SIZES,
+    _median_time,
+    _sync,
+    batch_inputs,
+    glimpse_greedy,
+    glimpse_loss,
+    glimpse_model,
+)
 
 # name fragment -> (dense bf16 TFLOP/s, memory GB/s), from the vendors' data sheets
 DEVICES = {
@@ -119,17 +125,9 @@ def decode_seconds_per_token(model, s: dict, device, precision: str, short: int,
     if precision == "bf16":
         model.to(torch.bfloat16)
         b["pixel_values"] = b["pixel_values"].to(torch.bfloat16)
-    ids = b["input_ids"]
-
-    def run(n: int) -> None:
-        embeds = model.merge(ids, model.get_image_features(b["pixel_values"]))
-        out = generate(model.lm, ids.tolist(), GenerationConfig(max_new_tokens=n, ignore_eos=True),
-                       prefix_embeds=list(embeds))
-        assert len(out[0]) == n
-
-    t_short = _median_time(lambda: run(short), device, reps, warmup=1)
-    t_long = _median_time(lambda: run(long), device, reps, warmup=1)
-    return (t_long - t_short) / (long - short), ids.shape[1]
+    t_short = _median_time(lambda: glimpse_greedy(model, b, short), device, reps, warmup=1)
+    t_long = _median_time(lambda: glimpse_greedy(model, b, long), device, reps, warmup=1)
+    return (t_long - t_short) / (long - short), b["input_ids"].shape[1]
 
 
 def main() -> None:

@@ -142,11 +142,7 @@ def decode_tokens_per_s(model, kind: str, s: dict, batch: int, new_tokens: int, 
     def run():
         if True:
             if kind == "glimpse":
-                ids = b["input_ids"]
-                embeds = model.merge(ids, model.get_image_features(b["pixel_values"]))
-                out = generate(model.lm, ids.tolist(), GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True),
-                               prefix_embeds=list(embeds))
-                assert all(len(o) == new_tokens for o in out)
+                glimpse_greedy(model, b, new_tokens)
             else:
                 out = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                      pixel_values=b["pixel_values"], max_new_tokens=new_tokens,
@@ -154,6 +150,15 @@ def decode_tokens_per_s(model, kind: str, s: dict, batch: int, new_tokens: int, 
                 assert out.shape[1] == b["input_ids"].shape[1] + new_tokens
 
     return batch * new_tokens / _median_time(run, device, reps, warmup=1)
+
+
+def glimpse_greedy(model, b: dict, new_tokens: int) -> None:
+    """glimpse's greedy decoding of a batch from `batch_inputs`: image encoding, prefill, `new_tokens` steps."""
+    ids = b["input_ids"]
+    embeds = model.merge(ids, model.get_image_features(b["pixel_values"]))
+    out = generate(model.lm, ids.tolist(), GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True),
+                   prefix_embeds=list(embeds))
+    assert all(len(o) == new_tokens for o in out)
 
 
 def glimpse_image_tokens(s: dict) -> int:
