@@ -9,7 +9,9 @@ attention), with random weights: speed does not depend on their values.  Measure
 - decoding: greedy tokens/s at batch 1 and 16, the same prompt (image + text) and the same
   number of new tokens (EOS ignored); image encoding and prefill included for both.  On a CPU,
   glimpse decodes on oneDNN-packed weights (glimpse/infer/packed_linear.py); the "F.linear weights"
-  rows are the same model without them.
+  rows are the same model without them.  `--compile-decode` adds glimpse with each decode step
+  compiled (`GenerationConfig.compile`, CPU only; infer/static_decode.py), its one-time compile
+  printed apart and left out of the tokens/s, against transformers' default (eager) `generate`.
 
     python bench/vlm_vs_transformers.py [--size small|base] [--precision fp32|bf16] [--device cpu|cuda]
 
@@ -132,7 +134,7 @@ def hf_loss(model, b):
 
 @torch.no_grad()
 def decode_tokens_per_s(model, kind: str, s: dict, batch: int, new_tokens: int, device, precision: str,
-                        reps: int) -> float:
+                        reps: int, compile: bool = False) -> float:
     model.eval()
     b = batch_inputs({**s, "batch": batch, "text": 32}, glimpse_image_tokens(s), device)
     if precision == "bf16":  # inference runs on bf16 weights (training used autocast on fp32 ones)
@@ -142,22 +144,26 @@ def decode_tokens_per_s(model, kind: str, s: dict, batch: int, new_tokens: int, 
     def run():
         if True:
             if kind == "glimpse":
-                glimpse_greedy(model, b, new_tokens)
+                glimpse_greedy(model, b, new_tokens, compile=compile)
             else:
                 out = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                      pixel_values=b["pixel_values"], max_new_tokens=new_tokens,
                                      min_new_tokens=new_tokens, do_sample=False)
                 assert out.shape[1] == b["input_ids"].shape[1] + new_tokens
 
+    if compile:  # the first run compiles the step for this batch's shapes: timed apart
+        t = time.perf_counter()
+        run()
+        print(f"  compiling glimpse's decode step, batch {batch}: {time.perf_counter() - t:.0f} s (first run)")
     return batch * new_tokens / _median_time(run, device, reps, warmup=1)
 
 
-def glimpse_greedy(model, b: dict, new_tokens: int) -> None:
+def glimpse_greedy(model, b: dict, new_tokens: int, compile: bool = False) -> None:
     """glimpse's greedy decoding of a batch from `batch_inputs`: image encoding, prefill, `new_tokens` steps."""
     ids = b["input_ids"]
     embeds = model.merge(ids, model.get_image_features(b["pixel_values"]))
-    out = generate(model.lm, ids.tolist(), GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True),
-                   prefix_embeds=list(embeds))
+    cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, compile=compile)
+    out = generate(model.lm, ids.tolist(), cfg, prefix_embeds=list(embeds))
     assert all(len(o) == new_tokens for o in out)
 
 
@@ -173,6 +179,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--compile", action="store_true", help="also time glimpse's step under torch.compile")
+    ap.add_argument("--compile-decode", action="store_true", help="also time glimpse's decoding with compiled steps (CPU)")
     ap.add_argument("--skip", choices=["train", "decode"], action="append", default=[])
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -206,6 +213,10 @@ def main() -> None:
                 p = decode_tokens_per_s(plain, "glimpse", s, bs, a.new_tokens, device, a.precision,
                                         max(2, a.steps // 2))
                 rows.append((f"  ... F.linear weights, batch {bs}", p, h))
+            if a.compile_decode:
+                c = decode_tokens_per_s(ours, "glimpse", s, bs, a.new_tokens, device, a.precision,
+                                        max(2, a.steps // 2), compile=True)
+                rows.append((f"  ... compiled steps, batch {bs}", c, h))
     print(f"{'':28s} {'glimpse':>10s} {'transformers':>13s} {'ratio':>7s}")
     for name, g, h in rows:
         print(f"{name:28s} {g:10.1f} {h:13.1f} {g / h:6.2f}x")

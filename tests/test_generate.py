@@ -235,6 +235,28 @@ def test_cuda_graph_decoding_equals_eager(arch):
         assert graph == eager
 
 
+def test_compiled_cpu_decoding_equals_eager():
+    """The compiled CPU step (weights frozen as constants) gives eager's tokens, greedy and seeded
+    sampling, and is not fooled by weights changed in place after compiling."""
+    from glimpse.infer.generate import GenerationConfig, generate
+    from glimpse.models.decoder import CausalLM, DecoderConfig
+
+    torch.manual_seed(0)
+    m = CausalLM(DecoderConfig(arch="llama", vocab_size=97, width=32, layers=1, heads=2, kv_heads=1,
+                               context_length=64)).eval()
+    prompts = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]]
+    for cfg in (dict(), dict(do_sample=True, temperature=0.8, top_p=0.9, seed=3)):
+        eager = generate(m, prompts, GenerationConfig(max_new_tokens=10, ignore_eos=True, **cfg))
+        compiled = generate(m, prompts, GenerationConfig(max_new_tokens=10, ignore_eos=True, compile=True, **cfg))
+        assert compiled == eager
+    with torch.no_grad():
+        m.lm_head.weight.mul_(-1.0)  # in place: the same tensors, a new version
+    eager = generate(m, prompts, GenerationConfig(max_new_tokens=10, ignore_eos=True))
+    assert generate(m, prompts, GenerationConfig(max_new_tokens=10, ignore_eos=True, compile=True)) == eager
+    with pytest.raises(ValueError, match="beam search"):
+        generate(m, prompts, GenerationConfig(max_new_tokens=4, num_beams=2, compile=True))
+
+
 # ---- continuous batching: rows join a running batch and leave it ----------------------------------
 
 LATE = [[33, 2, 48, 5, 9, 27, 40, 1, 13, 56, 21, 30, 7, 44, 18, 3], [8, 29], [51, 6, 36, 22]]

@@ -25,8 +25,8 @@ A running batch keeps its cache compact: the rows that ended or left are dropped
 `advance`, and with them the leading columns no remaining row reads, so the cache is never wider than
 its longest row (a learned-position model's context bounds each row, hence the batch).  A fixed batch
 (`fixed=True`) takes its rows in one `add` and keeps its shapes: an ended row idles on pad tokens that
-nobody reads, so that each step can replay as a CUDA graph (infer/cuda_graph.py) and a seeded sampler
-draws over the same rows every step.
+nobody reads, so that each step can replay as a CUDA graph or run compiled (infer/static_decode.py) and
+a seeded sampler draws over the same rows every step.
 
 Sampling draws from a `torch.Generator` seeded with `cfg.seed` (one multinomial draw per row per step),
 so the same seed, prompts and batch give the same tokens; `seed=None` uses torch's global RNG.
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glimpse.infer.packed_linear import pack_linears
+from glimpse.infer.static_decode import COMPILE_LENGTH_BUCKET, StaticDecoder
 from glimpse.models.decoder import KVCache, positions_from_mask
 
 
@@ -54,7 +55,10 @@ class GenerationConfig:
     stop_strings: list[str] = field(default_factory=list)  # needs a `decode` callable
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks decode a fixed number of tokens
-    cuda_graph: bool = True  # on CUDA, replay each greedy/sampling step as a CUDA graph (infer/cuda_graph.py)
+    cuda_graph: bool = True  # on CUDA, replay each greedy/sampling step as a CUDA graph (infer/static_decode.py)
+    # on a CPU, run each step of a fixed batch compiled (infer/static_decode.py): about a minute of
+    # compiling per batch shape, then faster tokens; for long or many generations of one shape
+    compile: bool = False
 
 
 def _eos_ids(cfg: GenerationConfig) -> set[int]:
@@ -72,6 +76,8 @@ def _check_config(cfg: GenerationConfig, decode) -> None:
         raise ValueError("beam search is greedy: do_sample with num_beams > 1 is not supported")
     if cfg.stop_strings and decode is None:
         raise ValueError("stop_strings need a `decode` callable (token ids -> text)")
+    if cfg.compile and cfg.num_beams > 1:
+        raise ValueError("compile is for greedy decoding and sampling; beam search runs eagerly")
 
 
 def _check_prompts(prompts, prefix_embeds, memory=None, memory_mask=None) -> None:
@@ -171,6 +177,8 @@ class DecodeBatch:
         self.model, self.cfg, self.pad_id, self.decode, self.fixed = model, cfg, pad_id, decode, fixed
         self.eos = _eos_ids(cfg)
         self.device = next(model.parameters()).device
+        if cfg.compile and (self.device.type != "cpu" or not fixed):
+            raise ValueError("compile is for a fixed batch on a CPU (on CUDA each step replays as a CUDA graph)")
         self.generator = None
         if cfg.do_sample and cfg.seed is not None:
             self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
@@ -208,6 +216,9 @@ class DecodeBatch:
             raise ValueError("a batch with a cross-attention memory takes its rows in one add")
         # a fixed batch's cache has room for every step; a running batch's is rebuilt as rows come and go
         extra = max(limits) if self.fixed else 0
+        if self.cfg.compile:  # cache lengths in buckets, so that similar prompts share a compiled step
+            T = max(len(p) for p in prompts)
+            extra = -(-(T + extra) // COMPILE_LENGTH_BUCKET) * COMPILE_LENGTH_BUCKET - T
         logits, mask, pos, cache = _prefill(self.model, prompts, self.pad_id, prefix_embeds, extra, memory,
                                             memory_mask)
         handles = list(range(self._next, self._next + len(prompts)))
@@ -216,10 +227,8 @@ class DecodeBatch:
             self._out[h], self._limit[h] = [], n
         if self.fixed:
             self.cache, self.mask, self.pos, self.logits, self.handles = cache, mask, pos, logits, handles
-            if self.cfg.cuda_graph and logits.is_cuda and max(limits) > 1:
-                from glimpse.infer.cuda_graph import StaticDecoder
-
-                self._static = StaticDecoder(self.model, cache, mask, pos)
+            if max(limits) > 1 and (self.cfg.compile or (self.cfg.cuda_graph and logits.is_cuda)):
+                self._static = StaticDecoder(self.model, cache, mask, pos, compiled=self.cfg.compile)
         else:
             self._rebuild((logits, mask, pos, cache, handles))
         return handles

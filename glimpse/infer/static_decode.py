@@ -1,0 +1,113 @@
+"""One decoding step over a static KV cache, replayed as a CUDA graph or run as a compiled program.
+
+At small batch sizes a decode step is dozens of small operations around a few matrix products.  On
+a GPU, launching them from Python costs more than running them: a 1B model on an H100 spends most
+of each token waiting on the CPU, and a CUDA graph, recorded once and replayed with one launch,
+takes that away.  On a CPU the cost is in the products themselves (rows x weights at 1-16 rows,
+far from both the matmul rate and the memory bandwidth) and in the small operations between them;
+`torch.compile` (inductor, `max-autotune`, weights frozen as constants) fuses the small operations
+and picks its own micro-GEMM per product where that is faster (bench/RESULTS.md, "compiled CPU
+decoding").  It costs about a minute of compiling per batch shape on 2 cores, so it is opt-in
+(`GenerationConfig.compile`).
+
+Either way the step needs fixed shapes and addresses, so it works on static buffers: the new tokens
+[B, 1], their positions [B, 1], the KV cache slot they write (`KVCache.slot`, a device tensor), and
+a bool mask over all `max_len` cache positions [B, 1, 1, S] (the prompt's real tokens, then each
+generated one).  Attention therefore reads the whole preallocated cache, masked; the arithmetic per
+real position is the same as the eager step's.
+
+Frozen weights are constants of the compiled program, so a model whose weights changed in place
+since (an optimizer step, `load_state_dict`), or another model, would run on stale ones; the
+compiled step is therefore tied to one model and its weights' versions, and torch's compile caches
+are reset when either changes (`_fresh_compile`).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+# A compiled step is specialised to its batch's shapes; cache lengths are rounded up to this, so
+# that prompts of similar lengths share one compiled program.
+COMPILE_LENGTH_BUCKET = 64
+
+_compiled_step = None
+_compiled_for: tuple | None = None  # (weakref to the model, its weights' (data_ptr, version)s)
+
+
+def _weights_signature(model) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+def _fresh_compile(model):
+    """The compiled step function, after a reset of torch's compile caches if they may hold another
+    model's (or older) weights as constants."""
+    global _compiled_step, _compiled_for
+    sig = _weights_signature(model)
+    if _compiled_for is not None and (_compiled_for[0]() is not model or _compiled_for[1] != sig):
+        torch._dynamo.reset()
+        _compiled_step = None
+    if _compiled_step is None:
+        _compiled_step = torch.compile(_forward, dynamic=False, mode="max-autotune")
+    _compiled_for = (weakref.ref(model), sig)
+    return _compiled_step
+
+
+def _forward(d: StaticDecoder) -> torch.Tensor:
+    mask = d.valid | (d.columns == d.slot)  # the new token also sees itself
+    return d.model(d.tokens, mask, position_ids=d.pos + 1, cache=d.cache)[:, -1]
+
+
+class StaticDecoder:
+    def __init__(self, model, cache, mask: torch.Tensor, pos: torch.Tensor, *, compiled: bool = False):
+        """`mask` [B, L] and `pos` [B, 1]: the prefilled cache's padding mask and last positions.
+        `compiled`: run the step compiled (a CPU batch); otherwise replay it as a CUDA graph."""
+        B, L = mask.shape
+        S, device = cache.max_len, mask.device
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.pos = pos.clone()
+        self.slot = torch.tensor([L], device=device)
+        self.valid = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=device)
+        self.valid[:, 0, 0, :L] = mask.bool()
+        self.columns = torch.arange(S, device=device)
+        self.graph = self.compiled = None
+        cache.slot = self.slot
+        try:
+            if compiled:
+                self.compiled = _fresh_compile(model)
+            else:
+                self._capture()
+        except Exception:
+            cache.slot = None
+            raise
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up (kernel selection, workspace) off the main stream
+            for _ in range(2):
+                _forward(self)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = _forward(self)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row [B]; -> the next logits [B, V] (with a CUDA graph, a buffer the next
+        step overwrites)."""
+        self.tokens.copy_(tokens[:, None])
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            with torch._inductor.config.patch(freezing=True):  # weights as constants: prepacked, folded
+                self.logits = self.compiled(self)
+        self.valid.index_fill_(3, self.slot, True)
+        self.slot += 1
+        self.pos += 1
+        return self.logits
+
+    def close(self) -> None:
+        self.cache.slot = None
+        self.cache.length = int(self.slot.item())
