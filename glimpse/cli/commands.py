@@ -258,7 +258,8 @@ def cmd_generate(a) -> None:
     if not 1 <= a.n <= 64:
         raise GlimpseError(f"--n must be between 1 and 64, not {a.n}")
     images = pipe.generate_images(a.prompt, n=a.n, seed=a.seed, guidance=a.guidance, steps=a.steps,
-                                  candidates=a.candidates, temperature=a.temperature)
+                                  candidates=a.candidates, temperature=a.temperature,
+                                  phrase_guidance=a.phrase_guidance)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):

@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--candidates", type=int, default=None,
                    help="samples per image, of which CLIP keeps the best (default: the run's)")
     g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--phrase-guidance", type=float, default=None,
+                   help="weight of each object phrase's own guidance term (composed guidance; default: the run's)")
     g.add_argument("--device", default="cpu")
     g.set_defaults(func=cmd_generate)
 

@@ -42,6 +42,10 @@ class TextToImageConfig:
     # sampling defaults (glimpse generate, the pipeline, evaluation)
     steps: int = 12  # maskgit's unmasking steps
     guidance: float = 3.0  # classifier-free guidance scale (1: none)
+    phrase_guidance: float = 0.0  # composed guidance: the weight of each object phrase's own term (0: off)
+    # conjunction: w (c_i - u), phrase i alone (Composable Diffusion); leave_one_out: w (c - c_-i), the
+    # prompt against itself without phrase i
+    phrase_mode: str = "conjunction"
     temperature: float = 1.0
     choice_temperature: float = 4.5  # maskgit: noise on which codes stay masked, annealed to 0 (MaskGIT's 4.5)
     candidates: int = 1  # images generated per prompt, of which CLIP keeps the best (best-of-N re-ranking)

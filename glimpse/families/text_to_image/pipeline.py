@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,14 @@ from glimpse.families.text_to_image.sampling import generate_codes
 
 MAX_PROMPT_CHARS = 1000
 MAX_IMAGES = 64  # per prompt, and candidates per image
+_PHRASE_BREAK = re.compile(r",\s*|\s+and\s+")
+
+
+def split_phrases(prompt: str) -> list[str]:
+    """A prompt's object phrases for composed guidance: its parts between commas and "and" ("a large red
+    circle on the left and a small blue square at the top" -> two).  One part: no composition."""
+    parts = [p.strip() for p in _PHRASE_BREAK.split(prompt) if len(p.split()) >= 2]
+    return parts if len(parts) >= 2 else []
 
 
 class TextToImagePipeline:
@@ -58,28 +68,33 @@ class TextToImagePipeline:
     @torch.no_grad()
     def generate_arrays(self, prompts: list[str], n: int = 1, seed: int = 0, *, steps: int | None = None,
                         guidance: float | None = None, temperature: float | None = None,
-                        candidates: int | None = None) -> np.ndarray:
+                        candidates: int | None = None, phrase_guidance: float | None = None) -> np.ndarray:
         """uint8 images [len(prompts), n, H, W, 3].  With `candidates` > 1, each image is the one CLIP
-        ranks best for its prompt among that many samples (best-of-N re-ranking, as DALL-E)."""
+        ranks best for its prompt among that many samples (best-of-N re-ranking, as DALL-E).  With
+        `phrase_guidance` > 0, each prompt's object phrases (`split_phrases`) add their own guidance."""
         c = self.model.cfg
         steps = c.steps if steps is None else steps
         guidance = c.guidance if guidance is None else guidance
         temperature = c.temperature if temperature is None else temperature
         candidates = c.candidates if candidates is None else candidates
+        phrase_guidance = c.phrase_guidance if phrase_guidance is None else phrase_guidance
         for name, value, most in (("n", n, MAX_IMAGES), ("candidates", candidates, MAX_IMAGES), ("steps", steps, 256)):
             if not isinstance(value, int) or not 1 <= value <= most:
                 raise GlimpseError(f"{name} must be an integer from 1 to {most}, not {value!r}")
-        if not (isinstance(guidance, (int, float)) and 0 <= guidance <= 100):
-            raise GlimpseError(f"guidance must be a number from 0 to 100, not {guidance!r}")
+        for name, value in (("guidance", guidance), ("phrase_guidance", phrase_guidance)):
+            if not (isinstance(value, (int, float)) and 0 <= value <= 100):
+                raise GlimpseError(f"{name} must be a number from 0 to 100, not {value!r}")
         self.model.eval()
         generator = torch.Generator(self.device).manual_seed(seed)
         per_prompt = n * candidates
         rows = [p for p in prompts for _ in range(per_prompt)]
         images = []
         for start in range(0, len(rows), self.batch_size):
-            ids, mask = self._tokens(rows[start:start + self.batch_size])
+            chunk = rows[start:start + self.batch_size]
+            ids, mask = self._tokens(chunk)
             codes = generate_codes(self.model, ids, mask, steps=steps, guidance=guidance, temperature=temperature,
-                                   choice_temperature=c.choice_temperature, generator=generator)
+                                   choice_temperature=c.choice_temperature, generator=generator,
+                                   phrases=self._phrases(chunk, phrase_guidance))
             images.append(to_uint8(self.model.vq.decode_tokens(codes)))
         arrays = np.concatenate(images).reshape(len(prompts), n, candidates, *images[0].shape[1:])
         if candidates == 1:
@@ -88,6 +103,23 @@ class TextToImagePipeline:
                   * self.text_embeds(prompts)[:, None, None]).sum(-1)  # [P, n, candidates]
         best = scores.argmax(-1).cpu().numpy()
         return np.take_along_axis(arrays, best[:, :, None, None, None, None], axis=2)[:, :, 0]
+
+    def _phrases(self, prompts: list[str], weight: float) -> tuple | None:
+        """(ids, mask, owner, weight) of the prompts' object phrases, or None (off, or nothing to compose)."""
+        if not weight:
+            return None
+        if self.model.cfg.kind != "maskgit":
+            raise GlimpseError("phrase guidance is for the maskgit prior")
+        mode = self.model.cfg.phrase_mode
+        pairs = []
+        for row, p in enumerate(prompts):
+            parts = split_phrases(p)
+            for i in range(len(parts)):  # phrase i alone, or the prompt without it
+                pairs.append((row, parts[i] if mode == "conjunction" else ", ".join(parts[:i] + parts[i + 1:])))
+        if not pairs:
+            return None
+        ids, mask = self._tokens([phrase for _, phrase in pairs])
+        return ids, mask, torch.tensor([row for row, _ in pairs], device=self.device), float(weight), mode
 
     def generate_images(self, prompts: str | list[str], n: int = 1, seed: int = 0, **kw) -> list:
         """PIL images: n for a prompt given as a string; a list of n per prompt for a list of prompts."""

@@ -1,7 +1,10 @@
 """Sampling code grids from a prior, with classifier-free guidance, and re-ranking by CLIP.
 
 Guidance runs the conditional and the unconditional rows as one batch and mixes their logits,
-u + g (c - u) (Ho & Salimans; Muse applies it to token logits the same way).
+u + g (c - u) (Ho & Salimans; Muse applies it to token logits the same way).  Composed guidance
+(`phrase_guidance` w > 0) adds a term per phrase of the prompt (one object each), u + g (c - u) +
+w sum_i (c_i - u): the conjunction of Composable Diffusion (Liu et al. 2022, eq. 10) on token logits,
+so that each object's own condition pulls where the whole caption's reading is weak.
 
 MaskGIT (Chang et al. 2022; google-research/maskgit `maskgit/libml/parallel_decode.py`): start with
 every code masked; at step t of S, sample every masked position, keep the most confident samples and
@@ -21,8 +24,16 @@ import torch.nn.functional as F
 from glimpse.families.text_to_image.model import TextToImage
 
 
-def _guided(logits: torch.Tensor, guidance: float) -> torch.Tensor:
-    """Rows [cond; uncond] -> the guided logits of the cond half."""
+def _guided(logits: torch.Tensor, guidance: float, phrases: tuple | None = None) -> torch.Tensor:
+    """Rows [cond; uncond] (then, with `phrases` = (owner [P], weight), one row per phrase, phrase i
+    of prompt row owner[i]) -> the guided logits of the cond rows."""
+    if phrases is not None:
+        owner, weight, mode = phrases
+        B = (len(logits) - len(owner)) // 2
+        cond, uncond, per_phrase = logits[:B], logits[B:2 * B], logits[2 * B:]
+        guided = uncond + guidance * (cond - uncond)
+        term = per_phrase - uncond[owner] if mode == "conjunction" else cond[owner] - per_phrase
+        return guided.index_add(0, owner, term, alpha=weight)
     if guidance == 1.0:
         return logits[: len(logits) // 2]
     cond, uncond = logits.chunk(2)
@@ -44,17 +55,33 @@ def _both(memory: torch.Tensor, memory_mask: torch.Tensor) -> tuple[torch.Tensor
     return torch.cat([memory, memory]), torch.cat([memory_mask, uncond])
 
 
+def _pad_cat(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]):
+    """Two (memory [*, S, D], mask [*, 1, 1, S]) batches as one, the shorter padded with masked slots."""
+    S = max(a[0].shape[1], b[0].shape[1])
+    mems, masks = [], []
+    for m, k in (a, b):
+        mems.append(F.pad(m, (0, 0, 0, S - m.shape[1])))
+        masks.append(F.pad(k, (0, S - k.shape[-1]), value=False))
+    return torch.cat(mems), torch.cat(masks)
+
+
 @torch.no_grad()
 def sample_maskgit(model: TextToImage, memory: torch.Tensor, memory_mask: torch.Tensor, *, steps: int,
                    guidance: float, temperature: float, choice_temperature: float,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Code grids [B, N] for text memories [B, S, D]."""
+                   generator: torch.Generator | None = None, phrases: tuple | None = None) -> torch.Tensor:
+    """Code grids [B, N] for text memories [B, S, D].  `phrases`: (memory, mask, owner [P], weight) of
+    the prompts' phrases, for composed guidance."""
     cfg = model.cfg
     B, N, mask_id = memory.shape[0], cfg.grid ** 2, cfg.special_id
     memory, memory_mask = _both(memory, memory_mask)
+    mix = None
+    if phrases is not None:
+        p_memory, p_mask, *mix = phrases
+        memory, memory_mask = _pad_cat((memory, memory_mask), (p_memory, p_mask))
     tokens = torch.full((B, N), mask_id, dtype=torch.long, device=memory.device)
     for t in range(steps):
-        logits = _guided(model(torch.cat([tokens, tokens]), memory, memory_mask), guidance)  # [B, N, K]
+        rows = torch.cat([tokens, tokens] + ([tokens[mix[0]]] if mix else []))
+        logits = _guided(model(rows, memory, memory_mask), guidance, mix)  # [B, N, K]
         unknown = tokens == mask_id
         sampled = torch.where(unknown, _sample(logits, temperature, generator), tokens)
         ratio = (t + 1) / steps
@@ -98,10 +125,17 @@ def sample_autoregressive(model: TextToImage, memory: torch.Tensor, memory_mask:
 @torch.no_grad()
 def generate_codes(model: TextToImage, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, steps: int,
                    guidance: float, temperature: float, choice_temperature: float,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, phrases: tuple | None = None) -> torch.Tensor:
+    """`phrases`: (input_ids [P, T'], attention_mask, owner [P], weight), each phrase's tokens and the
+    prompt row it belongs to, for composed guidance (maskgit only)."""
     memory, memory_mask = model.text_memory(input_ids, attention_mask)
+    if phrases is not None and model.cfg.kind != "maskgit":
+        raise ValueError("composed (per-phrase) guidance is for the maskgit prior")
+    if phrases is not None:
+        ids, mask, *rest = phrases
+        phrases = (*model.text_memory(ids, mask), *rest)
     if model.cfg.kind == "maskgit":
         return sample_maskgit(model, memory, memory_mask, steps=steps, guidance=guidance, temperature=temperature,
-                              choice_temperature=choice_temperature, generator=generator)
+                              choice_temperature=choice_temperature, generator=generator, phrases=phrases)
     return sample_autoregressive(model, memory, memory_mask, guidance=guidance, temperature=temperature,
                                  generator=generator)
