@@ -235,24 +235,38 @@ def test_cuda_graph_decoding_equals_eager(arch):
         assert graph == eager
 
 
-def test_compiled_cpu_decoding_equals_eager():
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_compiled_cpu_decoding_equals_eager(arch):
     """The compiled CPU step (weights frozen as constants) gives eager's tokens, greedy and seeded
-    sampling, and is not fooled by weights changed in place after compiling."""
+    sampling; prompts of another length in the same cache bucket reuse the compiled step (learned
+    positions too); and weights changed in place after compiling are not run stale."""
+    from torch._dynamo.utils import counters
+
     from glimpse.infer.generate import GenerationConfig, generate
     from glimpse.models.decoder import CausalLM, DecoderConfig
 
     torch.manual_seed(0)
-    m = CausalLM(DecoderConfig(arch="llama", vocab_size=97, width=32, layers=1, heads=2, kv_heads=1,
-                               context_length=64)).eval()
+    m = CausalLM(DecoderConfig(arch=arch, vocab_size=97, width=32, layers=1, heads=2,
+                               kv_heads=1 if arch == "llama" else 2, context_length=64)).eval()
     prompts = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]]
-    for cfg in (dict(), dict(do_sample=True, temperature=0.8, top_p=0.9, seed=3)):
+
+    def both(prompts, **cfg):
         eager = generate(m, prompts, GenerationConfig(max_new_tokens=10, ignore_eos=True, **cfg))
-        compiled = generate(m, prompts, GenerationConfig(max_new_tokens=10, ignore_eos=True, compile=True, **cfg))
+        return eager, generate(m, prompts, GenerationConfig(max_new_tokens=10, ignore_eos=True, compile=True, **cfg))
+
+    before = counters["stats"]["unique_graphs"]
+    eager, compiled = both(prompts)
+    assert compiled == eager and counters["stats"]["unique_graphs"] > before  # it did compile
+    compiled_once = counters["stats"]["unique_graphs"]
+    eager, compiled = both([p + [20, 21, 22] for p in prompts])  # 8 tokens, not 5: the same 64-slot bucket
+    assert compiled == eager and counters["stats"]["unique_graphs"] == compiled_once
+    if arch == "llama":
+        eager, compiled = both(prompts, do_sample=True, temperature=0.8, top_p=0.9, seed=3)
         assert compiled == eager
     with torch.no_grad():
         m.lm_head.weight.mul_(-1.0)  # in place: the same tensors, a new version
-    eager = generate(m, prompts, GenerationConfig(max_new_tokens=10, ignore_eos=True))
-    assert generate(m, prompts, GenerationConfig(max_new_tokens=10, ignore_eos=True, compile=True)) == eager
+    eager, compiled = both(prompts)
+    assert compiled == eager
     with pytest.raises(ValueError, match="beam search"):
         generate(m, prompts, GenerationConfig(max_new_tokens=4, num_beams=2, compile=True))
 

@@ -126,6 +126,8 @@ def test_prompts_split_into_object_phrases():
     assert split_phrases("a large red circle on the left and a small blue square at the top") == [
         "a large red circle on the left", "a small blue square at the top"]
     assert split_phrases("a picture of a small yellow square near the bottom") == []  # one object: nothing to compose
+    assert split_phrases("a red circle, a blue square, and a green cross") == ["a red circle", "a blue square",
+                                                                             "a green cross"]
 
 
 def test_a_dropped_text_reads_only_the_null_slot():
@@ -210,9 +212,9 @@ def test_train_evaluate_load_and_generate(tiny_t2i_run, world, cli_env, tmp_path
             pipe.generate_images("a red circle", **{"n": 1, **bad})
     with pytest.raises(GlimpseError, match="non-empty"):
         pipe.generate_images("  ")
-    composed = pipe.generate_images("a large red circle on the left and a small blue square at the top", n=1,
-                                    phrase_guidance=1.0)
-    assert len(composed) == 1 and composed[0].size == (32, 32)
+    two = ["a large red circle on the left and a small blue square at the top"]
+    composed = pipe.generate_arrays(two, 2, phrase_guidance=2.0)
+    assert composed.shape == (1, 2, 32, 32, 3) and not np.array_equal(composed, pipe.generate_arrays(two, 2))
 
     out = tmp_path / "gen"
     r = subprocess.run([PY, "-m", "glimpse", "generate", str(tiny_t2i_run), "a large red circle on the left",

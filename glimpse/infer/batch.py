@@ -189,7 +189,7 @@ class DecodeBatch:
         self._limit: dict[int, int] = {}  # a running row's max_new_tokens
         self._ended: set[int] = set()  # rows in the cache that no longer decode
         self._chosen: torch.Tensor | None = None  # tokens chosen and not yet fed
-        self._static = None  # a fixed batch's CUDA graph
+        self._static = None  # a fixed batch's static step: a CUDA graph or a compiled program
         self._next = 0
 
     @property

@@ -19,11 +19,15 @@ real position is the same as the eager step's.
 Frozen weights are constants of the compiled program, so a model whose weights changed in place
 since (an optimizer step, `load_state_dict`), or another model, would run on stale ones; the
 compiled step is therefore tied to one model and its weights' versions, and torch's compile caches
-are reset when either changes (`_fresh_compile`).
+are reset when either changes (`_fresh_compile`).  Consequences: compiled decoding serves one model
+per process at a time (alternating models recompile each time, and the reset also drops other
+compiled functions, such as a `train.compile` step, which then retrace); and writes through `.data`,
+which bump no version, go unseen (as by `PackedLinear`'s packed copies): call `invalidate()` after them.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -34,6 +38,17 @@ COMPILE_LENGTH_BUCKET = 64
 
 _compiled_step = None
 _compiled_for: tuple | None = None  # (weakref to the model, its weights' (data_ptr, version)s)
+_lock = threading.Lock()
+
+
+def invalidate() -> None:
+    """Forget the compiled step: the next compiled decoding compiles afresh (after weights were
+    changed in a way their versions do not show, such as writes through `.data`)."""
+    global _compiled_step, _compiled_for
+    with _lock:
+        if _compiled_for is not None:
+            torch._dynamo.reset()
+        _compiled_step = _compiled_for = None
 
 
 def _weights_signature(model) -> tuple:
@@ -45,13 +60,14 @@ def _fresh_compile(model):
     model's (or older) weights as constants."""
     global _compiled_step, _compiled_for
     sig = _weights_signature(model)
-    if _compiled_for is not None and (_compiled_for[0]() is not model or _compiled_for[1] != sig):
-        torch._dynamo.reset()
-        _compiled_step = None
-    if _compiled_step is None:
-        _compiled_step = torch.compile(_forward, dynamic=False, mode="max-autotune")
-    _compiled_for = (weakref.ref(model), sig)
-    return _compiled_step
+    with _lock:
+        if _compiled_for is not None and (_compiled_for[0]() is not model or _compiled_for[1] != sig):
+            torch._dynamo.reset()
+            _compiled_step = None
+        if _compiled_step is None:
+            _compiled_step = torch.compile(_forward, dynamic=False, mode="max-autotune")
+        _compiled_for = (weakref.ref(model), sig)
+        return _compiled_step
 
 
 def _forward(d: StaticDecoder) -> torch.Tensor:
@@ -73,10 +89,14 @@ class StaticDecoder:
         self.valid[:, 0, 0, :L] = mask.bool()
         self.columns = torch.arange(S, device=device)
         self.graph = self.compiled = None
+        # a learned-position model cannot go past its context: checked here, once a step (see decoder.py)
+        self._last_position = model.cfg.context_length if getattr(model, "pos_embed", None) is not None else None
+        self._next_slot = L
         cache.slot = self.slot
         try:
-            if compiled:
-                self.compiled = _fresh_compile(model)
+            if compiled:  # compile now (one step, into the slot the first real step overwrites), so that
+                self.compiled = _fresh_compile(model)  # a machine that cannot compile fails before any token
+                self._run_compiled()
             else:
                 self._capture()
         except Exception:
@@ -94,15 +114,21 @@ class StaticDecoder:
         with torch.cuda.graph(self.graph):
             self.logits = _forward(self)
 
+    def _run_compiled(self) -> None:
+        with torch._inductor.config.patch(freezing=True):  # weights as constants: prepacked, folded
+            self.logits = self.compiled(self)
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row [B]; -> the next logits [B, V] (with a CUDA graph, a buffer the next
         step overwrites)."""
+        if self._last_position is not None and self._next_slot >= self._last_position:
+            raise ValueError(f"{self._next_slot + 1} positions exceed the context length {self._last_position}")
         self.tokens.copy_(tokens[:, None])
         if self.graph is not None:
             self.graph.replay()
         else:
-            with torch._inductor.config.patch(freezing=True):  # weights as constants: prepacked, folded
-                self.logits = self.compiled(self)
+            self._run_compiled()
+        self._next_slot += 1
         self.valid.index_fill_(3, self.slot, True)
         self.slot += 1
         self.pos += 1

@@ -117,8 +117,9 @@ class KVCache:
         # what cross-attention layers keep for the whole generation (the memory's keys and values per
         # layer, the memory mask of the newest token); batch-first tensors, reordered with the rest
         self.memory: dict = {}
-        # A device tensor [1] while a CUDA graph decodes: the slot one new token writes, so the
-        # write position is data, not a Python number baked into the graph (see StaticDecoder).
+        # A device tensor [1] while a static step decodes (a CUDA graph or a compiled program): the slot
+        # one new token writes, so the write position is data, not a number baked into the step
+        # (see infer/static_decode.py).
         self.slot: torch.Tensor | None = None
 
     @property
@@ -351,7 +352,9 @@ class CausalLM(nn.Module):
             mask, causal = attention_mask_for(attention_mask, T, past, x.device)
         rope_cs = None
         if self.pos_embed is not None:
-            if past + T > self.cfg.context_length:
+            # a static cache's step (cache.slot) is checked by its StaticDecoder: `past` is a constant
+            # there, and a check on it would specialise a compiled step to each prompt length
+            if (cache is None or cache.slot is None) and past + T > self.cfg.context_length:
                 raise ValueError(f"{past + T} positions exceed the context length {self.cfg.context_length}")
             x = x + self.pos_embed(position_ids)
         else:

@@ -25,6 +25,7 @@ from glimpse.models.dual_encoder import DualEncoder, DualEncoderConfig
 from glimpse.models.vq import VQConfig, VQModel
 
 PRIORS = ("maskgit", "autoregressive")
+PHRASE_MODES = ("conjunction", "leave_one_out")  # composed guidance (sampling.py)
 
 
 def _prior_default() -> DecoderConfig:
@@ -71,6 +72,8 @@ class TextToImage(nn.Module):
         super().__init__()
         if cfg.kind not in PRIORS:
             raise ValueError(f"prior kind {cfg.kind!r} must be one of {', '.join(PRIORS)}")
+        if cfg.phrase_mode not in PHRASE_MODES:
+            raise ValueError(f"phrase_mode {cfg.phrase_mode!r} must be one of {', '.join(PHRASE_MODES)}")
         self.cfg = cfg
         self.clip = DualEncoder(cfg.clip)
         self.vq = VQModel(cfg.vq)

@@ -11,12 +11,12 @@ from PIL import Image
 
 from glimpse.data.images import ImageTransform, to_uint8
 from glimpse.errors import GlimpseError
-from glimpse.families.text_to_image.model import TextToImage
+from glimpse.families.text_to_image.model import PHRASE_MODES, TextToImage
 from glimpse.families.text_to_image.sampling import generate_codes
 
 MAX_PROMPT_CHARS = 1000
 MAX_IMAGES = 64  # per prompt, and candidates per image
-_PHRASE_BREAK = re.compile(r",\s*|\s+and\s+")
+_PHRASE_BREAK = re.compile(r",\s*(?:and\s+)?|\s+and\s+")  # "a, b, and c" too
 
 
 def split_phrases(prompt: str) -> list[str]:
@@ -105,12 +105,16 @@ class TextToImagePipeline:
         return np.take_along_axis(arrays, best[:, :, None, None, None, None], axis=2)[:, :, 0]
 
     def _phrases(self, prompts: list[str], weight: float) -> tuple | None:
-        """(ids, mask, owner, weight) of the prompts' object phrases, or None (off, or nothing to compose)."""
+        """(ids, mask, owner, weight, mode) of the prompts' object phrases (each phrase alone, or the prompt
+        without it: `phrase_mode`), or None (off, or nothing to compose).  Their rows run beside the
+        prompts' own, so a batch of B prompts with P phrases runs 2B + P rows a step."""
         if not weight:
             return None
         if self.model.cfg.kind != "maskgit":
             raise GlimpseError("phrase guidance is for the maskgit prior")
         mode = self.model.cfg.phrase_mode
+        if mode not in PHRASE_MODES:
+            raise GlimpseError(f"phrase_mode must be one of {', '.join(PHRASE_MODES)}, not {mode!r}")
         pairs = []
         for row, p in enumerate(prompts):
             parts = split_phrases(p)

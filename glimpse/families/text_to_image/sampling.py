@@ -2,9 +2,11 @@
 
 Guidance runs the conditional and the unconditional rows as one batch and mixes their logits,
 u + g (c - u) (Ho & Salimans; Muse applies it to token logits the same way).  Composed guidance
-(`phrase_guidance` w > 0) adds a term per phrase of the prompt (one object each), u + g (c - u) +
-w sum_i (c_i - u): the conjunction of Composable Diffusion (Liu et al. 2022, eq. 10) on token logits,
-so that each object's own condition pulls where the whole caption's reading is weak.
+(`phrase_guidance` w > 0) adds a term per phrase of the prompt (one object each): `conjunction`,
+u + g (c - u) + w sum_i (c_i - u), Composable Diffusion's conjunction (Liu et al. 2022, eq. 10) on
+token logits, c_i the phrase alone; or `leave_one_out`, + w sum_i (c - c_-i), c_-i the prompt
+without phrase i.  Either way each object's own condition pulls where the whole caption's reading
+is weak (on the shapes world it hurts: docs/results.md, 2026-11-27, session 12).
 
 MaskGIT (Chang et al. 2022; google-research/maskgit `maskgit/libml/parallel_decode.py`): start with
 every code masked; at step t of S, sample every masked position, keep the most confident samples and
@@ -25,8 +27,8 @@ from glimpse.families.text_to_image.model import TextToImage
 
 
 def _guided(logits: torch.Tensor, guidance: float, phrases: tuple | None = None) -> torch.Tensor:
-    """Rows [cond; uncond] (then, with `phrases` = (owner [P], weight), one row per phrase, phrase i
-    of prompt row owner[i]) -> the guided logits of the cond rows."""
+    """Rows [cond; uncond] (then, with `phrases` = (owner [P], weight, mode), one row per phrase, phrase
+    i of prompt row owner[i]) -> the guided logits of the cond rows."""
     if phrases is not None:
         owner, weight, mode = phrases
         B = (len(logits) - len(owner)) // 2
@@ -69,8 +71,8 @@ def _pad_cat(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.
 def sample_maskgit(model: TextToImage, memory: torch.Tensor, memory_mask: torch.Tensor, *, steps: int,
                    guidance: float, temperature: float, choice_temperature: float,
                    generator: torch.Generator | None = None, phrases: tuple | None = None) -> torch.Tensor:
-    """Code grids [B, N] for text memories [B, S, D].  `phrases`: (memory, mask, owner [P], weight) of
-    the prompts' phrases, for composed guidance."""
+    """Code grids [B, N] for text memories [B, S, D].  `phrases`: (memory, mask, owner [P], weight,
+    mode) of the prompts' phrases, for composed guidance."""
     cfg = model.cfg
     B, N, mask_id = memory.shape[0], cfg.grid ** 2, cfg.special_id
     memory, memory_mask = _both(memory, memory_mask)
@@ -126,8 +128,8 @@ def sample_autoregressive(model: TextToImage, memory: torch.Tensor, memory_mask:
 def generate_codes(model: TextToImage, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, steps: int,
                    guidance: float, temperature: float, choice_temperature: float,
                    generator: torch.Generator | None = None, phrases: tuple | None = None) -> torch.Tensor:
-    """`phrases`: (input_ids [P, T'], attention_mask, owner [P], weight), each phrase's tokens and the
-    prompt row it belongs to, for composed guidance (maskgit only)."""
+    """`phrases`: (input_ids [P, T'], attention_mask, owner [P], weight, mode), each phrase's tokens and
+    the prompt row it belongs to, for composed guidance (maskgit only)."""
     memory, memory_mask = model.text_memory(input_ids, attention_mask)
     if phrases is not None and model.cfg.kind != "maskgit":
         raise ValueError("composed (per-phrase) guidance is for the maskgit prior")
