@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -235,6 +236,7 @@ def test_cuda_graph_decoding_equals_eager(arch):
         assert graph == eager
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor's CPU code needs a C++ compiler")
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_compiled_cpu_decoding_equals_eager(arch):
     """The compiled CPU step (weights frozen as constants) gives eager's tokens, greedy and seeded
