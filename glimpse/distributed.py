@@ -37,6 +37,14 @@ def init_distributed() -> DistInfo:
     return info
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group once every process is done: an interpreter that exits with gloo's
+    threads still up can abort at teardown ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

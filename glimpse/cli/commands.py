@@ -62,11 +62,13 @@ def cmd_recommend(a) -> None:
 
 def cmd_train(a) -> None:
     from glimpse.config import load_recipe
+    from glimpse.distributed import shutdown_distributed
     from glimpse.train.trainer import train
 
     recipe = load_recipe(a.recipe, a.set)
     out = a.out or str(Path("runs") / recipe.name)
     results = train(recipe, out, resume=a.resume, progress=not a.quiet)
+    shutdown_distributed()  # under torchrun: leave the group cleanly (a no-op in one process)
     if results:
         print_table(results)
         print(f"run saved in {out}")
