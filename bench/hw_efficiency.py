@@ -16,15 +16,17 @@ bf16 at the base size, >= 70% of the bandwidth bound at batch 1).
   the vendor's bandwidth and with a device-to-device copy measured in this run (read + write).
 
     python bench/hw_efficiency.py [--size small|base] [--precision bf16|fp32] [--device cuda|cpu]
-                                  [--compile] [--peak-tflops T --bandwidth-gbs B]
+                                  [--compile] [--batch B] [--compile-decode] [--skip-train] [--peak-tflops T --bandwidth-gbs B]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from vlm_vs_transformers import (
     SIZES,
@@ -83,10 +85,29 @@ def copy_gbs(device, megabytes: int, reps: int = 10) -> float:
     return best
 
 
+@contextlib.contextmanager
+def _gqa_expanded():
+    """SDPA with grouped-query heads, its keys and values expanded to the query heads (the same FLOPs):
+    FlopCounterMode of torch 2.11 rejects the grouped shapes."""
+    sdpa = F.scaled_dot_product_attention
+
+    def expanded(q, k, v, *args, enable_gqa: bool = False, **kwargs):
+        if enable_gqa and k.shape[-3] != q.shape[-3]:
+            k, v = (t.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3) for t in (k, v))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    F.scaled_dot_product_attention = expanded
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
 def train_step(model, batch: dict, device, precision: str, steps: int, compile: bool) -> tuple[float, float]:
     """(FLOPs of one stage-2 step, its median seconds)."""
     model.vision.requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    # fused on a GPU: one kernel for all parameters instead of a few per tensor (glimpse's trainer does the same)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda")
     model.train()
     net = torch.compile(model) if compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -98,7 +119,7 @@ def train_step(model, batch: dict, device, precision: str, steps: int, compile: 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:  # eager: the same FLOPs the compiled step runs
+    with _gqa_expanded(), FlopCounterMode(display=False) as counter:  # eager: the FLOPs the compiled step runs
         with autocast:
             loss = glimpse_loss(model, batch)
         loss.backward()
@@ -119,14 +140,14 @@ def lm_bytes_per_token(lm, prompt_len: int, short: int, long: int) -> tuple[floa
 
 @torch.no_grad()
 def decode_seconds_per_token(model, s: dict, device, precision: str, short: int, long: int,
-                             reps: int) -> tuple[float, int]:
+                             reps: int, compile: bool = False) -> tuple[float, int]:
     model.eval()
     b = batch_inputs({**s, "batch": 1, "text": 32}, model.image_tokens, device)
     if precision == "bf16":
         model.to(torch.bfloat16)
         b["pixel_values"] = b["pixel_values"].to(torch.bfloat16)
-    t_short = _median_time(lambda: glimpse_greedy(model, b, short), device, reps, warmup=1)
-    t_long = _median_time(lambda: glimpse_greedy(model, b, long), device, reps, warmup=1)
+    t_short = _median_time(lambda: glimpse_greedy(model, b, short, compile), device, reps, warmup=1)
+    t_long = _median_time(lambda: glimpse_greedy(model, b, long, compile), device, reps, warmup=1)
     return (t_long - t_short) / (long - short), b["input_ids"].shape[1]
 
 
@@ -136,7 +157,11 @@ def main() -> None:
     ap.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on a GPU, fp32 on a CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch", type=int, help="training batch (default: the size's)")
     ap.add_argument("--compile", action="store_true", help="time the training step under torch.compile")
+    ap.add_argument("--compile-decode", action="store_true",
+                    help="decode with compiled steps (GenerationConfig.compile; on CUDA inside the CUDA graph)")
+    ap.add_argument("--skip-train", action="store_true", help="decoding only")
     ap.add_argument("--short", type=int, default=16, help="new tokens of the short generation")
     ap.add_argument("--long", type=int, default=144, help="new tokens of the long generation")
     ap.add_argument("--peak-tflops", type=float, help="the device's dense peak at this precision (default: DEVICES)")
@@ -144,7 +169,7 @@ def main() -> None:
     a = ap.parse_args()
     device = torch.device(a.device)
     a.precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")  # many CPUs lack native bf16
-    s = SIZES[a.size]
+    s = {**SIZES[a.size], **({"batch": a.batch} if a.batch else {})}
     dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
     vendor_tflops, vendor_gbs = vendor_peaks(device)
     if a.precision == "fp32":
@@ -161,18 +186,20 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = glimpse_model(s).to(device)
-    flops, seconds = train_step(model, batch_inputs(s, model.image_tokens, device), device, a.precision, a.steps,
-                                a.compile)
-    achieved = flops / seconds / 1e12
-    line = (f"stage-2 step{' (compiled)' if a.compile else ''}: {flops / 1e9:.1f} GFLOP in {seconds * 1e3:.1f} ms "
-            f"= {achieved:.2f} TFLOP/s; MFU {achieved / measured_tflops:.1%} of the measured matmul")
-    print(line + (f", {achieved / peak:.1%} of the peak" if peak else ""))
+    if not a.skip_train:
+        flops, seconds = train_step(model, batch_inputs(s, model.image_tokens, device), device, a.precision,
+                                    a.steps, a.compile)
+        achieved = flops / seconds / 1e12
+        line = (f"stage-2 step{' (compiled)' if a.compile else ''}, batch {s['batch']}: {flops / 1e9:.1f} GFLOP in "
+                f"{seconds * 1e3:.1f} ms = {achieved:.2f} TFLOP/s; MFU {achieved / measured_tflops:.1%} of the "
+                "measured matmul")
+        print(line + (f", {achieved / peak:.1%} of the peak" if peak else ""))
 
     per_token, prompt_len = decode_seconds_per_token(model, s, device, a.precision, a.short, a.long,
-                                                     max(2, a.steps // 2))
+                                                     max(2, a.steps // 2), a.compile_decode)
     weights, kv = lm_bytes_per_token(model.lm, prompt_len, a.short, a.long)
     need = (weights + kv) / per_token / 1e9
-    line = (f"batch-1 decoding: {per_token * 1e3:.2f} ms a token ({1 / per_token:.0f} tokens/s), "
+    line = (f"batch-1 decoding{' (compiled steps)' if a.compile_decode else ''}: {per_token * 1e3:.2f} ms a token ({1 / per_token:.0f} tokens/s), "
             f"{(weights + kv) / 1e6:.1f} MB a token ({kv / 1e6:.2f} of them KV) = {need:.1f} GB/s; "
             f"{need / measured_gbs:.1%} of the measured copy")
     print(line + (f", {need / bandwidth:.1%} of the peak" if bandwidth else ""))

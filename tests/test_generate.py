@@ -221,8 +221,9 @@ def test_beam_eos_not_returned():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled-graph"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_cuda_graph_decoding_equals_eager(arch):
+def test_cuda_graph_decoding_equals_eager(arch, compile):
     from glimpse.infer.generate import GenerationConfig, generate
     from glimpse.models.decoder import CausalLM, DecoderConfig
 
@@ -232,7 +233,8 @@ def test_cuda_graph_decoding_equals_eager(arch):
     prompts = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]]
     for cfg in (dict(), dict(do_sample=True, temperature=0.8, top_p=0.9, seed=3)):
         eager = generate(m, prompts, GenerationConfig(max_new_tokens=12, cuda_graph=False, ignore_eos=True, **cfg))
-        graph = generate(m, prompts, GenerationConfig(max_new_tokens=12, cuda_graph=True, ignore_eos=True, **cfg))
+        graph = generate(m, prompts, GenerationConfig(max_new_tokens=12, cuda_graph=True, ignore_eos=True,
+                                                      compile=compile, **cfg))
         assert graph == eager
 
 

@@ -56,8 +56,9 @@ class GenerationConfig:
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks decode a fixed number of tokens
     cuda_graph: bool = True  # on CUDA, replay each greedy/sampling step as a CUDA graph (infer/static_decode.py)
-    # on a CPU, run each step of a fixed batch compiled (infer/static_decode.py): about a minute of
-    # compiling per batch shape, then faster tokens; for long or many generations of one shape
+    # run each step of a fixed batch compiled (infer/static_decode.py; on CUDA inside the step's CUDA
+    # graph): about a minute of compiling per batch shape, then faster tokens; for long or many
+    # generations of one shape
     compile: bool = False
 
 
@@ -177,8 +178,8 @@ class DecodeBatch:
         self.model, self.cfg, self.pad_id, self.decode, self.fixed = model, cfg, pad_id, decode, fixed
         self.eos = _eos_ids(cfg)
         self.device = next(model.parameters()).device
-        if cfg.compile and (self.device.type != "cpu" or not fixed):
-            raise ValueError("compile is for a fixed batch on a CPU (on CUDA each step replays as a CUDA graph)")
+        if cfg.compile and not fixed:
+            raise ValueError("compile is for a fixed batch (a running batch's shapes change between steps)")
         self.generator = None
         if cfg.do_sample and cfg.seed is not None:
             self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
@@ -228,7 +229,8 @@ class DecodeBatch:
         if self.fixed:
             self.cache, self.mask, self.pos, self.logits, self.handles = cache, mask, pos, logits, handles
             if max(limits) > 1 and (self.cfg.compile or (self.cfg.cuda_graph and logits.is_cuda)):
-                self._static = StaticDecoder(self.model, cache, mask, pos, compiled=self.cfg.compile)
+                self._static = StaticDecoder(self.model, cache, mask, pos, compiled=self.cfg.compile,
+                                             graph=self.cfg.cuda_graph and logits.is_cuda)
         else:
             self._rebuild((logits, mask, pos, cache, handles))
         return handles

@@ -8,7 +8,9 @@ far from both the matmul rate and the memory bandwidth) and in the small operati
 `torch.compile` (inductor, `max-autotune`, weights frozen as constants) fuses the small operations
 and picks its own micro-GEMM per product where that is faster (bench/RESULTS.md, "compiled CPU
 decoding").  It costs about a minute of compiling per batch shape on 2 cores, so it is opt-in
-(`GenerationConfig.compile`).
+(`GenerationConfig.compile`).  On a GPU the two combine: the compiled step (inductor's default mode,
+which fuses the small operations into fewer kernels and leaves the products to cuBLAS) is recorded
+into the CUDA graph, since even replayed, each of a step's hundreds of kernels costs microseconds.
 
 Either way the step needs fixed shapes and addresses, so it works on static buffers: the new tokens
 [B, 1], their positions [B, 1], the KV cache slot they write (`KVCache.slot`, a device tensor), and
@@ -37,7 +39,7 @@ import torch
 COMPILE_LENGTH_BUCKET = 64
 
 _compiled_step = None
-_compiled_for: tuple | None = None  # (weakref to the model, its weights' (data_ptr, version)s)
+_compiled_for: tuple | None = None  # (weakref to the model, its weights' (data_ptr, version)s, the mode)
 _lock = threading.Lock()
 
 
@@ -55,18 +57,18 @@ def _weights_signature(model) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
 
 
-def _fresh_compile(model):
+def _fresh_compile(model, mode: str):
     """The compiled step function, after a reset of torch's compile caches if they may hold another
     model's (or older) weights as constants."""
     global _compiled_step, _compiled_for
     sig = _weights_signature(model)
     with _lock:
-        if _compiled_for is not None and (_compiled_for[0]() is not model or _compiled_for[1] != sig):
+        if _compiled_for is not None and (_compiled_for[0]() is not model or _compiled_for[1:] != (sig, mode)):
             torch._dynamo.reset()
             _compiled_step = None
         if _compiled_step is None:
-            _compiled_step = torch.compile(_forward, dynamic=False, mode="max-autotune")
-        _compiled_for = (weakref.ref(model), sig)
+            _compiled_step = torch.compile(_forward, dynamic=False, mode=mode)
+        _compiled_for = (weakref.ref(model), sig, mode)
         return _compiled_step
 
 
@@ -76,9 +78,11 @@ def _forward(d: StaticDecoder) -> torch.Tensor:
 
 
 class StaticDecoder:
-    def __init__(self, model, cache, mask: torch.Tensor, pos: torch.Tensor, *, compiled: bool = False):
+    def __init__(self, model, cache, mask: torch.Tensor, pos: torch.Tensor, *, compiled: bool = False,
+                 graph: bool | None = None):
         """`mask` [B, L] and `pos` [B, 1]: the prefilled cache's padding mask and last positions.
-        `compiled`: run the step compiled (a CPU batch); otherwise replay it as a CUDA graph."""
+        `compiled`: run the step compiled; `graph` (default: on CUDA) replay it as a CUDA graph, the
+        compiled step inside the graph when both."""
         B, L = mask.shape
         S, device = cache.max_len, mask.device
         self.model, self.cache = model, cache
@@ -93,12 +97,18 @@ class StaticDecoder:
         self._last_position = model.cfg.context_length if getattr(model, "pos_embed", None) is not None else None
         self._next_slot = L
         cache.slot = self.slot
+        self._cpu = device.type == "cpu"
+        graph = not self._cpu if graph is None else graph
+        if not (compiled or graph):
+            raise ValueError("a static step is compiled, replayed as a CUDA graph, or both")
         try:
             if compiled:  # compile now (one step, into the slot the first real step overwrites), so that
-                self.compiled = _fresh_compile(model)  # a machine that cannot compile fails before any token
-                self._run_compiled()
-            else:
+                # a machine that cannot compile fails before any token
+                self.compiled = _fresh_compile(model, "max-autotune" if self._cpu else "default")
+            if graph:
                 self._capture()
+            else:
+                self._run_compiled()
         except Exception:
             cache.slot = None
             raise
@@ -106,16 +116,20 @@ class StaticDecoder:
     def _capture(self) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up (kernel selection, workspace) off the main stream
+        with torch.cuda.stream(stream):  # warm up (compiling, kernel selection, workspace) off the main stream
             for _ in range(2):
-                _forward(self)
+                self._run_compiled() if self.compiled else _forward(self)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = _forward(self)
+            if self.compiled:
+                self._run_compiled()
+            else:
+                self.logits = _forward(self)
 
     def _run_compiled(self) -> None:
-        with torch._inductor.config.patch(freezing=True):  # weights as constants: prepacked, folded
+        # on a CPU, weights as constants: prepacked, folded (on CUDA cuBLAS takes them as they are)
+        with torch._inductor.config.patch(freezing=self._cpu):
             self.logits = self.compiled(self)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
