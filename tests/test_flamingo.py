@@ -114,6 +114,30 @@ def test_dataset_is_fixed_by_its_key_and_pads_images(world, tok):
     assert InterleavedCollate(0)([{"error": "x", "message": "m"}])["status"] == ["x"]
 
 
+def test_text_examples_replace_images_in_training_episodes(world, tok):
+    """episode_text_share: binding examples shown as "colour word" lines without an image (the form the
+    LM learned in context); the query stays an image, and each image token keeps its own image."""
+    from glimpse.config import load_recipe
+    from glimpse.families import get
+
+    recipe = load_recipe("shapes-flamingo", tiny_flamingo_overrides(world, **{"model.episode_share": 1.0,
+                                                                              "model.episode_text_share": 1.0}))
+    fam = get("flamingo")(recipe, world, tok)
+    ds, _ = fam.train_data()
+    key = next(k for k in ((i, 0) for i in range(50)) if len(ds.sequence(k)[0]) > 2)
+    images, texts = ds.sequence(key)
+    assert images[:-1] == [None] * (len(images) - 1) and images[-1] is not None
+    word = texts[-1].removeprefix("Output: ")
+    colour_of_query = ds.scenes[images[-1]].colours[0]
+    assert all(len(t.split()) == 2 and t.endswith("\n") for t in texts[:-1])
+    assert all((t.split()[1] == word) == (t.split()[0] == colour_of_query) for t in texts[:-1])
+    sample = ds[key]
+    assert sample["input_ids"].count(tok.ids["image"]) == 1 == sample["pixel_values"].shape[0]
+    assert sample["input_ids"].count(tok.ids["endofchunk"]) == 1
+    with pytest.raises(Exception, match="episode_text_share"):
+        load_recipe("shapes-flamingo", tiny_flamingo_overrides(world, **{"model.episode_text_share": 1.5}))
+
+
 def _recipe(world):
     from glimpse.config import load_recipe
 

@@ -67,6 +67,8 @@ class FlamingoFamily(Family):
             check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be at least 1")
         check(m.episode_colours >= 2, "model.episode_colours", m.episode_colours, "must be at least 2")
         check(0.0 <= m.episode_share <= 1.0, "model.episode_share", m.episode_share, "must be between 0 and 1")
+        check(0.0 <= m.episode_text_share <= 1.0, "model.episode_text_share", m.episode_text_share,
+              "must be between 0 and 1")
         check(m.max_shots >= 0, "model.max_shots", m.max_shots, "must be at least 0")
         check(not recipe.train.cache_vision_features or "vision" in recipe.freeze, "train.cache_vision_features",
               True, "needs the vision tower in the freeze list (a training tower changes its features)")
@@ -101,7 +103,7 @@ class FlamingoFamily(Family):
         m, d = self.recipe.model, self.recipe.data
         dataset = InterleavedDataset(read_scenes(d, self.root, "train"), self.tokenizer, self.transform, d.max_pixels,
                                      max_images=m.max_images, max_shots=m.max_shots, colours=m.episode_colours,
-                                     episode_share=m.episode_share, context_length=m.lm.context_length,
+                                     episode_share=m.episode_share, text_share=m.episode_text_share, context_length=m.lm.context_length,
                                      seed=self.recipe.train.seed, image_rows=self.image_rows)
         return dataset, InterleavedCollate(self.tokenizer.pad_id)
 

@@ -112,12 +112,12 @@ def single_object_images(scenes: list[Scene]) -> dict[str, list[int]]:
 class InterleavedDataset(Dataset):
     def __init__(self, scenes: list[Scene], tokenizer, transform: ImageTransform, max_pixels: int, *,
                  max_images: int, max_shots: int, colours: int, episode_share: float, context_length: int,
-                 seed: int = 0, image_rows: dict | None = None):
+                 text_share: float = 0.0, seed: int = 0, image_rows: dict | None = None):
         """`image_rows`: image path -> its row of a feature cache (or the ImageError that makes it
         unusable); the samples then carry rows instead of pixels."""
         self.scenes, self.tokenizer, self.transform, self.max_pixels = scenes, tokenizer, transform, max_pixels
         self.max_images, self.max_shots, self.colours, self.episode_share = max_images, max_shots, colours, episode_share
-        self.context_length, self.seed = context_length, seed
+        self.context_length, self.seed, self.text_share = context_length, seed, text_share
         self.by_colour = single_object_images(scenes)
         if len(self.by_colour) < colours:
             raise GlimpseError(f"binding episodes need one-object images of {colours} colours; the world has "
@@ -129,13 +129,19 @@ class InterleavedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.scenes)
 
-    def sequence(self, key: tuple[int, int]) -> tuple[list[int], list[str]]:
-        """(image indices, the text after each image) of the sample with this key."""
+    def sequence(self, key: tuple[int, int]) -> tuple[list[int | None], list[str]]:
+        """(image indices, the text after each image) of the sample with this key; an index None is a
+        chunk of text alone (a binding example shown in text)."""
         idx, choice = key
         rng = random.Random(f"{self.seed}/{idx}/{choice}")
         if rng.random() < self.episode_share:
             shots = rng.randint(0, self.max_shots)
             images, texts, _, _ = binding_episode(rng, self.by_colour, self.words, self.colours, shots)
+            if self.text_share > 0:  # "red dakim\n" in place of `<image>Output: dakim`, the query stays an image
+                for j in range(shots):
+                    if rng.random() < self.text_share:
+                        colour = self.scenes[images[j]].colours[0]
+                        images[j], texts[j] = None, f"{colour} {texts[j].removeprefix(caption_text(''))}\n"
             return images, texts
         images = [idx] + [rng.randrange(len(self.scenes)) for _ in range(rng.randint(0, self.max_images - 1))]
         texts = []
@@ -157,7 +163,8 @@ class InterleavedDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         images, texts = self.sequence(key)
-        ids, labels = encode_chunks(self.tokenizer, texts, self.context_length)
+        ids, labels = encode_chunks(self.tokenizer, texts, self.context_length, text_only=[i is None for i in images])
+        images = [i for i in images if i is not None]
         n = ids.count(self.tokenizer.ids["image"])  # images whose chunk fits the context
         if self.image_rows is not None:
             rows = [self.image_rows[self.scenes[i].image] for i in images[:n]]
@@ -172,15 +179,20 @@ class InterleavedDataset(Dataset):
         return {"pixel_values": pixels, "input_ids": ids, "labels": labels}
 
 
-def encode_chunks(tokenizer, texts: list[str], context_length: int, prompt: str | None = None):
+def encode_chunks(tokenizer, texts: list[str], context_length: int, prompt: str | None = None,
+                  text_only: list[bool] | None = None):
     """bos + `<image>TEXT<|endofchunk|>` per text -> (ids, labels), whole chunks only, within
     `context_length`; then, with a `prompt` ("Output:"), an open chunk `<image>PROMPT` whose text is
-    to be generated (no labels)."""
+    to be generated (no labels).  `text_only[j]`: text j is a chunk of its own, without image or end."""
     image, bos = tokenizer.ids["image"], tokenizer.ids["bos"]
     ids, labels = [bos], [IGNORE]
+    text_only = text_only or [False] * len(texts)
     pieces = [(t, False) for t in texts] + ([(prompt, True)] if prompt is not None else [])
-    for text, is_prompt in pieces:
-        piece = tokenizer.encode(f"<image>{text}" if is_prompt else f"<image>{text}{END_OF_CHUNK}")
+    for j, (text, is_prompt) in enumerate(pieces):
+        if not is_prompt and text_only[j]:
+            piece = tokenizer.encode(text)
+        else:
+            piece = tokenizer.encode(f"<image>{text}" if is_prompt else f"<image>{text}{END_OF_CHUNK}")
         if len(ids) + len(piece) > context_length:
             break
         ids += piece

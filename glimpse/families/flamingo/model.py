@@ -72,6 +72,10 @@ class FlamingoConfig:
     max_shots: int = 8  # solved examples before a binding episode's query (k drawn from 0 .. max_shots)
     episode_colours: int = 3  # colours (and made-up words) in a binding episode
     episode_share: float = 0.5  # the share of training sequences that are binding episodes
+    # the chance that a training episode's example is shown in text ("red dakim", the form the LM learned
+    # in context) instead of an image: the query's word is then found by the LM's induction heads only if
+    # the blocks write the query image's colour as the LM represents the colour's word
+    episode_text_share: float = 0.0
     end_of_chunk_token_id: int = -1  # <|endofchunk|>: ends each interleaved example, stops generation
 
 
