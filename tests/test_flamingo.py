@@ -35,7 +35,7 @@ def tiny_flamingo_overrides(world, **extra) -> list[str]:
         "model.resampler_depth": 1, "model.resampler_heads": 2, "model.resampler_head_dim": 8,
         "model.resampler_latents": 4, "model.xattn_heads": 2, "model.max_shots": 3, "model.max_images": 2,
         "train.batch_size": 8, "train.max_steps": 4, "train.save_every": 2, "train.log_every": 1,
-        "eval.batch_size": 8, "eval.vqa_limit": 6, "eval.max_new_tokens": 6, "eval.few_shot": "[0, 2]",
+        "eval.batch_size": 8, "eval.vqa_limit": 6, "eval.max_new_tokens": 6, "eval.few_shot": "[0, 2, 4]",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -150,7 +150,7 @@ def test_train_freezes_the_lm_and_learns_gates_and_the_new_token(flamingo_run, w
     metrics = [json.loads(line) for line in (flamingo_run / "metrics.jsonl").read_text().splitlines()]
     final = metrics[-1]
     for key in ("test/fewshot_acc_0", "test/fewshot_acc_2", "test/fewshot_control_acc_2", "test/fewshot_chance",
-                "test/cider_0shot", "test/cider_4shot", "test_novel/fewshot_acc_2"):
+                "test/cider_0shot", "test/cider_4shot", "test_novel/fewshot_acc_2", "test/fewshot_text_examples_acc_4"):
         assert key in final, key
     pipe = glimpse.load(flamingo_run)
     model = pipe.model

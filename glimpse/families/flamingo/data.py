@@ -73,6 +73,12 @@ def caption_text(caption: str) -> str:
     return f"Output: {caption}"
 
 
+def text_example(colour: str, episode_text: str) -> str:
+    """A binding example in text, without its image: "red dakim" and a newline, the form of the LM's
+    text episodes (glimpse.data.lm_text), from the example's colour and its `caption_text`."""
+    return f"{colour} {episode_text.removeprefix(caption_text(''))}\n"
+
+
 def qa_text(question: str, answer: str) -> str:
     return f"Question: {question} Answer: {answer}"
 
@@ -141,7 +147,7 @@ class InterleavedDataset(Dataset):
                 for j in range(shots):
                     if rng.random() < self.text_share:
                         colour = self.scenes[images[j]].colours[0]
-                        images[j], texts[j] = None, f"{colour} {texts[j].removeprefix(caption_text(''))}\n"
+                        images[j], texts[j] = None, text_example(colour, texts[j])
             return images, texts
         images = [idx] + [rng.randrange(len(self.scenes)) for _ in range(rng.randint(0, self.max_images - 1))]
         texts = []

@@ -8,7 +8,9 @@ among its words (the candidate whose tokens and end-of-chunk the model finds lik
 is 1 / colours and k = 0 sits at chance.  For each k in `ks`, the same episodes (query, words and
 examples, the first k of them) are scored: `fewshot_acc_{k}`.  The control, `fewshot_control_acc_{k}`,
 permutes the examples' images, so a word no longer names its image's colour: a model that reads the
-binding from the examples falls back to chance there.
+binding from the examples falls back to chance there.  A diagnostic, `fewshot_text_examples_acc_4`:
+the same episodes with their 4 examples in text ("red dakim", no image) before the query image, which
+the LM's own induction can solve if the blocks write the query's colour as the LM represents its word.
 
 Captions: greedy captions of the split's images after k solved examples from the training split
 (`<image>Output: caption<|endofchunk|>`), stopped at `<|endofchunk|>`, scored by CIDEr-D (`cider_{k}shot`).
@@ -30,6 +32,7 @@ from glimpse.families.flamingo.data import (
     nonce_words,
     read_scenes,
     single_object_images,
+    text_example,
 )
 from glimpse.infer.generate import GenerationConfig, generate
 from glimpse.metrics.captions import cider, tokenize
@@ -56,15 +59,17 @@ class _Pixels:
 
 
 @torch.no_grad()
-def choice_scores(model, tokenizer, rows: list[tuple[list[str], torch.Tensor]], candidates: list[list[str]],
-                  context_length: int) -> list[int]:
-    """For each (texts before the query, images incl. the query) row, the index of the likeliest candidate
-    text for the query's chunk."""
+def choice_scores(model, tokenizer, rows: list[tuple], candidates: list[list[str]], context_length: int) -> list[int]:
+    """For each (texts before the query, images incl. the query[, which texts have no image]) row, the
+    index of the likeliest candidate text for the query's chunk."""
     device = next(model.parameters()).device
     picks = []
-    for (texts, pixels), cands in zip(rows, candidates):
-        start = len(encode_chunks(tokenizer, texts, context_length)[0])  # the query chunk begins here
-        seqs = [encode_chunks(tokenizer, texts + [caption_text(c)], context_length) for c in cands]
+    for row, cands in zip(rows, candidates):
+        texts, pixels = row[:2]
+        text_only = list(row[2]) if len(row) > 2 else [False] * len(texts)
+        start = len(encode_chunks(tokenizer, texts, context_length, text_only=text_only)[0])  # the query chunk
+        seqs = [encode_chunks(tokenizer, texts + [caption_text(c)], context_length, text_only=text_only + [False])
+                for c in cands]
         starts = [start] * len(seqs)
         T = max(len(s[0]) for s in seqs)
         ids = torch.full((len(seqs), T), tokenizer.pad_id, dtype=torch.long)
@@ -118,6 +123,18 @@ def binding_figures(model, tokenizer, transform, scenes, *, ks: list[int], episo
             picks = choice_scores(model, tokenizer, rows, cand_lists, context_length)
             acc = sum(p == a for p, a in zip(picks, answers)) / max(len(answers), 1)
             out[f"fewshot_{'control_' if control else ''}acc_{k}"] = acc
+    if 4 in ks:
+        rows, cand_lists, answers = [], [], []
+        for images, texts, cands, answer, _ in eps:
+            px = pixels.get(images[:4] + [images[-1]])  # the examples' images give their colours
+            if px is None:
+                continue
+            shown = [text_example(scenes[i].colours[0], t) for i, t in zip(images[:4], texts[:4])]
+            rows.append((shown, px[-1:], [True] * 4))
+            cand_lists.append(cands)
+            answers.append(cands.index(answer))
+        picks = choice_scores(model, tokenizer, rows, cand_lists, context_length)
+        out["fewshot_text_examples_acc_4"] = sum(p == a for p, a in zip(picks, answers)) / max(len(answers), 1)
     out["fewshot_n"] = len(eps)
     out["skipped"] = len(pixels.bad)
     return out
