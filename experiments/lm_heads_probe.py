@@ -45,7 +45,7 @@ def main(run: str, episodes: int = 100, shots: int = 8) -> None:
             text += f"{c} {word_of[c]}\n"
         ids = tok.encode(text + query, add_bos=True)
         for t in targets:
-            assert tok.decode(ids[t:t + 1]).strip() == word_of[query][:len(tok.decode(ids[t:t + 1]).strip())]
+            assert word_of[query].startswith(tok.decode(ids[t:t + 1]).strip())
         with torch.no_grad(), record_attention() as rec:
             model(torch.tensor([ids]))
         maps = rec.maps_of(attn_modules)  # each [1, H, T, T]
