@@ -107,6 +107,11 @@ def binding_figures(model, tokenizer, transform, scenes, *, ks: list[int], episo
             rng.shuffle(orders[k])
         eps.append((images, texts, cands, answer, orders))
     out: dict[str, float] = {"fewshot_chance": 1 / colours}
+
+    def right(rows, cand_lists, answers) -> float:
+        picks = choice_scores(model, tokenizer, rows, cand_lists, context_length)
+        return sum(p == a for p, a in zip(picks, answers)) / max(len(answers), 1)
+
     for control in (False, True):
         for k in ks:
             if control and k == 0:
@@ -120,21 +125,18 @@ def binding_figures(model, tokenizer, transform, scenes, *, ks: list[int], episo
                 rows.append((texts[:k], px))
                 cand_lists.append(cands)
                 answers.append(cands.index(answer))
-            picks = choice_scores(model, tokenizer, rows, cand_lists, context_length)
-            acc = sum(p == a for p, a in zip(picks, answers)) / max(len(answers), 1)
-            out[f"fewshot_{'control_' if control else ''}acc_{k}"] = acc
+            out[f"fewshot_{'control_' if control else ''}acc_{k}"] = right(rows, cand_lists, answers)
     if 4 in ks:
         rows, cand_lists, answers = [], [], []
         for images, texts, cands, answer, _ in eps:
-            px = pixels.get(images[:4] + [images[-1]])  # the examples' images give their colours
+            px = pixels.get(images[:4] + [images[-1]])  # the episodes above (an unreadable image skips one)
             if px is None:
                 continue
             shown = [text_example(scenes[i].colours[0], t) for i, t in zip(images[:4], texts[:4])]
             rows.append((shown, px[-1:], [True] * 4))
             cand_lists.append(cands)
             answers.append(cands.index(answer))
-        picks = choice_scores(model, tokenizer, rows, cand_lists, context_length)
-        out["fewshot_text_examples_acc_4"] = sum(p == a for p, a in zip(picks, answers)) / max(len(answers), 1)
+        out["fewshot_text_examples_acc_4"] = right(rows, cand_lists, answers)
     out["fewshot_n"] = len(eps)
     out["skipped"] = len(pixels.bad)
     return out
