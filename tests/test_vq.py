@@ -240,3 +240,36 @@ def test_foreground_weight_weighs_saturated_pixels():
         weight = weight / weight.mean()
         expected = (err * weight).abs().mean() + (err * weight).pow(2).mean() + vq_loss
         torch.testing.assert_close(tok.loss(pixels), expected)
+
+
+def test_autoencoder_warm_up_then_codes_from_its_latents():
+    """quantize_after = 2: two batches reconstruct the unquantised latents (no VQ term) and bank them; the
+    third runs the k-means on the bank, then quantises; a copy with the same state continues identically."""
+    vq = VQConfig(block_out_channels=[8], norm_num_groups=8, latent_channels=2, num_vq_embeddings=4, sample_size=4)
+    tok = VQTokenizer(VQTokenizerConfig(vq=vq, quantize_after=2, kmeans_images=8, restart_after=0)).train()
+    assert tok.latent_bank.shape == (8 * 16, 2)  # 8 images' worth of 4 x 4 latents
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(4, 3, 4, 4, generator=g) * 2 - 1 for _ in range(4)]
+    for i, pixels in enumerate(batches[:2]):
+        with torch.no_grad():
+            z = tok.vq.encode(pixels)
+            expected = tok.reconstruction_loss(tok.vq.decode_latents(z), pixels)
+        torch.testing.assert_close(tok.loss(pixels), expected)  # no quantiser, no VQ loss
+        assert not bool(tok.initialised) and int(tok.bank_filled) == 64 * (i + 1)
+    bank = tok.latent_bank[:128].clone()
+    torch.testing.assert_close(bank[64:], tok.vq.encode(batches[1]).permute(0, 2, 3, 1).reshape(-1, 2).detach())
+    twin = VQTokenizer(tok.cfg).train()
+    twin.load_state_dict(tok.state_dict())  # a resumed run: the bank and the count are in the state
+    reference = VQTokenizer(tok.cfg)
+    reference.kmeans_init(bank, seed=2)
+    losses = [tok.loss(batches[2]), twin.loss(batches[2])]
+    assert bool(tok.initialised)
+    torch.testing.assert_close(tok.vq.quantize.embedding.weight, reference.vq.quantize.embedding.weight)
+    torch.testing.assert_close(losses[0], losses[1])
+    with torch.no_grad():  # now the VQ loss is in
+        z = tok.vq.encode(batches[3])
+        z_q, vq_loss, _ = tok.vq.quantize_latents(z)
+        expected = tok.reconstruction_loss(tok.vq.decode_latents(z_q), batches[3]) + vq_loss
+    torch.testing.assert_close(tok.loss(batches[3]), expected)
+    plain = VQTokenizer(VQTokenizerConfig(vq=vq))
+    assert "latent_bank" not in plain.state_dict()  # runs without a warm-up keep their old keys

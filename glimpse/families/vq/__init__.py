@@ -51,6 +51,7 @@ class VQFamily(Family):
         check(m.vq.sample_size == recipe.data.image_size or recipe.data.source != "shapes", "model.vq.sample_size",
               m.vq.sample_size, f"must be the world's image size ({recipe.data.image_size})")
         check(m.restart_after >= 0, "model.restart_after", m.restart_after, "must be 0 (never) or more steps")
+        check(m.quantize_after >= 0, "model.quantize_after", m.quantize_after, "must be 0 or more batches")
         check(m.kmeans_images >= 1, "model.kmeans_images", m.kmeans_images, "must be at least 1")
 
     def __init__(self, recipe, root: Path, tokenizer):
@@ -62,9 +63,10 @@ class VQFamily(Family):
 
     @torch.no_grad()
     def prepare(self, model: VQTokenizer, device: torch.device, progress: bool = True) -> None:
-        """k-means initialisation of the codebook, once (a resumed run keeps its codebook)."""
+        """k-means initialisation of the codebook, once (a resumed run keeps its codebook); after an
+        autoencoder warm-up the model runs it itself, on the warm-up's latents."""
         m = self.recipe.model
-        if not m.kmeans_init or bool(model.initialised):
+        if not m.kmeans_init or m.quantize_after or bool(model.initialised):
             return
         items = load_pairs(self.recipe.data, self.root, "train")[: m.kmeans_images]
         latents = []

@@ -5,6 +5,9 @@ tricks keep, and those tricks.
   encoder's outputs on training images, so every code starts where the data is.
 - Dead-code restart: a code no batch has chosen for `restart_after` steps is moved onto the latent
   its batch quantises worst (deterministic, so a resumed run restarts the same codes).
+- Autoencoder warm-up (`quantize_after` batches): the first batches train encoder and decoder with no
+  quantiser between them, keeping their latents in a bank; the k-means then runs on the bank, so the
+  codes start where a trained encoder puts its outputs, not where a random one does.
 Both keep the codebook in use (codebook collapse: lucidrains/vector-quantize-pytorch#170,
 bytedance/1d-tokenizer#27).  Their state lives in buffers, saved with the weights, so resuming is exact.
 """
@@ -32,6 +35,7 @@ class VQTokenizerConfig:
     # RGB in the target, from 0 to 1); 0 weighs every pixel alike.  On a world of small saturated shapes on
     # near-grey backgrounds it puts the codebook's capacity on the shapes, not on background texture.
     foreground_weight: float = 0.0
+    quantize_after: int = 0  # training batches run as a plain autoencoder before quantising (0: quantise at once)
 
 
 class VQTokenizer(nn.Module):
@@ -43,6 +47,12 @@ class VQTokenizer(nn.Module):
         self.register_buffer("idle_steps", torch.zeros(K, dtype=torch.long))  # steps since each code was chosen
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))  # k-means done
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long))  # codes restarted so far
+        if cfg.quantize_after:  # (only then: runs without a warm-up have no such buffers)
+            # the warm-up's latents for the k-means: the last batches', up to kmeans_images images' worth
+            hw = (cfg.vq.sample_size // cfg.vq.downsample) ** 2
+            self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+            self.register_buffer("latent_bank", torch.zeros(cfg.kmeans_images * hw, cfg.vq.embed_dim))
+            self.register_buffer("bank_filled", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def kmeans_init(self, latents: torch.Tensor, seed: int = 0) -> None:
@@ -90,21 +100,40 @@ class VQTokenizer(nn.Module):
         self.restarts.add_(len(dead))
         return self.vq.quantize.indices(z)
 
+    @torch.no_grad()
+    def bank_latents(self, z: torch.Tensor) -> None:
+        """Keep a warm-up batch's latents in the ring bank (a buffer: a resumed run has the same bank)."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])[: len(self.latent_bank)]
+        start = int(self.bank_filled) % len(self.latent_bank)
+        where = (torch.arange(len(flat)) + start) % len(self.latent_bank)
+        self.latent_bank[where] = flat.to(self.latent_bank.dtype)
+        self.bank_filled.add_(len(flat))
+
     def loss(self, pixels: torch.Tensor) -> torch.Tensor:
-        """L1 + L2 reconstruction plus the VQ loss (legacy=False), dead codes restarted first in training."""
+        """L1 + L2 reconstruction plus the VQ loss (legacy=False), dead codes restarted first in training;
+        during the autoencoder warm-up, reconstruction of the unquantised latents alone."""
         z = self.vq.encode(pixels)
+        if self.training and self.cfg.quantize_after:
+            if int(self.batches_seen) < self.cfg.quantize_after:
+                self.batches_seen.add_(1)
+                self.bank_latents(z.detach())
+                return self.reconstruction_loss(self.vq.decode_latents(z), pixels)
+            if self.cfg.kmeans_init and not bool(self.initialised):  # the warm-up is over: codes from its latents
+                self.kmeans_init(self.latent_bank[: int(self.bank_filled)], seed=int(self.batches_seen))
         indices = self.vq.quantize.indices(z.detach())
         if self.training:
             indices = self.restart_dead_codes(z.detach(), indices)
         z_q, vq_loss, _ = self.vq.quantize_latents(z, indices)
-        recon = self.vq.decode_latents(z_q)
+        return self.reconstruction_loss(self.vq.decode_latents(z_q), pixels) + vq_loss
+
+    def reconstruction_loss(self, recon: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
         c = self.cfg
         err = recon - pixels
         if c.foreground_weight:
             saturation = (pixels.amax(1, keepdim=True) - pixels.amin(1, keepdim=True)) / 2  # pixels in [-1, 1]
             weight = 1 + c.foreground_weight * saturation
             err = err * weight / weight.mean((1, 2, 3), keepdim=True)  # the same total weight per image
-        return c.l1_weight * err.abs().mean() + c.l2_weight * err.pow(2).mean() + vq_loss
+        return c.l1_weight * err.abs().mean() + c.l2_weight * err.pow(2).mean()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.loss(pixels)
