@@ -313,12 +313,19 @@ def run_captioner_demo(out: str | Path = "runs/demo-captioner", progress: bool =
 
 T2I_PROMPTS = 6  # prompts per split in the text-to-image demo's grid
 T2I_SAMPLES = 4  # images per prompt
+# The text-to-image demo's world is drawn at 32 px: a quarter of the pixels, so its tokenizer (f = 4, still
+# 8 x 8 codes) trains four times the steps in the same time; at 64 px, 300 steps drew blobs (docs/results.md,
+# 2026-11-27, session 14).  The scene parser reads 32-px images as exactly as 64-px ones.
+T2I_DEMO_WORLD = ["data.image_size=32", "model.vision.image_size=32", "model.vision.patch_size=8"]
+# the dual encoder here only reads prompts for the prior and re-ranks: fewer steps, and its own retrieval
+# figures (not shown by this demo) are not computed
+T2I_DEMO_CLIP = T2I_DEMO_WORLD + ["train.max_steps=260", "eval.splits=[]", "eval.during_train=[]"]
 
 
 def run_t2i_demo(out: str | Path = "runs/demo-t2i", progress: bool = True, overrides: list[str] | None = None) -> dict:
-    """`glimpse demo t2i`: text-to-image at demo size: the demo dual encoder (shapes-clip-demo), an image
-    tokenizer (shapes-vq-demo) and a MaskGIT prior reading the CLIP's text states (shapes-t2i-demo),
-    each trained from scratch; a report with a grid of test and test_novel prompts and their images,
+    """`glimpse demo t2i`: text-to-image at demo size, on a 32-px world: the demo dual encoder
+    (shapes-clip-demo), an image tokenizer (shapes-vq-demo) and a MaskGIT prior reading the CLIP's text
+    states (shapes-t2i-demo), each trained from scratch; a report with a grid of test and test_novel prompts and their images,
     each marked by the world's scene parser (green: the scene exactly as asked)."""
     from glimpse.api import load
     from glimpse.data.scene_parser import parse_scene
@@ -331,7 +338,7 @@ def run_t2i_demo(out: str | Path = "runs/demo-t2i", progress: bool = True, overr
     for item in overrides or []:  # --set vq.KEY=V, t2i.KEY=V; plain KEY=V goes to the dual encoder
         head, _, rest = item.partition(".")
         sets[head if head in ("vq", "t2i") and rest else "clip"].append(rest if head in ("vq", "t2i") else item)
-    clip_recipe = load_recipe("shapes-clip-demo", sets["clip"])
+    clip_recipe = load_recipe("shapes-clip-demo", T2I_DEMO_CLIP + sets["clip"])
     root = data_root(clip_recipe, progress)
     train(clip_recipe, out / "clip", progress=progress)
     print(f"[1/3] trained the dual encoder ({time.time() - t0:.0f} s)")
@@ -370,6 +377,8 @@ def run_t2i_demo(out: str | Path = "runs/demo-t2i", progress: bool = True, overr
         f"{' <em>(a novel combination)</em>' if split == 'test_novel' else ''}</div>"
         + _img_tag(s.path, title="the world's image", cls="real")
         + "".join(_img_tag(a, cls="ok" if ok else "bad") for a, ok in row) + "</div>" for split, s, row in grid)
+    px = vq_recipe.model.vq.sample_size
+    codes = px // vq_recipe.model.vq.downsample
     report = out / "report.html"
     report.write_text(f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>glimpse text-to-image demo</title>
@@ -381,7 +390,7 @@ img.bad {{ border-color: #c33; }} img.real {{ border-color: #888; margin-right: 
 .qt {{ font-weight: 600; }}
 </style></head><body>
 <h1>glimpse text-to-image demo</h1>
-<p>A VQ-VAE tokenizer (64 px to 8 x 8 codes) and a MaskGIT prior reading a CLIP text tower, all trained from
+<p>A VQ-VAE tokenizer ({px} px to {codes} x {codes} codes) and a MaskGIT prior reading a CLIP text tower, all trained from
 scratch on the shapes world in {elapsed:.0f} s on a machine whose fp32 matmul runs at {gflops:.0f} GFLOP/s.
 Each row: the world's own image for the caption (grey), then {T2I_SAMPLES} generated images, green where the
 scene parser reads back exactly the scene asked for, red otherwise.  <code>test_novel</code> prompts hold a
