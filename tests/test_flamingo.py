@@ -68,6 +68,8 @@ def test_end_of_chunk_is_added_once_after_the_vocabulary(world):
 def test_word_pools_are_disjoint_and_fixed():
     train, test = nonce_words("train"), nonce_words("test")
     assert not set(train) & set(test) and nonce_words("train") == train and len(set(train)) == len(train)
+    # too many training words to learn one by one (a pool of 400 was learned), the test pool the same 400
+    assert len(train) > 30_000 and len(test) == 400 and test[:3] == ("loval", "rotab", "pomir")
 
 
 def test_binding_episodes_bind_words_to_colours(world):

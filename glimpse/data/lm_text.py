@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import defaultdict
+from functools import lru_cache
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -30,14 +31,19 @@ from glimpse.data.formats import ImageText
 STYLES = ("caption", "short", "sentence")  # a document's kind: captions only, or questions answered so
 
 
-def nonce_words(split: str, n: int = 400) -> list[str]:
+@lru_cache(maxsize=4)
+def nonce_words(split: str, n: int = 400) -> tuple[str, ...]:
     """Made-up words of two consonant-vowel syllables and a final consonant ("dakim"): a fixed pool per
-    `split` ("train" or "test"), the two pools disjoint, none a word of the shapes world."""
+    `split`, the two pools disjoint, none a word of the shapes world.  "test" holds `n` words; "train"
+    holds every other word of the half the test words are not drawn from (34,300), so that a model
+    trained on episodes cannot learn the words themselves: with a pool of 400 the LM learned them and
+    completed a new word's first letters into a training word's ending ("sorib" -> "soman"), and copying
+    a word from the examples was what it failed at (docs/results.md, 2026-11-27, session 14)."""
     cons, vows = "bdfgklmnprstvz", "aeiou"
     words = ["".join(p) for p in itertools.product(cons, vows, cons, vows, cons)]
     random.Random(1234).shuffle(words)
-    start = 0 if split == "train" else len(words) // 2
-    return words[start:start + n]
+    half = len(words) // 2
+    return tuple(words[half:half + n] if split == "test" else words[:half])
 
 
 def binding_lines(rng: random.Random, colours: list[str], words: list[str], n_colours: int = 3,
