@@ -8,7 +8,7 @@ tricks keep, and those tricks.
 - Autoencoder warm-up (`quantize_after` batches): the first batches train encoder and decoder with no
   quantiser between them, keeping their latents in a bank; the k-means then runs on the bank, so the
   codes start where a trained encoder puts its outputs, not where a random one does.
-Both keep the codebook in use (codebook collapse: lucidrains/vector-quantize-pytorch#170,
+The first two keep the codebook in use (codebook collapse: lucidrains/vector-quantize-pytorch#170,
 bytedance/1d-tokenizer#27).  Their state lives in buffers, saved with the weights, so resuming is exact.
 """
 
