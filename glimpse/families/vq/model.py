@@ -105,7 +105,7 @@ class VQTokenizer(nn.Module):
         """Keep a warm-up batch's latents in the ring bank (a buffer: a resumed run has the same bank)."""
         flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])[: len(self.latent_bank)]
         start = int(self.bank_filled) % len(self.latent_bank)
-        where = (torch.arange(len(flat)) + start) % len(self.latent_bank)
+        where = (torch.arange(len(flat), device=flat.device) + start) % len(self.latent_bank)
         self.latent_bank[where] = flat.to(self.latent_bank.dtype)
         self.bank_filled.add_(len(flat))
 
