@@ -140,6 +140,83 @@ def test_text_examples_replace_images_in_training_episodes(world, tok):
         load_recipe("shapes-flamingo", tiny_flamingo_overrides(world, **{"model.episode_text_share": 1.5}))
 
 
+def test_episode_distillation_aligns_the_text_form_and_reaches_the_gates(world, tok):
+    """model.episode_distill: a binding episode's chunks are paired with the same episode as "colour
+    word" lines (the frozen LM's text form): each chunk's `:` with its colour's last token, each word
+    token with itself.  The loss reaches the gates (the blocks' only parameters with a gradient while
+    the gates are 0) and is off for caption samples."""
+    from glimpse.config import load_recipe
+    from glimpse.families import get
+    from glimpse.families.flamingo import episode_distill_loss
+
+    recipe = load_recipe("shapes-flamingo", tiny_flamingo_overrides(world, **{
+        "model.episode_share": 1.0, "model.episode_distill": 1.0, "model.xattn_offset": 0, "freeze": "[vision, lm]"}))
+    fam = get("flamingo")(recipe, world, tok)
+    ds, collate = fam.train_data()
+    keys = [(i, 0) for i in range(8)]
+    samples = [ds[k] for k in keys]
+    checked = 0
+    for k, smp in zip(keys, samples):
+        images, texts = ds.sequence(k)
+        ids, teacher = smp["input_ids"], smp["teacher_ids"]
+        assert teacher[0] == tok.ids["bos"] and tok.ids["image"] not in teacher
+        lines = tok.decode(teacher[1:]).split("\n")
+        n = ids.count(tok.ids["image"])
+        assert [ln.split()[1] for ln in lines] == [t.removeprefix("Output: ") for t in texts[:n]]
+        assert [ln.split()[0] for ln in lines] == [ds.scenes[i].colours[0] for i in images[:n]]
+        for s_pos, t_pos, key in smp["pairs"]:
+            if key:  # the cue's last token (":") against the colour's last token
+                assert tok.decode([ids[s_pos]]) == ":" and teacher[t_pos + 1] == ids[s_pos + 1]  # the same word next
+            else:
+                assert ids[s_pos] == teacher[t_pos]
+            checked += 1
+    assert checked > 10
+    batch = collate(samples)
+    model = fam.build_model()
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(("vision.", "lm.")))
+    args = (1, batch["input_ids"], batch["attention_mask"])
+    kw = dict(pixel_values=batch["pixel_values"], image_valid=batch["image_valid"])
+    with torch.no_grad():  # gates at 0: the LM's own residual stream; open, the attention writes
+        lm_own = model.lm(inputs_embeds=model.embed(batch["input_ids"]), attention_mask=batch["attention_mask"],
+                          stop_before=1)
+        gated = model.residual_before(*args, **kw)
+        assert not torch.equal(model.residual_before(*args, **kw, open_attn=True), gated)
+    torch.testing.assert_close(gated, lm_own)
+    loss = episode_distill_loss(model, model.residual_before(*args, **kw, open_attn=True), batch, 1)
+    loss.backward()
+    block = model.xattn["0"]  # the block before layer 0, its gate still 0
+    assert loss.item() > 0 and float(block.attn.q.weight.grad.abs().sum()) > 0
+    captions = fam.train_data()[0]
+    captions.episode_share = 0.0
+    assert "teacher_ids" not in captions[(0, 0)]
+    with pytest.raises(Exception, match="episode_distill_layer"):
+        load_recipe("shapes-flamingo", tiny_flamingo_overrides(world, **{"model.episode_distill_layer": 2}))
+
+
+def test_distillation_attention_is_the_layers_own():
+    """The loss' attention logits, softmaxed over the causal past, are the LM layer's attention maps
+    (llama with GQA and RoPE, gpt2 with fused qkv)."""
+    from glimpse.families.flamingo.distill import _attention_logits
+    from glimpse.models.attention import record_attention
+    from glimpse.models.decoder import CausalLM, DecoderConfig
+
+    for arch, kv in (("llama", 1), ("gpt2", 2)):
+        torch.manual_seed(0)
+        lm = CausalLM(DecoderConfig(arch=arch, vocab_size=50, width=32, layers=2, heads=2, kv_heads=kv,
+                                    context_length=32)).eval()
+        ids = torch.randint(0, 50, (2, 12))
+        with torch.no_grad(), record_attention() as rec:
+            lm(ids)
+        maps = rec.maps_of([b.attn for b in lm.blocks])[1]  # [B, H, T, T]
+        rows, at = torch.tensor([0, 1, 1]), torch.tensor([11, 5, 9])
+        with torch.no_grad():
+            logits = _attention_logits(lm, 1, lm(ids, stop_before=1), rows, at)
+        for n in range(3):
+            p = logits[n, :, :at[n] + 1].softmax(-1)
+            torch.testing.assert_close(p, maps[rows[n], :, at[n], :at[n] + 1], atol=1e-5, rtol=1e-4)
+
+
 def _recipe(world):
     from glimpse.config import load_recipe
 
