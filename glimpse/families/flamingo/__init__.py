@@ -2,10 +2,12 @@
 every n layers, with a Perceiver resampler on a frozen vision tower (OpenFlamingo; IDEFICS v1 folders).
 Prompts interleave images and text, `<image>Output: ...<|endofchunk|>`, and each text token reads only
 the latest image before it: the design by which Flamingo learns from solved examples in its prompt
-(on the shapes world, `shapes-flamingo` has not learned to yet: docs/results.md, 2026-11-26).
+(on the shapes world, `shapes-flamingo` has not learned to yet: docs/results.md, 2026-11-26 and the
+session-15 entry of 2026-11-27).
 
     model.py      FlamingoModel (FlamingoConfig)
     data.py       interleaved sequences from the shapes world: captions and binding episodes
+    distill.py    episode distillation: the frozen LM on an episode's text form teaches the blocks
     evaluate.py   few-shot binding accuracy by k (and its shuffled-image control), k-shot captions
     pipeline.py   what glimpse.load returns: caption, ask, chat with several images in place
     hf.py         IDEFICS v1 folders in; OpenFlamingo checkpoints' names
