@@ -147,7 +147,8 @@ def test_episode_distillation_aligns_the_text_form_and_reaches_the_gates(world, 
     the gates are 0) and is off for caption samples."""
     from glimpse.config import load_recipe
     from glimpse.families import get
-    from glimpse.families.flamingo import episode_distill_loss
+    from glimpse.families.flamingo.distill import episode_distill_loss
+    from glimpse.losses import lm_loss_at_targets
 
     recipe = load_recipe("shapes-flamingo", tiny_flamingo_overrides(world, **{
         "model.episode_share": 1.0, "model.episode_distill": 1.0, "model.xattn_offset": 0, "freeze": "[vision, lm]"}))
@@ -184,6 +185,10 @@ def test_episode_distillation_aligns_the_text_form_and_reaches_the_gates(world, 
         assert not torch.equal(model.residual_before(*args, **kw, open_attn=True), gated)
     torch.testing.assert_close(gated, lm_own)
     loss = episode_distill_loss(model, model.residual_before(*args, **kw, open_attn=True), batch, 1)
+    with torch.no_grad():  # the family's training loss: next-token loss + the weight times this
+        hidden = model(batch["input_ids"], batch["attention_mask"], return_hidden=True, **kw)
+        ce = lm_loss_at_targets(hidden, model.lm_head, batch["labels"])
+        torch.testing.assert_close(fam.loss(model, batch), ce + loss.detach())
     loss.backward()
     block = model.xattn["0"]  # the block before layer 0, its gate still 0
     assert loss.item() > 0 and float(block.attn.q.weight.grad.abs().sum()) > 0

@@ -119,10 +119,9 @@ def teacher_episode(tokenizer, ids: list[int], colours: list[str], texts: list[s
     """A binding episode of image chunks (`ids` as encode_chunks made them) in the frozen LM's text
     form, "red dakim\nblue vomal\nred dakim" (glimpse.data.lm_text.binding_lines), and the positions
     that play the same part in both, (student, teacher, is_key): the token before each word (the
-    chunk's `:`, the line's colour: the key) and the word's tokens.  The LM on the text form is the teacher of the episode-distillation loss:
-    its residual stream at those positions is what the gated blocks should make of the image chunks,
-    the form in which the LM's induction heads find the example whose colour matches the query's.
-    Chunks whose word tokenizes otherwise in the two forms, or that did not fit, get no pairs."""
+    chunk's `:`, the line's colour: the key) and the word's tokens.  The LM reading the text form
+    teaches the episode-distillation loss (distill.py).  Chunks whose word tokenizes otherwise in the
+    two forms, or that did not fit, get no pairs."""
     image = tokenizer.ids["image"]
     starts = [t for t, tok in enumerate(ids) if tok == image]
     cue = len(tokenizer.encode(f"<image>{caption_text('').rstrip()}"))  # `<image>Output:`

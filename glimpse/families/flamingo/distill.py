@@ -8,9 +8,9 @@ the colour exists only where the blocks write it, and the next-token loss alone 
 write it in the form those heads match (docs/results.md, 2026-11-27).  This loss asks for the heads'
 behaviour directly: at each chunk's `:` (where the text form has the colour), the attention of LM layer
 `layer` over the earlier examples' word tokens should be the text form's over the same words (KL, each
-head, over the aligned word positions only, each side renormalised).  A direct check that it is
-the heads' matching that the blocks learn, not a proxy of it: a residual-stream (or query/key) match
-would be dominated by the tokens' own embeddings, alike in both forms.
+head, over the aligned word positions only, each side renormalised).  The heads' matching itself is
+the target, not a proxy: a residual-stream (or query/key) match is dominated by the tokens' own
+embeddings, alike in both forms (docs/results.md, 2026-11-27, session 15).
 """
 
 from __future__ import annotations
@@ -53,17 +53,10 @@ def episode_distill_loss(model, student: torch.Tensor, batch: dict, layer: int) 
     q_rows, q_idx = (valid & key).nonzero(as_tuple=True)  # every chunk's `:`: a query of its own
     if q_rows.numel() == 0:
         return student.sum() * 0.0
-    teacher_rec: dict = {}
-
-    def record(i, x, *_):
-        if i == layer:
-            teacher_rec["x"] = x
-        return x
-
     lm = model.lm
     with torch.no_grad():
-        lm(batch["teacher_ids"], batch["teacher_mask"], return_hidden=True, layer_hook=record)
-        t_logits = _attention_logits(lm, layer, teacher_rec["x"], q_rows, pt[q_rows, q_idx])
+        teacher = lm(batch["teacher_ids"], batch["teacher_mask"], stop_before=layer)
+        t_logits = _attention_logits(lm, layer, teacher, q_rows, pt[q_rows, q_idx])
     s_logits = _attention_logits(lm, layer, student, q_rows, ps[q_rows, q_idx])
     # the candidates of query n: the word tokens of its row that come before it
     cand = valid[q_rows] & ~key[q_rows] & (ps[q_rows] < ps[q_rows, q_idx][:, None])  # [N, P]
