@@ -111,8 +111,7 @@ def main() -> None:
     gate = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.Adam([writer, image_row, eoc_row] + ([gate] if args.gated else []), lr=args.lr)
     if args.gated:
-        raw = writer
-        writer = _Gated(raw, gate)
+        writer = _Gated(writer, gate)
     train_words, test_words = nonce_words("train"), nonce_words("test")
 
     def evaluate(label: str) -> None:
