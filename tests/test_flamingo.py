@@ -151,7 +151,7 @@ def test_episode_distillation_aligns_the_text_form_and_reaches_the_gates(world, 
     from glimpse.losses import lm_loss_at_targets
 
     recipe = load_recipe("shapes-flamingo", tiny_flamingo_overrides(world, **{
-        "model.episode_share": 1.0, "model.episode_distill": 1.0, "model.xattn_offset": 0, "freeze": "[vision, lm]"}))
+        "model.episode_share": 1.0, "model.episode_text_share": 0.0, "model.episode_distill": 1.0, "model.xattn_offset": 0, "freeze": "[vision, lm]"}))
     fam = get("flamingo")(recipe, world, tok)
     ds, collate = fam.train_data()
     keys = [(i, 0) for i in range(8)]

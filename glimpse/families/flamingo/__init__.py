@@ -1,9 +1,10 @@
 """Flamingo: a frozen language model that reads images through gated cross-attention blocks inserted
 every n layers, with a Perceiver resampler on a frozen vision tower (OpenFlamingo; IDEFICS v1 folders).
 Prompts interleave images and text, `<image>Output: ...<|endofchunk|>`, and each text token reads only
-the latest image before it: the design by which Flamingo learns from solved examples in its prompt
-(on the shapes world, `shapes-flamingo` has not learned to yet: docs/results.md, 2026-11-26 and the
-session-15 entry of 2026-11-27).
+the latest image before it: the design by which Flamingo learns from solved examples in its prompt.
+On the shapes world, `shapes-flamingo` learns it from binding episodes whose examples are mostly in the
+LM's own text form ("red dakim"), the query an image (`model.episode_text_share`; docs/results.md,
+session 16).
 
     model.py      FlamingoModel (FlamingoConfig)
     data.py       interleaved sequences from the shapes world: captions and binding episodes

@@ -6,11 +6,14 @@ made-up words (from the test pool, never seen in training), shows k solved examp
 word for the query's colour, which only the examples can tell.  Each episode is scored as a choice
 among its words (the candidate whose tokens and end-of-chunk the model finds likeliest), so chance
 is 1 / colours and k = 0 sits at chance.  For each k in `ks`, the same episodes (query, words and
-examples, the first k of them) are scored: `fewshot_acc_{k}`.  The control, `fewshot_control_acc_{k}`,
-permutes the examples' images, so a word no longer names its image's colour: a model that reads the
-binding from the examples falls back to chance there.  A diagnostic, `fewshot_text_examples_acc_4`:
-the same episodes with their 4 examples in text ("red dakim", no image) before the query image, which
-the LM's own induction can solve if the blocks write the query's colour as the LM represents its word.
+examples, the first k of them) are scored: `fewshot_acc_{k}`.  The control, `fewshot_control_acc_{k}`
+for k >= 2 (one example has nothing to trade places with), shuffles the examples' images, so a word no
+longer names its image's colour: a model that reads the binding from the examples falls back to
+chance there.  A uniform shuffle, not a derangement: forcing every image to move makes a binding
+model pick a wrong word more often than chance (0.14 at k = 2; docs/results.md, session 16).  A
+diagnostic, `fewshot_text_examples_acc_4`: the same episodes with their 4 examples in text ("red
+dakim", no image) before the query image, which the LM's own induction can solve if the blocks write
+the query's colour as the LM represents its word.
 
 Captions: greedy captions of the split's images after k solved examples from the training split
 (`<image>Output: caption<|endofchunk|>`), stopped at `<|endofchunk|>`, scored by CIDEr-D (`cider_{k}shot`).
@@ -103,8 +106,9 @@ def binding_figures(model, tokenizer, transform, scenes, *, ks: list[int], episo
         images, texts, cands, answer = binding_episode(rng, by_colour, words, colours, K)
         orders = {}  # the control's order of the first k examples' images, per k
         for k in ks:
-            orders[k] = list(range(k))
-            rng.shuffle(orders[k])
+            if k >= 2:
+                orders[k] = list(range(k))
+                rng.shuffle(orders[k])
         eps.append((images, texts, cands, answer, orders))
     out: dict[str, float] = {"fewshot_chance": 1 / colours}
 
@@ -114,7 +118,7 @@ def binding_figures(model, tokenizer, transform, scenes, *, ks: list[int], episo
 
     for control in (False, True):
         for k in ks:
-            if control and k == 0:
+            if control and k < 2:  # nothing to permute
                 continue
             rows, cand_lists, answers = [], [], []
             for images, texts, cands, answer, orders in eps:
