@@ -326,7 +326,6 @@ class CausalLM(nn.Module):
         memory: torch.Tensor | None = None,  # [B, S, D] what cross-attention reads (image states)
         memory_mask: torch.Tensor | None = None,  # bool [B, 1, T, S], True = the token reads the slot
         layer_hook=None,  # (i, x, memory, memory_mask, cache) -> x before block i (Flamingo's gated blocks)
-        stop_before: int | None = None,  # return the residual stream block i reads (after the hook), no cache
     ) -> torch.Tensor:
         """Logits [B, T, V].  Left-padded batches need `position_ids` (see the module docstring).
         `return_hidden` leaves `lm_head` to the caller, who can apply it only where logits are
@@ -364,8 +363,6 @@ class CausalLM(nn.Module):
         for i, block in enumerate(self.blocks):
             if layer_hook is not None:
                 x = layer_hook(i, x, memory, memory_mask, cache)
-            if i == stop_before:
-                return x
             x = block(x, rope_cs, mask, causal, cache, memory, memory_mask)
         if cache is not None and cache.slot is None:
             cache.advance(T)

@@ -76,14 +76,13 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff_gate = nn.Parameter(torch.zeros(shape))
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache=None, key=None, open_attn: bool = False) -> torch.Tensor:
+                cache=None, key=None) -> torch.Tensor:
         """x [B, T, D]; memory [B, S, Dm] (None when `cache` holds this block's keys and values under
         `key`, or when there are no images at all); mask bool [B, 1, T, S], True = the token reads
-        the slot.  -> [B, T, D].  `open_attn`: the attention's gate taken as 1 (an auxiliary training
-        path that reaches the attention while its gate is still near 0)."""
+        the slot.  -> [B, T, D]."""
         if self._reads(memory, cache, key):
             y = self.attn(self.attn_norm(x), memory, mask, cache, key)
-            x = x + (y if open_attn else self.attn_gate.tanh().to(x.dtype) * y)
+            x = x + self.attn_gate.tanh().to(x.dtype) * y
         return x + self.ff_gate.tanh().to(x.dtype) * self.ff(self.ff_norm(x))
 
     @staticmethod

@@ -8,7 +8,6 @@ session 16).
 
     model.py      FlamingoModel (FlamingoConfig)
     data.py       interleaved sequences from the shapes world: captions and binding episodes
-    distill.py    episode distillation: the frozen LM on an episode's text form teaches the blocks
     evaluate.py   few-shot binding accuracy by k (and its shuffled-image control), k-shot captions
     pipeline.py   what glimpse.load returns: caption, ask, chat with several images in place
     hf.py         IDEFICS v1 folders in; OpenFlamingo checkpoints' names
@@ -27,7 +26,6 @@ from glimpse.families.base import Family, HFBuild, Loaded, recipe_transform
 from glimpse.families.feature_cache import cache_tower_features
 from glimpse.families.flamingo import hf
 from glimpse.families.flamingo.data import END_OF_CHUNK, InterleavedCollate, InterleavedDataset, read_scenes
-from glimpse.families.flamingo.distill import episode_distill_loss
 from glimpse.families.flamingo.evaluate import evaluate_flamingo
 from glimpse.families.flamingo.model import FlamingoConfig, FlamingoModel
 from glimpse.families.flamingo.pipeline import FlamingoPipeline
@@ -73,11 +71,6 @@ class FlamingoFamily(Family):
         check(0.0 <= m.episode_share <= 1.0, "model.episode_share", m.episode_share, "must be between 0 and 1")
         check(0.0 <= m.episode_text_share <= 1.0, "model.episode_text_share", m.episode_text_share,
               "must be between 0 and 1")
-        check(m.episode_distill >= 0.0, "model.episode_distill", m.episode_distill, "must be at least 0")
-        check(1 <= m.episode_distill_layer < m.lm.layers, "model.episode_distill_layer", m.episode_distill_layer,
-              f"must be a layer index from 1 to {m.lm.layers - 1} (the residual stream that layer reads)")
-        check(not m.episode_distill or "lm" in recipe.freeze, "model.episode_distill", m.episode_distill,
-              "needs the LM in the freeze list (the frozen LM is the teacher)")
         check(m.max_shots >= 0, "model.max_shots", m.max_shots, "must be at least 0")
         check(not recipe.train.cache_vision_features or "vision" in recipe.freeze, "train.cache_vision_features",
               True, "needs the vision tower in the freeze list (a training tower changes its features)")
@@ -113,8 +106,7 @@ class FlamingoFamily(Family):
         dataset = InterleavedDataset(read_scenes(d, self.root, "train"), self.tokenizer, self.transform, d.max_pixels,
                                      max_images=m.max_images, max_shots=m.max_shots, colours=m.episode_colours,
                                      episode_share=m.episode_share, text_share=m.episode_text_share, context_length=m.lm.context_length,
-                                     seed=self.recipe.train.seed, image_rows=self.image_rows,
-                                     distill=m.episode_distill > 0)
+                                     seed=self.recipe.train.seed, image_rows=self.image_rows)
         return dataset, InterleavedCollate(self.tokenizer.pad_id)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
@@ -125,15 +117,7 @@ class FlamingoFamily(Family):
             images = {"pixel_values": batch["pixel_values"]}
         hidden = model(batch["input_ids"], batch["attention_mask"], image_valid=batch["image_valid"],
                        return_hidden=True, **images)
-        loss = lm_loss_at_targets(hidden, inner.lm_head, batch["labels"])
-        m = self.recipe.model
-        if m.episode_distill and "teacher_ids" in batch:
-            # a second, partial pass with the attention gates open (distill.py), on the unwrapped model
-            # (not tried under DDP)
-            student = inner.residual_before(m.episode_distill_layer, batch["input_ids"], batch["attention_mask"],
-                                            image_valid=batch["image_valid"], open_attn=True, **images)
-            loss = loss + m.episode_distill * episode_distill_loss(inner, student, batch, m.episode_distill_layer)
-        return loss
+        return lm_loss_at_targets(hidden, inner.lm_head, batch["labels"])
 
     def pipeline(self, model: FlamingoModel) -> FlamingoPipeline:
         return FlamingoPipeline(model, self.tokenizer, self.transform, self.recipe.data.max_pixels)

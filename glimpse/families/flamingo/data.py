@@ -115,41 +115,15 @@ def single_object_images(scenes: list[Scene]) -> dict[str, list[int]]:
     return by_colour
 
 
-def teacher_episode(tokenizer, ids: list[int], colours: list[str], texts: list[str]) -> tuple[list[int], list[tuple[int, int, bool]]]:
-    """A binding episode of image chunks (`ids` as encode_chunks made them) in the frozen LM's text
-    form, "red dakim\nblue vomal\nred dakim" (glimpse.data.lm_text.binding_lines), and the positions
-    that play the same part in both, (student, teacher, is_key): the token before each word (the
-    chunk's `:`, the line's colour: the key) and the word's tokens.  The LM reading the text form
-    teaches the episode-distillation loss (distill.py).  Chunks whose word tokenizes otherwise in the
-    two forms, or that did not fit, get no pairs."""
-    image = tokenizer.ids["image"]
-    starts = [t for t, tok in enumerate(ids) if tok == image]
-    cue = len(tokenizer.encode(f"<image>{caption_text('').rstrip()}"))  # `<image>Output:`
-    lines, pairs, teacher = [], [], [tokenizer.ids["bos"]]
-    for start, colour, text in zip(starts, colours, texts):
-        word = text.removeprefix(caption_text(""))
-        word_ids = tokenizer.encode(f" {word}")
-        prefix = "\n".join(lines) + ("\n" if lines else "")
-        key_end = len(tokenizer.encode(prefix + colour, add_bos=True)) - 1
-        teacher = tokenizer.encode(prefix + f"{colour} {word}", add_bos=True)
-        lines.append(f"{colour} {word}")
-        s_word = start + cue
-        if teacher[key_end + 1:] != word_ids or ids[s_word:s_word + len(word_ids)] != word_ids:
-            continue
-        pairs += [(s_word - 1, key_end, True)] + [(s_word + j, key_end + 1 + j, False) for j in range(len(word_ids))]
-    return teacher, pairs
-
-
 class InterleavedDataset(Dataset):
     def __init__(self, scenes: list[Scene], tokenizer, transform: ImageTransform, max_pixels: int, *,
                  max_images: int, max_shots: int, colours: int, episode_share: float, context_length: int,
-                 text_share: float = 0.0, seed: int = 0, image_rows: dict | None = None, distill: bool = False):
+                 text_share: float = 0.0, seed: int = 0, image_rows: dict | None = None):
         """`image_rows`: image path -> its row of a feature cache (or the ImageError that makes it
-        unusable); the samples then carry rows instead of pixels.  `distill`: binding episodes carry
-        their text form for the LM as a teacher (`teacher_episode`)."""
+        unusable); the samples then carry rows instead of pixels."""
         self.scenes, self.tokenizer, self.transform, self.max_pixels = scenes, tokenizer, transform, max_pixels
         self.max_images, self.max_shots, self.colours, self.episode_share = max_images, max_shots, colours, episode_share
-        self.context_length, self.seed, self.text_share, self.distill = context_length, seed, text_share, distill
+        self.context_length, self.seed, self.text_share = context_length, seed, text_share
         self.by_colour = single_object_images(scenes)
         if len(self.by_colour) < colours:
             raise GlimpseError(f"binding episodes need one-object images of {colours} colours; the world has "
@@ -164,10 +138,6 @@ class InterleavedDataset(Dataset):
     def sequence(self, key: tuple[int, int]) -> tuple[list[int | None], list[str]]:
         """(image indices, the text after each image) of the sample with this key; an index None is a
         chunk of text alone (a binding example shown in text)."""
-        return self._draw(key)[:2]
-
-    def _draw(self, key: tuple[int, int]) -> tuple[list[int | None], list[str], bool]:
-        """sequence()'s pieces, and whether they are a binding episode."""
         idx, choice = key
         rng = random.Random(f"{self.seed}/{idx}/{choice}")
         if rng.random() < self.episode_share:
@@ -178,7 +148,7 @@ class InterleavedDataset(Dataset):
                     if rng.random() < self.text_share:
                         colour = self.scenes[images[j]].colours[0]
                         images[j], texts[j] = None, text_example(colour, texts[j])
-            return images, texts, True
+            return images, texts
         images = [idx] + [rng.randrange(len(self.scenes)) for _ in range(rng.randint(0, self.max_images - 1))]
         texts = []
         for i in images:
@@ -187,7 +157,7 @@ class InterleavedDataset(Dataset):
                 texts.append(qa_text(*rng.choice(s.qa)))
             else:
                 texts.append(caption_text(rng.choice(s.captions)))
-        return images, texts, False
+        return images, texts
 
     def _pixels(self, i: int) -> torch.Tensor:
         arr = self.pixels.get(i)
@@ -198,12 +168,8 @@ class InterleavedDataset(Dataset):
         return self.transform.normalize(arr)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
-        images, texts, episode = self._draw(key)
+        images, texts = self.sequence(key)
         ids, labels = encode_chunks(self.tokenizer, texts, self.context_length, text_only=[i is None for i in images])
-        teacher = {}
-        if self.distill and episode and None not in images:
-            colours = [self.scenes[i].colours[0] for i in images]
-            teacher = dict(zip(("teacher_ids", "pairs"), teacher_episode(self.tokenizer, ids, colours, texts)))
         images = [i for i in images if i is not None]
         n = ids.count(self.tokenizer.ids["image"])  # images whose chunk fits the context
         if self.image_rows is not None:
@@ -211,12 +177,12 @@ class InterleavedDataset(Dataset):
             bad = next((r for r in rows if isinstance(r, ImageError)), None)
             if bad is not None:
                 return {"error": bad.reason, "message": str(bad)}
-            return {"image_rows": rows, "input_ids": ids, "labels": labels, **teacher}
+            return {"image_rows": rows, "input_ids": ids, "labels": labels}
         try:
             pixels = torch.stack([self._pixels(i) for i in images[:n]])
         except ImageError as e:
             return {"error": e.reason, "message": str(e)}
-        return {"pixel_values": pixels, "input_ids": ids, "labels": labels, **teacher}
+        return {"pixel_values": pixels, "input_ids": ids, "labels": labels}
 
 
 def encode_chunks(tokenizer, texts: list[str], context_length: int, prompt: str | None = None,
@@ -267,25 +233,4 @@ class InterleavedCollate:
             valid[b, :n] = True
             ids[b, :t], labels[b, :t], mask[b, :t] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
         batch.update({"image_rows" if cached else "pixel_values": images}, image_valid=valid, input_ids=ids, attention_mask=mask, labels=labels)
-        if any("teacher_ids" in s for s in good):  # episode distillation (teacher_episode)
-            batch.update(self._teacher(good))
         return batch
-
-    def _teacher(self, good: list[dict]) -> dict:
-        """teacher_ids / teacher_mask [B, Tt] (a bos alone for a row without a text form) and the
-        aligned positions: pair_student / pair_teacher [B, P], pair_key (the colour's place) and
-        pair_valid [B, P]."""
-        teachers = [s.get("teacher_ids", [s["input_ids"][0]]) for s in good]
-        pairs = [s.get("pairs", []) for s in good]
-        Tt, P = max(map(len, teachers)), max(1, max(map(len, pairs)))
-        t_ids = torch.full((len(good), Tt), self.pad_id, dtype=torch.long)
-        t_mask = torch.zeros(len(good), Tt, dtype=torch.long)
-        ps, pt = torch.zeros(len(good), P, dtype=torch.long), torch.zeros(len(good), P, dtype=torch.long)
-        pv, pk = torch.zeros(len(good), P, dtype=torch.bool), torch.zeros(len(good), P, dtype=torch.bool)
-        for b, (t, pr) in enumerate(zip(teachers, pairs)):
-            t_ids[b, :len(t)], t_mask[b, :len(t)] = torch.tensor(t), 1
-            if pr:
-                ps[b, :len(pr)], pt[b, :len(pr)], pk[b, :len(pr)] = torch.tensor(pr).T
-                pv[b, :len(pr)] = True
-        return {"teacher_ids": t_ids, "teacher_mask": t_mask, "pair_student": ps, "pair_teacher": pt,
-                "pair_key": pk, "pair_valid": pv}

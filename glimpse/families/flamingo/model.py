@@ -76,12 +76,6 @@ class FlamingoConfig:
     # in context) instead of an image: the query's word is then found by the LM's induction heads only if
     # the blocks write the query image's colour as the LM represents the colour's word
     episode_text_share: float = 0.0
-    # episode distillation (distill.py): the weight of a loss that asks LM layer `episode_distill_layer`'s
-    # attention from each binding chunk's `:` over the earlier examples' words to be the frozen LM's on
-    # the same episode in its text form ("red dakim"), where its induction heads find the example whose
-    # colour matches the query's.  0: off (OpenFlamingo's training)
-    episode_distill: float = 0.0
-    episode_distill_layer: int = 1
     end_of_chunk_token_id: int = -1  # <|endofchunk|>: ends each interleaved example, stops generation
 
 
@@ -125,7 +119,6 @@ class FlamingoModel(nn.Module):
             for i in xattn_layers(cfg)})
         self.extra_embed = nn.Parameter(torch.randn(cfg.extra_tokens, lm.width) * 0.02) if cfg.extra_tokens else None
         self._head = _ExtendedHead(self.lm.lm_head, self.extra_embed) if cfg.extra_tokens else None
-        self._open_attn = False  # residual_before(open_attn=True)
         self._init_blocks()
 
     def _init_blocks(self, std: float = 0.02) -> None:
@@ -217,23 +210,7 @@ class FlamingoModel(nn.Module):
 
     def _hook(self, i: int, x: torch.Tensor, memory, memory_mask, cache) -> torch.Tensor:
         block = self.xattn[str(i)] if str(i) in self.xattn else None
-        return x if block is None else block(x, memory, memory_mask, cache, ("xattn", i), self._open_attn)
-
-    def residual_before(self, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                        image_features: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                        image_valid: torch.Tensor | None = None, open_attn: bool = False) -> torch.Tensor:
-        """The residual stream [B, T, D] that LM layer `layer` reads (after the gated block there, if
-        any), the layers from `layer` on not run.  `open_attn`: every block's attention gate taken as 1
-        (episode distillation's path, distill.py)."""
-        media = self.get_media(pixel_values, image_features)
-        memory_mask = self.memory_mask(input_ids, media.shape[1], image_valid)
-        self._open_attn = open_attn
-        try:
-            return self.lm(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask,
-                           memory=media.flatten(1, 2), memory_mask=memory_mask, layer_hook=self._hook,
-                           stop_before=layer)
-        finally:
-            self._open_attn = False
+        return x if block is None else block(x, memory, memory_mask, cache, ("xattn", i))
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, *, image_features: torch.Tensor | None = None,
