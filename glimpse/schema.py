@@ -61,7 +61,9 @@ def coerce(value: Any, tp, key: str) -> Any:
 
 
 def from_dict(cls, data: Any, prefix: str = ""):
-    """Build dataclass `cls` from a mapping, refusing unknown keys."""
+    """Build dataclass `cls` from a mapping, refusing unknown keys.  A key in the class' `RETIRED`
+    (name -> the default it had) is dropped at that default, so runs saved before its removal still
+    load, and refused with any other value."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -69,8 +71,14 @@ def from_dict(cls, data: Any, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
+    retired = getattr(cls, "RETIRED", {})
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
+        if k in retired and k not in names:
+            if v == retired[k]:
+                continue
+            raise GlimpseError(f"recipe key {key} was removed (it is ignored only at its old default, "
+                               f"{retired[k]!r}); drop it from the recipe")
         if k not in names:
             raise GlimpseError(f"unknown recipe key {key}; valid keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
         kwargs[k] = coerce(v, hints[k], key)

@@ -44,6 +44,15 @@ def test_unknown_key_in_file_lists_valid_keys(tmp_path):
         load_recipe(p)
 
 
+def test_retired_key_loads_at_its_old_default_only():
+    """A run saved before a key's removal (its recipe.yaml holds every key) still loads; a recipe that
+    sets the removed key to anything else is refused, not silently trained without it."""
+    old = {"family": "flamingo", "model": {"episode_distill": 0.0, "episode_distill_layer": 1, "max_shots": 3}}
+    assert recipe_from_dict(old).model.max_shots == 3
+    with pytest.raises(GlimpseError, match="recipe key model.episode_distill was removed"):
+        recipe_from_dict({"family": "flamingo", "model": {"episode_distill": 0.5}})
+
+
 def test_malformed_yaml_and_unknown_family(tmp_path):
     p = tmp_path / "broken.yaml"
     p.write_text("train: {max_steps: [1,\n")

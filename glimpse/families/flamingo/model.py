@@ -28,6 +28,7 @@ read the image the prompt's last token reads (OpenFlamingo's cached media, IDEFI
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -77,6 +78,9 @@ class FlamingoConfig:
     # the blocks write the query image's colour as the LM represents the colour's word
     episode_text_share: float = 0.0
     end_of_chunk_token_id: int = -1  # <|endofchunk|>: ends each interleaved example, stops generation
+    # keys of earlier versions, at the defaults runs saved then hold (episode distillation: sessions 14-16,
+    # off by default, removed after it never helped; docs/results.md)
+    RETIRED: ClassVar[dict] = {"episode_distill": 0.0, "episode_distill_layer": 1}
 
 
 def xattn_layers(cfg: FlamingoConfig) -> list[int]:
