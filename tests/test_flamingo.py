@@ -161,6 +161,27 @@ def test_train_freezes_the_lm_and_learns_gates_and_the_new_token(flamingo_run, w
     assert any(float(g.detach().abs().max()) > 0 for g in gates)  # trained away from 0
 
 
+def test_binding_episodes_that_do_not_fit_the_context_are_counted_not_scored(flamingo_run):
+    """A candidate cut off at the LM's context would score 0, the best log-probability, and win: such
+    episodes are left out of the accuracy and counted instead."""
+    from glimpse.api import load_run
+    from glimpse.families.flamingo.data import read_scenes
+    from glimpse.families.flamingo.evaluate import binding_figures
+    from glimpse.train.trainer import data_root
+
+    task, model = load_run(flamingo_run)
+    r = task.recipe
+    scenes = read_scenes(r.data, data_root(r, False), "test")
+    kw = dict(ks=[0, 2], episodes=6, colours=r.model.episode_colours, max_pixels=r.data.max_pixels)
+    # a chunk `<image>Output: word<|endofchunk|>` is over 10 tokens: k = 0 fits in 24, k = 2 does not
+    short = binding_figures(model, task.tokenizer, task.transform, scenes, context_length=24, **kw)
+    full = binding_figures(model, task.tokenizer, task.transform, scenes, context_length=10**6, **kw)
+    assert short["fewshot_too_long_acc_2"] == 6 == short["fewshot_too_long_control_acc_2"]
+    assert short["fewshot_acc_2"] == 0.0 and "fewshot_too_long_acc_0" not in short
+    assert short["fewshot_acc_0"] == full["fewshot_acc_0"]
+    assert not any(k.startswith("fewshot_too_long") for k in full)
+
+
 def test_pipeline_interleaves_images_in_place(flamingo_run, world):
     import glimpse
 

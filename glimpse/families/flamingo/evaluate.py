@@ -6,7 +6,9 @@ made-up words (from the test pool, never seen in training), shows k solved examp
 word for the query's colour, which only the examples can tell.  Each episode is scored as a choice
 among its words (the candidate whose tokens and end-of-chunk the model finds likeliest), so chance
 is 1 / colours and k = 0 sits at chance.  For each k in `ks`, the same episodes (query, words and
-examples, the first k of them) are scored: `fewshot_acc_{k}`.  The control, `fewshot_control_acc_{k}`
+examples, the first k of them) are scored: `fewshot_acc_{k}`; an episode whose prompt and answer
+do not fit the LM's context is left out and counted (`fewshot_too_long_acc_{k}`), never scored on a
+cut-off sequence.  The control, `fewshot_control_acc_{k}`
 for k >= 2 (one example has nothing to trade places with), shuffles the examples' images, so a word no
 longer names its image's colour: a model that reads the binding from the examples falls back to
 chance there.  A uniform shuffle, not a derangement: forcing every image to move makes a binding
@@ -62,17 +64,22 @@ class _Pixels:
 
 
 @torch.no_grad()
-def choice_scores(model, tokenizer, rows: list[tuple], candidates: list[list[str]], context_length: int) -> list[int]:
+def choice_scores(model, tokenizer, rows: list[tuple], candidates: list[list[str]],
+                  context_length: int) -> list[int | None]:
     """For each (texts before the query, images incl. the query[, which texts have no image]) row, the
-    index of the likeliest candidate text for the query's chunk."""
+    index of the likeliest candidate text for the query's chunk; None where a candidate's sequence
+    does not fit `context_length` (a cut-off query chunk would score 0, the best log-probability)."""
     device = next(model.parameters()).device
     picks = []
     for row, cands in zip(rows, candidates):
         texts, pixels = row[:2]
         text_only = list(row[2]) if len(row) > 2 else [False] * len(texts)
         start = len(encode_chunks(tokenizer, texts, context_length, text_only=text_only)[0])  # the query chunk
-        seqs = [encode_chunks(tokenizer, texts + [caption_text(c)], context_length, text_only=text_only + [False])
+        seqs = [encode_chunks(tokenizer, texts + [caption_text(c)], 10**9, text_only=text_only + [False])
                 for c in cands]
+        if max(len(s[0]) for s in seqs) > context_length:
+            picks.append(None)
+            continue
         starts = [start] * len(seqs)
         T = max(len(s[0]) for s in seqs)
         ids = torch.full((len(seqs), T), tokenizer.pad_id, dtype=torch.long)
@@ -112,9 +119,13 @@ def binding_figures(model, tokenizer, transform, scenes, *, ks: list[int], episo
         eps.append((images, texts, cands, answer, orders))
     out: dict[str, float] = {"fewshot_chance": 1 / colours}
 
-    def right(rows, cand_lists, answers) -> float:
+    def right(rows, cand_lists, answers, name: str) -> float:
+        """The share right of the episodes that fit the LM's context; how many did not, if any."""
         picks = choice_scores(model, tokenizer, rows, cand_lists, context_length)
-        return sum(p == a for p, a in zip(picks, answers)) / max(len(answers), 1)
+        fit = [(p, a) for p, a in zip(picks, answers) if p is not None]
+        if len(fit) < len(picks):
+            out[f"fewshot_too_long_{name}"] = len(picks) - len(fit)
+        return sum(p == a for p, a in fit) / max(len(fit), 1)
 
     for control in (False, True):
         for k in ks:
@@ -129,7 +140,8 @@ def binding_figures(model, tokenizer, transform, scenes, *, ks: list[int], episo
                 rows.append((texts[:k], px))
                 cand_lists.append(cands)
                 answers.append(cands.index(answer))
-            out[f"fewshot_{'control_' if control else ''}acc_{k}"] = right(rows, cand_lists, answers)
+            name = f"{'control_' if control else ''}acc_{k}"
+            out[f"fewshot_{name}"] = right(rows, cand_lists, answers, name)
     if 4 in ks:
         rows, cand_lists, answers = [], [], []
         for images, texts, cands, answer, _ in eps:
@@ -140,7 +152,7 @@ def binding_figures(model, tokenizer, transform, scenes, *, ks: list[int], episo
             rows.append((shown, px[-1:], [True] * 4))
             cand_lists.append(cands)
             answers.append(cands.index(answer))
-        out["fewshot_text_examples_acc_4"] = right(rows, cand_lists, answers)
+        out["fewshot_text_examples_acc_4"] = right(rows, cand_lists, answers, "text_examples_acc_4")
     out["fewshot_n"] = len(eps)
     out["skipped"] = len(pixels.bad)
     return out
