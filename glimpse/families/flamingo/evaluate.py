@@ -77,11 +77,11 @@ def choice_scores(model, tokenizer, rows: list[tuple], candidates: list[list[str
         start = len(encode_chunks(tokenizer, texts, context_length, text_only=text_only)[0])  # the query chunk
         seqs = [encode_chunks(tokenizer, texts + [caption_text(c)], 10**9, text_only=text_only + [False])
                 for c in cands]
-        if max(len(s[0]) for s in seqs) > context_length:
+        T = max(len(s[0]) for s in seqs)
+        if T > context_length:
             picks.append(None)
             continue
         starts = [start] * len(seqs)
-        T = max(len(s[0]) for s in seqs)
         ids = torch.full((len(seqs), T), tokenizer.pad_id, dtype=torch.long)
         mask = torch.zeros(len(seqs), T, dtype=torch.long)
         target = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
