@@ -133,7 +133,8 @@ def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_cli
         bad.write_bytes(bad.read_bytes()[:500])
     # with reversed twins: the cache's twin rows are its clips' rows with the frames reversed, as decoded
     common = {"train.max_steps": 2, "freeze": "[vision]", "data.root": str(world), "model.reverse_twins": True,
-              "model.temporal_tokens": temporal_tokens, "model.lm.context_length": 128}
+              "model.temporal_tokens": temporal_tokens, "model.answer_traces": temporal_tokens,
+              "model.lm.context_length": 128}
     a, b = tmp_path / "cached", tmp_path / "plain"
     train(load_recipe("shapes-video-llava", overrides(world, **common, **{"train.cache_vision_features": True})),
           a, progress=False)
@@ -180,6 +181,49 @@ def test_reversed_twins_answer_as_the_clip_played_backwards(video_world):
             assert q["question_type"] != "before_after"
             flipped += answer["content"] != q["answer"]
     assert flipped > len(twins) // 4
+
+
+def test_answer_trace_spells_out_each_frame_of_the_shapes_on_their_axis_of_motion():
+    from glimpse.data import shapes_video as sv
+
+    right = {"shape": "circle", "colours": [None, "red", "red", "red", "red", None],
+             "xs": [10.0, 10.0, 19.0, 27.0, 30.0, 30.0], "ys": [40.0] * 6}
+    down = {"shape": "square", "colours": ["blue"] * 6, "xs": [50.0] * 6, "ys": [5.0, 12.0, 18.0, 23.0, 20.0, 63.9]}
+    tracks = [right, down]
+    assert sv.answer_trace("direction", ["circle"], tracks, 64) == "the circle x - 1 2 3 3 -"
+    assert sv.answer_trace("appear_order", ["square", "circle"], tracks, 64) == \
+        "the square y 0 1 2 2 2 7, the circle x - 1 2 3 3 -"
+    assert sv.answer_trace("arrow", [], tracks, 64) is None and sv.answer_trace("colour", ["circle"], tracks, 64) is None
+    text = sv.traced("right", sv.answer_trace("direction", ["circle"], tracks, 64))
+    assert text == "the circle x - 1 2 3 3 -, so right"
+    assert sv.final_answer(text) == "right" and sv.final_answer("left") == "left"
+
+
+@pytest.mark.parametrize("twins", [False, True])
+def test_traced_answers_trace_the_asked_shapes_and_end_in_the_worlds_answer(video_world, twins):
+    from types import SimpleNamespace
+
+    from glimpse.data import shapes_video as sv
+    from glimpse.families.video_llava.data import video_records
+
+    cfg = SimpleNamespace(source="shapes-video")
+    plain = video_records(cfg, video_world, "train", twins=twins)
+    traced = video_records(cfg, video_world, "train", twins=twins, traces=True)
+    assert [r["images"] for r in plain] == [r["images"] for r in traced]
+    spelt = 0
+    for a, b in zip(plain, traced):
+        for m, n in zip(a["messages"], b["messages"]):
+            if m["role"] == "user" or m == n:
+                assert m == n
+                continue
+            spelt += 1
+            trace, answer = n["content"].rsplit(sv.SO, 1)
+            assert answer == m["content"] == sv.final_answer(n["content"])
+            for part in trace.split(", "):  # "the circle x 1 2 - ...": one cell or "-" a frame
+                words = part.split()
+                assert words[0] == "the" and words[1] in sv.world.SHAPES and words[2] in "xy", part
+                assert len(words[3:]) == 8 and all(w == "-" or w in "01234567" for w in words[3:]), part
+    assert spelt > len(plain) // 4
 
 
 def test_the_cli_asks_and_captions_a_clip_file(run, video_world, cli_env):

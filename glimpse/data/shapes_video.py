@@ -155,6 +155,41 @@ def answer_of(qtype: str, shapes: list[str], tracks: list[dict], reversed_: bool
     return None
 
 
+TRACE_CELLS = 8  # a trace's cells along an axis: 8 px at 64 px
+TRACED_TYPES = ("direction", "bounces", "appear_order", "disappear_order", "before_after")
+SO = ", so "  # between a traced answer's trace and its answer
+
+
+def answer_trace(qtype: str, shapes: list[str], tracks: list[dict], size: int) -> str | None:
+    """Where the question's shapes are in each frame, as a traced answer spells it out before the answer
+    ("the circle x 2 3 4 4 3 - - -"): per frame the shape's cell on its axis of motion (x unless it moves
+    more vertically than horizontally) on a grid of TRACE_CELLS, "-" where it is not visible.  A direction,
+    bounces or an order is then read off the trace, a step the LM cannot skip (chain-of-thought
+    supervision); None for a type with no shapes to trace (the arrow of time, static questions)."""
+    if qtype not in TRACED_TYPES:
+        return None
+    by_shape = {t["shape"]: t for t in tracks}
+    parts = []
+    for shape in shapes:
+        t = by_shape[shape]
+        seen = [k for k, c in enumerate(t["colours"]) if c]
+        xs, ys = (np.asarray(t[a])[seen[0]:seen[-1] + 1] for a in ("xs", "ys"))
+        axis = "x" if np.abs(np.diff(xs)).sum() >= np.abs(np.diff(ys)).sum() else "y"
+        cells = [str(min(TRACE_CELLS - 1, max(0, int(v * TRACE_CELLS / size)))) if c else "-"
+                 for c, v in zip(t["colours"], t[axis + "s"])]
+        parts.append(f"the {shape} {axis} {' '.join(cells)}")
+    return ", ".join(parts)
+
+
+def traced(answer: str, trace: str | None) -> str:
+    return answer if trace is None else f"{trace}{SO}{answer}"
+
+
+def final_answer(text: str) -> str:
+    """The answer of a generated text, traced or not: what follows the trace's ", so "."""
+    return text.rsplit(SO.strip(), 1)[-1].strip() if SO.strip() in text else text
+
+
 def _questions(facts: list[Facts], frames: int, reversed_: bool, rng: np.random.Generator,
                allow_novel: bool) -> list[dict]:
     """Up to four temporal questions (no single frame answers them) and up to two static ones."""
@@ -382,6 +417,7 @@ class Clip:
     captions: list[str]
     tracks: list[dict] | None = None  # the moving-shapes world's record; None for real videos
     reversed: bool = False
+    width: int | None = None  # pixels, where the annotation says
 
 
 def read_clips(annotation_file: str | Path, video_root: str | Path, split: str | None = None) -> list[Clip]:
@@ -400,7 +436,7 @@ def read_clips(annotation_file: str | Path, video_root: str | Path, split: str |
             vid = str(v["video_id"])
             if vid in caps and (split is None or v.get("split", split) == split):
                 out.append(Clip(str(Path(video_root) / v.get("file_name", f"{vid}.mp4")), vid, caps[vid],
-                                v.get("tracks"), bool(v.get("reversed", False))))
+                                v.get("tracks"), bool(v.get("reversed", False)), v.get("width")))
         return out
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise GlimpseError(f"cannot read the video captions of {path}: {e!r}") from None

@@ -54,6 +54,8 @@ class VideoLLaVAFamily(Family):
         check(1 <= m.spatial_pool_stride <= grid, "model.spatial_pool_stride", m.spatial_pool_stride,
               f"must be from 1 to the {grid}x{grid} patch grid's side")
         check(m.num_frames >= 1, "model.num_frames", m.num_frames, "must be at least 1")
+        check(not m.answer_traces or recipe.data.source == "shapes-video", "model.answer_traces", m.answer_traces,
+              "needs the moving-shapes world's tracks (data.source: shapes-video)")
 
     def __init__(self, recipe, root: Path, tokenizer):
         super().__init__(recipe, root, tokenizer)
@@ -71,7 +73,8 @@ class VideoLLaVAFamily(Family):
         return pixels.flip(0) if backwards else pixels
 
     def _records(self) -> list[dict]:
-        return video_records(self.recipe.data, self.root, "train", twins=self.recipe.model.reverse_twins)
+        m = self.recipe.model
+        return video_records(self.recipe.data, self.root, "train", twins=m.reverse_twins, traces=m.answer_traces)
 
     def build_model(self) -> nn.Module:
         return VideoLanguageModel(self.recipe.model)

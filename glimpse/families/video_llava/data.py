@@ -6,6 +6,11 @@ same frames played backwards, with the description and the answers recomputed fr
 as the reversal plays.  The twin's frames are the clip's own, so an order-blind model can tell the two
 apart only by the frame positions: it scores exactly the same on both, and the loss pays only for
 reading the order (without twins the LM memorised its 4,000 clips' answers instead, docs/results.md).
+
+With `model.answer_traces`, each answer to a direction, bounce or order question is spelt out first as a
+trace of where its shapes are in each frame (`answer_trace`: "the circle at 23 33 43 - -, so right"),
+computed from the world's tracks as the clip plays: the LM learns to locate a shape frame by frame and
+then to read the answer off its own trace, instead of doing both at once.
 """
 
 from __future__ import annotations
@@ -14,7 +19,14 @@ import json
 from pathlib import Path
 
 from glimpse.data.chat import from_llava
-from glimpse.data.shapes_video import answer_of, read_clips, reverse_tracks, video_caption
+from glimpse.data.shapes_video import (
+    answer_of,
+    answer_trace,
+    read_clips,
+    reverse_tracks,
+    traced,
+    video_caption,
+)
 from glimpse.errors import GlimpseError
 
 VIDEO = "<video>"
@@ -28,10 +40,11 @@ def reversed_source(src) -> tuple[object, bool]:
     return src, False
 
 
-def video_records(data_cfg, root: Path, split: str, twins: bool = False) -> list[dict]:
+def video_records(data_cfg, root: Path, split: str, twins: bool = False, traces: bool = False) -> list[dict]:
     """A split's conversations as {"images": [clip path], "messages": [...]}, `<video>` read as the
     `<image>` slot that the clip's tokens fill (LLaVA-Video's JSON: id, video, conversations); with
-    `twins`, each moving-shapes clip's reversed twin after its own records."""
+    `twins`, each moving-shapes clip's reversed twin after its own records; with `traces`, the
+    moving-shapes answers traced (module docstring)."""
     if data_cfg.source == "shapes-video":
         path, base = Path(root) / "annotations" / f"llava_video_{split}.json", Path(root)
     else:
@@ -41,11 +54,13 @@ def video_records(data_cfg, root: Path, split: str, twins: bool = False) -> list
         base = Path(data_cfg.root or ".") / data_cfg.images.get(split, str(path.parent))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        reverse = _Reverser(Path(root), split) if twins and data_cfg.source == "shapes-video" else None
+        shapes = data_cfg.source == "shapes-video"
+        world = _Answers(Path(root), split, traces) if shapes and (twins or traces) else None
         records = []
         for r in data:
-            records.append(_record(r["conversations"], str(base / r["video"])))
-            twin = reverse(r) if reverse else None
+            turns = world.as_played(r) if traces and world else r["conversations"]
+            records.append(_record(turns, str(base / r["video"])))
+            twin = world.reversed(r) if twins and world else None
             if twin:
                 records.append(_record(twin, str(base / r["video"]) + REVERSED))
         return records
@@ -60,19 +75,38 @@ def _record(conversations: list[dict], clip: str) -> dict:
     return {"images": [clip], "messages": messages}
 
 
-class _Reverser:
-    """A moving-shapes conversation as its clip played backwards shows it: the description is the reversed
-    tracks' caption, each answer `answer_of` the reversed tracks; a question it cannot recompute (before or
-    after: its events change name when time runs backwards; an order the reversal ties) is left out, and a
-    static one keeps its answer."""
+class _Answers:
+    """A moving-shapes conversation's answers recomputed from the clip's tracks: as it plays (traced) or
+    played backwards.  Backwards, the description is the reversed tracks' caption, each answer `answer_of`
+    the reversed tracks; a question it cannot recompute (before or after: its events change name when
+    time runs backwards; an order the reversal ties) is left out, and a static one keeps its answer."""
 
-    def __init__(self, root: Path, split: str):
+    def __init__(self, root: Path, split: str, traces: bool):
         ann = root / "annotations"
         self.clips = {c.video_id: c for c in read_clips(ann / f"captions_{split}.json", root / "videos" / split)}
         self.qa = {(q["video_id"], q["question"]): q
                    for q in json.loads((ann / f"qa_{split}.json").read_text(encoding="utf-8"))}
+        self.traces = traces
 
-    def __call__(self, record: dict) -> list[dict] | None:
+    def _question(self, stem: str, human: dict) -> dict:
+        return self.qa[(stem, human["value"].replace(VIDEO, "").strip())]
+
+    def _answer(self, q: dict, answer: str, clip, tracks: list[dict]) -> str:
+        if not self.traces:
+            return answer
+        return traced(answer, answer_trace(q["question_type"], q["shapes"], tracks, clip.width))
+
+    def as_played(self, record: dict) -> list[dict]:
+        stem, kind = record["id"].rsplit("_", 1)
+        turns = record["conversations"]
+        if kind == "describe":
+            return turns
+        clip = self.clips[stem]
+        return [t if t["from"] == "human" else
+                {**t, "value": self._answer(self._question(stem, h), t["value"], clip, clip.tracks)}
+                for h, t in zip([None] + turns[:-1], turns)]
+
+    def reversed(self, record: dict) -> list[dict] | None:
         """The twin's conversations, or None when the reversal changes no answer (nothing to learn)."""
         stem, kind = record["id"].rsplit("_", 1)
         clip = self.clips[stem]
@@ -84,11 +118,12 @@ class _Reverser:
             return [turns[0], {**turns[1], "value": text}] if text != turns[1]["value"] else None
         out = []
         for human, gpt in zip(turns[::2], turns[1::2]):
-            q = self.qa[(stem, human["value"].replace(VIDEO, "").strip())]
+            q = self._question(stem, human)
             answer = answer_of(q["question_type"], q["shapes"], back, not clip.reversed)
             if answer is None and q["answer_type"] == "temporal":  # before/after, or an order the reversal ties
                 continue
             answer = q["answer"] if answer is None else answer
             changed |= answer != gpt["value"]
-            out += [{**human, "value": human["value"].replace(f"{VIDEO}\n", "")}, {**gpt, "value": answer}]
+            out += [{**human, "value": human["value"].replace(f"{VIDEO}\n", "")},
+                    {**gpt, "value": self._answer(q, answer, clip, back)}]
         return out if changed else None

@@ -1,7 +1,8 @@
 """Evaluating a video LLaVA on a split of the moving-shapes world: question answering by type, the
 controls that show whether frame order is used, and captioning.
 
-    temporal_acc, static_acc     exact-match accuracy of the greedy answer (lower case, no final stop)
+    temporal_acc, static_acc     exact-match accuracy of the greedy answer (lower case, no final stop; of
+                                 a traced answer, what follows the trace)
     acc_TYPE                     per question type (direction, bounces, appear_order, ..., colour, count)
     chance_temporal              the accuracy of always giving each type's most common training answer
     shuffled_temporal_acc        every clip's frames in a fixed random order
@@ -24,14 +25,14 @@ import numpy as np
 import torch
 
 from glimpse.data.images import ImageError
-from glimpse.data.shapes_video import TEMPORAL_TYPES, answer_of, read_clips, reverse_tracks
+from glimpse.data.shapes_video import TEMPORAL_TYPES, answer_of, final_answer, read_clips, reverse_tracks
 from glimpse.metrics.captions import cider
 
 FLIP_TYPES = ("direction", "appear_order", "disappear_order")
 
 
 def _norm(text: str) -> str:
-    return text.strip().lower().rstrip(".").strip()
+    return final_answer(text.strip().lower().rstrip(".").strip())
 
 
 def _chance(root: Path) -> dict[str, str]:
@@ -67,11 +68,14 @@ def evaluate_split(pipe, root: Path, split: str, batch_size: int = 64, limit: in
     T = next(iter(pixels.values())).shape[0]
     shuffle = {vid: torch.from_numpy(rng.permutation(T)) for vid in pixels}
 
+    traces = getattr(pipe.model.cfg, "answer_traces", False)
+    new_tokens = 64 if traces else 8  # a trace of two shapes over 8 frames takes about 50 tokens
+
     def answers(view, items) -> list[str]:
         got = []
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
-            got += pipe.ask([view(q["video_id"]) for q in chunk], [q["question"] for q in chunk], max_new_tokens=8)
+            got += pipe.ask([view(q["video_id"]) for q in chunk], [q["question"] for q in chunk], max_new_tokens=new_tokens)
         return [_norm(a) for a in got]
 
     def accuracy(pred, items, kind) -> float | None:

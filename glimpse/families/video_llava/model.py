@@ -37,6 +37,9 @@ class VideoLLaVAConfig(VLMConfig):
     # training on the moving-shapes world: each clip's reversed twin (its frames backwards, its answers as
     # they then are) beside it, so the loss pays for frame order (video_llava/data.py)
     reverse_twins: bool = False
+    # answers to direction, bounce and order questions spelt out as a per-frame trace of where the shapes
+    # are, then the answer (video_llava/data.py); evaluation reads the answer after the trace
+    answer_traces: bool = False
     # CLIP4Clip's temporal head as one more token a frame (module docstring); its sizes are the video dual
     # encoder's (embed_dim, temporal_layers, temporal_heads, max_frames)
     temporal_tokens: bool = False
