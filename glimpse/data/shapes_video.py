@@ -64,6 +64,12 @@ class Facts:
     change: tuple[int, str] | None  # (frame, new colour)
 
 
+def _horizontal(dx: np.ndarray, dy: np.ndarray) -> bool:
+    """Whether steps (dx, dy) move a shape along x more than along y: its axis of motion, shared by the
+    facts and the traces so the two never disagree."""
+    return bool(np.abs(dx).sum() >= np.abs(dy).sum())
+
+
 def observe(track: dict) -> Facts:
     """The facts of one track ({shape, colours, xs, ys}, per frame; colour None where not visible)."""
     colours, xs, ys = track["colours"], np.asarray(track["xs"]), np.asarray(track["ys"])
@@ -73,7 +79,7 @@ def observe(track: dict) -> Facts:
     moving = np.abs(dx).sum() + np.abs(dy).sum() > 1e-6
     direction, bounces = "still", []
     if moving:
-        steps, names = (dx, ("left", "right")) if np.abs(dx).sum() >= np.abs(dy).sum() else (dy, ("up", "down"))
+        steps, names = (dx, ("left", "right")) if _horizontal(dx, dy) else (dy, ("up", "down"))
         signs = np.sign(steps)
         direction = names[int(signs[0] > 0)]
         bounces = [first + k for k in range(1, len(signs)) if signs[k] != signs[k - 1]]  # the turning frame
@@ -174,7 +180,7 @@ def answer_trace(qtype: str, shapes: list[str], tracks: list[dict], size: int) -
         t = by_shape[shape]
         seen = [k for k, c in enumerate(t["colours"]) if c]
         xs, ys = (np.asarray(t[a])[seen[0]:seen[-1] + 1] for a in ("xs", "ys"))
-        axis = "x" if np.abs(np.diff(xs)).sum() >= np.abs(np.diff(ys)).sum() else "y"
+        axis = "x" if _horizontal(np.diff(xs), np.diff(ys)) else "y"
         cells = [str(min(TRACE_CELLS - 1, max(0, int(v * TRACE_CELLS / size)))) if c else "-"
                  for c, v in zip(t["colours"], t[axis + "s"])]
         parts.append(f"the {shape} {axis} {' '.join(cells)}")

@@ -68,7 +68,7 @@ def evaluate_split(pipe, root: Path, split: str, batch_size: int = 64, limit: in
     T = next(iter(pixels.values())).shape[0]
     shuffle = {vid: torch.from_numpy(rng.permutation(T)) for vid in pixels}
 
-    traces = getattr(pipe.model.cfg, "answer_traces", False)
+    traces = pipe.model.cfg.answer_traces
     new_tokens = 64 if traces else 8  # a trace of two shapes over 8 frames takes about 50 tokens
 
     def answers(view, items) -> list[str]:
