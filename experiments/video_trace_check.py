@@ -4,10 +4,12 @@ world's, and whether its answers follow from the traces it wrote.
     python experiments/video_trace_check.py RUN WORLD [--n 60] [--show 10]
 
 For the first N direction and appear-order questions of test: the share of frames whose cell (or "-")
-the generated trace gets exactly, for single-shape traces; the commonest true cell's share (a constant
-guess); and, for direction questions, how many answers are what the model's own trace implies (the first
-change of cell, on the axis it named).  A model that reads the answer off its trace but traces badly is
-limited by seeing positions, not by reasoning over them.
+the generated trace gets exactly, on each axis, for single-shape traces; the commonest true cell's share
+(a constant guess); and, for direction questions, how many answers are what the model's own trace implies
+(`trace_direction`: the first change of cell on the axis that changes most) and how many traces imply the
+world's answer.  A model that reads the answer off its trace but traces badly is limited by seeing
+positions, not by reasoning over them.  (Runs before 2026-11-28 traced one axis; read them with this
+script as of commit e625325.)
 """
 
 from __future__ import annotations
@@ -19,15 +21,6 @@ from pathlib import Path
 
 import glimpse
 from glimpse.data import shapes_video as sv
-
-
-def implied_direction(trace: str) -> str:
-    words = trace.split()
-    axis, cells = words[2], [int(w) for w in words[3:] if w != "-"]
-    moves = [b - a for a, b in zip(cells, cells[1:]) if b != a]
-    if not moves:
-        return "still"
-    return {("x", True): "right", ("x", False): "left", ("y", True): "down", ("y", False): "up"}[(axis, moves[0] > 0)]
 
 
 def main() -> None:
@@ -43,7 +36,7 @@ def main() -> None:
     qa = [q for q in json.loads((root / "annotations/qa_test.json").read_text())
           if q["question_type"] in ("direction", "appear_order")][:a.n]
     got = pipe.ask([clips[q["video_id"]].path for q in qa], [q["question"] for q in qa], max_new_tokens=64)
-    hits = frames = visible_hits = visible = consistent = directions = 0
+    hits = frames = visible_hits = visible = consistent = right_trace = directions = 0
     cells: Counter = Counter()
     for k, (q, g) in enumerate(zip(qa, got)):
         c = clips[q["video_id"]]
@@ -51,8 +44,10 @@ def main() -> None:
         if k < a.show:
             print(f"world: {true}\nmodel: {g}")
         if len(q["shapes"]) == 1 and sv.SO in g:
-            tw, gw = true.split(sv.SO)[0].split()[3:], g.split(sv.SO)[0].split()[3:]
-            for t, m in zip(tw, gw):
+            tw, gw = true.split(sv.SO)[0].split(), g.split(sv.SO)[0].split()
+            for t, m in zip(tw[3:], gw[3:]):  # frame by frame along x, then along y
+                if t in "xy":
+                    continue
                 frames += 1
                 hits += t == m
                 if t != "-":
@@ -62,12 +57,17 @@ def main() -> None:
         if q["question_type"] == "direction" and sv.SO in g:
             trace, answer = g.rsplit(sv.SO, 1)
             directions += 1
-            consistent += implied_direction(trace) == answer.strip()
-    print(f"frames traced exactly: {hits / max(frames, 1):.3f} of {frames}; "
+            try:
+                implied = sv.trace_direction(trace)
+            except (ValueError, IndexError):  # a malformed trace implies nothing
+                implied = None
+            consistent += implied == answer.strip()
+            right_trace += implied == q["answer"]
+    print(f"frames traced exactly (both axes): {hits / max(frames, 1):.3f} of {frames}; "
           f"where the shape is visible {visible_hits / max(visible, 1):.3f} of {visible} "
           f"(the commonest cell alone: {cells.most_common(1)[0][1] / max(visible, 1):.3f})")
-    print(f"direction answers that follow from the model's own trace: {consistent} of {directions}")
-
+    print(f"direction answers that follow from the model's own trace: {consistent} of {directions}; "
+          f"traces that imply the world's answer: {right_trace} of {directions}")
 
 if __name__ == "__main__":
     main()

@@ -64,6 +64,9 @@ class Facts:
     change: tuple[int, str] | None  # (frame, new colour)
 
 
+MOTION = {("x", False): "left", ("x", True): "right", ("y", False): "up", ("y", True): "down"}  # (axis, forward)
+
+
 def _horizontal(dx: np.ndarray, dy: np.ndarray) -> bool:
     """Whether steps (dx, dy) move a shape along x more than along y: its axis of motion, shared by the
     facts and the traces so the two never disagree."""
@@ -79,9 +82,9 @@ def observe(track: dict) -> Facts:
     moving = np.abs(dx).sum() + np.abs(dy).sum() > 1e-6
     direction, bounces = "still", []
     if moving:
-        steps, names = (dx, ("left", "right")) if _horizontal(dx, dy) else (dy, ("up", "down"))
-        signs = np.sign(steps)
-        direction = names[int(signs[0] > 0)]
+        axis = "x" if _horizontal(dx, dy) else "y"
+        signs = np.sign(dx if axis == "x" else dy)
+        direction = MOTION[axis, int(signs[0] > 0)]
         bounces = [first + k for k in range(1, len(signs)) if signs[k] != signs[k - 1]]  # the turning frame
     change = next(((t, colours[t]) for t in seen if colours[t] != colours[first]), None)
     return Facts(track["shape"], colours[first], first, last + 1 if last + 1 < len(colours) else None,
@@ -168,23 +171,33 @@ SO = ", so "  # between a traced answer's trace and its answer
 
 def answer_trace(qtype: str, shapes: list[str], tracks: list[dict], size: int) -> str | None:
     """Where the question's shapes are in each frame, as a traced answer spells it out before the answer
-    ("the circle x 2 3 4 4 3 - - -"): per frame the shape's cell on its axis of motion (x unless it moves
-    more vertically than horizontally) on a grid of TRACE_CELLS, "-" where it is not visible.  A direction,
-    bounces or an order is then read off the trace, a step the LM cannot skip (chain-of-thought
-    supervision); None for a type with no shapes to trace (the arrow of time, static questions)."""
+    ("the circle x 2 3 4 4 3 - - - y 5 5 5 5 5 - - -"): per frame the shape's cell along x, then along y,
+    on a grid of TRACE_CELLS, "-" where it is not visible.  A direction, bounces or an order is then read
+    off the trace (`trace_direction`), a step the LM cannot skip (chain-of-thought supervision); both axes,
+    so which one the shape moves along is read off the trace too, not guessed before it.  None for a type
+    with no shapes to trace (the arrow of time, static questions)."""
     if qtype not in TRACED_TYPES:
         return None
     by_shape = {t["shape"]: t for t in tracks}
     parts = []
     for shape in shapes:
         t = by_shape[shape]
-        seen = [k for k, c in enumerate(t["colours"]) if c]
-        xs, ys = (np.asarray(t[a])[seen[0]:seen[-1] + 1] for a in ("xs", "ys"))
-        axis = "x" if _horizontal(np.diff(xs), np.diff(ys)) else "y"
-        cells = [str(min(TRACE_CELLS - 1, max(0, int(v * TRACE_CELLS / size)))) if c else "-"
-                 for c, v in zip(t["colours"], t[axis + "s"])]
-        parts.append(f"the {shape} {axis} {' '.join(cells)}")
+        axes = [f"{axis} " + " ".join(str(min(TRACE_CELLS - 1, max(0, int(v * TRACE_CELLS / size)))) if c else "-"
+                                      for c, v in zip(t["colours"], t[axis + "s"])) for axis in ("x", "y")]
+        parts.append(f"the {shape} {' '.join(axes)}")
     return ", ".join(parts)
+
+
+def trace_direction(part: str) -> str:
+    """The first motion a one-shape trace ("the circle x ... y ...") shows: along the axis whose cell
+    changes most, the sign of its first change; "still" where no cell changes."""
+    words = part.split()
+    split = words.index("y")
+    moves = {axis: [b - a for a, b in zip(cells, cells[1:]) if b != a]
+             for axis, cells in (("x", [int(w) for w in words[3:split] if w != "-"]),
+                                 ("y", [int(w) for w in words[split + 1:] if w != "-"]))}
+    axis = max(("x", "y"), key=lambda a: sum(map(abs, moves[a])))  # a tie goes to x, as in _horizontal
+    return MOTION[axis, moves[axis][0] > 0] if moves[axis] else "still"
 
 
 def traced(answer: str, trace: str | None) -> str:
