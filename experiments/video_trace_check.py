@@ -35,7 +35,7 @@ def main() -> None:
     clips = {c.video_id: c for c in sv.read_clips(root / "annotations/captions_test.json", root / "videos/test")}
     qa = [q for q in json.loads((root / "annotations/qa_test.json").read_text())
           if q["question_type"] in ("direction", "appear_order")][:a.n]
-    got = pipe.ask([clips[q["video_id"]].path for q in qa], [q["question"] for q in qa], max_new_tokens=64)
+    got = pipe.ask([clips[q["video_id"]].path for q in qa], [q["question"] for q in qa], max_new_tokens=100)
     hits = frames = visible_hits = visible = consistent = right_trace = directions = 0
     cells: Counter = Counter()
     for k, (q, g) in enumerate(zip(qa, got)):

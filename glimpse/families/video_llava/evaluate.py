@@ -68,8 +68,9 @@ def evaluate_split(pipe, root: Path, split: str, batch_size: int = 64, limit: in
     T = next(iter(pixels.values())).shape[0]
     shuffle = {vid: torch.from_numpy(rng.permutation(T)) for vid in pixels}
 
-    traces = pipe.model.cfg.answer_traces
-    new_tokens = 64 if traces else 8  # a trace of two shapes over 8 frames takes about 50 tokens
+    cfg = pipe.model.cfg
+    # a traced answer: two shapes' traces of two axes, a label and up to two tokens a frame each, then the answer
+    new_tokens = 2 * (4 + 4 * cfg.num_frames) + 16 if cfg.answer_traces else 8
 
     def answers(view, items) -> list[str]:
         got = []
