@@ -4,12 +4,12 @@ world's, and whether its answers follow from the traces it wrote.
     python experiments/video_trace_check.py RUN WORLD [--n 60] [--show 10]
 
 For the first N direction and appear-order questions of test: the share of frames whose cell (or "-")
-the generated trace gets exactly, on each axis, for single-shape traces; the commonest true cell's share
+the generated trace gets exactly (both axes), for single-shape traces; the commonest true cell's share
 (a constant guess); and, for direction questions, how many answers are what the model's own trace implies
 (`trace_direction`: the first change of cell on the axis that changes most) and how many traces imply the
 world's answer.  A model that reads the answer off its trace but traces badly is limited by seeing
-positions, not by reasoning over them.  (Runs before 2026-11-28 traced one axis; read them with this
-script as of commit e625325.)
+positions, not by reasoning over them.  (Older runs traced one axis (read them with this script as of commit
+e625325) or both axes without frame numbers (commit 2fc3d21).)
 """
 
 from __future__ import annotations
@@ -45,15 +45,13 @@ def main() -> None:
             print(f"world: {true}\nmodel: {g}")
         if len(q["shapes"]) == 1 and sv.SO in g:
             tw, gw = true.split(sv.SO)[0].split(), g.split(sv.SO)[0].split()
-            for t, m in zip(tw[3:], gw[3:]):  # frame by frame along x, then along y
-                if t in "xy":
-                    continue
+            for t, m in zip(tw[2:], gw[2:]):  # frame by frame: "3:25" (or "3:--" where it is not visible)
                 frames += 1
                 hits += t == m
-                if t != "-":
+                if not t.endswith("--"):
                     visible += 1
                     visible_hits += t == m
-                    cells[t] += 1
+                    cells[t.split(":")[1]] += 1
         if q["question_type"] == "direction" and sv.SO in g:
             trace, answer = g.rsplit(sv.SO, 1)
             directions += 1
@@ -63,7 +61,7 @@ def main() -> None:
                 implied = None
             consistent += implied == answer.strip()
             right_trace += implied == q["answer"]
-    print(f"frames traced exactly (both axes): {hits / max(frames, 1):.3f} of {frames}; "
+    print(f"frames traced exactly: {hits / max(frames, 1):.3f} of {frames}; "
           f"where the shape is visible {visible_hits / max(visible, 1):.3f} of {visible} "
           f"(the commonest cell alone: {cells.most_common(1)[0][1] / max(visible, 1):.3f})")
     print(f"direction answers that follow from the model's own trace: {consistent} of {directions}; "

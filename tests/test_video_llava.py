@@ -135,7 +135,7 @@ def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_cli
     # with reversed twins: the cache's twin rows are its clips' rows with the frames reversed, as decoded
     common = {"train.max_steps": 2, "freeze": "[vision]", "data.root": str(world), "model.reverse_twins": True,
               "model.temporal_tokens": temporal_tokens, "model.answer_traces": temporal_tokens,
-              "model.lm.context_length": 128}
+              "model.lm.context_length": 192 if temporal_tokens else 128}  # traced answers need the room
     a, b = tmp_path / "cached", tmp_path / "plain"
     train(load_recipe("shapes-video-llava", overrides(world, **common, **{"train.cache_vision_features": True})),
           a, progress=False)
@@ -184,25 +184,25 @@ def test_reversed_twins_answer_as_the_clip_played_backwards(video_world):
     assert flipped > len(twins) // 4
 
 
-def test_answer_trace_spells_out_each_frame_of_the_shapes_on_both_axes():
+def test_answer_trace_spells_out_each_frame_of_the_shapes_by_its_number_on_both_axes():
     from glimpse.data import shapes_video as sv
 
     right = {"shape": "circle", "colours": [None, "red", "red", "red", "red", None],
              "xs": [10.0, 10.0, 19.0, 27.0, 30.0, 30.0], "ys": [40.0] * 6}
     down = {"shape": "square", "colours": ["blue"] * 6, "xs": [50.0] * 6, "ys": [5.0, 12.0, 18.0, 23.0, 20.0, 63.9]}
     tracks = [right, down]
-    assert sv.answer_trace("direction", ["circle"], tracks, 64) == "the circle x - 1 2 3 3 - y - 5 5 5 5 -"
+    assert sv.answer_trace("direction", ["circle"], tracks, 64) == "the circle 1:-- 2:15 3:25 4:35 5:35 6:--"
     assert sv.answer_trace("appear_order", ["square", "circle"], tracks, 64) == \
-        "the square x 6 6 6 6 6 6 y 0 1 2 2 2 7, the circle x - 1 2 3 3 - y - 5 5 5 5 -"
+        "the square 1:60 2:61 3:62 4:62 5:62 6:67, the circle 1:-- 2:15 3:25 4:35 5:35 6:--"
     assert sv.answer_trace("arrow", [], tracks, 64) is None and sv.answer_trace("colour", ["circle"], tracks, 64) is None
     text = sv.traced("right", sv.answer_trace("direction", ["circle"], tracks, 64))
-    assert text == "the circle x - 1 2 3 3 - y - 5 5 5 5 -, so right"
+    assert text == "the circle 1:-- 2:15 3:25 4:35 5:35 6:--, so right"
     assert sv.final_answer(text) == "right" and sv.final_answer("left") == "left"
     # the direction is read off the trace: the axis whose cells change most, the sign of its first change
-    assert sv.trace_direction("the circle x - 1 2 3 3 - y - 5 5 5 5 -") == "right" == sv.observe(right).direction
-    assert sv.trace_direction("the square x 6 6 6 6 6 6 y 0 1 2 2 2 7") == "down" == sv.observe(down).direction
-    assert sv.trace_direction("the star x 4 4 - y 2 1 -") == "up"
-    assert sv.trace_direction("the star x 4 4 4 y 2 2 2") == "still"
+    assert sv.trace_direction("the circle 1:-- 2:15 3:25 4:35 5:35 6:--") == "right" == sv.observe(right).direction
+    assert sv.trace_direction("the square 1:60 2:61 3:62 4:62 5:62 6:67") == "down" == sv.observe(down).direction
+    assert sv.trace_direction("the star 1:42 2:41 3:--") == "up"
+    assert sv.trace_direction("the star 1:42 2:42 3:42") == "still"
 
 
 def test_the_worlds_traces_imply_its_direction_answers(video_world):
@@ -239,11 +239,13 @@ def test_traced_answers_trace_the_asked_shapes_and_end_in_the_worlds_answer(vide
             spelt += 1
             trace, answer = n["content"].rsplit(sv.SO, 1)
             assert answer == m["content"] == sv.final_answer(n["content"])
-            for part in trace.split(", "):  # "the circle x 1 2 - ... y 4 4 - ...": one cell or "-" a frame
+            for part in trace.split(", "):  # "the circle 1:-- 2:25 ...": a frame's number, then its cells or "--"
                 words = part.split()
-                assert words[:3] == ["the", words[1], "x"] and words[1] in sv.world.SHAPES and words[11] == "y", part
-                cells = words[3:11] + words[12:]
-                assert len(cells) == 16 and all(w == "-" or w in "01234567" for w in cells), part
+                assert words[0] == "the" and words[1] in sv.world.SHAPES and len(words) == 2 + 8, part
+                for k, w in enumerate(words[2:]):
+                    frame, cells = w.split(":")
+                    assert frame == str(k + 1) and (cells == "--" or (len(cells) == 2 and cells.isdigit() and
+                                                                        max(cells) < "8")), part
     assert spelt > len(plain) // 4
 
 
@@ -309,3 +311,12 @@ def test_an_image_model_refuses_video_parts(tiny_vlm_run, video_world):
                 {"type": "video_url", "video_url": {"url": _video_url(clips(video_world, 1)[0])}},
                 {"type": "text", "text": "what happens?"}]}]})
         assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
+
+
+def test_traced_answers_need_a_context_with_room_for_them():
+    from glimpse.errors import GlimpseError
+
+    # the recipe's 8 frames of 4 tokens: 32 + 104 for the longest traced answer + 32 for the question
+    with pytest.raises(GlimpseError, match="model.lm.context_length: 160 must be at least 168"):
+        load_recipe("shapes-video-llava", ["model.answer_traces=true"])
+    assert load_recipe("shapes-video-llava", ["model.answer_traces=true", "model.lm.context_length=168"]).model.answer_traces

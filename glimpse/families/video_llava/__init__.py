@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from glimpse.data.conversations import ConversationCollate, ConversationDataset
+from glimpse.data.shapes_video import traced_answer_tokens
 from glimpse.data.video import clip_pixels
 from glimpse.errors import GlimpseError
 from glimpse.families import checks
@@ -56,6 +57,10 @@ class VideoLLaVAFamily(Family):
         check(m.num_frames >= 1, "model.num_frames", m.num_frames, "must be at least 1")
         check(not m.answer_traces or recipe.data.source == "shapes-video", "model.answer_traces", m.answer_traces,
               "needs the moving-shapes world's tracks (data.source: shapes-video)")
+        if m.answer_traces:  # a question (~32 tokens) and its traced answer after the clip's tokens
+            need = VideoLanguageModel.count_image_tokens(m) + traced_answer_tokens(m.num_frames) + 32
+            check(m.lm.context_length >= need, "model.lm.context_length", m.lm.context_length,
+                  f"must be at least {need} for traced answers after {m.num_frames} frames")
 
     def __init__(self, recipe, root: Path, tokenizer):
         super().__init__(recipe, root, tokenizer)

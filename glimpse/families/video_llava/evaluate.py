@@ -25,7 +25,14 @@ import numpy as np
 import torch
 
 from glimpse.data.images import ImageError
-from glimpse.data.shapes_video import TEMPORAL_TYPES, answer_of, final_answer, read_clips, reverse_tracks
+from glimpse.data.shapes_video import (
+    TEMPORAL_TYPES,
+    answer_of,
+    final_answer,
+    read_clips,
+    reverse_tracks,
+    traced_answer_tokens,
+)
 from glimpse.metrics.captions import cider
 
 FLIP_TYPES = ("direction", "appear_order", "disappear_order")
@@ -69,8 +76,7 @@ def evaluate_split(pipe, root: Path, split: str, batch_size: int = 64, limit: in
     shuffle = {vid: torch.from_numpy(rng.permutation(T)) for vid in pixels}
 
     cfg = pipe.model.cfg
-    # a traced answer: two shapes' traces of two axes, a label and up to two tokens a frame each, then the answer
-    new_tokens = 2 * (4 + 4 * cfg.num_frames) + 16 if cfg.answer_traces else 8
+    new_tokens = traced_answer_tokens(cfg.num_frames) if cfg.answer_traces else 8
 
     def answers(view, items) -> list[str]:
         got = []
