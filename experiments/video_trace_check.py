@@ -21,6 +21,7 @@ from pathlib import Path
 
 import glimpse
 from glimpse.data import shapes_video as sv
+from glimpse.data import shapes_video_traces as tr
 
 
 def main() -> None:
@@ -40,11 +41,11 @@ def main() -> None:
     cells: Counter = Counter()
     for k, (q, g) in enumerate(zip(qa, got)):
         c = clips[q["video_id"]]
-        true = sv.traced(q["answer"], sv.answer_trace(q["question_type"], q["shapes"], c.tracks, c.width))
+        true = tr.traced(q["answer"], tr.answer_trace(q["question_type"], q["shapes"], c.tracks, c.width))
         if k < a.show:
             print(f"world: {true}\nmodel: {g}")
-        if len(q["shapes"]) == 1 and sv.SO in g:
-            tw, gw = true.split(sv.SO)[0].split(), g.split(sv.SO)[0].split()
+        if len(q["shapes"]) == 1 and tr.SO in g:
+            tw, gw = true.split(tr.SO)[0].split(), g.split(tr.SO)[0].split()
             for t, m in zip(tw[2:], gw[2:]):  # frame by frame: "3:25" (or "3:--" where it is not visible)
                 frames += 1
                 hits += t == m
@@ -52,11 +53,11 @@ def main() -> None:
                     visible += 1
                     visible_hits += t == m
                     cells[t.split(":")[1]] += 1
-        if q["question_type"] == "direction" and sv.SO in g:
-            trace, answer = g.rsplit(sv.SO, 1)
+        if q["question_type"] == "direction" and tr.SO in g:
+            trace, answer = g.rsplit(tr.SO, 1)
             directions += 1
             try:
-                implied = sv.trace_direction(trace)
+                implied = tr.trace_direction(trace)
             except (ValueError, IndexError):  # a malformed trace implies nothing
                 implied = None
             consistent += implied == answer.strip()

@@ -186,35 +186,37 @@ def test_reversed_twins_answer_as_the_clip_played_backwards(video_world):
 
 def test_answer_trace_spells_out_each_frame_of_the_shapes_by_its_number_on_both_axes():
     from glimpse.data import shapes_video as sv
+    from glimpse.data import shapes_video_traces as tr
 
     right = {"shape": "circle", "colours": [None, "red", "red", "red", "red", None],
              "xs": [10.0, 10.0, 19.0, 27.0, 30.0, 30.0], "ys": [40.0] * 6}
     down = {"shape": "square", "colours": ["blue"] * 6, "xs": [50.0] * 6, "ys": [5.0, 12.0, 18.0, 23.0, 20.0, 63.9]}
     tracks = [right, down]
-    assert sv.answer_trace("direction", ["circle"], tracks, 64) == "the circle 1:-- 2:15 3:25 4:35 5:35 6:--"
-    assert sv.answer_trace("appear_order", ["square", "circle"], tracks, 64) == \
+    assert tr.answer_trace("direction", ["circle"], tracks, 64) == "the circle 1:-- 2:15 3:25 4:35 5:35 6:--"
+    assert tr.answer_trace("appear_order", ["square", "circle"], tracks, 64) == \
         "the square 1:60 2:61 3:62 4:62 5:62 6:67, the circle 1:-- 2:15 3:25 4:35 5:35 6:--"
-    assert sv.answer_trace("arrow", [], tracks, 64) is None and sv.answer_trace("colour", ["circle"], tracks, 64) is None
-    text = sv.traced("right", sv.answer_trace("direction", ["circle"], tracks, 64))
+    assert tr.answer_trace("arrow", [], tracks, 64) is None and tr.answer_trace("colour", ["circle"], tracks, 64) is None
+    text = tr.traced("right", tr.answer_trace("direction", ["circle"], tracks, 64))
     assert text == "the circle 1:-- 2:15 3:25 4:35 5:35 6:--, so right"
-    assert sv.final_answer(text) == "right" and sv.final_answer("left") == "left"
+    assert tr.final_answer(text) == "right" and tr.final_answer("left") == "left"
     # the direction is read off the trace: the axis whose cells change most, the sign of its first change
-    assert sv.trace_direction("the circle 1:-- 2:15 3:25 4:35 5:35 6:--") == "right" == sv.observe(right).direction
-    assert sv.trace_direction("the square 1:60 2:61 3:62 4:62 5:62 6:67") == "down" == sv.observe(down).direction
-    assert sv.trace_direction("the star 1:42 2:41 3:--") == "up"
-    assert sv.trace_direction("the star 1:42 2:42 3:42") == "still"
+    assert tr.trace_direction("the circle 1:-- 2:15 3:25 4:35 5:35 6:--") == "right" == sv.observe(right).direction
+    assert tr.trace_direction("the square 1:60 2:61 3:62 4:62 5:62 6:67") == "down" == sv.observe(down).direction
+    assert tr.trace_direction("the star 1:42 2:41 3:--") == "up"
+    assert tr.trace_direction("the star 1:42 2:42 3:42") == "still"
 
 
 def test_the_worlds_traces_imply_its_direction_answers(video_world):
     """The answer a trace implies (`trace_direction`) is the world's for nearly every direction question:
     the trace's 8-px cells miss only a first motion shorter than a cell before a bounce."""
     from glimpse.data import shapes_video as sv
+    from glimpse.data import shapes_video_traces as tr
 
     clips = {c.video_id: c for c in sv.read_clips(video_world / "annotations/captions_train.json",
                                                   video_world / "videos/train")}
     qa = [q for q in json.loads((video_world / "annotations/qa_train.json").read_text())
           if q["question_type"] == "direction"]
-    agree = [sv.trace_direction(sv.answer_trace("direction", q["shapes"], clips[q["video_id"]].tracks,
+    agree = [tr.trace_direction(tr.answer_trace("direction", q["shapes"], clips[q["video_id"]].tracks,
                                                 clips[q["video_id"]].width)) == q["answer"] for q in qa]
     assert len(agree) >= 10 and sum(agree) >= 0.9 * len(agree), (sum(agree), len(agree))
 
@@ -224,6 +226,7 @@ def test_traced_answers_trace_the_asked_shapes_and_end_in_the_worlds_answer(vide
     from types import SimpleNamespace
 
     from glimpse.data import shapes_video as sv
+    from glimpse.data import shapes_video_traces as tr
     from glimpse.families.video_llava.data import video_records
 
     cfg = SimpleNamespace(source="shapes-video")
@@ -237,8 +240,8 @@ def test_traced_answers_trace_the_asked_shapes_and_end_in_the_worlds_answer(vide
                 assert m == n
                 continue
             spelt += 1
-            trace, answer = n["content"].rsplit(sv.SO, 1)
-            assert answer == m["content"] == sv.final_answer(n["content"])
+            trace, answer = n["content"].rsplit(tr.SO, 1)
+            assert answer == m["content"] == tr.final_answer(n["content"])
             for part in trace.split(", "):  # "the circle 1:-- 2:25 ...": a frame's number, then its cells or "--"
                 words = part.split()
                 assert words[0] == "the" and words[1] in sv.world.SHAPES and len(words) == 2 + 8, part

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from glimpse.data.conversations import ConversationCollate, ConversationDataset
-from glimpse.data.shapes_video import traced_answer_tokens
+from glimpse.data.shapes_video_traces import traced_answer_tokens
 from glimpse.data.video import clip_pixels
 from glimpse.errors import GlimpseError
 from glimpse.families import checks

@@ -8,7 +8,7 @@ apart only by the frame positions: it scores exactly the same on both, and the l
 reading the order (without twins the LM memorised its 4,000 clips' answers instead, docs/results.md).
 
 With `model.answer_traces`, each answer to a direction, bounce or order question is spelt out first as a
-trace of where its shapes are in each frame (`answer_trace`: "the circle x 2 3 4 - y 5 5 5 -, so right"),
+trace of where its shapes are in each frame (`answer_trace`: "the circle 1:25 2:35 3:45 4:--, so right"),
 computed from the world's tracks as the clip plays: the LM learns to locate a shape frame by frame and
 then to read the answer off its own trace, instead of doing both at once.
 """
@@ -19,14 +19,8 @@ import json
 from pathlib import Path
 
 from glimpse.data.chat import from_llava
-from glimpse.data.shapes_video import (
-    answer_of,
-    answer_trace,
-    read_clips,
-    reverse_tracks,
-    traced,
-    video_caption,
-)
+from glimpse.data.shapes_video import answer_of, read_clips, reverse_tracks, video_caption
+from glimpse.data.shapes_video_traces import answer_trace, traced
 from glimpse.errors import GlimpseError
 
 VIDEO = "<video>"

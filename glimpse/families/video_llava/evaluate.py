@@ -25,14 +25,8 @@ import numpy as np
 import torch
 
 from glimpse.data.images import ImageError
-from glimpse.data.shapes_video import (
-    TEMPORAL_TYPES,
-    answer_of,
-    final_answer,
-    read_clips,
-    reverse_tracks,
-    traced_answer_tokens,
-)
+from glimpse.data.shapes_video import TEMPORAL_TYPES, answer_of, read_clips, reverse_tracks
+from glimpse.data.shapes_video_traces import final_answer, traced_answer_tokens
 from glimpse.metrics.captions import cider
 
 FLIP_TYPES = ("direction", "appear_order", "disappear_order")
