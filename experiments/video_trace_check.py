@@ -3,11 +3,12 @@ world's, and whether its answers follow from the traces it wrote.
 
     python experiments/video_trace_check.py RUN WORLD [--n 60] [--show 10]
 
-For the first N direction and appear-order questions of test: the share of frames whose cell (or "-")
+For the first N direction and appear-order questions of test: the share of frames whose cells (or "--")
 the generated trace gets exactly (both axes), for single-shape traces; the commonest true cell's share
 (a constant guess); and, for direction questions, how many answers are what the model's own trace implies
 (`trace_direction`: the first change of cell on the axis that changes most) and how many traces imply the
-world's answer.  A model that reads the answer off its trace but traces badly is limited by seeing
+world's answer; how many of its direction traces show no motion against the world's, and how many name
+the question's shapes.  A model that reads the answer off its trace but traces badly is limited by seeing
 positions, not by reasoning over them.  (Older runs traced one axis (read them with this script as of commit
 e625325) or both axes without frame numbers (commit 2fc3d21).)
 """
@@ -38,6 +39,7 @@ def main() -> None:
           if q["question_type"] in ("direction", "appear_order")][:a.n]
     got = pipe.ask([clips[q["video_id"]].path for q in qa], [q["question"] for q in qa], max_new_tokens=100)
     hits = frames = visible_hits = visible = consistent = right_trace = directions = 0
+    still_model = still_world = named = 0
     cells: Counter = Counter()
     for k, (q, g) in enumerate(zip(qa, got)):
         c = clips[q["video_id"]]
@@ -53,6 +55,7 @@ def main() -> None:
                     visible += 1
                     visible_hits += t == m
                     cells[t.split(":")[1]] += 1
+        named += [p.split()[1] for p in g.split(tr.SO)[0].split(", ") if len(p.split()) > 1] == list(q["shapes"])
         if q["question_type"] == "direction" and tr.SO in g:
             trace, answer = g.rsplit(tr.SO, 1)
             directions += 1
@@ -61,12 +64,16 @@ def main() -> None:
             except (ValueError, IndexError):  # a malformed trace implies nothing
                 implied = None
             consistent += implied == answer.strip()
+            still_model += implied == "still"
+            still_world += tr.trace_direction(true.split(tr.SO)[0]) == "still"
             right_trace += implied == q["answer"]
     print(f"frames traced exactly: {hits / max(frames, 1):.3f} of {frames}; "
           f"where the shape is visible {visible_hits / max(visible, 1):.3f} of {visible} "
           f"(the commonest cell alone: {cells.most_common(1)[0][1] / max(visible, 1):.3f})")
     print(f"direction answers that follow from the model's own trace: {consistent} of {directions}; "
           f"traces that imply the world's answer: {right_trace} of {directions}")
+    print(f"direction traces that show no motion: the model's {still_model}, the world's {still_world} of {directions}; "
+          f"traces naming the question's shapes in its order: {named} of {len(qa)}")
 
 if __name__ == "__main__":
     main()
