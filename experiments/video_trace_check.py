@@ -75,5 +75,6 @@ def main() -> None:
     print(f"direction traces that show no motion: the model's {still_model}, the world's {still_world} of {directions}; "
           f"traces naming the question's shapes in its order: {named} of {len(qa)}")
 
+
 if __name__ == "__main__":
     main()

@@ -68,8 +68,8 @@ MOTION = {("x", False): "left", ("x", True): "right", ("y", False): "up", ("y", 
 
 
 def _horizontal(dx: np.ndarray, dy: np.ndarray) -> bool:
-    """Whether steps (dx, dy) move a shape along x more than along y: its axis of motion, shared by the
-    facts and the traces so the two never disagree."""
+    """Whether steps (dx, dy) move a shape along x more than along y: its axis of motion (a tie is x, as
+    `shapes_video_traces.trace_direction` reads a trace)."""
     return bool(np.abs(dx).sum() >= np.abs(dy).sum())
 
 
@@ -84,7 +84,7 @@ def observe(track: dict) -> Facts:
     if moving:
         axis = "x" if _horizontal(dx, dy) else "y"
         signs = np.sign(dx if axis == "x" else dy)
-        direction = MOTION[axis, int(signs[0] > 0)]
+        direction = MOTION[axis, bool(signs[0] > 0)]
         bounces = [first + k for k in range(1, len(signs)) if signs[k] != signs[k - 1]]  # the turning frame
     change = next(((t, colours[t]) for t in seen if colours[t] != colours[first]), None)
     return Facts(track["shape"], colours[first], first, last + 1 if last + 1 < len(colours) else None,
