@@ -6,7 +6,7 @@ with torch's FlopCounterMode, and (b) the best GFLOP/s of a plain torch.matmul o
 square product over several rounds.
 Prints the ratio for fp32 and for bf16 autocast.
 
-    python bench/train_throughput.py [--steps 10] [--batch 128] [--compile]
+    python bench/train_throughput.py [--steps 10] [--batch 128] [--compile] [--act gelu gelu_tanh] [--precision fp32]
 """
 
 from __future__ import annotations
@@ -23,13 +23,18 @@ from glimpse.losses import clip_loss
 from glimpse.models.text import TextConfig
 from glimpse.models.vision import VisionConfig
 
-# the fixed config: a ViT-S-sized pair of towers with SigLIP's tanh GELU (on CPU the exact erf
-# GELU costs 1.6x as much, about 15% of an fp32 step at this size)
-CONFIG = DualEncoderConfig(
-    vision=VisionConfig(image_size=64, patch_size=8, width=384, layers=6, heads=6, act="gelu_tanh"),
-    text=TextConfig(vocab_size=1024, context_length=32, width=384, layers=4, heads=6, act="gelu_tanh"),
-    embed_dim=256,
-)
+
+# the fixed config: a ViT-S-sized pair of towers with glimpse's default (erf) GELU.  On torch 2.13's CPU
+# kernels the erf GELU runs at the speed of a copy while the tanh approximation is about 1.6x slower
+# forward and backward (SigLIP's; `--act gelu_tanh`), about 4% of an fp32 step at this size
+# (bench/RESULTS.md, 2026-11-28).
+def config(act: str = "gelu") -> DualEncoderConfig:
+    return DualEncoderConfig(
+        vision=VisionConfig(image_size=64, patch_size=8, width=384, layers=6, heads=6, act=act),
+        text=TextConfig(vocab_size=1024, context_length=32, width=384, layers=4, heads=6, act=act),
+        embed_dim=256,
+    )
+
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5, rounds: int = 5) -> float:
@@ -46,13 +51,15 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5, rounds: int 
     return best
 
 
-def train_step_gflops(precision: str, batch: int, steps: int, compile: bool = False) -> tuple[float, float]:
+def train_step_gflops(precision: str, batch: int, steps: int, compile: bool = False,
+                      cfg: DualEncoderConfig | None = None) -> tuple[float, float]:
+    cfg = cfg or config()
     torch.manual_seed(0)
-    model = DualEncoder(CONFIG)
+    model = DualEncoder(cfg)
     net = torch.compile(model) if compile else model  # as train.compile: the same parameters
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     pixels = torch.randn(batch, 3, 64, 64)
-    ids = torch.randint(0, 1024, (batch, CONFIG.text.context_length))
+    ids = torch.randint(0, 1024, (batch, cfg.text.context_length))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step(m=net):
@@ -82,17 +89,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--compile", action="store_true", help="also time the fp32 step under torch.compile")
+    ap.add_argument("--act", nargs="+", default=["gelu"], choices=["gelu", "gelu_tanh", "quick_gelu"],
+                    help="the towers' activation; several: one fp32 row each, in the same run")
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     a = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; config: ViT {CONFIG.vision.width}x"
-          f"{CONFIG.vision.layers} on 64px/8, text {CONFIG.text.width}x{CONFIG.text.layers}, batch {a.batch}")
-    print(f"{'precision':<10}{'step GFLOP/s':>14}{'samples/s':>11}{'matmul GFLOP/s':>16}{'ratio':>8}")
-    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        ref = matmul_gflops(dtype)
-        achieved, sps = train_step_gflops(precision, a.batch, a.steps)
-        print(f"{precision:<10}{achieved:>14.1f}{sps:>11.1f}{ref:>16.1f}{achieved / ref:>8.2f}")
+    cfg = config(a.act[0])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; config: ViT {cfg.vision.width}x"
+          f"{cfg.vision.layers} on 64px/8, text {cfg.text.width}x{cfg.text.layers}, batch {a.batch}")
+    print(f"{'precision':<22}{'step GFLOP/s':>14}{'samples/s':>11}{'matmul GFLOP/s':>16}{'ratio':>8}")
+    for precision in a.precision:
+        ref = matmul_gflops(torch.float32 if precision == "fp32" else torch.bfloat16)
+        rows = [(f"{precision} {act}", dict(cfg=config(act))) for act in (a.act if precision == "fp32" else a.act[:1])]
         if a.compile and precision == "fp32":
-            achieved, sps = train_step_gflops(precision, a.batch, a.steps, compile=True)
-            print(f"{'compiled':<10}{achieved:>14.1f}{sps:>11.1f}{ref:>16.1f}{achieved / ref:>8.2f}")
+            rows.append((f"compiled {a.act[0]}", dict(cfg=cfg, compile=True)))
+        for name, kw in rows:
+            achieved, sps = train_step_gflops(precision, a.batch, a.steps, **kw)
+            print(f"{name:<22}{achieved:>14.1f}{sps:>11.1f}{ref:>16.1f}{achieved / ref:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Where a video LLaVA trained with `model.answer_traces` goes wrong: its own per-frame traces against the
-world's, and whether its answers follow from the traces it wrote.
+"""Where a video LLaVA trained with `model.answer_traces` goes wrong: its own traces against the world's
+(in the run's `model.trace_style`), and whether its answers follow from the traces it wrote.
 
     python experiments/video_trace_check.py RUN WORLD [--n 60] [--show 10]
 
@@ -34,6 +34,7 @@ def main() -> None:
     a = ap.parse_args()
     root = Path(a.world)
     pipe = glimpse.load(a.run)
+    style = pipe.model.cfg.trace_style
     clips = {c.video_id: c for c in sv.read_clips(root / "annotations/captions_test.json", root / "videos/test")}
     qa = [q for q in json.loads((root / "annotations/qa_test.json").read_text())
           if q["question_type"] in ("direction", "appear_order")][:a.n]
@@ -43,18 +44,25 @@ def main() -> None:
     cells: Counter = Counter()
     for k, (q, g) in enumerate(zip(qa, got)):
         c = clips[q["video_id"]]
-        true = tr.traced(q["answer"], tr.answer_trace(q["question_type"], q["shapes"], c.tracks, c.width))
+        true = tr.traced(q["answer"], tr.answer_trace(q["question_type"], q["shapes"], c.tracks, c.width, style))
         if k < a.show:
             print(f"world: {true}\nmodel: {g}")
         if len(q["shapes"]) == 1 and tr.SO in g:
-            tw, gw = true.split(tr.SO)[0].split(), g.split(tr.SO)[0].split()
-            for t, m in zip(tw[2:], gw[2:]):  # frame by frame: "3:25" (or "3:--" where it is not visible)
+            # each of the model's entries ("3:25", or "3:--" where it says the shape is not visible) against
+            # the world's cell in the frame the entry names
+            world = dict(w.split(":") for w in tr.answer_trace(q["question_type"], q["shapes"], c.tracks,
+                                                               c.width, "frames").split()[2:])
+            for m in g.split(tr.SO)[0].split()[2:]:
+                frame, _, cell = m.partition(":")
+                t = world.get(frame)
+                if t is None:
+                    continue
                 frames += 1
-                hits += t == m
-                if not t.endswith("--"):
+                hits += t == cell
+                if t != "--":
                     visible += 1
-                    visible_hits += t == m
-                    cells[t.split(":")[1]] += 1
+                    visible_hits += t == cell
+                    cells[t] += 1
         named += [p.split()[1] for p in g.split(tr.SO)[0].split(", ") if len(p.split()) > 1] == list(q["shapes"])
         if q["question_type"] == "direction" and tr.SO in g:
             trace, answer = g.rsplit(tr.SO, 1)
@@ -67,7 +75,7 @@ def main() -> None:
             still_model += implied == "still"
             still_world += tr.trace_direction(true.split(tr.SO)[0]) == "still"
             right_trace += implied == q["answer"]
-    print(f"frames traced exactly: {hits / max(frames, 1):.3f} of {frames}; "
+    print(f"entries traced exactly: {hits / max(frames, 1):.3f} of {frames}; "
           f"where the shape is visible {visible_hits / max(visible, 1):.3f} of {visible} "
           f"(the commonest cell alone: {cells.most_common(1)[0][1] / max(visible, 1):.3f})")
     print(f"direction answers that follow from the model's own trace: {consistent} of {directions}; "

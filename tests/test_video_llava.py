@@ -204,9 +204,19 @@ def test_answer_trace_spells_out_each_frame_of_the_shapes_by_its_number_on_both_
     assert tr.trace_direction("the square 1:60 2:61 3:62 4:62 5:62 6:67") == "down" == sv.observe(down).direction
     assert tr.trace_direction("the star 1:42 2:41 3:--") == "up"
     assert tr.trace_direction("the star 1:42 2:42 3:42") == "still"
+    # only where a cell changes, and the first and last frames seen: no entry copies the one before it
+    assert tr.answer_trace("direction", ["circle"], tracks, 64, "changes") == "the circle 2:15 3:25 4:35 5:35"
+    assert tr.answer_trace("appear_order", ["square", "circle"], tracks, 64, "changes") == \
+        "the square 1:60 2:61 3:62 6:67, the circle 2:15 3:25 4:35 5:35"
+    still = {"shape": "star", "colours": ["red"] * 3 + [None], "xs": [33.0] * 4, "ys": [17.0] * 4}
+    assert tr.answer_trace("direction", ["star"], [still], 64, "changes") == "the star 1:42 3:42"
+    assert tr.trace_direction("the star 1:42 3:42") == "still" == sv.observe(still).direction
+    with pytest.raises(ValueError, match="trace style"):
+        tr.answer_trace("direction", ["star"], [still], 64, "sparse")
 
 
-def test_the_worlds_traces_imply_its_direction_answers(video_world):
+@pytest.mark.parametrize("style", ["frames", "changes"])
+def test_the_worlds_traces_imply_its_direction_answers(video_world, style):
     """The answer a trace implies (`trace_direction`) is the world's for nearly every direction question:
     the trace's 8-px cells miss a shape that moves less than one cell while visible, or whose first motion
     before a bounce is shorter than a cell (0.96 of the full world's questions agree)."""
@@ -218,12 +228,12 @@ def test_the_worlds_traces_imply_its_direction_answers(video_world):
     qa = [q for q in json.loads((video_world / "annotations/qa_train.json").read_text())
           if q["question_type"] == "direction"]
     agree = [tr.trace_direction(tr.answer_trace("direction", q["shapes"], clips[q["video_id"]].tracks,
-                                                clips[q["video_id"]].width)) == q["answer"] for q in qa]
+                                                clips[q["video_id"]].width, style)) == q["answer"] for q in qa]
     assert len(agree) >= 10 and sum(agree) >= 0.9 * len(agree), (sum(agree), len(agree))
 
 
-@pytest.mark.parametrize("twins", [False, True])
-def test_traced_answers_trace_the_asked_shapes_and_end_in_the_worlds_answer(video_world, twins):
+@pytest.mark.parametrize("twins,style", [(False, "frames"), (True, "frames"), (True, "changes")])
+def test_traced_answers_trace_the_asked_shapes_and_end_in_the_worlds_answer(video_world, twins, style):
     from types import SimpleNamespace
 
     from glimpse.data import shapes_video as sv
@@ -232,7 +242,7 @@ def test_traced_answers_trace_the_asked_shapes_and_end_in_the_worlds_answer(vide
 
     cfg = SimpleNamespace(source="shapes-video")
     plain = video_records(cfg, video_world, "train", twins=twins)
-    traced = video_records(cfg, video_world, "train", twins=twins, traces=True)
+    traced = video_records(cfg, video_world, "train", twins=twins, traces=True, trace_style=style)
     assert [r["images"] for r in plain] == [r["images"] for r in traced]
     spelt = 0
     for a, b in zip(plain, traced):
@@ -245,11 +255,16 @@ def test_traced_answers_trace_the_asked_shapes_and_end_in_the_worlds_answer(vide
             assert answer == m["content"] == tr.final_answer(n["content"])
             for part in trace.split(", "):  # "the circle 1:-- 2:25 ...": a frame's number, then its cells or "--"
                 words = part.split()
-                assert words[0] == "the" and words[1] in sv.world.SHAPES and len(words) == 2 + 8, part
-                for k, w in enumerate(words[2:]):
-                    frame, cells = w.split(":")
-                    assert frame == str(k + 1) and (cells == "--" or (len(cells) == 2 and cells.isdigit() and
-                                                                        max(cells) < "8")), part
+                assert words[0] == "the" and words[1] in sv.world.SHAPES, part
+                entries = [w.split(":") for w in words[2:]]
+                if style == "frames":  # every frame, in order
+                    assert [f for f, _ in entries] == [str(k + 1) for k in range(8)], part
+                else:  # frames seen, in order, each cell but the last different from the one before it
+                    assert [int(f) for f, _ in entries] == sorted({int(f) for f, _ in entries}), part
+                    cells_seen = [c for _, c in entries]
+                    assert "--" not in cells_seen and all(a != b for a, b in zip(cells_seen[:-2], cells_seen[1:-1])), part
+                for _, cells in entries:
+                    assert cells == "--" or (len(cells) == 2 and cells.isdigit() and max(cells) < "8"), part
     assert spelt > len(plain) // 4
 
 
@@ -324,3 +339,6 @@ def test_traced_answers_need_a_context_with_room_for_them():
     with pytest.raises(GlimpseError, match="model.lm.context_length: 160 must be at least 168"):
         load_recipe("shapes-video-llava", ["model.answer_traces=true"])
     assert load_recipe("shapes-video-llava", ["model.answer_traces=true", "model.lm.context_length=168"]).model.answer_traces
+    with pytest.raises(GlimpseError, match="model.trace_style"):
+        load_recipe("shapes-video-llava", ["model.answer_traces=true", "model.lm.context_length=168",
+                                           "model.trace_style=sparse"])

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from glimpse.data.conversations import ConversationCollate, ConversationDataset
-from glimpse.data.shapes_video_traces import traced_answer_tokens
+from glimpse.data.shapes_video_traces import TRACE_STYLES, traced_answer_tokens
 from glimpse.data.video import clip_pixels
 from glimpse.errors import GlimpseError
 from glimpse.families import checks
@@ -57,6 +57,7 @@ class VideoLLaVAFamily(Family):
         check(m.num_frames >= 1, "model.num_frames", m.num_frames, "must be at least 1")
         check(not m.answer_traces or recipe.data.source == "shapes-video", "model.answer_traces", m.answer_traces,
               "needs the moving-shapes world's tracks (data.source: shapes-video)")
+        choice("model.trace_style", m.trace_style, TRACE_STYLES)
         if m.answer_traces:  # a question (~32 tokens) and its traced answer after the clip's tokens
             need = VideoLanguageModel.count_image_tokens(m) + traced_answer_tokens(m.num_frames) + 32
             check(m.lm.context_length >= need, "model.lm.context_length", m.lm.context_length,
@@ -79,7 +80,8 @@ class VideoLLaVAFamily(Family):
 
     def _records(self) -> list[dict]:
         m = self.recipe.model
-        return video_records(self.recipe.data, self.root, "train", twins=m.reverse_twins, traces=m.answer_traces)
+        return video_records(self.recipe.data, self.root, "train", twins=m.reverse_twins, traces=m.answer_traces,
+                             trace_style=m.trace_style)
 
     def build_model(self) -> nn.Module:
         return VideoLanguageModel(self.recipe.model)

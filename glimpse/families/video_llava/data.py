@@ -34,11 +34,12 @@ def reversed_source(src) -> tuple[object, bool]:
     return src, False
 
 
-def video_records(data_cfg, root: Path, split: str, twins: bool = False, traces: bool = False) -> list[dict]:
+def video_records(data_cfg, root: Path, split: str, twins: bool = False, traces: bool = False,
+                  trace_style: str = "frames") -> list[dict]:
     """A split's conversations as {"images": [clip path], "messages": [...]}, `<video>` read as the
     `<image>` slot that the clip's tokens fill (LLaVA-Video's JSON: id, video, conversations); with
     `twins`, each moving-shapes clip's reversed twin after its own records; with `traces`, the
-    moving-shapes answers traced (module docstring)."""
+    moving-shapes answers traced in `trace_style` (module docstring)."""
     if data_cfg.source == "shapes-video":
         path, base = Path(root) / "annotations" / f"llava_video_{split}.json", Path(root)
     else:
@@ -49,7 +50,7 @@ def video_records(data_cfg, root: Path, split: str, twins: bool = False, traces:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         shapes = data_cfg.source == "shapes-video"
-        world = _Answers(Path(root), split, traces) if shapes and (twins or traces) else None
+        world = _Answers(Path(root), split, traces, trace_style) if shapes and (twins or traces) else None
         records = []
         for r in data:
             turns = world.as_played(r) if traces and world else r["conversations"]
@@ -75,12 +76,12 @@ class _Answers:
     the reversed tracks; a question it cannot recompute (before or after: its events change name when
     time runs backwards; an order the reversal ties) is left out, and a static one keeps its answer."""
 
-    def __init__(self, root: Path, split: str, traces: bool):
+    def __init__(self, root: Path, split: str, traces: bool, trace_style: str = "frames"):
         ann = root / "annotations"
         self.clips = {c.video_id: c for c in read_clips(ann / f"captions_{split}.json", root / "videos" / split)}
         self.qa = {(q["video_id"], q["question"]): q
                    for q in json.loads((ann / f"qa_{split}.json").read_text(encoding="utf-8"))}
-        self.traces = traces
+        self.traces, self.trace_style = traces, trace_style
 
     def _question(self, stem: str, human: dict) -> dict:
         return self.qa[(stem, human["value"].replace(VIDEO, "").strip())]
@@ -88,7 +89,7 @@ class _Answers:
     def _answer(self, q: dict, answer: str, clip, tracks: list[dict]) -> str:
         if not self.traces:
             return answer
-        return traced(answer, answer_trace(q["question_type"], q["shapes"], tracks, clip.width))
+        return traced(answer, answer_trace(q["question_type"], q["shapes"], tracks, clip.width, self.trace_style))
 
     def as_played(self, record: dict) -> list[dict]:
         stem, kind = record["id"].rsplit("_", 1)

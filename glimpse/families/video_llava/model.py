@@ -40,6 +40,7 @@ class VideoLLaVAConfig(VLMConfig):
     # answers to direction, bounce and order questions spelt out as a per-frame trace of where the shapes
     # are, then the answer (video_llava/data.py); evaluation reads the answer after the trace
     answer_traces: bool = False
+    trace_style: str = "frames"  # frames: every frame's cell; changes: only where a cell changes (shapes_video_traces)
     # CLIP4Clip's temporal head as one more token a frame (module docstring); its sizes are the video dual
     # encoder's (embed_dim, temporal_layers, temporal_heads, max_frames)
     temporal_tokens: bool = False
