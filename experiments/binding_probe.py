@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import glimpse
-from glimpse.data.shapes import COLOURS, SHAPES, scene_caption
+from glimpse.data.shapes_words import COLOURS, SHAPES, scene_caption
 from glimpse.data.world import read_scenes
 from glimpse.families.text_to_image.evaluate import hard_negatives
 

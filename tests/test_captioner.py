@@ -142,7 +142,7 @@ def test_server_chat_answers_with_the_caption(captioner_run, world):
 def test_caption_parser_reads_every_world_caption(world):
     """parse_caption gives each reference caption's scene exactly (the captioner's scene_exact reads
     generated captions the same way), and refuses captions that leave an object incomplete."""
-    from glimpse.data.shapes import parse_caption, scene_key
+    from glimpse.data.shapes_words import parse_caption, scene_key
 
     coco = json.loads((world / "annotations" / "captions_test.json").read_text())
     scenes = {im["id"]: scene_key(im["scene"]) for im in coco["images"]}

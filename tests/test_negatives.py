@@ -15,7 +15,7 @@ from glimpse.data.formats import read_coco_captions
 from glimpse.data.images import ImageTransform
 from glimpse.data.negatives import swapped_negative
 from glimpse.data.pairs import PairCollate, PairDataset
-from glimpse.data.shapes import NOVEL_COMBOS, parse_caption
+from glimpse.data.shapes_words import NOVEL_COMBOS, parse_caption
 from glimpse.data.tokenizer import Tokenizer
 from glimpse.errors import GlimpseError
 

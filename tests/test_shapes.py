@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from glimpse.data import shapes
+from glimpse.data import shapes, shapes_words
 from glimpse.data.shapes import CLASSES, NOVEL_COMBOS, SPLITS, generate_shapes, scene_key
 from glimpse.errors import GlimpseError
 
@@ -160,7 +160,7 @@ def test_yes_no_answers_are_right():
     rng = shapes.np.random.default_rng(0)
     for _ in range(200):
         scene = shapes._sample_scene(rng, novel=False)
-        for qa in shapes._questions(scene, rng, allow_novel=False):
+        for qa in shapes_words._questions(scene, rng, allow_novel=False):
             if qa["answer_type"] == "yes/no":
                 answers[qa["answer"]] += 1
                 present = any(qa["question"] in (f"is there a {o['colour']} {o['shape']}?",

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import PY, tiny_t2i_overrides
 
-from glimpse.data.shapes import parse_caption, scene_caption, scene_key
+from glimpse.data.shapes_words import parse_caption, scene_caption, scene_key
 from glimpse.errors import GlimpseError
 from glimpse.families.text_to_image.evaluate import hard_negatives
 from glimpse.families.text_to_image.model import TextToImage, TextToImageConfig

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import re
 
-from glimpse.data.shapes import COLOURS, NOVEL_COMBOS, SHAPES, SIZES, parse_caption
+from glimpse.data.shapes_words import COLOURS, NOVEL_COMBOS, SHAPES, SIZES, parse_caption
 
 WORD_KINDS = (tuple(SIZES), tuple(COLOURS), tuple(SHAPES))
 _TRIES = 8

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from glimpse.data import shapes as world
+from glimpse.data import shapes_words as words
 from glimpse.data.video import write_video
 from glimpse.errors import GlimpseError
 
@@ -118,8 +119,8 @@ def _caption(facts: list[Facts], rng) -> str:
         return " and ".join(parts) if len(parts) < 3 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
     order = sorted(facts, key=lambda f: (f.appear, world.SHAPES.index(f.shape)))
-    start = [f"{world._a(f.colour)} {f.shape} {clause(f)}" for f in order if f.appear == 0]
-    later = [f"{world._a(f.colour)} {f.shape} {pick(_COMES)} and {clause(f)}" for f in order if f.appear > 0]
+    start = [f"{words._a(f.colour)} {f.shape} {clause(f)}" for f in order if f.appear == 0]
+    later = [f"{words._a(f.colour)} {f.shape} {pick(_COMES)} and {clause(f)}" for f in order if f.appear > 0]
     text = " while ".join(start) if len(start) == 2 and rng is not None and rng.random() < 0.5 else " and ".join(start)
     for c in later:
         text = f"{text}, then {c}" if text else c
@@ -204,11 +205,11 @@ def _questions(facts: list[Facts], frames: int, reversed_: bool, rng: np.random.
         present = [(f.colour, f.shape) for f in facts]
         if rng.random() < 0.5:
             colour, shape = present[rng.integers(len(present))]
-            static.append(_qa(f"is there {world._a(colour)} {shape}?", "yes", "exists", (shape,)))
+            static.append(_qa(f"is there {words._a(colour)} {shape}?", "yes", "exists", (shape,)))
         else:
-            pool = [c for c in (world._ALL_COMBOS if allow_novel else world._FAMILIAR) if c not in present]
+            pool = [c for c in (words._ALL_COMBOS if allow_novel else words._FAMILIAR) if c not in present]
             colour, shape = pool[rng.integers(len(pool))]
-            static.append(_qa(f"is there {world._a(colour)} {shape}?", "no", "exists", (shape,)))
+            static.append(_qa(f"is there {words._a(colour)} {shape}?", "no", "exists", (shape,)))
     pick_t = rng.choice(len(temporal), size=min(4, len(temporal)), replace=False)
     pick_s = rng.choice(len(static), size=min(2, len(static)), replace=False) if static else []
     return [temporal[k] for k in sorted(pick_t)] + [static[k] for k in sorted(pick_s)]
@@ -240,7 +241,7 @@ def _sample_clip(rng: np.random.Generator, frames: int, size: int, novel: bool) 
 
 
 def _sample_track(rng, shape: str, frames: int, size: int, r: float, novel_slot: bool, novel: bool) -> dict | None:
-    pool = world.NOVEL_COMBOS if novel_slot else world._ALL_COMBOS if novel else world._FAMILIAR
+    pool = words.NOVEL_COMBOS if novel_slot else words._ALL_COMBOS if novel else words._FAMILIAR
     pool = [c for c in pool if c[1] == shape]
     if not pool:
         return None
@@ -250,7 +251,7 @@ def _sample_track(rng, shape: str, frames: int, size: int, r: float, novel_slot:
     colours = [colour] * frames
     if rng.random() < 0.3 and not novel_slot and gone - appear >= 3:
         new = RAINBOW[(RAINBOW.index(colour) + 1) % len(RAINBOW)]
-        allowed = world._ALL_COMBOS if novel else world._FAMILIAR
+        allowed = words._ALL_COMBOS if novel else words._FAMILIAR
         if (new, shape) not in allowed:
             return None
         at = int(rng.integers(appear + 1, gone - 1))
@@ -323,7 +324,7 @@ def generate_shapes_video(out: str | Path, *, seed: int = 0, n_train: int = 4000
     info = {"kind": "shapes-video", "version": 1, "seed": seed, "frames": frames, "fps": FPS,
             "image_size": image_size, "splits": counts, "colours": list(world.COLOURS),
             "shapes": list(world.SHAPES), "directions": DIRECTIONS + ["still"],
-            "novel_combos": [list(c) for c in world.NOVEL_COMBOS]}
+            "novel_combos": [list(c) for c in words.NOVEL_COMBOS]}
     (out / "world.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from glimpse.data.shapes import position_phrase
+from glimpse.data.shapes_words import position_phrase
 from glimpse.errors import GlimpseError
 from glimpse.explain.core import METHODS, Explanation, auc, deletion_curve, explain, patch_order
 from glimpse.metrics.explain import box_mask, box_share, energy_in_box, pointing_hit, spearman

@@ -2,7 +2,7 @@
 references (PTB-style tokenised, as the COCO caption evaluation), `exact`, the share of captions equal
 to one of their image's references word for word, `scene_exact` (shapes world), the share of captions
 that describe their image's scene exactly (every object's size, colour, shape and place, nothing more:
-`glimpse.data.shapes.parse_caption` reads caption and references alike; the world words a scene in
+`glimpse.data.shapes_words.parse_caption` reads caption and references alike; the world words a scene in
 20 or more ways and each image has 5 references, so `exact` stays far below it even for a perfect
 captioner), and `shuffled_cider`, the control: each image's
 caption scored against another image's references (the captions permuted with a fixed seed).  A model
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from glimpse.data.images import decode_each
 from glimpse.data.pairs import load_pairs
-from glimpse.data.shapes import parse_caption
+from glimpse.data.shapes_words import parse_caption
 from glimpse.metrics.captions import bleu, cider, tokenize
 
 

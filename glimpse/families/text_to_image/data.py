@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from glimpse.data.images import decode_each, split_failures
-from glimpse.data.shapes import describe_scene
+from glimpse.data.shapes_words import describe_scene
 
 
 @torch.no_grad()

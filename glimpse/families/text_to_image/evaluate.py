@@ -26,7 +26,7 @@ import numpy as np
 
 from glimpse.data.images import decode_each
 from glimpse.data.scene_parser import parse_scene, scene_accuracy
-from glimpse.data.shapes import COLOURS, NOVEL_COMBOS, POSITIONS, SHAPES, SIZES, scene_caption
+from glimpse.data.shapes_words import COLOURS, NOVEL_COMBOS, POSITIONS, SHAPES, SIZES, scene_caption
 from glimpse.data.world import read_scenes
 from glimpse.metrics.generation import clip_score, frechet_distance, hard_r_precision, r_precision
 
