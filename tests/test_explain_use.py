@@ -1,6 +1,6 @@
 """Explanations in use (glimpse.explain): the pipelines explain end to end, randomised weights give other maps,
 and the command line and the server explain with one-line errors for bad input.  The equations, metrics and
-explain mode itself are tested in test_explain.py."""
+explain mode itself are tested in test_explain.py and test_explain_parity.py."""
 
 from __future__ import annotations
 
