@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import PY, LiveServer, image_data_url
 from PIL import Image
-from test_explain import chefer_self_reference, fusion_modules, min_max, right_padded, tiny_fusion
+from test_explain_parity import chefer_self_reference, fusion_modules, min_max, right_padded, tiny_fusion
 from torch.testing import assert_close
 
 import glimpse
