@@ -36,7 +36,6 @@ def config(act: str = "gelu") -> DualEncoderConfig:
     )
 
 
-
 def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5, rounds: int = 5) -> float:
     """The best of several rounds: the machine's attainable rate, so the ratio errs low, not high."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
