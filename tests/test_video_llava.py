@@ -105,6 +105,34 @@ def test_temporal_tokens_are_the_video_dual_encoders_temporal_head_and_reverse_w
         assert not torch.allclose(model.project(model.reverse_features(feats))[:, 12:], tokens[:, 12:].flip(1))
 
 
+def test_the_spatial_temporal_conv_starts_as_the_pooler_and_sees_only_its_neighbouring_frames():
+    from glimpse.families.video_llava.model import VideoLanguageModel, VideoLLaVAConfig
+    from glimpse.models.decoder import DecoderConfig
+    from glimpse.models.vision import VisionConfig
+
+    torch.manual_seed(0)
+    vision = VisionConfig(image_size=32, patch_size=8, width=16, layers=1, heads=2, class_token=False, pool="mean")
+    lm = DecoderConfig(vocab_size=40, width=16, layers=1, heads=2, context_length=80)
+    plain = VideoLanguageModel(VideoLLaVAConfig(vision=vision, lm=lm, num_frames=5, image_token_id=3)).eval()
+    model = VideoLanguageModel(VideoLLaVAConfig(vision=vision, lm=lm, num_frames=5, image_token_id=3,
+                                                temporal_conv=3)).eval()
+    model.load_state_dict(plain.state_dict(), strict=False)  # all but the convolution, which starts at zero
+    assert model.image_tokens == plain.image_tokens == 5 * 4
+    clip = torch.randn(2, 5, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.tower_features(clip)
+        assert feats.shape == (2, 5 * 16, 16)  # the cache keeps each frame's unpooled 4x4 grid
+        torch.testing.assert_close(model.project(feats), plain.project(plain.tower_features(clip)))
+        torch.testing.assert_close(model.reverse_features(feats), model.tower_features(clip.flip(1)))
+        torch.nn.init.normal_(model.st_conv.weight, std=0.1)
+        tokens = model.project(feats)
+        changed = clip.clone()
+        changed[:, 3] = torch.randn(2, 3, 32, 32)  # frame 3 seen by the tokens of frames 2, 3 and 4 only
+        moved = model.project(model.tower_features(changed)).view(2, 5, 4, -1)
+        same = [torch.allclose(moved[:, t], tokens.view(2, 5, 4, -1)[:, t]) for t in range(5)]
+        assert same == [True, True, False, False, False]
+
+
 def test_a_run_answers_and_captions_clips_and_reports_the_controls(run, pipe, video_world):
     import json
 
@@ -123,9 +151,9 @@ def test_a_run_answers_and_captions_clips_and_reports_the_controls(run, pipe, vi
         pipe.ask([videos[0]], ["what colour is the square?"], max_new_tokens=4)
 
 
-@pytest.mark.parametrize("temporal_tokens", [False, True])
+@pytest.mark.parametrize("temporal_tokens,temporal_conv", [(False, 0), (True, 0), (False, 3)])
 def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_clip(video_world, tmp_path, capsys,
-                                                                                   temporal_tokens):
+                                                                                   temporal_tokens, temporal_conv):
     import shutil
 
     world = tmp_path / "world"
@@ -135,6 +163,7 @@ def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_cli
     # with reversed twins: the cache's twin rows are its clips' rows with the frames reversed, as decoded
     common = {"train.max_steps": 2, "freeze": "[vision]", "data.root": str(world), "model.reverse_twins": True,
               "model.temporal_tokens": temporal_tokens, "model.answer_traces": temporal_tokens,
+              "model.temporal_conv": temporal_conv,
               "model.lm.context_length": 192 if temporal_tokens else 128}  # traced answers need the room
     a, b = tmp_path / "cached", tmp_path / "plain"
     train(load_recipe("shapes-video-llava", overrides(world, **common, **{"train.cache_vision_features": True})),

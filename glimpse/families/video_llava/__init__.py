@@ -54,6 +54,10 @@ class VideoLLaVAFamily(Family):
         grid = v.image_size // max(v.patch_size, 1)
         check(1 <= m.spatial_pool_stride <= grid, "model.spatial_pool_stride", m.spatial_pool_stride,
               f"must be from 1 to the {grid}x{grid} patch grid's side")
+        check(m.temporal_conv == 0 or (m.temporal_conv % 2 == 1 and m.spatial_pool != "none"
+                                       and grid % m.spatial_pool_stride == 0),
+              "model.temporal_conv", m.temporal_conv,
+              "must be 0 (off) or an odd number of frames, beside a spatial_pool whose stride divides the grid")
         check(m.num_frames >= 1, "model.num_frames", m.num_frames, "must be at least 1")
         check(not m.answer_traces or recipe.data.source == "shapes-video", "model.answer_traces", m.answer_traces,
               "needs the moving-shapes world's tracks (data.source: shapes-video)")
@@ -96,7 +100,7 @@ class VideoLLaVAFamily(Family):
                 model, [clip for clip in clips if not reversed_source(clip)[1]], self.transform,
                 self.recipe.data.max_pixels, device, self.recipe.eval.batch_size, progress,
                 settings=(c.vision_feature_layer, c.num_frames, c.spatial_pool, c.spatial_pool_stride,
-                          c.temporal_tokens),
+                          c.temporal_tokens, c.temporal_conv),
                 loader=self.load_clip)
             self.image_rows, self.feature_cache = _with_twins(rows, cache, clips, model.reverse_features)
 

@@ -10,6 +10,11 @@ With `temporal_tokens`, T more tokens follow: CLIP4Clip's temporal head (a shape
 `visual_projection` and seqTransf `temporal`, loaded by init_parts) over the frames' pooled embeddings,
 one token a frame, through a projector of its own.  A video dual encoder trained against its clips'
 reversals reads frame order (docs/results.md); these tokens hand the LM what that model read.
+
+With `temporal_conv: k`, the pooler also sees motion: a Conv3d with a k-frame, 3 x 3-patch kernel over the
+unpooled patch grids of neighbouring frames, strided as the pool, added to the pooled tokens (VideoLLaMA 2's
+spatial-temporal convolution connector, simplified: one convolution, no frame downsampling).  Its weights
+start at zero, so the model starts as the plain pooler's; the cache then holds the unpooled grids.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class VideoLLaVAConfig(VLMConfig):
     temporal_layers: int = 2
     temporal_heads: int = 2
     temporal_max_frames: int = 16
+    temporal_conv: int = 0  # frames in the kernel of the spatial-temporal convolution (module docstring); 0: off
 
 
 class VideoLanguageModel(VisionLanguageModel):
@@ -60,6 +66,12 @@ class VideoLanguageModel(VisionLanguageModel):
             self.temporal = TemporalPool(cfg.temporal_dim, "seqTransf", cfg.temporal_layers, cfg.temporal_heads,
                                          cfg.temporal_max_frames)
             self.temporal_connector = Projector("mlp2x_gelu", cfg.temporal_dim, self.lm.cfg.width)
+        if cfg.temporal_conv:
+            s = cfg.spatial_pool_stride  # a (2s-1)-patch kernel at stride s: the pool's grid, each token's neighbours
+            self.st_conv = nn.Conv3d(cfg.vision.width, cfg.vision.width, (cfg.temporal_conv, 2 * s - 1, 2 * s - 1),
+                                     stride=(1, s, s), padding=(cfg.temporal_conv // 2, s - 1, s - 1))
+            nn.init.zeros_(self.st_conv.weight)  # starts as the plain pooler
+            nn.init.zeros_(self.st_conv.bias)
 
     @staticmethod
     def tokens_per_frame(cfg: VideoLLaVAConfig) -> int:
@@ -67,6 +79,13 @@ class VideoLanguageModel(VisionLanguageModel):
         if cfg.spatial_pool != "none":
             grid //= cfg.spatial_pool_stride  # as nn.AvgPool2d / MaxPool2d (LLaVA-NeXT-Video's pooler)
         return grid * grid
+
+    @staticmethod
+    def features_per_frame(cfg: VideoLLaVAConfig) -> int:
+        """Tower features a frame keeps (and the cache holds): the pooled grid, or the whole one when the
+        pooling happens in `project` (temporal_conv)."""
+        grid = cfg.vision.image_size // cfg.vision.patch_size
+        return grid * grid if cfg.temporal_conv else VideoLanguageModel.tokens_per_frame(cfg)
 
     @staticmethod
     def count_image_tokens(cfg: VideoLLaVAConfig) -> int:
@@ -79,21 +98,34 @@ class VideoLanguageModel(VisionLanguageModel):
         if T != self.cfg.num_frames:
             raise ValueError(f"clips of {T} frames: this model reads {self.cfg.num_frames}")
         x = super().tower_features(pixel_values.flatten(0, 1))  # [N*T, P, Dv], class token dropped
-        if self.cfg.spatial_pool != "none":
-            g = math.isqrt(x.shape[1])
-            grid = x.transpose(1, 2).reshape(N * T, -1, g, g)
-            s = self.cfg.spatial_pool_stride
-            pool = F.avg_pool2d if self.cfg.spatial_pool == "average" else F.max_pool2d
-            x = pool(grid, s, s).flatten(2).transpose(1, 2)
+        if self.cfg.spatial_pool != "none" and not self.cfg.temporal_conv:
+            x = self._pool(x)
         x = x.reshape(N, -1, x.shape[-1])
         if self.cfg.temporal_tokens:  # then each frame's pooled embedding, for the temporal head
             x = torch.cat([x, self.vision(pixel_values.flatten(0, 1)).view(N, T, -1).to(x.dtype)], dim=1)
         return x
 
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """[frames, g*g, Dv] -> [frames, (g/s)^2, Dv]: LLaVA-NeXT-Video's pooler."""
+        g = math.isqrt(x.shape[1])
+        grid = x.transpose(1, 2).reshape(x.shape[0], -1, g, g)
+        s = self.cfg.spatial_pool_stride
+        pool = F.avg_pool2d if self.cfg.spatial_pool == "average" else F.max_pool2d
+        return pool(grid, s, s).flatten(2).transpose(1, 2)
+
+    def _pool_with_motion(self, patches: torch.Tensor) -> torch.Tensor:
+        """[N, T, g*g, Dv] -> [N, T, tokens, Dv]: the pooled grid plus the convolution over neighbouring frames."""
+        N, T, P, D = patches.shape
+        pooled = self._pool(patches.flatten(0, 1)).view(N, T, -1, D)
+        g = math.isqrt(P)
+        grid = patches.view(N, T, g, g, D).permute(0, 4, 1, 2, 3)  # [N, Dv, T, g, g]
+        motion = self.st_conv(grid).flatten(3).permute(0, 2, 3, 1)  # [N, T, tokens, Dv]
+        return pooled + motion
+
     def split_features(self, tower_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tower features -> (the pooled patches [N, T, tokens, Dv], the frames' pooled embeddings [N, T, Dv] or None)."""
         N, T = tower_features.shape[0], self.cfg.num_frames
-        patches = T * self.tokens_per_frame(self.cfg)
+        patches = T * self.features_per_frame(self.cfg)
         frames = tower_features[:, patches:] if self.cfg.temporal_tokens else None
         return tower_features[:, :patches].reshape(N, T, -1, tower_features.shape[-1]), frames
 
@@ -108,6 +140,8 @@ class VideoLanguageModel(VisionLanguageModel):
         (temporal_tokens) the temporal head's token of each frame."""
         patches, frames = self.split_features(tower_features)
         T = self.cfg.num_frames
+        if self.cfg.temporal_conv:
+            patches = self._pool_with_motion(patches)
         x = self.connector(patches.flatten(1, 2))
         if self.frame_pos is not None:
             x = x + self.frame_pos.repeat_interleave(self.tokens_per_frame(self.cfg), dim=0).to(x.dtype)
