@@ -364,10 +364,10 @@ def test_an_image_model_refuses_video_parts(tiny_vlm_run, video_world):
 def test_traced_answers_need_a_context_with_room_for_them():
     from glimpse.errors import GlimpseError
 
-    # the recipe's 8 frames of 4 tokens: 32 + 104 for the longest traced answer + 32 for the question
-    with pytest.raises(GlimpseError, match="model.lm.context_length: 160 must be at least 168"):
+    # the recipe's 8 frames of 16 tokens: 128 + 104 for the longest traced answer + 32 for the question
+    with pytest.raises(GlimpseError, match="model.lm.context_length: 256 must be at least 264"):
         load_recipe("shapes-video-llava", ["model.answer_traces=true"])
-    assert load_recipe("shapes-video-llava", ["model.answer_traces=true", "model.lm.context_length=168"]).model.answer_traces
+    assert load_recipe("shapes-video-llava", ["model.answer_traces=true", "model.lm.context_length=264"]).model.answer_traces
     with pytest.raises(GlimpseError, match="model.trace_style"):
-        load_recipe("shapes-video-llava", ["model.answer_traces=true", "model.lm.context_length=168",
+        load_recipe("shapes-video-llava", ["model.answer_traces=true", "model.lm.context_length=264",
                                            "model.trace_style=sparse"])
