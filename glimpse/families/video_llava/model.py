@@ -11,9 +11,10 @@ With `temporal_tokens`, T more tokens follow: CLIP4Clip's temporal head (a shape
 one token a frame, through a projector of its own.  A video dual encoder trained against its clips'
 reversals reads frame order (docs/results.md); these tokens hand the LM what that model read.
 
-With `temporal_conv: k`, the pooler also sees motion: a Conv3d with a k-frame, 3 x 3-patch kernel over the
-unpooled patch grids of neighbouring frames, strided as the pool, added to the pooled tokens (VideoLLaMA 2's
-spatial-temporal convolution connector, simplified: one convolution, no frame downsampling).  Its weights
+With `temporal_conv: k`, the pooler also sees motion: a Conv3d with a k-frame, (2s-1)-patch square kernel
+(3 x 3 at stride s = 2) over the unpooled patch grids of neighbouring frames, strided as the pool, added to
+the pooled tokens (VideoLLaMA 2's spatial-temporal convolution connector, simplified: one convolution, no
+frame downsampling).  Its weights
 start at zero, so the model starts as the plain pooler's; the cache then holds the unpooled grids.
 """
 
@@ -118,12 +119,12 @@ class VideoLanguageModel(VisionLanguageModel):
         N, T, P, D = patches.shape
         pooled = self._pool(patches.flatten(0, 1)).view(N, T, -1, D)
         g = math.isqrt(P)
-        grid = patches.view(N, T, g, g, D).permute(0, 4, 1, 2, 3)  # [N, Dv, T, g, g]
+        grid = patches.reshape(N, T, g, g, D).permute(0, 4, 1, 2, 3)  # [N, Dv, T, g, g]
         motion = self.st_conv(grid).flatten(3).permute(0, 2, 3, 1)  # [N, T, tokens, Dv]
         return pooled + motion
 
     def split_features(self, tower_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tower features -> (the pooled patches [N, T, tokens, Dv], the frames' pooled embeddings [N, T, Dv] or None)."""
+        """Tower features -> (the patches [N, T, features_per_frame, Dv], the frames' pooled embeddings [N, T, Dv] or None)."""
         N, T = tower_features.shape[0], self.cfg.num_frames
         patches = T * self.features_per_frame(self.cfg)
         frames = tower_features[:, patches:] if self.cfg.temporal_tokens else None
