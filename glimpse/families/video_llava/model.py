@@ -14,8 +14,8 @@ reversals reads frame order (docs/results.md); these tokens hand the LM what tha
 With `temporal_conv: k`, the pooler also sees motion: a Conv3d with a k-frame, (2s-1)-patch square kernel
 (3 x 3 at stride s = 2) over the unpooled patch grids of neighbouring frames, strided as the pool, added to
 the pooled tokens (VideoLLaMA 2's spatial-temporal convolution connector, simplified: one convolution, no
-frame downsampling).  Its weights
-start at zero, so the model starts as the plain pooler's; the cache then holds the unpooled grids.
+frame downsampling).  Its weights start at zero, so the model starts as the plain pooler's; the cache
+then holds the unpooled grids.
 """
 
 from __future__ import annotations
