@@ -161,7 +161,10 @@ def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_cli
     for bad in sorted((world / "videos" / "train").glob("*.mp4"))[::3]:  # a third of the clips, cut short
         bad.write_bytes(bad.read_bytes()[:500])
     # with reversed twins: the cache's twin rows are its clips' rows with the frames reversed, as decoded
+    # and with still twins (their rows: the held middle frame's features, encoded as the loader reads them) and
+    # every question of each clip asked
     common = {"train.max_steps": 2, "freeze": "[vision]", "data.root": str(world), "model.reverse_twins": True,
+              "model.still_twins": True, "model.all_questions": True,
               "model.temporal_tokens": temporal_tokens, "model.answer_traces": temporal_tokens,
               "model.temporal_conv": temporal_conv,
               "model.lm.context_length": 192 if temporal_tokens else 128}  # traced answers need the room
@@ -211,6 +214,68 @@ def test_reversed_twins_answer_as_the_clip_played_backwards(video_world):
             assert q["question_type"] != "before_after"
             flipped += answer["content"] != q["answer"]
     assert flipped > len(twins) // 4
+
+
+def test_still_twins_ask_only_static_questions_of_the_held_middle_frame(video_world):
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from glimpse.families.video_llava.data import STILL, hold_middle, still_source, video_records
+
+    cfg = SimpleNamespace(source="shapes-video")
+    plain, both = video_records(cfg, video_world, "train"), video_records(cfg, video_world, "train", stills=True)
+    stills = [r for r in both if r["images"][0].endswith(STILL)]
+    assert [r for r in both if not r["images"][0].endswith(STILL)] == plain
+    qa = {(q["video_id"], q["question"]): q for q in json.loads((video_world / "annotations" / "qa_train.json").read_text())}
+    static = {k for k, q in qa.items() if q["answer_type"] == "static"}
+    asked = set()
+    for still in stills:
+        path, held = still_source(still["images"][0])
+        assert held and path.endswith(".mp4") and still["messages"][0]["content"].startswith("<image>\n")
+        vid = path.rsplit("/", 1)[1].removesuffix(".mp4")
+        turns = still["messages"]
+        for ask, answer in zip(turns[::2], turns[1::2]):
+            q = qa[(vid, ask["content"].removeprefix("<image>\n"))]
+            assert q["answer_type"] == "static" and answer["content"] == q["answer"]
+            asked.add((vid, q["question"]))
+    assert asked == static and static  # every static question of the split, once, and nothing else
+
+    clip = torch.arange(8 * 3.0).reshape(8, 3, 1, 1)
+    held = hold_middle(clip)
+    assert held.shape == clip.shape and (held == clip[4]).all()
+
+
+def test_all_questions_asks_every_question_of_each_clip_in_its_conversation(video_world):
+    import json
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from glimpse.families.video_llava.data import REVERSED, video_records
+
+    cfg = SimpleNamespace(source="shapes-video")
+    plain, full = video_records(cfg, video_world, "train"), video_records(cfg, video_world, "train", all_questions=True)
+    assert len(plain) == len(full)
+    world = defaultdict(set)
+    for q in json.loads((video_world / "annotations" / "qa_train.json").read_text()):
+        world[q["video_id"]].add((q["question"], q["answer"]))
+    more = 0
+    for a, b in zip(plain, full):
+        assert a["images"] == b["images"]
+        vid = b["images"][0].rsplit("/", 1)[1].removesuffix(".mp4")
+        turns = b["messages"]
+        assert turns[0]["content"].startswith("<image>\n")
+        pairs = {(x["content"].removeprefix("<image>\n"), y["content"]) for x, y in zip(turns[::2], turns[1::2])}
+        if a["messages"][1]["content"][0].isupper():  # the description stays as it was
+            assert a == b
+            continue
+        assert pairs == world[vid] and len(turns) == 2 * len(world[vid])
+        more += len(turns) > len(a["messages"])
+    assert more > len(plain) // 4  # most clips' conversations picked only some of their questions
+    # reversed twins are made from the full records
+    both = video_records(cfg, video_world, "train", all_questions=True, twins=True)
+    assert [r for r in both if not r["images"][0].endswith(REVERSED)] == full
 
 
 def test_answer_trace_spells_out_each_frame_of_the_shapes_by_its_number_on_both_axes():

@@ -24,7 +24,7 @@ from glimpse.families.base import Family, HFBuild, Loaded, recipe_transform
 from glimpse.families.feature_cache import cache_tower_features
 from glimpse.families.registry import register
 from glimpse.families.video_llava import hf
-from glimpse.families.video_llava.data import reversed_source, video_records
+from glimpse.families.video_llava.data import hold_middle, reversed_source, still_source, video_records
 from glimpse.families.video_llava.evaluate import evaluate
 from glimpse.families.video_llava.model import POOLS, VideoLanguageModel, VideoLLaVAConfig
 from glimpse.families.video_llava.pipeline import VideoLanguagePipeline
@@ -59,8 +59,9 @@ class VideoLLaVAFamily(Family):
               "model.temporal_conv", m.temporal_conv,
               "must be 0 (off) or an odd number of frames, beside a spatial_pool whose stride divides the grid")
         check(m.num_frames >= 1, "model.num_frames", m.num_frames, "must be at least 1")
-        check(not m.answer_traces or recipe.data.source == "shapes-video", "model.answer_traces", m.answer_traces,
-              "needs the moving-shapes world's tracks (data.source: shapes-video)")
+        for key in ("answer_traces", "still_twins", "all_questions"):
+            check(not getattr(m, key) or recipe.data.source == "shapes-video", f"model.{key}", getattr(m, key),
+                  "needs the moving-shapes world's annotations (data.source: shapes-video)")
         choice("model.trace_style", m.trace_style, TRACE_STYLES)
         if m.answer_traces:  # a question (~32 tokens) and its traced answer after the clip's tokens
             need = VideoLanguageModel.count_image_tokens(m) + traced_answer_tokens(m.num_frames) + 32
@@ -78,14 +79,15 @@ class VideoLLaVAFamily(Family):
         self.records, self.image_rows, self.feature_cache = None, None, None  # see prepare()
 
     def load_clip(self, src, name=None) -> torch.Tensor:
+        src, still = still_source(src)
         src, backwards = reversed_source(src)
         pixels = clip_pixels(src, self.recipe.model.num_frames, self.transform)
-        return pixels.flip(0) if backwards else pixels
+        return hold_middle(pixels) if still else pixels.flip(0) if backwards else pixels
 
     def _records(self) -> list[dict]:
         m = self.recipe.model
         return video_records(self.recipe.data, self.root, "train", twins=m.reverse_twins, traces=m.answer_traces,
-                             trace_style=m.trace_style)
+                             trace_style=m.trace_style, stills=m.still_twins, all_questions=m.all_questions)
 
     def build_model(self) -> nn.Module:
         return VideoLanguageModel(self.recipe.model)

@@ -11,12 +11,27 @@ With `model.answer_traces`, each answer to a direction, bounce or order question
 trace of where its shapes are in each frame (`answer_trace`: "the circle 1:25 2:35 3:45 4:--, so right"),
 computed from the world's tracks as the clip plays: the LM learns to locate a shape frame by frame and
 then to read the answer off its own trace, instead of doing both at once.
+
+With `model.all_questions`, a clip's question conversation asks every question the world asks of it
+(qa_{split}.json, in an order fixed by the clip's name), not only the 2 or 3 its LLaVA-Video conversation
+picked: the world writes about 3.8 questions a clip and the conversations hold 2.4 of them.
+
+With `model.still_twins`, a clip the world asks static questions of also comes as a still: its middle
+frame held for every frame, asked those static questions only (the world asks them only where every
+frame shows the answer).  An image as a clip of one held frame, as LLaVA-NeXT-Video and Video-LLaVA
+train on images beside videos: the model learns to read one frame, which is what the single-frame
+baseline gives it (video_llava/evaluate.py), and never sees a temporal question without the motion
+to answer it from.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from glimpse.data.chat import from_llava
 from glimpse.data.shapes_video import answer_of, read_clips, reverse_tracks, video_caption
@@ -25,6 +40,7 @@ from glimpse.errors import GlimpseError
 
 VIDEO = "<video>"
 REVERSED = "#reversed"  # a clip path with this suffix is the clip played backwards (see `reversed_source`)
+STILL = "#still"  # ... and with this one, the clip's middle frame held for every frame (see `still_source`)
 
 
 def reversed_source(src) -> tuple[object, bool]:
@@ -34,12 +50,26 @@ def reversed_source(src) -> tuple[object, bool]:
     return src, False
 
 
+def still_source(src) -> tuple[object, bool]:
+    """(the clip's own source, whether to hold its middle frame) for a record's clip."""
+    if isinstance(src, str) and src.endswith(STILL):
+        return src[:-len(STILL)], True
+    return src, False
+
+
+def hold_middle(pixels: torch.Tensor) -> torch.Tensor:
+    """A clip [T, ...] as its middle frame held for all T frames: the still twin's view, and the
+    single-frame baseline's."""
+    return pixels[pixels.shape[0] // 2].expand_as(pixels)
+
+
 def video_records(data_cfg, root: Path, split: str, twins: bool = False, traces: bool = False,
-                  trace_style: str = "frames") -> list[dict]:
+                  trace_style: str = "frames", stills: bool = False, all_questions: bool = False) -> list[dict]:
     """A split's conversations as {"images": [clip path], "messages": [...]}, `<video>` read as the
     `<image>` slot that the clip's tokens fill (LLaVA-Video's JSON: id, video, conversations); with
     `twins`, each moving-shapes clip's reversed twin after its own records; with `traces`, the
-    moving-shapes answers traced in `trace_style` (module docstring)."""
+    moving-shapes answers traced in `trace_style`; with `stills`, the still twin of each clip asked
+    static questions; with `all_questions`, every question of each clip (module docstring)."""
     if data_cfg.source == "shapes-video":
         path, base = Path(root) / "annotations" / f"llava_video_{split}.json", Path(root)
     else:
@@ -50,14 +80,19 @@ def video_records(data_cfg, root: Path, split: str, twins: bool = False, traces:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         shapes = data_cfg.source == "shapes-video"
-        world = _Answers(Path(root), split, traces, trace_style) if shapes and (twins or traces) else None
+        world = _Answers(Path(root), split, traces, trace_style) \
+            if shapes and (twins or traces or stills or all_questions) else None
         records = []
         for r in data:
+            r = world.every_question(r) if all_questions and world else r
             turns = world.as_played(r) if traces and world else r["conversations"]
             records.append(_record(turns, str(base / r["video"])))
             twin = world.reversed(r) if twins and world else None
             if twin:
                 records.append(_record(twin, str(base / r["video"]) + REVERSED))
+            still = world.still(r) if stills and world else None
+            if still:
+                records.append(_record(still, str(base / r["video"]) + STILL))
         return records
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise GlimpseError(f"cannot read the video conversations of {path}: {e!r}") from None
@@ -81,6 +116,9 @@ class _Answers:
         self.clips = {c.video_id: c for c in read_clips(ann / f"captions_{split}.json", root / "videos" / split)}
         self.qa = {(q["video_id"], q["question"]): q
                    for q in json.loads((ann / f"qa_{split}.json").read_text(encoding="utf-8"))}
+        self.asked: dict[str, list[dict]] = {}  # each clip's questions, in the world's order
+        for q in self.qa.values():
+            self.asked.setdefault(q["video_id"], []).append(q)
         self.traces, self.trace_style = traces, trace_style
 
     def _question(self, stem: str, human: dict) -> dict:
@@ -100,6 +138,31 @@ class _Answers:
         return [t if t["from"] == "human" else
                 {**t, "value": self._answer(self._question(stem, h), t["value"], clip, clip.tracks)}
                 for h, t in zip([None] + turns[:-1], turns)]
+
+    def every_question(self, record: dict) -> dict:
+        """A clip's question record asking all its questions, in an order fixed by its name."""
+        stem, kind = record["id"].rsplit("_", 1)
+        if kind == "describe" or stem not in self.asked:
+            return record
+        qs = self.asked[stem]
+        order = np.random.default_rng(zlib.crc32(stem.encode())).permutation(len(qs))
+        turns = []
+        for k in order:
+            turns += [{"from": "human", "value": qs[k]["question"]}, {"from": "gpt", "value": qs[k]["answer"]}]
+        turns[0] = {**turns[0], "value": f"{VIDEO}\n{turns[0]['value']}"}
+        return {**record, "conversations": turns}
+
+    def still(self, record: dict) -> list[dict] | None:
+        """The still twin's conversation, beside a clip's question record: every static question the world
+        asks of the clip (qa_{split}.json, not only those its conversation picked), or None if it has none."""
+        stem, kind = record["id"].rsplit("_", 1)
+        if kind == "describe":
+            return None
+        out = []
+        for q in self.asked.get(stem, []):
+            if q["answer_type"] == "static":
+                out += [{"from": "human", "value": q["question"]}, {"from": "gpt", "value": q["answer"]}]
+        return out or None
 
     def reversed(self, record: dict) -> list[dict] | None:
         """The twin's conversations, or None when the reversal changes no answer (nothing to learn)."""

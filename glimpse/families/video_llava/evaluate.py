@@ -27,6 +27,7 @@ import torch
 from glimpse.data.images import ImageError
 from glimpse.data.shapes_video import TEMPORAL_TYPES, answer_of, read_clips, reverse_tracks
 from glimpse.data.shapes_video_traces import final_answer, traced_answer_tokens
+from glimpse.families.video_llava.data import hold_middle
 from glimpse.metrics.captions import cider
 
 FLIP_TYPES = ("direction", "appear_order", "disappear_order")
@@ -99,7 +100,7 @@ def evaluate_split(pipe, root: Path, split: str, batch_size: int = 64, limit: in
                                                          for q in temporal]))
         shuffled = answers(lambda v: pixels[v][shuffle[v]], temporal)
         out[f"{split}/shuffled_temporal_acc"] = accuracy(shuffled, temporal, "temporal")
-    single = answers(lambda v: pixels[v][T // 2].expand(T, -1, -1, -1), qa)
+    single = answers(lambda v: hold_middle(pixels[v]), qa)
     for kind in ("temporal", "static"):
         acc = accuracy(single, qa, kind)
         if acc is not None:

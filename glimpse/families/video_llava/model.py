@@ -43,6 +43,11 @@ class VideoLLaVAConfig(VLMConfig):
     # training on the moving-shapes world: each clip's reversed twin (its frames backwards, its answers as
     # they then are) beside it, so the loss pays for frame order (video_llava/data.py)
     reverse_twins: bool = False
+    # ... and each clip asked static questions also as a still (its middle frame held), asked those only:
+    # images beside videos, so the model can read one frame (video_llava/data.py)
+    still_twins: bool = False
+    # ... and each clip's question conversation asking every question the world asks of it, not the 2-3 picked
+    all_questions: bool = False
     # answers to direction, bounce and order questions spelt out as a per-frame trace of where the shapes
     # are, then the answer (video_llava/data.py); evaluation reads the answer after the trace
     answer_traces: bool = False
