@@ -3,6 +3,11 @@ and the errors split by what the clip holds (how many shapes, whether the asked 
 disappears, changes colour or bounces).  What `glimpse eval` reports as one accuracy per type, opened up.
 
     python experiments/video_llava_confusions.py RUN WORLD [--split test] [--types direction colour exists] [--limit N]
+        [--view played|shuffled|single]
+
+--view shuffled asks of the clips with their frames in `glimpse eval`'s shuffled order (seed 0, one
+permutation a clip, in the split's order), single of the middle frame held (the single-frame baseline);
+answers are still scored against the clip as it plays.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
+
 import glimpse
 from glimpse.data.shapes_video import read_clips
+from glimpse.families.video_llava.data import hold_middle
 from glimpse.families.video_llava.evaluate import _norm
 
 
@@ -48,6 +56,7 @@ def main() -> None:
     ap.add_argument("--types", nargs="*", default=None, help="question types to open (all by default)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--limit", type=int, default=0, help="only the first N questions (after --types)")
+    ap.add_argument("--view", choices=("played", "shuffled", "single"), default="played")
     args = ap.parse_args()
     pipe = glimpse.load(args.run)
     clips = {c.video_id: c for c in read_clips(args.world / "annotations" / f"captions_{args.split}.json",
@@ -56,7 +65,12 @@ def main() -> None:
     if args.types:
         qa = [q for q in qa if q["question_type"] in args.types]
     qa = qa[:args.limit] if args.limit else qa
-    pixels = {v: pipe.load_pixels(clips[v].path) for v in {q["video_id"] for q in qa}}
+    rng = np.random.default_rng(0)
+    T = pipe.model.cfg.num_frames
+    perms = {v: rng.permutation(T) for v in clips}  # as evaluate_split draws them
+    view = {"played": lambda v, x: x, "shuffled": lambda v, x: x[perms[v]],
+            "single": lambda v, x: hold_middle(x)}[args.view]
+    pixels = {v: view(v, pipe.load_pixels(clips[v].path)) for v in {q["video_id"] for q in qa}}
     pred = []
     for i in range(0, len(qa), args.batch_size):
         chunk = qa[i:i + args.batch_size]
