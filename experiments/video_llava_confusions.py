@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import glimpse
-from glimpse.data.shapes_video import read_clips
+from glimpse.data.shapes_video import observe, read_clips
 from glimpse.families.video_llava.data import hold_middle
 from glimpse.families.video_llava.evaluate import _norm
 
@@ -28,21 +28,12 @@ from glimpse.families.video_llava.evaluate import _norm
 def clip_traits(clip, shapes: list[str]) -> list[str]:
     """Coarse facts of the clip and the asked shape that might explain an error."""
     out = [f"{len(clip.tracks)} shapes"]
-    for t in clip.tracks:
-        if t["shape"] not in shapes:
+    for f in map(observe, clip.tracks):  # the world's own reading of each track
+        if f.shape not in shapes:
             continue
-        seen = [i for i, c in enumerate(t["colours"]) if c is not None]
-        if seen and seen[0] > 0:
-            out.append("appears late")
-        if seen and seen[-1] < len(t["colours"]) - 1:
-            out.append("disappears")
-        if len({c for c in t["colours"] if c is not None}) > 1:
-            out.append("changes colour")
-        for axis in (t["xs"], t["ys"]):
-            steps = [b - a for a, b in zip(axis, axis[1:]) if abs(b - a) > 1e-6]
-            if any(x * y < 0 for x, y in zip(steps, steps[1:])):
-                out.append("bounces")
-                break
+        out += [name for name, there in (("appears late", f.appear > 0), ("disappears", f.disappear is not None),
+                                         ("changes colour", f.change is not None), ("bounces", bool(f.bounces)))
+                if there]
     if clip.reversed:
         out.append("reversed")
     return out

@@ -6,9 +6,10 @@ order), so the figure sits beside the model's `shuffled_temporal_acc` and `chanc
     python experiments/video_shuffle_ceiling.py WORLD [--splits test test_novel]
 
 A reader that reads frame order correctly gives these answers, so a model reading order correctly scores
-about this on shuffled frames, not chance: a shuffle keeps which shapes move and along which axis
-(so "still", and left-or-right against up-or-down, survive), and the number of bounces of a shuffled
-track is not random.  Questions a shuffled clip gives no answer to (forward or reverse, an order the
+about this on shuffled frames.  A shuffle keeps which shapes move and along which axis (so "still", and
+left-or-right against up-or-down, survive: above chance) and turns a moving track back and forth at most
+frames (bounce counts: far below); on the 12,000-clip world the two about cancel (docs/results.md,
+session 25).  Questions a shuffled clip gives no answer to (forward or reverse, an order the
 shuffle ties, an event the shuffle removes) get the type's most common training answer, as chance does.
 """
 
