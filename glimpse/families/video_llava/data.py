@@ -145,10 +145,7 @@ class _Answers:
         if kind == "describe" or stem not in self.asked:
             return record
         qs = self.asked[stem]
-        order = np.random.default_rng(zlib.crc32(stem.encode())).permutation(len(qs))
-        turns = []
-        for k in order:
-            turns += [{"from": "human", "value": qs[k]["question"]}, {"from": "gpt", "value": qs[k]["answer"]}]
+        turns = _turns([qs[k] for k in np.random.default_rng(zlib.crc32(stem.encode())).permutation(len(qs))])
         turns[0] = {**turns[0], "value": f"{VIDEO}\n{turns[0]['value']}"}
         return {**record, "conversations": turns}
 
@@ -158,11 +155,7 @@ class _Answers:
         stem, kind = record["id"].rsplit("_", 1)
         if kind == "describe":
             return None
-        out = []
-        for q in self.asked.get(stem, []):
-            if q["answer_type"] == "static":
-                out += [{"from": "human", "value": q["question"]}, {"from": "gpt", "value": q["answer"]}]
-        return out or None
+        return _turns([q for q in self.asked.get(stem, []) if q["answer_type"] == "static"]) or None
 
     def reversed(self, record: dict) -> list[dict] | None:
         """The twin's conversations, or None when the reversal changes no answer (nothing to learn)."""
@@ -185,3 +178,9 @@ class _Answers:
             out += [{**human, "value": human["value"].replace(f"{VIDEO}\n", "")},
                     {**gpt, "value": self._answer(q, answer, clip, back)}]
         return out if changed else None
+
+
+def _turns(questions: list[dict]) -> list[dict]:
+    """World questions as LLaVA-Video turns: each question, then its answer."""
+    return [turn for q in questions for turn in ({"from": "human", "value": q["question"]},
+                                                 {"from": "gpt", "value": q["answer"]})]
