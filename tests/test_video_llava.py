@@ -133,6 +133,38 @@ def test_the_spatial_temporal_conv_starts_as_the_pooler_and_sees_only_its_neighb
         assert same == [True, True, False, False, False]
 
 
+@pytest.mark.parametrize("temporal_conv", [0, 3])
+def test_slow_frames_add_their_unpooled_patches_after_every_frames_pooled_tokens(temporal_conv):
+    from glimpse.families.video_llava.model import VideoLanguageModel, VideoLLaVAConfig
+    from glimpse.models.decoder import DecoderConfig
+    from glimpse.models.vision import VisionConfig
+
+    torch.manual_seed(0)
+    vision = VisionConfig(image_size=32, patch_size=8, width=16, layers=1, heads=2, class_token=False, pool="mean")
+    lm = DecoderConfig(vocab_size=40, width=16, layers=1, heads=2, context_length=80)
+    fast = VideoLanguageModel(VideoLLaVAConfig(vision=vision, lm=lm, num_frames=5, image_token_id=3,
+                                               temporal_conv=temporal_conv)).eval()
+    model = VideoLanguageModel(VideoLLaVAConfig(vision=vision, lm=lm, num_frames=5, image_token_id=3,
+                                                temporal_conv=temporal_conv, slow_frames=2)).eval()
+    model.load_state_dict(fast.state_dict())  # the slow pathway has no weights of its own
+    if temporal_conv:
+        torch.nn.init.normal_(model.st_conv.weight, std=0.1)
+        fast.st_conv.load_state_dict(model.st_conv.state_dict())
+    assert VideoLanguageModel.slow_frame_indices(model.cfg) == [1, 3]
+    assert VideoLanguageModel.slow_frame_indices(VideoLLaVAConfig(num_frames=8, slow_frames=1)) == [4]  # hold_middle's
+    assert model.image_tokens == 5 * 4 + 2 * 16
+    clip = torch.randn(2, 5, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.tower_features(clip)
+        assert feats.shape == (2, 5 * 16, 16)  # unpooled grids, so the cache can serve both pathways
+        tokens = model.project(feats)
+        torch.testing.assert_close(tokens[:, :20], fast.project(fast.tower_features(clip)))
+        grid = model.vision.forward_features(clip[:, [1, 3]].flatten(0, 1), layer=-1).view(2, 32, 16)
+        slow = model.connector(grid) + model.frame_pos[[1, 3]].repeat_interleave(16, dim=0)
+        torch.testing.assert_close(tokens[:, 20:], slow)
+        torch.testing.assert_close(model.reverse_features(feats), model.tower_features(clip.flip(1)))
+
+
 def test_a_run_answers_and_captions_clips_and_reports_the_controls(run, pipe, video_world):
     import json
 
@@ -151,9 +183,10 @@ def test_a_run_answers_and_captions_clips_and_reports_the_controls(run, pipe, vi
         pipe.ask([videos[0]], ["what colour is the square?"], max_new_tokens=4)
 
 
-@pytest.mark.parametrize("temporal_tokens,temporal_conv", [(False, 0), (True, 0), (False, 3)])
+@pytest.mark.parametrize("temporal_tokens,temporal_conv,slow_frames", [(False, 0, 0), (True, 0, 0), (False, 3, 1)])
 def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_clip(video_world, tmp_path, capsys,
-                                                                                   temporal_tokens, temporal_conv):
+                                                                                   temporal_tokens, temporal_conv,
+                                                                                   slow_frames):
     import shutil
 
     world = tmp_path / "world"
@@ -166,8 +199,8 @@ def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_cli
     common = {"train.max_steps": 2, "freeze": "[vision]", "data.root": str(world), "model.reverse_twins": True,
               "model.still_twins": True, "model.all_questions": True,
               "model.temporal_tokens": temporal_tokens, "model.answer_traces": temporal_tokens,
-              "model.temporal_conv": temporal_conv,
-              "model.lm.context_length": 192 if temporal_tokens else 128}  # traced answers need the room
+              "model.temporal_conv": temporal_conv, "model.slow_frames": slow_frames,
+              "model.lm.context_length": 192 if temporal_tokens or slow_frames else 128}  # traced answers need the room
     a, b = tmp_path / "cached", tmp_path / "plain"
     train(load_recipe("shapes-video-llava", overrides(world, **common, **{"train.cache_vision_features": True})),
           a, progress=False)
@@ -426,13 +459,18 @@ def test_an_image_model_refuses_video_parts(tiny_vlm_run, video_world):
         assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
 
 
-def test_traced_answers_need_a_context_with_room_for_them():
+def test_the_context_must_hold_the_clip_a_question_and_a_traced_answer():
     from glimpse.errors import GlimpseError
 
     # the recipe's 8 frames of 16 tokens: 128 + 104 for the longest traced answer + 32 for the question
     with pytest.raises(GlimpseError, match="model.lm.context_length: 256 must be at least 264"):
         load_recipe("shapes-video-llava", ["model.answer_traces=true"])
     assert load_recipe("shapes-video-llava", ["model.answer_traces=true", "model.lm.context_length=264"]).model.answer_traces
+    # 128 pooled tokens and a whole 8x8 grid for each of 2 slow frames: 256, and no room for a question
+    with pytest.raises(GlimpseError, match="model.lm.context_length: 256 must be at least 288 for a question after"):
+        load_recipe("shapes-video-llava", ["model.slow_frames=2"])
+    with pytest.raises(GlimpseError, match="model.slow_frames: 9 must be 0 .off. or from 1 to model.num_frames"):
+        load_recipe("shapes-video-llava", ["model.slow_frames=9"])
     with pytest.raises(GlimpseError, match="model.trace_style"):
         load_recipe("shapes-video-llava", ["model.answer_traces=true", "model.lm.context_length=264",
                                            "model.trace_style=sparse"])

@@ -59,14 +59,19 @@ class VideoLLaVAFamily(Family):
               "model.temporal_conv", m.temporal_conv,
               "must be 0 (off) or an odd number of frames, beside a spatial_pool whose stride divides the grid")
         check(m.num_frames >= 1, "model.num_frames", m.num_frames, "must be at least 1")
+        check(m.slow_frames == 0 or (m.spatial_pool != "none" and 1 <= m.slow_frames <= m.num_frames),
+              "model.slow_frames", m.slow_frames,
+              "must be 0 (off) or from 1 to model.num_frames, beside a spatial_pool (the fast frames' tokens)")
         for key in ("answer_traces", "still_twins", "all_questions"):
             check(not getattr(m, key) or recipe.data.source == "shapes-video", f"model.{key}", getattr(m, key),
                   "needs the moving-shapes world's annotations (data.source: shapes-video)")
         choice("model.trace_style", m.trace_style, TRACE_STYLES)
-        if m.answer_traces:  # a question (~32 tokens) and its traced answer after the clip's tokens
-            need = VideoLanguageModel.count_image_tokens(m) + traced_answer_tokens(m.num_frames) + 32
-            check(m.lm.context_length >= need, "model.lm.context_length", m.lm.context_length,
-                  f"must be at least {need} for traced answers after {m.num_frames} frames")
+        # the clip's tokens, a question (~32 tokens) and, traced, the longest traced answer
+        need = VideoLanguageModel.count_image_tokens(m) + 32 \
+            + (traced_answer_tokens(m.num_frames) if m.answer_traces else 0)
+        check(m.lm.context_length >= need, "model.lm.context_length", m.lm.context_length,
+              f"must be at least {need} for a question{' and its traced answer' if m.answer_traces else ''} "
+              f"after the clip's {VideoLanguageModel.count_image_tokens(m)} tokens")
 
     def __init__(self, recipe, root: Path, tokenizer):
         super().__init__(recipe, root, tokenizer)
@@ -102,7 +107,7 @@ class VideoLLaVAFamily(Family):
                 model, [clip for clip in clips if not reversed_source(clip)[1]], self.transform,
                 self.recipe.data.max_pixels, device, self.recipe.eval.batch_size, progress,
                 settings=(c.vision_feature_layer, c.num_frames, c.spatial_pool, c.spatial_pool_stride,
-                          c.temporal_tokens, c.temporal_conv),
+                          c.temporal_tokens, VideoLanguageModel.pools_in_project(c)),
                 loader=self.load_clip)
             self.image_rows, self.feature_cache = _with_twins(rows, cache, clips, model.reverse_features)
 

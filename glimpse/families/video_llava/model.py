@@ -16,6 +16,11 @@ With `temporal_conv: k`, the pooler also sees motion: a Conv3d with a k-frame, (
 the pooled tokens (VideoLLaMA 2's spatial-temporal convolution connector, simplified: one convolution, no
 frame downsampling).  Its weights start at zero, so the model starts as the plain pooler's; the cache
 then holds the unpooled grids.
+
+With `slow_frames: k`, k frames spread over the clip (k = 1: the middle one) also come unpooled, every patch a
+token, after the pooled tokens of all frames: SlowFast-LLaVA's and LLaVA-Video's slow pathway (few frames,
+many tokens) beside the fast one (every frame, pooled).  A pooled 16-px cell mixes the parts of two shapes;
+the slow frame keeps which colour belongs to which shape, and the frame positions tie it to the fast tokens.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class VideoLLaVAConfig(VLMConfig):
     temporal_heads: int = 2
     temporal_max_frames: int = 16
     temporal_conv: int = 0  # frames in the kernel of the spatial-temporal convolution (module docstring); 0: off
+    slow_frames: int = 0  # frames also given unpooled, every patch a token (module docstring); 0: off
 
 
 class VideoLanguageModel(VisionLanguageModel):
@@ -87,16 +93,31 @@ class VideoLanguageModel(VisionLanguageModel):
         return grid * grid
 
     @staticmethod
+    def pools_in_project(cfg: VideoLLaVAConfig) -> bool:
+        """Whether the tower's features stay unpooled (in the cache too) and `project` pools them: the
+        convolution and the slow frames read the whole grid."""
+        return cfg.spatial_pool != "none" and bool(cfg.temporal_conv or cfg.slow_frames)
+
+    @staticmethod
     def features_per_frame(cfg: VideoLLaVAConfig) -> int:
         """Tower features a frame keeps (and the cache holds): the pooled grid, or the whole one when the
-        pooling happens in `project` (temporal_conv)."""
+        pooling happens in `project`."""
         grid = cfg.vision.image_size // cfg.vision.patch_size
-        return grid * grid if cfg.temporal_conv else VideoLanguageModel.tokens_per_frame(cfg)
+        return grid * grid if VideoLanguageModel.pools_in_project(cfg) else VideoLanguageModel.tokens_per_frame(cfg)
+
+    @staticmethod
+    def slow_frame_indices(cfg: VideoLLaVAConfig) -> list[int]:
+        """The slow frames: the middles of k equal stretches of the clip (k = 1: frame T // 2, the frame the
+        single-frame baseline holds)."""
+        T, k = cfg.num_frames, cfg.slow_frames
+        return [(2 * i + 1) * T // (2 * k) for i in range(k)]
 
     @staticmethod
     def count_image_tokens(cfg: VideoLLaVAConfig) -> int:
         """How many `<image>` tokens stand for one clip in the text."""
-        return cfg.num_frames * (VideoLanguageModel.tokens_per_frame(cfg) + int(cfg.temporal_tokens))
+        grid = cfg.vision.image_size // cfg.vision.patch_size
+        return cfg.num_frames * (VideoLanguageModel.tokens_per_frame(cfg) + int(cfg.temporal_tokens)) \
+            + cfg.slow_frames * grid * grid
 
     def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Clips [N, T, 3, H, W] -> pooled patch features [N, T x tokens_per_frame, Dv] (cacheable)."""
@@ -104,7 +125,7 @@ class VideoLanguageModel(VisionLanguageModel):
         if T != self.cfg.num_frames:
             raise ValueError(f"clips of {T} frames: this model reads {self.cfg.num_frames}")
         x = super().tower_features(pixel_values.flatten(0, 1))  # [N*T, P, Dv], class token dropped
-        if self.cfg.spatial_pool != "none" and not self.cfg.temporal_conv:
+        if self.cfg.spatial_pool != "none" and not self.pools_in_project(self.cfg):
             x = self._pool(x)
         x = x.reshape(N, -1, x.shape[-1])
         if self.cfg.temporal_tokens:  # then each frame's pooled embedding, for the temporal head
@@ -143,14 +164,23 @@ class VideoLanguageModel(VisionLanguageModel):
 
     def project(self, tower_features: torch.Tensor) -> torch.Tensor:
         """[N, features, Dv] -> [N, image tokens, lm width]: each frame's tokens with its position, then
-        (temporal_tokens) the temporal head's token of each frame."""
+        (slow_frames) the slow frames' unpooled patches with theirs, then (temporal_tokens) the temporal
+        head's token of each frame."""
         patches, frames = self.split_features(tower_features)
-        T = self.cfg.num_frames
+        N, T, P, D = patches.shape
+        slow = patches[:, self.slow_frame_indices(self.cfg)] if self.cfg.slow_frames else None
         if self.cfg.temporal_conv:
             patches = self._pool_with_motion(patches)
+        elif self.pools_in_project(self.cfg):
+            patches = self._pool(patches.flatten(0, 1)).view(N, T, -1, D)
         x = self.connector(patches.flatten(1, 2))
         if self.frame_pos is not None:
             x = x + self.frame_pos.repeat_interleave(self.tokens_per_frame(self.cfg), dim=0).to(x.dtype)
+        if slow is not None:
+            s = self.connector(slow.flatten(1, 2))
+            if self.frame_pos is not None:
+                s = s + self.frame_pos[self.slow_frame_indices(self.cfg)].repeat_interleave(P, dim=0).to(s.dtype)
+            x = torch.cat([x, s], dim=1)
         if frames is not None:
             t = self.temporal_connector(self.temporal.per_frame(self.visual_projection(frames)))
             x = torch.cat([x, t + self.frame_pos[:T].to(t.dtype) if self.frame_pos is not None else t], dim=1)
