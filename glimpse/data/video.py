@@ -12,6 +12,7 @@ seconds, from the start).  Decoding is sequential and stops after the last frame
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from dataclasses import dataclass
@@ -253,6 +254,18 @@ def clip_pixels(src, num_frames: int, transform: ImageTransform, limits: VideoLi
     return to_pixels(decode_clip(src, num_frames, transform, limits), transform)
 
 
+@functools.lru_cache(maxsize=1)
+def _x264_asm() -> dict:
+    """x264's options for this CPU: on one with AVX-512, its AVX2 kernels.  With its AVX-512 ones the same
+    frames gave other bytes from one process to the next (an Intel Xeon with AVX-512, 2026-11-29: the
+    world's determinism test failed), so the world would not be deterministic in its seed there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return {}
+    return {"x264-params": "asm=avx2"} if " avx512f" in flags else {}
+
+
 def write_video(frames: np.ndarray, path: str | Path, fps: float = 4.0, crf: int = 17) -> None:
     """Write uint8 [T, H, W, 3] RGB frames as an H.264 MP4 (yuv420p, index first), byte-identical for the
     same frames (one encoder thread)."""
@@ -268,7 +281,7 @@ def write_video(frames: np.ndarray, path: str | Path, fps: float = 4.0, crf: int
     with av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        stream.options = {"crf": str(crf)}
+        stream.options = {"crf": str(crf), **_x264_asm()}
         stream.codec_context.thread_count = 1
         for f in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
