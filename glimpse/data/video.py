@@ -268,7 +268,7 @@ def _x264_asm() -> dict:
 
 def write_video(frames: np.ndarray, path: str | Path, fps: float = 4.0, crf: int = 17) -> None:
     """Write uint8 [T, H, W, 3] RGB frames as an H.264 MP4 (yuv420p, index first), byte-identical for the
-    same frames (one encoder thread)."""
+    same frames (one encoder thread; x264's AVX2 kernels where it would pick AVX-512, `_x264_asm`)."""
     av = _av()
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
