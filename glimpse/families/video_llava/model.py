@@ -168,7 +168,8 @@ class VideoLanguageModel(VisionLanguageModel):
         head's token of each frame."""
         patches, frames = self.split_features(tower_features)
         N, T, P, D = patches.shape
-        slow = patches[:, self.slow_frame_indices(self.cfg)] if self.cfg.slow_frames else None
+        at = self.slow_frame_indices(self.cfg)
+        slow = patches[:, at] if at else None
         if self.cfg.temporal_conv:
             patches = self._pool_with_motion(patches)
         elif self.pools_in_project(self.cfg):
@@ -179,7 +180,7 @@ class VideoLanguageModel(VisionLanguageModel):
         if slow is not None:
             s = self.connector(slow.flatten(1, 2))
             if self.frame_pos is not None:
-                s = s + self.frame_pos[self.slow_frame_indices(self.cfg)].repeat_interleave(P, dim=0).to(s.dtype)
+                s = s + self.frame_pos[at].repeat_interleave(P, dim=0).to(s.dtype)
             x = torch.cat([x, s], dim=1)
         if frames is not None:
             t = self.temporal_connector(self.temporal.per_frame(self.visual_projection(frames)))
