@@ -99,6 +99,24 @@ def test_test_novel_alone_holds_the_novel_colour_shape_pairs(video_world):
     assert combos("test_novel") & novel
 
 
+def test_is_there_is_answered_by_every_frame_and_its_shape_gives_nothing_away():
+    rng, answers = np.random.default_rng(0), []
+    for i in range(600):  # the world's own sampling, without drawing or encoding the clips
+        tracks = sv._sample_clip(rng, 8, 64, novel=i % 2 == 1)
+        for q in sv._questions([sv.observe(t) for t in tracks], 8, False, rng, allow_novel=i % 2 == 1):
+            if q["question_type"] != "exists":
+                continue
+            colour, shape = q["question"].removesuffix("?").split()[-2:]
+            shown = [any(t["shape"] == shape and t["colours"][k] == colour for t in tracks) for k in range(8)]
+            assert shown == [q["answer"] == "yes"] * 8, q  # every frame says yes, or none does
+            named = [t for t in tracks if t["shape"] == shape]
+            assert not named or len(set(named[0]["colours"])) == 1 and None not in named[0]["colours"], q
+            answers.append((q["answer"], bool(named)))
+    # both answers about as often, and "no" also of a shape the clip shows in another colour (the binding)
+    assert {("yes", True), ("no", True), ("no", False)} <= set(answers)
+    assert 0.4 < sum(a == "yes" for a, _ in answers) / len(answers) < 0.6 and len(answers) > 150
+
+
 def test_observed_facts_follow_the_frames_and_flip_when_reversed():
     # a square moving right, reflected by the wall at x = 10 between frames 2 and 3, then gone at frame 5
     track = {"shape": "square", "colours": ["red", "red", "red", "orange", "orange", None],

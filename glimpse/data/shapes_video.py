@@ -167,7 +167,7 @@ def answer_of(qtype: str, shapes: list[str], tracks: list[dict], reversed_: bool
 
 def _questions(facts: list[Facts], frames: int, reversed_: bool, rng: np.random.Generator,
                allow_novel: bool) -> list[dict]:
-    """Up to four temporal questions (no single frame answers them) and up to two static ones."""
+    """Up to four temporal questions (no single frame answers them), up to two static ones and "is there"."""
     temporal, static = [], []
     for f in facts:
         temporal.append(_qa(f"which way does the {f.shape} move first?", f.direction, "direction", (f.shape,)))
@@ -196,23 +196,35 @@ def _questions(facts: list[Facts], frames: int, reversed_: bool, rng: np.random.
         temporal.append(_qa("is the video playing forward or in reverse?", "reverse" if reversed_ else "forward",
                             "arrow"))
     # static questions only where every frame shows the answer
-    steady = all(f.appear == 0 and f.disappear is None and f.change is None for f in facts)
-    for f in facts:
-        if f.appear == 0 and f.disappear is None and f.change is None:
-            static.append(_qa(f"what colour is the {f.shape}?", f.colour, "colour", (f.shape,)))
-    if steady:
+    steady = [f for f in facts if f.appear == 0 and f.disappear is None and f.change is None]
+    for f in steady:
+        static.append(_qa(f"what colour is the {f.shape}?", f.colour, "colour", (f.shape,)))
+    if len(steady) == len(facts):
         static.append(_qa("how many shapes are there?", str(len(facts)), "count"))
-        present = [(f.colour, f.shape) for f in facts]
-        if rng.random() < 0.5:
-            colour, shape = present[rng.integers(len(present))]
-            static.append(_qa(f"is there {words._a(colour)} {shape}?", "yes", "exists", (shape,)))
-        else:
-            pool = [c for c in (words._ALL_COMBOS if allow_novel else words._FAMILIAR) if c not in present]
-            colour, shape = pool[rng.integers(len(pool))]
-            static.append(_qa(f"is there {words._a(colour)} {shape}?", "no", "exists", (shape,)))
     pick_t = rng.choice(len(temporal), size=min(4, len(temporal)), replace=False)
     pick_s = rng.choice(len(static), size=min(2, len(static)), replace=False) if static else []
-    return [temporal[k] for k in sorted(pick_t)] + [static[k] for k in sorted(pick_s)]
+    exists = [_exists(facts, steady, rng, allow_novel)] if steady else []
+    return [temporal[k] for k in sorted(pick_t)] + [static[k] for k in sorted(pick_s)] + exists
+
+
+def _exists(facts: list[Facts], steady: list[Facts], rng: np.random.Generator, allow_novel: bool) -> dict:
+    """"is there a <colour> <shape>?", asked of every clip with a shape in view, unchanged, in every frame.
+    "yes" names such a shape; "no" names a pair no frame shows, two times in three one that shares its
+    colour or shape with what the clip shows (a shape in another colour, a colour on another shape: the
+    binding), and never a shape that comes, goes or changes colour, so the answer is in every frame and
+    the shape named does not give it away."""
+    if rng.random() < 0.5:
+        f = steady[rng.integers(len(steady))]
+        return _qa(f"is there {words._a(f.colour)} {f.shape}?", "yes", "exists", (f.shape,))
+    shown = {(f.colour, f.shape) for f in facts} | {(f.change[1], f.shape) for f in facts if f.change}
+    unsteady = {f.shape for f in facts} - {f.shape for f in steady}
+    pool = [c for c in (words._ALL_COMBOS if allow_novel else words._FAMILIAR)
+            if c not in shown and c[1] not in unsteady]
+    near = [c for c in pool if any(c[0] == a or c[1] == b for a, b in shown)]
+    far = [c for c in pool if c not in near]
+    pool = near if near and (not far or rng.random() < 2 / 3) else far
+    colour, shape = pool[rng.integers(len(pool))]
+    return _qa(f"is there {words._a(colour)} {shape}?", "no", "exists", (shape,))
 
 
 def _events(f: Facts) -> list[tuple[str, int]]:

@@ -70,7 +70,8 @@ def ensure_shapes(data_cfg, progress: bool = True) -> Path:
 def ensure_shapes_video(data_cfg, progress: bool = True) -> Path:
     """The root of the recipe's moving-shapes world (glimpse.data.shapes_video), generated if not there yet."""
     c = data_cfg
-    name = f"shapes-video-v2-s{c.seed}-n{c.train_size}-{c.val_size}-{c.test_size}-px{c.image_size}-f{c.frames}"
+    # v3: "is there" asked of every clip with a steady shape, its "no" often one attribute away
+    name = f"shapes-video-v3-s{c.seed}-n{c.train_size}-{c.val_size}-{c.test_size}-px{c.image_size}-f{c.frames}"
     return _generate(_world_root(c, name), lambda tmp: make_video_world(
         tmp, seed=c.seed, n_train=c.train_size, n_val=c.val_size, n_test=c.test_size, frames=c.frames,
         image_size=c.image_size, progress=progress))
