@@ -1,5 +1,6 @@
 """The video LLaVA: pooling and frame positions, training on clips (with and without a feature cache),
-asking and captioning clips from Python and the CLI, and video_url parts in the OpenAI-compatible server."""
+asking and captioning clips from Python and the CLI, and video_url parts in the OpenAI-compatible server.
+Its training records are tested in test_video_llava_data.py."""
 
 from __future__ import annotations
 
@@ -166,8 +167,6 @@ def test_slow_frames_add_their_unpooled_patches_after_every_frames_pooled_tokens
 
 
 def test_a_run_answers_and_captions_clips_and_reports_the_controls(run, pipe, video_world):
-    import json
-
     results = json.loads((run / "eval.json").read_text())
     for key in ("temporal_acc", "chance_temporal", "shuffled_temporal_acc", "single_frame_temporal_acc",
                 "single_frame_static_acc", "cider"):
@@ -208,191 +207,10 @@ def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_cli
     assert capsys.readouterr().out.count("skipped bad samples") >= 2
 
     def losses(out):
-        import json
         return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
                 if '"loss"' in line]
 
     assert losses(a) == pytest.approx(losses(b), rel=1e-5)
-
-
-def test_reversed_twins_answer_as_the_clip_played_backwards(video_world):
-    import json
-    from types import SimpleNamespace
-
-    from glimpse.data import shapes_video as sv
-    from glimpse.families.video_llava.data import REVERSED, reversed_source, video_records
-
-    cfg = SimpleNamespace(source="shapes-video")
-    plain, both = video_records(cfg, video_world, "train"), video_records(cfg, video_world, "train", twins=True)
-    twins = [r for r in both if r["images"][0].endswith(REVERSED)]
-    assert [r for r in both if not r["images"][0].endswith(REVERSED)] == plain and twins
-    videos = {v["video_id"]: v for v in
-              json.loads((video_world / "annotations" / "captions_train.json").read_text())["videos"]}
-    qa = {(q["video_id"], q["question"]): q for q in json.loads((video_world / "annotations" / "qa_train.json").read_text())}
-    flipped = 0
-    for twin in twins:
-        path, backwards = reversed_source(twin["images"][0])
-        assert backwards and twin["messages"][0]["content"].startswith("<image>\n")
-        v = videos[path.rsplit("/", 1)[1].removesuffix(".mp4")]
-        back = sv.reverse_tracks(v["tracks"])
-        turns = twin["messages"]
-        for ask, answer in zip(turns[::2], turns[1::2]):
-            question = ask["content"].removeprefix("<image>\n")
-            q = qa.get((v["video_id"], question))
-            if q is None:  # the description
-                assert answer["content"].lower().rstrip(".") == sv.video_caption(back)
-                continue
-            expected = sv.answer_of(q["question_type"], q["shapes"], back, not v["reversed"])
-            assert answer["content"] == (q["answer"] if expected is None else expected), (q, answer)
-            assert q["question_type"] != "before_after"
-            flipped += answer["content"] != q["answer"]
-    assert flipped > len(twins) // 4
-
-
-def test_still_twins_ask_only_static_questions_of_the_held_middle_frame(video_world):
-    import json
-    from types import SimpleNamespace
-
-    import torch
-
-    from glimpse.families.video_llava.data import STILL, hold_middle, still_source, video_records
-
-    cfg = SimpleNamespace(source="shapes-video")
-    plain, both = video_records(cfg, video_world, "train"), video_records(cfg, video_world, "train", stills=True)
-    stills = [r for r in both if r["images"][0].endswith(STILL)]
-    assert [r for r in both if not r["images"][0].endswith(STILL)] == plain
-    qa = {(q["video_id"], q["question"]): q for q in json.loads((video_world / "annotations" / "qa_train.json").read_text())}
-    static = {k for k, q in qa.items() if q["answer_type"] == "static"}
-    asked = set()
-    for still in stills:
-        path, held = still_source(still["images"][0])
-        assert held and path.endswith(".mp4") and still["messages"][0]["content"].startswith("<image>\n")
-        vid = path.rsplit("/", 1)[1].removesuffix(".mp4")
-        turns = still["messages"]
-        for ask, answer in zip(turns[::2], turns[1::2]):
-            q = qa[(vid, ask["content"].removeprefix("<image>\n"))]
-            assert q["answer_type"] == "static" and answer["content"] == q["answer"]
-            asked.add((vid, q["question"]))
-    assert asked == static and static  # every static question of the split, once, and nothing else
-
-    clip = torch.arange(8 * 3.0).reshape(8, 3, 1, 1)
-    held = hold_middle(clip)
-    assert held.shape == clip.shape and (held == clip[4]).all()
-
-
-def test_all_questions_asks_every_question_of_each_clip_in_its_conversation(video_world):
-    import json
-    from collections import defaultdict
-    from types import SimpleNamespace
-
-    from glimpse.families.video_llava.data import REVERSED, video_records
-
-    cfg = SimpleNamespace(source="shapes-video")
-    plain, full = video_records(cfg, video_world, "train"), video_records(cfg, video_world, "train", all_questions=True)
-    assert len(plain) == len(full)
-    world = defaultdict(set)
-    for q in json.loads((video_world / "annotations" / "qa_train.json").read_text()):
-        world[q["video_id"]].add((q["question"], q["answer"]))
-    more = 0
-    for a, b in zip(plain, full):
-        assert a["images"] == b["images"]
-        vid = b["images"][0].rsplit("/", 1)[1].removesuffix(".mp4")
-        turns = b["messages"]
-        assert turns[0]["content"].startswith("<image>\n")
-        pairs = {(x["content"].removeprefix("<image>\n"), y["content"]) for x, y in zip(turns[::2], turns[1::2])}
-        if a["messages"][1]["content"][0].isupper():  # the description stays as it was
-            assert a == b
-            continue
-        assert pairs == world[vid] and len(turns) == 2 * len(world[vid])
-        more += len(turns) > len(a["messages"])
-    assert more > len(plain) // 4  # most clips' conversations picked only some of their questions
-    # reversed twins are made from the full records
-    both = video_records(cfg, video_world, "train", all_questions=True, twins=True)
-    assert [r for r in both if not r["images"][0].endswith(REVERSED)] == full
-
-
-def test_answer_trace_spells_out_each_frame_of_the_shapes_by_its_number_on_both_axes():
-    from glimpse.data import shapes_video as sv
-    from glimpse.data import shapes_video_traces as tr
-
-    right = {"shape": "circle", "colours": [None, "red", "red", "red", "red", None],
-             "xs": [10.0, 10.0, 19.0, 27.0, 30.0, 30.0], "ys": [40.0] * 6}
-    down = {"shape": "square", "colours": ["blue"] * 6, "xs": [50.0] * 6, "ys": [5.0, 12.0, 18.0, 23.0, 20.0, 63.9]}
-    tracks = [right, down]
-    assert tr.answer_trace("direction", ["circle"], tracks, 64) == "the circle 1:-- 2:15 3:25 4:35 5:35 6:--"
-    assert tr.answer_trace("appear_order", ["square", "circle"], tracks, 64) == \
-        "the square 1:60 2:61 3:62 4:62 5:62 6:67, the circle 1:-- 2:15 3:25 4:35 5:35 6:--"
-    assert tr.answer_trace("arrow", [], tracks, 64) is None and tr.answer_trace("colour", ["circle"], tracks, 64) is None
-    text = tr.traced("right", tr.answer_trace("direction", ["circle"], tracks, 64))
-    assert text == "the circle 1:-- 2:15 3:25 4:35 5:35 6:--, so right"
-    assert tr.final_answer(text) == "right" and tr.final_answer("left") == "left"
-    # the direction is read off the trace: the axis whose cells change most, the sign of its first change
-    assert tr.trace_direction("the circle 1:-- 2:15 3:25 4:35 5:35 6:--") == "right" == sv.observe(right).direction
-    assert tr.trace_direction("the square 1:60 2:61 3:62 4:62 5:62 6:67") == "down" == sv.observe(down).direction
-    assert tr.trace_direction("the star 1:42 2:41 3:--") == "up"
-    assert tr.trace_direction("the star 1:42 2:42 3:42") == "still"
-    # only where a cell changes, and the first and last frames seen: no entry copies the one before it
-    assert tr.answer_trace("direction", ["circle"], tracks, 64, "changes") == "the circle 2:15 3:25 4:35 5:35"
-    assert tr.answer_trace("appear_order", ["square", "circle"], tracks, 64, "changes") == \
-        "the square 1:60 2:61 3:62 6:67, the circle 2:15 3:25 4:35 5:35"
-    still = {"shape": "star", "colours": ["red"] * 3 + [None], "xs": [33.0] * 4, "ys": [17.0] * 4}
-    assert tr.answer_trace("direction", ["star"], [still], 64, "changes") == "the star 1:42 3:42"
-    assert tr.trace_direction("the star 1:42 3:42") == "still" == sv.observe(still).direction
-    with pytest.raises(ValueError, match="trace style"):
-        tr.answer_trace("direction", ["star"], [still], 64, "sparse")
-
-
-@pytest.mark.parametrize("style", ["frames", "changes"])
-def test_the_worlds_traces_imply_its_direction_answers(video_world, style):
-    """The answer a trace implies (`trace_direction`) is the world's for nearly every direction question:
-    the trace's 8-px cells miss a shape that moves less than one cell while visible, or whose first motion
-    before a bounce is shorter than a cell (0.96 of the full world's questions agree)."""
-    from glimpse.data import shapes_video as sv
-    from glimpse.data import shapes_video_traces as tr
-
-    clips = {c.video_id: c for c in sv.read_clips(video_world / "annotations/captions_train.json",
-                                                  video_world / "videos/train")}
-    qa = [q for q in json.loads((video_world / "annotations/qa_train.json").read_text())
-          if q["question_type"] == "direction"]
-    agree = [tr.trace_direction(tr.answer_trace("direction", q["shapes"], clips[q["video_id"]].tracks,
-                                                clips[q["video_id"]].width, style)) == q["answer"] for q in qa]
-    assert len(agree) >= 10 and sum(agree) >= 0.9 * len(agree), (sum(agree), len(agree))
-
-
-@pytest.mark.parametrize("twins,style", [(False, "frames"), (True, "frames"), (True, "changes")])
-def test_traced_answers_trace_the_asked_shapes_and_end_in_the_worlds_answer(video_world, twins, style):
-    from types import SimpleNamespace
-
-    from glimpse.data import shapes_video as sv
-    from glimpse.data import shapes_video_traces as tr
-    from glimpse.families.video_llava.data import video_records
-
-    cfg = SimpleNamespace(source="shapes-video")
-    plain = video_records(cfg, video_world, "train", twins=twins)
-    traced = video_records(cfg, video_world, "train", twins=twins, traces=True, trace_style=style)
-    assert [r["images"] for r in plain] == [r["images"] for r in traced]
-    spelt = 0
-    for a, b in zip(plain, traced):
-        for m, n in zip(a["messages"], b["messages"]):
-            if m["role"] == "user" or m == n:
-                assert m == n
-                continue
-            spelt += 1
-            trace, answer = n["content"].rsplit(tr.SO, 1)
-            assert answer == m["content"] == tr.final_answer(n["content"])
-            for part in trace.split(", "):  # "the circle 1:-- 2:25 ...": a frame's number, then its cells or "--"
-                words = part.split()
-                assert words[0] == "the" and words[1] in sv.world.SHAPES, part
-                entries = [w.split(":") for w in words[2:]]
-                if style == "frames":  # every frame, in order
-                    assert [f for f, _ in entries] == [str(k + 1) for k in range(8)], part
-                else:  # frames seen, in order, each cell but the last different from the one before it
-                    assert [int(f) for f, _ in entries] == sorted({int(f) for f, _ in entries}), part
-                    cells_seen = [c for _, c in entries]
-                    assert "--" not in cells_seen and all(a != b for a, b in zip(cells_seen[:-2], cells_seen[1:-1])), part
-                for _, cells in entries:
-                    assert cells == "--" or (len(cells) == 2 and cells.isdigit() and max(cells) < "8"), part
-    assert spelt > len(plain) // 4
 
 
 def test_the_cli_asks_and_captions_a_clip_file(run, video_world, cli_env):
