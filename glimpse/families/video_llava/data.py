@@ -14,7 +14,7 @@ then to read the answer off its own trace, instead of doing both at once.
 
 With `model.all_questions`, a clip's question conversation asks every question the world asks of it
 (qa_{split}.json, in an order fixed by the clip's name), not only the 2 or 3 its LLaVA-Video conversation
-picked: the world writes about 3.8 questions a clip and the conversations hold 2.4 of them.
+picked: the world (v3) writes about 4.1 questions a clip and the conversations hold 2.4 of them.
 
 With `model.still_twins`, a clip the world asks static questions of also comes as a still: its middle
 frame held for every frame, asked those static questions only (the world asks them only where every
