@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import glimpse
-from glimpse.data.shapes_video import observe
+from glimpse.data.shapes_video_text import observe
 from glimpse.data.video import clip_pixels
 
 

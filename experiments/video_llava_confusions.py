@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 import glimpse
-from glimpse.data.shapes_video import observe, read_clips
+from glimpse.data.shapes_video import read_clips
+from glimpse.data.shapes_video_text import observe
 from glimpse.families.video_llava.data import hold_middle
 from glimpse.families.video_llava.evaluate import _norm
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from glimpse.data.shapes_video import TEMPORAL_TYPES, _events, answer_of, observe, read_clips
+from glimpse.data.shapes_video import read_clips
+from glimpse.data.shapes_video_text import TEMPORAL_TYPES, _events, answer_of, observe
 from glimpse.families.video_llava.evaluate import _chance
 
 

@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("av")
 
 from glimpse.data import shapes_video as sv  # noqa: E402
+from glimpse.data import shapes_video_text as svt  # noqa: E402
 from glimpse.data.video import VideoError, VideoLimits, read_video, write_video  # noqa: E402
 from glimpse.metrics.retrieval import expected_recall  # noqa: E402
 from glimpse.models.temporal import TemporalPool  # noqa: E402
@@ -103,7 +104,7 @@ def test_is_there_is_answered_by_every_frame_and_its_shape_gives_nothing_away():
     rng, answers = np.random.default_rng(0), []
     for i in range(600):  # the world's own sampling, without drawing or encoding the clips
         tracks = sv._sample_clip(rng, 8, 64, novel=i % 2 == 1)
-        for q in sv._questions([sv.observe(t) for t in tracks], 8, False, rng, allow_novel=i % 2 == 1):
+        for q in svt._questions([svt.observe(t) for t in tracks], 8, False, rng, allow_novel=i % 2 == 1):
             if q["question_type"] != "exists":
                 continue
             colour, shape = q["question"].removesuffix("?").split()[-2:]
@@ -121,12 +122,12 @@ def test_observed_facts_follow_the_frames_and_flip_when_reversed():
     # a square moving right, reflected by the wall at x = 10 between frames 2 and 3, then gone at frame 5
     track = {"shape": "square", "colours": ["red", "red", "red", "orange", "orange", None],
              "xs": [4.0, 6.0, 8.0, 9.0, 7.0, 5.0], "ys": [5.0] * 6}
-    f = sv.observe(track)
+    f = svt.observe(track)
     assert (f.direction, f.bounces, f.appear, f.disappear, f.change) == ("right", [3], 0, 5, (3, "orange"))
-    back = sv.observe(sv.reverse_tracks([track])[0])
+    back = svt.observe(svt.reverse_tracks([track])[0])
     assert (back.direction, back.appear, back.disappear, back.change) == ("right", 1, None, (3, "red"))
-    assert sv.reverse_tracks(sv.reverse_tracks([track])) == [track]
-    assert sv.video_caption([track]) == "a red square moves right, bounces once, turns orange and disappears"
+    assert svt.reverse_tracks(svt.reverse_tracks([track])) == [track]
+    assert svt.video_caption([track]) == "a red square moves right, bounces once, turns orange and disappears"
 
 
 def test_answers_agree_with_the_tracks(video_world):
@@ -136,7 +137,7 @@ def test_answers_agree_with_the_tracks(video_world):
     checked = 0
     for q in qa:
         v = videos[q["video_id"]]
-        expected = sv.answer_of(q["question_type"], q["shapes"], v["tracks"], v["reversed"])
+        expected = svt.answer_of(q["question_type"], q["shapes"], v["tracks"], v["reversed"])
         assert expected is not None or q["question_type"] in ("before_after", "exists"), q  # asked: never a tie
         if expected is not None:
             assert q["answer"] == expected, q
@@ -144,11 +145,11 @@ def test_answers_agree_with_the_tracks(video_world):
         assert all(s in q["question"] for s in q["shapes"])
     assert checked > 50
     # played backwards, what moved left moves right and what appeared first disappears last
-    v = next(v for v in videos.values() if any(sv.observe(t).direction in ("left", "right") for t in v["tracks"]))
-    t = next(t for t in v["tracks"] if sv.observe(t).direction in ("left", "right"))
-    back = sv.answer_of("direction", [t["shape"]], sv.reverse_tracks(v["tracks"]), not v["reversed"])
-    forward = sv.answer_of("direction", [t["shape"]], v["tracks"], v["reversed"])
-    assert {back, forward} == {"left", "right"} or sv.observe(t).bounces
+    v = next(v for v in videos.values() if any(svt.observe(t).direction in ("left", "right") for t in v["tracks"]))
+    t = next(t for t in v["tracks"] if svt.observe(t).direction in ("left", "right"))
+    back = svt.answer_of("direction", [t["shape"]], svt.reverse_tracks(v["tracks"]), not v["reversed"])
+    forward = svt.answer_of("direction", [t["shape"]], v["tracks"], v["reversed"])
+    assert {back, forward} == {"left", "right"} or svt.observe(t).bounces
 
 
 # --- the temporal head and the metric ---------------------------------------------------------------

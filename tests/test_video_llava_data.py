@@ -13,7 +13,9 @@ import torch
 pytest.importorskip("av")
 
 from glimpse.data import shapes_video as sv  # noqa: E402
+from glimpse.data import shapes_video_text as svt  # noqa: E402
 from glimpse.data import shapes_video_traces as tr  # noqa: E402
+from glimpse.data.shapes import SHAPES  # noqa: E402
 from glimpse.families.video_llava import data as records  # noqa: E402
 
 
@@ -30,15 +32,15 @@ def test_reversed_twins_answer_as_the_clip_played_backwards(video_world):
         path, backwards = records.reversed_source(twin["images"][0])
         assert backwards and twin["messages"][0]["content"].startswith("<image>\n")
         v = videos[path.rsplit("/", 1)[1].removesuffix(".mp4")]
-        back = sv.reverse_tracks(v["tracks"])
+        back = svt.reverse_tracks(v["tracks"])
         turns = twin["messages"]
         for ask, answer in zip(turns[::2], turns[1::2]):
             question = ask["content"].removeprefix("<image>\n")
             q = qa.get((v["video_id"], question))
             if q is None:  # the description
-                assert answer["content"].lower().rstrip(".") == sv.video_caption(back)
+                assert answer["content"].lower().rstrip(".") == svt.video_caption(back)
                 continue
-            expected = sv.answer_of(q["question_type"], q["shapes"], back, not v["reversed"])
+            expected = svt.answer_of(q["question_type"], q["shapes"], back, not v["reversed"])
             assert answer["content"] == (q["answer"] if expected is None else expected), (q, answer)
             assert q["question_type"] != "before_after"
             flipped += answer["content"] != q["answer"]
@@ -107,8 +109,8 @@ def test_answer_trace_spells_out_each_frame_of_the_shapes_by_its_number_on_both_
     assert text == "the circle 1:-- 2:15 3:25 4:35 5:35 6:--, so right"
     assert tr.final_answer(text) == "right" and tr.final_answer("left") == "left"
     # the direction is read off the trace: the axis whose cells change most, the sign of its first change
-    assert tr.trace_direction("the circle 1:-- 2:15 3:25 4:35 5:35 6:--") == "right" == sv.observe(right).direction
-    assert tr.trace_direction("the square 1:60 2:61 3:62 4:62 5:62 6:67") == "down" == sv.observe(down).direction
+    assert tr.trace_direction("the circle 1:-- 2:15 3:25 4:35 5:35 6:--") == "right" == svt.observe(right).direction
+    assert tr.trace_direction("the square 1:60 2:61 3:62 4:62 5:62 6:67") == "down" == svt.observe(down).direction
     assert tr.trace_direction("the star 1:42 2:41 3:--") == "up"
     assert tr.trace_direction("the star 1:42 2:42 3:42") == "still"
     # only where a cell changes, and the first and last frames seen: no entry copies the one before it
@@ -117,7 +119,7 @@ def test_answer_trace_spells_out_each_frame_of_the_shapes_by_its_number_on_both_
         "the square 1:60 2:61 3:62 6:67, the circle 2:15 3:25 4:35 5:35"
     still = {"shape": "star", "colours": ["red"] * 3 + [None], "xs": [33.0] * 4, "ys": [17.0] * 4}
     assert tr.answer_trace("direction", ["star"], [still], 64, "changes") == "the star 1:42 3:42"
-    assert tr.trace_direction("the star 1:42 3:42") == "still" == sv.observe(still).direction
+    assert tr.trace_direction("the star 1:42 3:42") == "still" == svt.observe(still).direction
     with pytest.raises(ValueError, match="trace style"):
         tr.answer_trace("direction", ["star"], [still], 64, "sparse")
 
@@ -154,7 +156,7 @@ def test_traced_answers_trace_the_asked_shapes_and_end_in_the_worlds_answer(vide
             assert answer == m["content"] == tr.final_answer(n["content"])
             for part in trace.split(", "):  # "the circle 1:-- 2:25 ...": a frame's number, then its cells or "--"
                 words = part.split()
-                assert words[0] == "the" and words[1] in sv.world.SHAPES, part
+                assert words[0] == "the" and words[1] in SHAPES, part
                 entries = [w.split(":") for w in words[2:]]
                 if style == "frames":  # every frame, in order
                     assert [f for f, _ in entries] == [str(k + 1) for k in range(8)], part

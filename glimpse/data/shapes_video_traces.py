@@ -7,7 +7,7 @@ trace (`final_answer`).  Why and what it showed: docs/design.md, docs/results.md
 
 from __future__ import annotations
 
-from glimpse.data.shapes_video import MOTION
+from glimpse.data.shapes_video_text import MOTION
 
 TRACE_CELLS = 8  # a trace's cells along an axis: 8 px at 64 px
 TRACED_TYPES = ("direction", "bounces", "appear_order", "disappear_order", "before_after")

@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 
 from glimpse.data.images import ImageTransform, split_failures
 from glimpse.data.pairs import PairCollate
-from glimpse.data.shapes_video import Clip, clip_captions, read_clips, reverse_tracks, video_caption
+from glimpse.data.shapes_video import Clip, read_clips
+from glimpse.data.shapes_video_text import clip_captions, reverse_tracks, video_caption
 from glimpse.data.video import DEFAULT_LIMITS, VideoError, VideoLimits, decode_clip, to_pixels
 from glimpse.errors import GlimpseError
 

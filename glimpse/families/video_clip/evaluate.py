@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glimpse.data.shapes_video import reverse_tracks, video_caption
+from glimpse.data.shapes_video_text import reverse_tracks, video_caption
 from glimpse.data.video import VideoError
 from glimpse.families.video_clip.data import load_clips
 from glimpse.metrics.retrieval import expected_recall, ranks_of_targets, retrieval_metrics

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from glimpse.data.chat import from_llava
-from glimpse.data.shapes_video import answer_of, read_clips, reverse_tracks, video_caption
+from glimpse.data.shapes_video import read_clips
+from glimpse.data.shapes_video_text import answer_of, reverse_tracks, video_caption
 from glimpse.data.shapes_video_traces import answer_trace, traced
 from glimpse.errors import GlimpseError
 

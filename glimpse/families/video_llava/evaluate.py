@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from glimpse.data.images import ImageError
-from glimpse.data.shapes_video import TEMPORAL_TYPES, answer_of, read_clips, reverse_tracks
+from glimpse.data.shapes_video import read_clips
+from glimpse.data.shapes_video_text import TEMPORAL_TYPES, answer_of, reverse_tracks
 from glimpse.data.shapes_video_traces import final_answer, traced_answer_tokens
 from glimpse.families.video_llava.data import hold_middle
 from glimpse.metrics.captions import cider
