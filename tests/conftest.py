@@ -83,6 +83,22 @@ def tiny_vlm_run(world, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def dual(tiny_run):
+    """`tiny_run` loaded, once a test module (a module may mutate its pipeline)."""
+    import glimpse
+
+    return glimpse.load(tiny_run)
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_vlm_run):
+    """`tiny_vlm_run` loaded, once a test module."""
+    import glimpse
+
+    return glimpse.load(tiny_vlm_run)
+
+
 @pytest.fixture(scope="session")
 def video_world(tmp_path_factory) -> Path:
     """A tiny moving-shapes world (48 training clips of 8 frames at 32 px; shared, read-only)."""

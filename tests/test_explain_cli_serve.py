@@ -15,18 +15,7 @@ import pytest
 from conftest import PY, LiveServer, image_data_url
 from PIL import Image
 
-import glimpse
 from glimpse.explain import METHODS
-
-
-@pytest.fixture(scope="module")
-def dual(tiny_run):
-    return glimpse.load(tiny_run)
-
-
-@pytest.fixture(scope="module")
-def vlm(tiny_vlm_run):
-    return glimpse.load(tiny_vlm_run)
 
 
 @pytest.fixture(scope="module")

@@ -31,16 +31,6 @@ TIGHT = dict(atol=1e-5, rtol=1e-5)
 
 # -- 7. the pipelines end to end --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def dual(tiny_run):
-    return glimpse.load(tiny_run)
-
-
-@pytest.fixture(scope="module")
-def vlm(tiny_vlm_run):
-    return glimpse.load(tiny_vlm_run)
-
-
-@pytest.fixture(scope="module")
 def image(world):
     return world / "images" / "test" / "test_000000.png"
 

@@ -25,11 +25,6 @@ MODEL = "tiny-vlm"
 
 
 @pytest.fixture(scope="module")
-def vlm(tiny_vlm_run):
-    return glimpse.load(tiny_vlm_run)
-
-
-@pytest.fixture(scope="module")
 def images(world):
     return sorted((world / "images" / "test").glob("*.png"))[:6]
 

@@ -14,7 +14,6 @@ from conftest import LiveServer, image_data_url
 from PIL import Image
 from test_serve import MODEL, Blocker, ask, data_url, make_app, wait_for
 
-import glimpse
 import glimpse.serve.app as app_module
 
 
@@ -23,16 +22,6 @@ def bitmap_png(size) -> bytes:
     buf = io.BytesIO()
     Image.new("1", size, 1).save(buf, "PNG")
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def vlm(tiny_vlm_run):
-    return glimpse.load(tiny_vlm_run)
-
-
-@pytest.fixture(scope="module")
-def dual(tiny_run):
-    return glimpse.load(tiny_run)
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,10 @@ import httpx
 import pytest
 from conftest import PY, LiveServer, image_data_url
 
-import glimpse
 from glimpse.errors import GlimpseError
 from glimpse.serve import LOOPBACK_HOSTS, create_app, serve
 
 KEY = "sk-test-0123456789"
-
-
-@pytest.fixture(scope="module")
-def vlm(tiny_vlm_run):
-    return glimpse.load(tiny_vlm_run)
 
 
 def test_an_api_key_guards_every_v1_route(vlm, world):
