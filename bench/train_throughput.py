@@ -4,9 +4,12 @@ Measures, in one run and at the same precision, (a) the achieved GFLOP/s of a fu
 training step (forward, backward, AdamW; median step time) at a fixed config, counting FLOPs
 with torch's FlopCounterMode, and (b) the best GFLOP/s of a plain torch.matmul of a large
 square product over several rounds.
-Prints the ratio for fp32 and for bf16 autocast.
+Prints the ratio for fp32 and for bf16 autocast, each first with glibc's malloc as it comes, then as
+`glimpse train` runs on CPU, with malloc keeping freed blocks (glimpse.hardware.keep_freed_cpu_memory;
+it cannot be undone in a process, hence the order).
 
-    python bench/train_throughput.py [--steps 10] [--batch 128] [--compile] [--act gelu gelu_tanh] [--precision fp32]
+    python bench/train_throughput.py [--steps 10] [--batch 128] [--compile] [--act gelu gelu_tanh]
+        [--precision fp32] [--malloc default keep]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from glimpse.families.dual_encoder.model import DualEncoder, DualEncoderConfig
+from glimpse.hardware import keep_freed_cpu_memory
 from glimpse.losses import clip_loss
 from glimpse.models.text import TextConfig
 from glimpse.models.vision import VisionConfig
@@ -91,20 +95,27 @@ def main() -> None:
     ap.add_argument("--act", nargs="+", default=["gelu"], choices=["gelu", "gelu_tanh", "quick_gelu"],
                     help="the towers' activation; several: one fp32 row each, in the same run")
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--malloc", nargs="+", default=["default", "keep"], choices=["default", "keep"],
+                    help="glibc malloc as it comes, then keeping freed blocks (as glimpse train does on CPU)")
     a = ap.parse_args()
     cfg = config(a.act[0])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; config: ViT {cfg.vision.width}x"
           f"{cfg.vision.layers} on 64px/8, text {cfg.text.width}x{cfg.text.layers}, batch {a.batch}")
-    print(f"{'precision':<22}{'step GFLOP/s':>14}{'samples/s':>11}{'matmul GFLOP/s':>16}{'ratio':>8}")
-    for precision in a.precision:
-        ref = matmul_gflops(torch.float32 if precision == "fp32" else torch.bfloat16)
-        rows = [(f"{precision} {act}", dict(cfg=config(act))) for act in (a.act if precision == "fp32" else a.act[:1])]
-        if a.compile and precision == "fp32":
-            rows.append((f"compiled {a.act[0]}", dict(cfg=cfg, compile=True)))
-        for name, kw in rows:
-            achieved, sps = train_step_gflops(precision, a.batch, a.steps, **kw)
-            print(f"{name:<22}{achieved:>14.1f}{sps:>11.1f}{ref:>16.1f}{achieved / ref:>8.2f}")
-
+    print(f"{'precision':<30}{'step GFLOP/s':>14}{'samples/s':>11}{'matmul GFLOP/s':>16}{'ratio':>8}")
+    for malloc in sorted(set(a.malloc), key=["default", "keep"].index):
+        if malloc == "keep" and not keep_freed_cpu_memory():
+            print("malloc keep: not available here (not Linux with glibc)")
+            break
+        for precision in a.precision:
+            ref = matmul_gflops(torch.float32 if precision == "fp32" else torch.bfloat16)
+            rows = [(f"{precision} {act}", dict(cfg=config(act)))
+                    for act in (a.act if precision == "fp32" else a.act[:1])]
+            if a.compile and precision == "fp32":
+                rows.append((f"compiled {a.act[0]}", dict(cfg=cfg, compile=True)))
+            for name, kw in rows:
+                achieved, sps = train_step_gflops(precision, a.batch, a.steps, **kw)
+                print(f"{name + ', malloc ' + malloc:<30}{achieved:>14.1f}{sps:>11.1f}{ref:>16.1f}"
+                      f"{achieved / ref:>8.2f}")
 
 if __name__ == "__main__":
     main()

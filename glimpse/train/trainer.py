@@ -29,7 +29,7 @@ from glimpse.data.tokenizer import Tokenizer
 from glimpse.data.world import ensure_shapes, ensure_shapes_shop, ensure_shapes_video
 from glimpse.distributed import agree, all_reduce_int, all_reduce_mean, barrier, init_distributed
 from glimpse.errors import GlimpseError
-from glimpse.hardware import matmul_gflops, warn_if_slow_dtype
+from glimpse.hardware import keep_freed_cpu_memory, matmul_gflops, warn_if_slow_dtype
 from glimpse.hub import folder as hub_folder
 from glimpse.hub import is_hf_folder, resolve
 from glimpse.train import checkpoint as ckpt
@@ -162,6 +162,8 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and tc.keep_freed_memory:
+        keep_freed_cpu_memory()
     if tc.precision == "bf16" and main:
         warn_if_slow_dtype(torch.bfloat16, device, "train.precision: fp32")
     # a wall time holds only for its machine: the run records how fast this one multiplies (run.json)
