@@ -166,11 +166,42 @@ def test_slow_frames_add_their_unpooled_patches_after_every_frames_pooled_tokens
         torch.testing.assert_close(model.reverse_features(feats), model.tower_features(clip.flip(1)))
 
 
+def test_spatial_positions_start_at_zero_and_follow_the_pool_and_the_slow_patches():
+    from glimpse.families.video_llava.model import VideoLanguageModel, VideoLLaVAConfig
+    from glimpse.models.decoder import DecoderConfig
+    from glimpse.models.vision import VisionConfig
+
+    torch.manual_seed(0)
+    vision = VisionConfig(image_size=32, patch_size=8, width=16, layers=1, heads=2, class_token=False, pool="mean")
+    lm = DecoderConfig(vocab_size=40, width=16, layers=1, heads=2, context_length=80)
+    plain = VideoLanguageModel(VideoLLaVAConfig(vision=vision, lm=lm, num_frames=3, image_token_id=3,
+                                                slow_frames=1)).eval()
+    model = VideoLanguageModel(VideoLLaVAConfig(vision=vision, lm=lm, num_frames=3, image_token_id=3,
+                                                slow_frames=1, spatial_positions=True)).eval()
+    missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["spatial_pos"]  # a run without them continues with them
+    clip = torch.randn(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.tower_features(clip)
+        torch.testing.assert_close(model.project(feats), plain.project(feats))  # zero at the start
+        torch.nn.init.normal_(model.spatial_pos)
+        moved = model.project(feats) - plain.project(feats)
+    table = model.spatial_pos.detach()  # [16 patches of the 4x4 grid, width]
+    cells = F.avg_pool2d(table.T.reshape(1, 16, 4, 4), 2, 2).flatten(2)[0].T  # the 2x2 pooled cells
+    torch.testing.assert_close(moved[:, :12], cells.repeat(3, 1).expand(2, -1, -1))  # every frame's cells alike
+    torch.testing.assert_close(moved[:, 12:], table.expand(2, -1, -1))  # the slow frame's patches their own
+    assert not torch.allclose(moved[0, 0], moved[0, 1])  # cells differ: where a token lies is told
+
+
 def test_a_run_answers_and_captions_clips_and_reports_the_controls(run, pipe, video_world):
     results = json.loads((run / "eval.json").read_text())
     for key in ("temporal_acc", "chance_temporal", "shuffled_temporal_acc", "single_frame_temporal_acc",
                 "single_frame_static_acc", "cider"):
         assert f"test/{key}" in results, key
+    from glimpse.data.shapes_video_text import TEMPORAL_TYPES
+    shuffled = {k.split("shuffled_acc_")[1] for k in results if k.startswith("test/shuffled_acc_")}
+    assert shuffled and shuffled <= set(TEMPORAL_TYPES)  # per temporal type, beside its chance
+    assert all(0 <= results[f"test/chance_{t}"] <= 1 for t in shuffled)
     videos = clips(video_world)
     answers = pipe.ask(videos, ["which way does the circle move first?"] * 2, max_new_tokens=4)
     captions = pipe.caption(videos, max_new_tokens=6)

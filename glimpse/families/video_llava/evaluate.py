@@ -6,6 +6,8 @@ controls that show whether frame order is used, and captioning.
     acc_TYPE                     per question type (direction, bounces, appear_order, ..., colour, count)
     chance_temporal              the accuracy of always giving each type's most common training answer
     shuffled_temporal_acc        every clip's frames in a fixed random order
+    shuffled_acc_TYPE,           ... per temporal question type, beside that type's chance: which answers
+    chance_TYPE                  survive a shuffle
     single_frame_temporal_acc,   the middle frame repeated T times: what one frame tells (ATP)
     single_frame_static_acc
     reversed_flip                the clips played backwards, asked the direction and order questions whose
@@ -90,17 +92,22 @@ def evaluate_split(pipe, root: Path, split: str, batch_size: int = 64, limit: in
         acc = accuracy(pred, qa, kind)
         if acc is not None:
             out[f"{split}/{kind}_acc"] = acc
-    by_type: dict[str, list[bool]] = defaultdict(list)
-    for p, q in zip(pred, qa):
-        by_type[q["question_type"]].append(p == q["answer"])
-    out.update({f"{split}/acc_{t}": float(np.mean(h)) for t, h in sorted(by_type.items())})
+    def per_type(prefix, pred, items) -> dict[str, float]:
+        by_type: dict[str, list[bool]] = defaultdict(list)
+        for p, q in zip(pred, items):
+            by_type[q["question_type"]].append(p == q["answer"])
+        return {f"{split}/{prefix}_{t}": float(np.mean(h)) for t, h in sorted(by_type.items())}
+
+    out.update(per_type("acc", pred, qa))
     majority = _chance(root)
     temporal = [q for q in qa if q["question_type"] in TEMPORAL_TYPES]
     if temporal:
-        out[f"{split}/chance_temporal"] = float(np.mean([majority.get(q["question_type"]) == q["answer"]
-                                                         for q in temporal]))
+        guesses = [majority.get(q["question_type"]) for q in temporal]
+        out[f"{split}/chance_temporal"] = float(np.mean([g == q["answer"] for g, q in zip(guesses, temporal)]))
+        out.update(per_type("chance", guesses, temporal))
         shuffled = answers(lambda v: pixels[v][shuffle[v]], temporal)
         out[f"{split}/shuffled_temporal_acc"] = accuracy(shuffled, temporal, "temporal")
+        out.update(per_type("shuffled_acc", shuffled, temporal))
     single = answers(lambda v: hold_middle(pixels[v]), qa)
     for kind in ("temporal", "static"):
         acc = accuracy(single, qa, kind)

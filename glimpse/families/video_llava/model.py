@@ -21,6 +21,13 @@ With `slow_frames: k`, k frames spread over the clip (k = 1: the middle one) als
 token, after the pooled tokens of all frames: SlowFast-LLaVA's and LLaVA-Video's slow pathway (few frames,
 many tokens) beside the fast one (every frame, pooled).  A pooled 16-px cell mixes the parts of two shapes;
 the slow frame keeps which colour belongs to which shape, and the frame positions tie it to the fast tokens.
+
+With `spatial_positions`, a learned embedding per patch of the grid is added to the tokens too, pooled as
+the features are (a pooled token gets the mean of its patches' embeddings; a slow frame's patch its own):
+where a token lies in its frame, as Qwen2-VL's M-RoPE gives each visual token its row and column beside its
+time.  The frozen tower was trained for a mean-pooled image embedding, so its patch features need not say
+where they are; to follow "the red circle" from the slow frame to the fast tokens the LM needs to.  Zero at
+the start, so the model starts as it was (a trained run continues with it exactly).
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ class VideoLLaVAConfig(VLMConfig):
     temporal_max_frames: int = 16
     temporal_conv: int = 0  # frames in the kernel of the spatial-temporal convolution (module docstring); 0: off
     slow_frames: int = 0  # frames also given unpooled, every patch a token (module docstring); 0: off
+    spatial_positions: bool = False  # a learned embedding per grid patch, pooled with the features (module docstring)
 
 
 class VideoLanguageModel(VisionLanguageModel):
@@ -73,6 +81,9 @@ class VideoLanguageModel(VisionLanguageModel):
         super().__init__(cfg)
         self.frame_pos = nn.Parameter(torch.randn(cfg.num_frames, self.lm.cfg.width) * 0.02) \
             if cfg.frame_positions else None
+        grid = cfg.vision.image_size // cfg.vision.patch_size
+        self.spatial_pos = nn.Parameter(torch.zeros(grid * grid, self.lm.cfg.width)) \
+            if cfg.spatial_positions else None
         if cfg.temporal_tokens:  # named as in the video dual encoder, so its run's parts load by init_parts
             self.visual_projection = nn.Linear(cfg.vision.width, cfg.temporal_dim, bias=False)
             self.temporal = TemporalPool(cfg.temporal_dim, "seqTransf", cfg.temporal_layers, cfg.temporal_heads,
@@ -177,10 +188,15 @@ class VideoLanguageModel(VisionLanguageModel):
         x = self.connector(patches.flatten(1, 2))
         if self.frame_pos is not None:
             x = x + self.frame_pos.repeat_interleave(self.tokens_per_frame(self.cfg), dim=0).to(x.dtype)
+        if self.spatial_pos is not None:  # each frame's tokens in the same places
+            cells = self._pool(self.spatial_pos[None])[0] if self.cfg.spatial_pool != "none" else self.spatial_pos
+            x = x + cells.repeat(T, 1).to(x.dtype)
         if slow is not None:
             s = self.connector(slow.flatten(1, 2))
             if self.frame_pos is not None:
                 s = s + self.frame_pos[at].repeat_interleave(P, dim=0).to(s.dtype)
+            if self.spatial_pos is not None:
+                s = s + self.spatial_pos.repeat(len(at), 1).to(s.dtype)
             x = torch.cat([x, s], dim=1)
         if frames is not None:
             t = self.temporal_connector(self.temporal.per_frame(self.visual_projection(frames)))
