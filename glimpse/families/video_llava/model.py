@@ -73,7 +73,8 @@ class VideoLLaVAConfig(VLMConfig):
     temporal_max_frames: int = 16
     temporal_conv: int = 0  # frames in the kernel of the spatial-temporal convolution (module docstring); 0: off
     slow_frames: int = 0  # frames also given unpooled, every patch a token (module docstring); 0: off
-    spatial_positions: bool = False  # a learned embedding per grid patch, pooled with the features (module docstring)
+    # a learned embedding per grid patch, pooled with the features (module docstring); worse in the recipe (session 28)
+    spatial_positions: bool = False
 
 
 class VideoLanguageModel(VisionLanguageModel):
