@@ -15,6 +15,7 @@ from PIL import Image
 from test_serve import MODEL, Blocker, ask, data_url, make_app, wait_for
 
 import glimpse.serve.app as app_module
+import glimpse.serve.inputs as inputs_module
 
 
 def bitmap_png(size) -> bytes:
@@ -62,13 +63,13 @@ def test_a_waiting_request_holds_its_images_at_the_model_size(vlm):
 
 def test_a_burst_is_refused_before_its_images_are_decoded(vlm, images, monkeypatch):
     decoded = []
-    real = app_module.load_image
+    real = inputs_module.load_image
 
     def counting(*a, **kw):
         decoded.append(1)
         return real(*a, **kw)
 
-    monkeypatch.setattr(app_module, "load_image", counting)
+    monkeypatch.setattr(inputs_module, "load_image", counting)
     app = make_app(vlm, max_pending=3)
     engine = app.state.engine
     body = {"model": MODEL, "messages": ask(image_data_url(images[0]), "hi"), "max_tokens": 2}

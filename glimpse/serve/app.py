@@ -11,7 +11,7 @@
 
 Every error is OpenAI's body {"error": {"message", "type", "param", "code"}} with a 4xx status for
 anything the client can fix.  Messages never carry a traceback or server internals: requests are
-checked (schemas.py), images decoded and prompts built before a request is queued, so the model
+checked (schemas.py), images decoded and prompts built (inputs.py) before a request is queued, so the model
 worker only sees requests that can run.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -30,18 +29,15 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glimpse.data.images import ImageError, load_image
-from glimpse.data.messages import decode_data_url
-from glimpse.data.video import VideoLimits
 from glimpse.errors import GlimpseError
 from glimpse.families.base import can_chat, can_embed, can_explain_chat, can_generate_images, can_recommend
 from glimpse.serve.engine import Engine, Job, QueueFull
 from glimpse.serve.extensions import add_extensions
 from glimpse.serve.guards import APIError, BodyLimit, Gate, ServerLimits, error_response
+from glimpse.serve.inputs import RequestReader
 from glimpse.serve.replies import answer_or_disconnect, sse_chunks
 from glimpse.serve.schemas import (
     ChatCompletionRequest,
@@ -76,9 +72,7 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     recommends = can_recommend(pipeline)
     explains = can_explain_chat(pipeline)  # chat models whose answers glimpse.explain traces
     engine = Engine(pipeline, max_batch=limits.max_batch, max_pending=limits.max_pending)
-    decoding = threading.BoundedSemaphore(limits.max_decoding)
-    transform = getattr(pipeline, "transform", None)  # the model's input size, to shrink images to
-    reads_video = hasattr(pipeline, "load_video")  # a video model's content parts are video_url
+    reader = RequestReader(pipeline, model_name, limits, remote)  # text, images and videos under the limits
     app = FastAPI(title="glimpse", version="1", docs_url=None, redoc_url=None)
     app.state.engine, app.state.model_name = engine, model_name
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
@@ -109,54 +103,6 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
             raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
-    def fetch_image(url: str) -> bytes:
-        if url.startswith("data:"):
-            data = decode_data_url(url)
-        elif url.split(":", 1)[0].lower() in ("http", "https") and remote is not None:
-            data = remote.fetch(url)
-        elif url.split(":", 1)[0].lower() in ("http", "https"):
-            raise GlimpseError("remote image URLs are disabled on this server: send the image as a base64 "
-                               "data: URL")
-        else:
-            raise GlimpseError("images must be base64 data: URLs (file: and other URLs are refused)")
-        if len(data) > limits.max_image_bytes:
-            raise GlimpseError(f"an image is over the {limits.max_image_bytes}-byte limit")
-        return data
-
-    def read_video(url: str):
-        """One of a request's videos as the model's input: its sampled frames, decoded within the limits."""
-        data = decode_data_url(url) if url.startswith("data:") else None
-        if data is None:
-            raise GlimpseError("videos must be base64 data: URLs (data:video/mp4;base64,...); no URL is fetched")
-        if len(data) > limits.max_video_bytes:
-            raise GlimpseError(f"a video is over the {limits.max_video_bytes}-byte limit")
-        with decoding:
-            return pipeline.load_video(data, VideoLimits(
-                max_bytes=limits.max_video_bytes, max_pixels=limits.max_image_pixels,
-                max_duration=float(limits.max_video_seconds), max_decoded=limits.max_video_frames))
-
-    def read_image(url: str, budget: list[int], name: str):
-        """One of a request's images: decoded within what is left of the request's pixel budget, a few at a
-        time server-wide, and shrunk at once to the model's input size (what the model sees, unchanged),
-        so that a waiting request holds kilobytes, not the decoded original."""
-        data = fetch_image(url)
-        with decoding:
-            try:
-                image = load_image(data, max_pixels=min(limits.max_image_pixels, budget[0]), name=name)
-            except ImageError as e:
-                if e.reason == "oversized" and budget[0] < limits.max_image_pixels:
-                    raise GlimpseError(f"the request's images are over its budget of {limits.max_request_pixels:,} "
-                                       "decoded pixels") from None
-                raise
-            budget[0] -= image.width * image.height
-            return Image.fromarray(transform.resized_array(image)) if transform is not None else image
-
-    def check_text(texts, param: str) -> None:
-        """Refuse a request whose text is over the character limit before anything tokenizes it."""
-        if sum(len(t) for t in texts) > limits.max_request_chars:
-            raise APIError(400, f"the request's text is over the {limits.max_request_chars:,}-character limit",
-                           param=param)
-
     def reserved(prepare):
         """Run `prepare` (off the event loop) in a slot reserved first, so a burst is refused before any
         decoding; the slot is given back if the request is refused while it is prepared."""
@@ -175,39 +121,6 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     def worker_error(error: Exception) -> Exception:
         """What the worker raised, for the client: a user error (a GlimpseError) is a 400, a bug a 500."""
         return APIError(400, str(error)) if isinstance(error, GlimpseError) else error
-
-    def build_prompt(body: ChatCompletionRequest):
-        """(ids, images) of the request, its images decoded and shrunk; 400s for what cannot run."""
-        messages, n_images, budget = [], 0, [limits.max_request_pixels]
-        for i, m in enumerate(body.messages):
-            role = "system" if m.role == "developer" else m.role
-            if isinstance(m.content, str):
-                messages.append({"role": role, "content": m.content})
-                continue
-            parts = []
-            for part in m.content:
-                if part.type == "text":
-                    parts.append({"type": "text", "text": part.text})
-                    continue
-                n_images += 1
-                if n_images > limits.max_images:
-                    raise APIError(400, f"too many images: at most {limits.max_images} per request",
-                                   param="messages")
-                video = part.type == "video_url"
-                if video != reads_video:
-                    raise APIError(400, f"{model_name} reads {'videos: send video_url' if reads_video else 'images: send image_url'}"
-                                   " parts", param=f"messages.{i}.content")
-                try:
-                    image = read_video(part.video_url.url) if video else read_image(part.image_url.url, budget,
-                                                                                    f"#{n_images}")
-                except GlimpseError as e:
-                    raise APIError(400, str(e), param=f"messages.{i}.content") from None
-                parts.append({"type": "image", "image": image})
-            messages.append({"role": role, "content": parts})
-        try:
-            return pipeline.chat_prompt(messages)
-        except GlimpseError as e:
-            raise APIError(400, str(e), param="messages") from None
 
     def unable(what: str) -> APIError:
         """The 400 of an endpoint the model cannot answer, saying where it is answered."""
@@ -269,10 +182,10 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
         texts = []
         for m in body.messages:
             texts += [m.content] if isinstance(m.content, str) else [p.text for p in m.content if p.type == "text"]
-        check_text(texts, "messages")
+        reader.check_text(texts, "messages")
 
         def prepare():
-            ids, images = build_prompt(body)
+            ids, images = reader.build_prompt(body)
             room = pipeline.context_length - len(ids)
             max_new = body.max_completion_tokens or body.max_tokens or max(1, min(256, room))
             if max_new > room:
@@ -337,14 +250,14 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
         if kinds.count("images") > limits.max_images:
             raise APIError(400, f"too many images: at most {limits.max_images} per request", param="input")
         texts = [i for i, kind in enumerate(kinds) if kind == "texts"]
-        check_text([inputs[i] for i in texts], "input")
+        reader.check_text([inputs[i] for i in texts], "input")
 
         def prepare() -> dict:
             budget, images = [limits.max_request_pixels], {}
             for i, kind in enumerate(kinds):
                 if kind == "images":
                     try:
-                        images[i] = read_image(inputs[i], budget, f"#{i}")
+                        images[i] = reader.read_image(inputs[i], budget, f"#{i}")
                     except GlimpseError as e:
                         raise APIError(400, str(e), param=f"input.{i}") from None
             return images
@@ -427,8 +340,8 @@ def create_app(pipeline, model_name: str, limits: ServerLimits | None = None, re
     # the glimpse extensions (recommendations, explanations), with this app's helpers
     add_extensions(app, SimpleNamespace(
         pipeline=pipeline, model_name=model_name, limits=limits, recommends=recommends, explains=explains,
-        check_model=check_model, unable=unable, check_text=check_text, reserved=reserved, read_image=read_image,
-        build_prompt=build_prompt, in_worker=in_worker, worker_error=worker_error))
+        check_model=check_model, unable=unable, check_text=reader.check_text, reserved=reserved,
+        read_image=reader.read_image, build_prompt=reader.build_prompt, in_worker=in_worker, worker_error=worker_error))
 
     def openapi():  # the schema names the one model served (requests naming another get a 404)
         if app.openapi_schema is None:
