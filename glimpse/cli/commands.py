@@ -271,8 +271,10 @@ def cmd_generate(a) -> None:
 
 
 def cmd_demo(a) -> None:
-    from glimpse.demo import run_captioner_demo, run_demo, run_t2i_demo
+    from glimpse.demo import run_demo
+    from glimpse.demo.captioner import run_captioner_demo
     from glimpse.demo.recsys import run_recsys_demo
+    from glimpse.demo.t2i import run_t2i_demo
     from glimpse.demo.video import run_video_demo
 
     if a.which == "captioner":
