@@ -44,9 +44,14 @@ def _start(out) -> tuple[float, Path, float]:
     out = Path(out)
     _prepare_out(out)
     (out / MARKER).write_text(json.dumps({"started": t0}))
+    return t0, out, _machine_rate()
+
+
+def _machine_rate() -> float:
+    """The machine's fp32 matmul rate, measured and printed: every demo's times hold only for it."""
     gflops = matmul_gflops()
     print(f"this machine: fp32 matmul {gflops:.0f} GFLOP/s (2048 x 2048, best of 3), {torch.get_num_threads()} threads")
-    return t0, out, gflops
+    return gflops
 
 
 def _finish(out: Path, report: Path, elapsed: float, gflops: float, **results) -> dict:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from glimpse.config import load_recipe
-from glimpse.hardware import matmul_gflops
+from glimpse.demo import _machine_rate
 
 
 def run_captioner_demo(out: str | Path = "runs/demo-captioner", progress: bool = True,
@@ -23,8 +21,7 @@ def run_captioner_demo(out: str | Path = "runs/demo-captioner", progress: bool =
 
     t0 = time.time()
     out = Path(out)
-    gflops = matmul_gflops()
-    print(f"this machine: fp32 matmul {gflops:.0f} GFLOP/s (2048 x 2048, best of 3), {torch.get_num_threads()} threads")
+    gflops = _machine_rate()
     recipe = load_recipe("shapes-captioner-demo", overrides or [])
     root = data_root(recipe, progress)
     results = train(recipe, out, progress=progress)
