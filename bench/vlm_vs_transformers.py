@@ -12,8 +12,12 @@ attention), with random weights: speed does not depend on their values.  Measure
   rows are the same model without them.  `--compile-decode` adds glimpse with each decode step
   compiled (`GenerationConfig.compile`, CPU only; infer/static_decode.py), its one-time compile
   printed apart and left out of the tokens/s, against transformers' default (eager) `generate`.
+- `--roofline`: each batch-1 decode step (the time for 33 new tokens less that for 1, over 32, so image
+  encoding and prefill fall out) against the memory roof: the bytes a step reads (the LM's weights but
+  its input embedding, whose one row a step reads, plus the KV cache) over the machine's read bandwidth
+  (`glimpse.hardware.memory_read_gbps`), the figure issue 25 asks of a GPU (>= 70%), here for any device.
 
-    python bench/vlm_vs_transformers.py [--size small|base] [--precision fp32|bf16] [--device cpu|cuda]
+    python bench/vlm_vs_transformers.py [--size small|base] [--precision fp32|bf16] [--device cpu|cuda] [--roofline]
 
 Prints each figure and the ratio glimpse / transformers.
 """
@@ -28,6 +32,7 @@ import time
 import torch
 
 from glimpse.families.vlm.model import VisionLanguageModel, VLMConfig
+from glimpse.hardware import memory_read_gbps
 from glimpse.infer.generate import GenerationConfig, generate
 from glimpse.losses import lm_loss_at_targets
 from glimpse.models.decoder import DecoderConfig
@@ -167,6 +172,34 @@ def glimpse_greedy(model, b: dict, new_tokens: int, compile: bool = False) -> No
     assert all(len(o) == new_tokens for o in out)
 
 
+def step_bytes(model: VisionLanguageModel, s: dict, bytes_per_value: int, positions: int) -> tuple[float, float]:
+    """(weights, KV cache) bytes one batch-1 decode step reads at `positions` cached tokens: every LM weight
+    but the input embedding's (one row of it), and each layer's keys and values."""
+    lm = model.lm
+    weights = sum(p.numel() for n, p in lm.named_parameters() if not n.startswith("token_embed."))
+    kv = 2 * lm.cfg.layers * (lm.cfg.kv_heads or lm.cfg.heads) * (lm.cfg.width // lm.cfg.heads) * positions
+    return weights * bytes_per_value, kv * bytes_per_value
+
+
+def roofline(ours, theirs, s: dict, device, precision: str, reps: int, compile: bool) -> None:
+    """Print each batch-1 decode step's time and its share of the memory roof."""
+    n = 33
+    prompt = 32 + glimpse_image_tokens(s)  # decode_tokens_per_s's prompt: 32 text tokens and the image's
+    w, kv = step_bytes(ours, s, 2 if precision == "bf16" else 4, prompt + n // 2)
+    gbps = memory_read_gbps(str(device))
+    roof = gbps * 1e9 / (w + kv)
+    print(f"batch-1 decode steps against the memory roof: {(w + kv) / 1e6:.1f} MB a step (weights "
+          f"{w / 1e6:.1f}, KV cache {kv / 1e6:.1f}), memory read {gbps:.1f} GB/s -> at most {roof:.1f} steps/s")
+    kinds = [("glimpse", ours, "glimpse", False), ("transformers", theirs, "hf", False)]
+    if compile:
+        kinds.insert(1, ("glimpse, compiled steps", ours, "glimpse", True))
+    for name, model, kind, comp in kinds:
+        t_n = n / decode_tokens_per_s(model, kind, s, 1, n, device, precision, reps, compile=comp)
+        t_1 = 1 / decode_tokens_per_s(model, kind, s, 1, 1, device, precision, reps, compile=comp)
+        step = (t_n - t_1) / (n - 1)
+        print(f"  {name:26s} {step * 1e3:7.2f} ms a step, {1 / step:6.1f} steps/s: {1 / step / roof:.2f} of the roof")
+
+
 def glimpse_image_tokens(s: dict) -> int:
     return (s["image"] // s["patch"]) ** 2
 
@@ -181,6 +214,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time glimpse's step under torch.compile")
     ap.add_argument("--compile-decode", action="store_true", help="also time glimpse's decoding with compiled steps (CPU)")
     ap.add_argument("--skip", choices=["train", "decode"], action="append", default=[])
+    ap.add_argument("--roofline", action="store_true", help="also batch-1 decode steps against the memory roof")
     a = ap.parse_args()
     device = torch.device(a.device)
     s = SIZES[a.size]
@@ -217,6 +251,8 @@ def main() -> None:
                 c = decode_tokens_per_s(ours, "glimpse", s, bs, a.new_tokens, device, a.precision,
                                         max(2, a.steps // 2), compile=True)
                 rows.append((f"  ... compiled steps, batch {bs}", c, h))
+    if a.roofline:
+        roofline(ours, theirs, s, device, a.precision, max(3, a.steps // 2), a.compile_decode)
     print(f"{'':28s} {'glimpse':>10s} {'transformers':>13s} {'ratio':>7s}")
     for name, g, h in rows:
         print(f"{name:28s} {g:10.1f} {h:13.1f} {g / h:6.2f}x")

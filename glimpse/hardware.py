@@ -33,6 +33,30 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: in
 
 
 @functools.cache
+def memory_read_gbps(device: str = "cpu", mib: int = 512, repeats: int = 5) -> float:
+    """The best rate at which this machine reads an fp32 tensor of `mib` MiB, far past any cache, in GB/s
+    (measured once per process): the faster of a sum over it and a matrix-vector product with it as the
+    matrix.  The roof of batch-1 decoding, which reads every weight of the LM once per token."""
+    x = torch.ones(mib * 2**20 // 4, device=device)
+    w, v = x.view(-1, 4096), torch.ones(4096, device=device)
+
+    def sync():
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    best = float("inf")
+    for fn in (x.sum, lambda: w.mv(v)):
+        fn()  # warm-up
+        sync()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+@functools.cache
 def cpu_bf16_is_slow() -> bool:
     """True when a bf16 matmul on this CPU is more than 4x slower than fp32 (no native bf16): a 256²
     product in each, timed once (about 30 ms on a CPU without it)."""

@@ -51,6 +51,7 @@ def test_bf16_on_a_cpu_without_it_is_said_once(tiny_run, capsys, monkeypatch):
 def test_the_bf16_probe_measures_this_machine():
     slow = hardware.cpu_bf16_is_slow()
     assert isinstance(slow, bool) and hardware.matmul_gflops(n=256, repeats=1) > 0
+    assert hardware.memory_read_gbps(mib=8, repeats=1) > 0
 
 
 def test_a_folder_without_a_tokenizer_loads_for_its_modules(tmp_path):
