@@ -172,7 +172,7 @@ def glimpse_greedy(model, b: dict, new_tokens: int, compile: bool = False) -> No
     assert all(len(o) == new_tokens for o in out)
 
 
-def step_bytes(model: VisionLanguageModel, s: dict, bytes_per_value: int, positions: int) -> tuple[float, float]:
+def step_bytes(model: VisionLanguageModel, bytes_per_value: int, positions: int) -> tuple[float, float]:
     """(weights, KV cache) bytes one batch-1 decode step reads at `positions` cached tokens: every LM weight
     but the input embedding's (one row of it), and each layer's keys and values."""
     lm = model.lm
@@ -185,7 +185,7 @@ def roofline(ours, theirs, s: dict, device, precision: str, reps: int, compile: 
     """Print each batch-1 decode step's time and its share of the memory roof."""
     n = 33
     prompt = 32 + glimpse_image_tokens(s)  # decode_tokens_per_s's prompt: 32 text tokens and the image's
-    w, kv = step_bytes(ours, s, 2 if precision == "bf16" else 4, prompt + n // 2)
+    w, kv = step_bytes(ours, 2 if precision == "bf16" else 4, prompt + n // 2)
     gbps = memory_read_gbps(str(device))
     roof = gbps * 1e9 / (w + kv)
     print(f"batch-1 decode steps against the memory roof: {(w + kv) / 1e6:.1f} MB a step (weights "

@@ -16,20 +16,24 @@ import torch
 def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 3, device: str = "cpu") -> float:
     """The best rate of an n x n matmul over `repeats` runs, in GFLOP/s (measured once per process)."""
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    return 2 * n**3 / _best_seconds(lambda: a @ b, device, repeats) / 1e9
 
+
+def _best_seconds(fn, device: str, repeats: int) -> float:
+    """The shortest of `repeats` timed calls of `fn`, after one warm-up (thread pool, allocator, kernels)."""
     def sync():
         if device != "cpu":
             torch.cuda.synchronize()
 
-    a @ b  # warm-up: thread pool, allocator, kernels
+    fn()
     sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        a @ b
+        fn()
         sync()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return best
 
 
 @functools.cache
@@ -39,20 +43,7 @@ def memory_read_gbps(device: str = "cpu", mib: int = 512, repeats: int = 5) -> f
     matrix.  The roof of batch-1 decoding, which reads every weight of the LM once per token."""
     x = torch.ones(mib * 2**20 // 4, device=device)
     w, v = x.view(-1, 4096), torch.ones(4096, device=device)
-
-    def sync():
-        if device != "cpu":
-            torch.cuda.synchronize()
-
-    best = float("inf")
-    for fn in (x.sum, lambda: w.mv(v)):
-        fn()  # warm-up
-        sync()
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            best = min(best, time.perf_counter() - t0)
+    best = min(_best_seconds(x.sum, device, repeats), _best_seconds(lambda: w.mv(v), device, repeats))
     return x.numel() * 4 / best / 1e9
 
 
