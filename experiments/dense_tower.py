@@ -169,7 +169,8 @@ def main() -> None:
     print("the tower with the heads:")
     train(tower.train(), heads, data, a.steps, a.lr, a.batch, a.background, train_tower=True, where=a.where, keep=a.keep)
     after = accuracy(tower.eval(), heads, val)
-    print("val, tuned tower:  " + report.format(*after[:3], after[3] * vc.patch_size))
+    line = "val, tuned tower:  " + report.format(*after[:3], after[3] * vc.patch_size)
+    print(line if a.where > 0 else line.split("  offset")[0])  # without --where the offset head is the probe's, stale
 
     # the CLIP run, copied, its tower's weights replaced (the text tower and the rest as they were)
     src, out = Path(a.clip_run), Path(a.out)
