@@ -164,13 +164,14 @@ def main() -> None:
     print("heads alone on the frozen tower (a linear probe):")
     train(tower, heads, data, max(200, a.steps // 3), 3e-3, a.batch, a.background, train_tower=False, where=1.0)
     before = accuracy(tower.eval(), heads, val)
-    report = "shape {:.3f}  colour {:.3f}  both {:.3f}  offset error {:.2f} px"
-    print("val, frozen tower: " + report.format(*before[:3], before[3] * vc.patch_size))
+    report = "shape {:.3f}  colour {:.3f}  both {:.3f}"
+    print("val, frozen tower: " + report.format(*before[:3]) + f"  offset error {before[3] * vc.patch_size:.2f} px")
     print("the tower with the heads:")
     train(tower.train(), heads, data, a.steps, a.lr, a.batch, a.background, train_tower=True, where=a.where, keep=a.keep)
     after = accuracy(tower.eval(), heads, val)
-    line = "val, tuned tower:  " + report.format(*after[:3], after[3] * vc.patch_size)
-    print(line if a.where > 0 else line.split("  offset")[0])  # without --where the offset head is the probe's, stale
+    # without --where the offset head is still the probe's, which says nothing of the tuned tower
+    where = f"  offset error {after[3] * vc.patch_size:.2f} px" if a.where > 0 else ""
+    print("val, tuned tower:  " + report.format(*after[:3]) + where)
 
     # the CLIP run, copied, its tower's weights replaced (the text tower and the rest as they were)
     src, out = Path(a.clip_run), Path(a.out)
