@@ -241,11 +241,12 @@ def test_cuda_graph_decoding_equals_eager(arch, compile):
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor's CPU code needs a C++ compiler")
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_compiled_cpu_decoding_equals_eager(arch):
-    """The compiled CPU step (weights frozen as constants) gives eager's tokens, greedy and seeded
-    sampling; prompts of another length in the same cache bucket reuse the compiled step (learned
-    positions too); and weights changed in place after compiling are not run stale."""
+    """The compiled CPU step and prefill (weights frozen as constants) give eager's tokens, greedy and
+    seeded sampling; prompts of another length in the same cache bucket reuse the compiled programs
+    (learned positions too); and weights changed in place after compiling are not run stale."""
     from torch._dynamo.utils import counters
 
+    from glimpse.infer import static_decode
     from glimpse.infer.generate import GenerationConfig, generate
     from glimpse.models.decoder import CausalLM, DecoderConfig
 
@@ -261,11 +262,14 @@ def test_compiled_cpu_decoding_equals_eager(arch):
     before = counters["stats"]["unique_graphs"]
     eager, compiled = both(prompts)
     assert compiled == eager and counters["stats"]["unique_graphs"] > before  # it did compile
+    assert {"prefill", "step-max-autotune"} <= set(static_decode._compiled)  # the prompts' pass too
     compiled_once = counters["stats"]["unique_graphs"]
     eager, compiled = both([p + [20, 21, 22] for p in prompts])  # 8 tokens, not 5: the same 64-slot bucket
     assert compiled == eager and counters["stats"]["unique_graphs"] == compiled_once
     if arch == "llama":
         eager, compiled = both(prompts, do_sample=True, temperature=0.8, top_p=0.9, seed=3)
+        assert compiled == eager
+        eager, compiled = both(prompts[:1])  # batch 1: the step's attention is `_one_query`'s products
         assert compiled == eager
     with torch.no_grad():
         m.lm_head.weight.mul_(-1.0)  # in place: the same tensors, a new version
@@ -273,6 +277,25 @@ def test_compiled_cpu_decoding_equals_eager(arch):
     assert compiled == eager
     with pytest.raises(ValueError, match="beam search"):
         generate(m, prompts, GenerationConfig(max_new_tokens=4, num_beams=2, compile=True))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_one_query_attention_equals_sdpa(kv_heads):
+    """A batch-1 compiled decode step's attention (two products and a softmax) equals SDPA's, grouped
+    query heads and a cache mask included."""
+    import torch.nn.functional as F
+
+    from glimpse.models.attention import _one_query
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 1, 8, generator=g)
+    k, v = torch.randn(2, 1, kv_heads, 11, 8, generator=g)
+    mask = torch.rand(1, 1, 1, 11, generator=g) > 0.3
+    mask[..., -1] = True
+    for m in (None, mask):
+        ref = F.scaled_dot_product_attention(q, k.repeat_interleave(4 // kv_heads, 1),
+                                             v.repeat_interleave(4 // kv_heads, 1), attn_mask=m)
+        torch.testing.assert_close(_one_query(q, k, v, m), ref)
 
 
 # ---- continuous batching: rows join a running batch and leave it ----------------------------------

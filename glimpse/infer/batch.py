@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glimpse.infer.packed_linear import pack_linears
-from glimpse.infer.static_decode import COMPILE_LENGTH_BUCKET, StaticDecoder
+from glimpse.infer.static_decode import COMPILE_LENGTH_BUCKET, StaticDecoder, compiled_prefill
 from glimpse.models.decoder import KVCache, positions_from_mask
 
 
@@ -115,8 +115,10 @@ def _memory_inputs(memory, memory_mask, T: int, device) -> dict:
     return {"memory": mem, "memory_mask": mask}
 
 
-def _prefill(model, prompts, pad_id: int, prefix_embeds, extra: int, memory=None, memory_mask=None):
-    """Left-pad, run the prompts through a fresh cache with room for `extra` more tokens.
+def _prefill(model, prompts, pad_id: int, prefix_embeds, extra: int, memory=None, memory_mask=None,
+             compile: bool = False):
+    """Left-pad, run the prompts through a fresh cache with room for `extra` more tokens (`compile`: on a
+    CPU, as a compiled program, unless they read a cross-attention memory).
     -> (last logits [B, V], mask [B, T], last positions [B, 1], cache)."""
     pack_linears(model)  # on a CPU the decode steps then multiply by oneDNN-packed weights
     device = next(model.parameters()).device
@@ -131,8 +133,11 @@ def _prefill(model, prompts, pad_id: int, prefix_embeds, extra: int, memory=None
     x = model.embed(ids)  # the padding keeps pad_id's embedding; the mask hides it anyway
     for i, e in enumerate(prefix_embeds or []):
         x[i, T - e.shape[0]:] = e.to(x)
-    hidden = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, cache=cache, return_hidden=True,
-                   **_memory_inputs(memory, memory_mask, T, device))
+    if compile and memory is None and device.type == "cpu":  # where it was measured (bench/RESULTS.md)
+        hidden = compiled_prefill(model, x, mask, pos, cache)
+    else:
+        hidden = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, cache=cache, return_hidden=True,
+                       **_memory_inputs(memory, memory_mask, T, device))
     return model.lm_head(hidden[:, -1]), mask, pos[:, -1:], cache  # logits of the last position only
 
 
@@ -221,7 +226,7 @@ class DecodeBatch:
             T = max(len(p) for p in prompts)
             extra = -(-(T + extra) // COMPILE_LENGTH_BUCKET) * COMPILE_LENGTH_BUCKET - T
         logits, mask, pos, cache = _prefill(self.model, prompts, self.pad_id, prefix_embeds, extra, memory,
-                                            memory_mask)
+                                            memory_mask, compile=self.cfg.compile)
         handles = list(range(self._next, self._next + len(prompts)))
         self._next += len(prompts)
         for h, n in zip(handles, limits):

@@ -25,6 +25,13 @@ are reset when either changes (`_fresh_compile`).  Consequences: compiled decodi
 per process at a time (alternating models recompile each time, and the reset also drops other
 compiled functions, such as a `train.compile` step, which then retrace); and writes through `.data`,
 which bump no version, go unseen (as by `PackedLinear`'s packed copies): call `invalidate()` after them.
+
+On a CPU the prompts' pass (the prefill) is compiled too (`compiled_prefill`, dynamic shapes, so one
+program serves every prompt length): with the products at the matmul rate already, the norms, RoPE
+and the MLP's gating around them are what a compiled prefill saves (a fifth of a batch-16 prefill).
+Both are tied to the same weights and reset together.  A step's shapes are compiled once and run once
+before the first token (a machine that cannot compile fails early); later generations of the same
+shapes skip that run.
 """
 
 from __future__ import annotations
@@ -38,43 +45,71 @@ import torch
 # that prompts of similar lengths share one compiled program.
 COMPILE_LENGTH_BUCKET = 64
 
-_compiled_step = None
-_compiled_for: tuple | None = None  # (weakref to the model, its weights' (data_ptr, version)s, the mode)
+_compiled: dict[str, object] = {}  # "step-<mode>" / "prefill": the compiled functions
+_compiled_for: tuple | None = None  # (weakref to the model, its weights' (data_ptr, version)s)
+_warm_steps: set[tuple] = set()  # the step shapes compiled (and run once) since the last reset
 _lock = threading.Lock()
 
 
 def invalidate() -> None:
-    """Forget the compiled step: the next compiled decoding compiles afresh (after weights were
+    """Forget the compiled programs: the next compiled decoding compiles afresh (after weights were
     changed in a way their versions do not show, such as writes through `.data`)."""
-    global _compiled_step, _compiled_for
+    global _compiled_for
     with _lock:
         if _compiled_for is not None:
             torch._dynamo.reset()
-        _compiled_step = _compiled_for = None
+        _compiled.clear()
+        _warm_steps.clear()
+        _compiled_for = None
 
 
 def _weights_signature(model) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
 
 
-def _fresh_compile(model, mode: str):
-    """The compiled step function, after a reset of torch's compile caches if they may hold another
-    model's (or older) weights as constants."""
-    global _compiled_step, _compiled_for
+def _fresh_compile(model, what: str):
+    """The compiled function `what` ("step-<mode>" or "prefill"), after a reset of torch's compile caches
+    if they may hold another model's (or older) weights as constants."""
+    global _compiled_for
     sig = _weights_signature(model)
     with _lock:
-        if _compiled_for is not None and (_compiled_for[0]() is not model or _compiled_for[1:] != (sig, mode)):
+        if _compiled_for is not None and (_compiled_for[0]() is not model or _compiled_for[1] != sig):
             torch._dynamo.reset()
-            _compiled_step = None
-        if _compiled_step is None:
-            _compiled_step = torch.compile(_forward, dynamic=False, mode=mode)
-        _compiled_for = (weakref.ref(model), sig, mode)
-        return _compiled_step
+            _compiled.clear()
+            _warm_steps.clear()
+        if what not in _compiled:
+            if what == "prefill":  # any batch and prompt length: one program (batch 1 and prompts of one
+                # token are specialised apart), about half a minute of compiling on 2 cores
+                _compiled[what] = torch.compile(_prefill_forward, dynamic=True)
+            else:
+                _compiled[what] = torch.compile(_forward, dynamic=False, mode=what.removeprefix("step-"))
+        _compiled_for = (weakref.ref(model), sig)
+        return _compiled[what]
 
 
 def _forward(d: StaticDecoder) -> torch.Tensor:
     mask = d.valid | (d.columns == d.slot)  # the new token also sees itself
     return d.model(d.tokens, mask, position_ids=d.pos + 1, cache=d.cache)[:, -1]
+
+
+def _prefill_forward(model, x, mask, pos, cache) -> torch.Tensor:
+    return model(inputs_embeds=x, attention_mask=mask, position_ids=pos, cache=cache, return_hidden=True)
+
+
+def compiled_prefill(model, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+    """The prompts' final hidden states [B, T, D] (`model(..., return_hidden=True)`), compiled: inductor
+    fuses the norms, RoPE and the MLP's gating around the products, which in eager mode cost a fifth
+    of a batch-16 prefill on a CPU (bench/RESULTS.md).  `mask` [B, T] as `_prefill`'s; compiled with
+    the weights as constants on a CPU, so tied to the model's weights as the step is."""
+    if bool(mask.all()):
+        ready = None  # no padding: SDPA's causal path, and no data-dependent check in the program
+    else:
+        from glimpse.models.decoder import attention_mask_for
+
+        ready = attention_mask_for(mask, x.shape[1], 0, x.device)[0]
+    fn = _fresh_compile(model, "prefill")
+    with torch._inductor.config.patch(freezing=x.device.type == "cpu"):
+        return fn(model, x, ready, pos, cache)
 
 
 class StaticDecoder:
@@ -102,13 +137,17 @@ class StaticDecoder:
         if not (compiled or graph):
             raise ValueError("a static step is compiled, replayed as a CUDA graph, or both")
         try:
-            if compiled:  # compile now (one step, into the slot the first real step overwrites), so that
-                # a machine that cannot compile fails before any token
-                self.compiled = _fresh_compile(model, "max-autotune" if self._cpu else "default")
+            if compiled:
+                self.compiled = _fresh_compile(model, "step-" + ("max-autotune" if self._cpu else "default"))
             if graph:
                 self._capture()
             else:
-                self._run_compiled()
+                # the first time for these shapes, compile now (one step, into the slot the first real
+                # step overwrites), so that a machine that cannot compile fails before any token
+                shapes = (B, S, cache.k[0].dtype, device)
+                if shapes not in _warm_steps:
+                    self._run_compiled()
+                    _warm_steps.add(shapes)
         except Exception:
             cache.slot = None
             raise

@@ -57,12 +57,28 @@ def record_attention():
         _RECORDER.reset(token)
 
 
+def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one sequence's one new token (a compiled decode step at batch 1), as two products
+    and a softmax that inductor fuses: SDPA's CPU kernel has a fixed cost of ~90 us a layer, more than
+    this work; about 1 ms of a 15 ms step of bench/vlm_vs_transformers.py's model (at batch 16 SDPA's
+    one pass over the cache wins, bench/RESULTS.md).  Grouped-query heads: the query heads of a kv
+    head are its rows."""
+    H, hd, KV = q.shape[1], q.shape[3], k.shape[1]
+    scores = (q.reshape(1, KV, H // KV, hd) @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # [1, KV, G, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(1, 1, 1, -1), float("-inf"))
+    return (scores.softmax(-1) @ v).reshape(1, H, 1, hd)
+
+
 def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            attn_mask: torch.Tensor | None = None, is_causal: bool = False, enable_gqa: bool = False) -> torch.Tensor:
     """Attention of q [B, H, T, hd] over k, v [B, H|KV, S, hd] -> [B, H, T, hd], SDPA's semantics:
     a bool mask is True where a query may attend, a float mask is added to the scores; `is_causal`
     aligns the causal triangle to the top left, as SDPA does."""
     recorder = _RECORDER.get() if _ACTIVE else None
+    if recorder is None and q.shape[0] == 1 and q.shape[2] == 1 and torch.compiler.is_compiling() \
+            and (attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.numel() == k.shape[-2])):
+        return _one_query(q, k, v, attn_mask)
     if recorder is None:
         extra = {"enable_gqa": True} if enable_gqa else {}
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **extra)

@@ -192,7 +192,7 @@ def attention_mask_for(attention_mask: torch.Tensor | None, T: int, past: int, d
         raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {past} + {T}")
     padded = attention_mask is not None and not bool(attention_mask.all())
     if not padded and past == 0:
-        return None, T > 1  # SDPA's fast causal path
+        return None, True if T > 1 else False  # SDPA's fast causal path (a plain bool, not a SymBool, in a compiled prefill)
     if not padded and T == 1:
         return None, False  # one new token sees the whole prefix
     q_pos = torch.arange(past, S, device=device)[:, None]  # [T, 1]
