@@ -137,30 +137,47 @@ def hf_loss(model, b):
     return model(**b).loss
 
 
-@torch.no_grad()
-def decode_tokens_per_s(model, kind: str, s: dict, batch: int, new_tokens: int, device, precision: str,
-                        reps: int, compile: bool = False) -> float:
+def decode_runner(model, kind: str, s: dict, batch: int, new_tokens: int, device, precision: str,
+                  compile: bool = False):
+    """A function that decodes `new_tokens` greedily for a batch of `batch` prompts (image + text)."""
     model.eval()
     b = batch_inputs({**s, "batch": batch, "text": 32}, glimpse_image_tokens(s), device)
     if precision == "bf16":  # inference runs on bf16 weights (training used autocast on fp32 ones)
         model.to(torch.bfloat16)
         b["pixel_values"] = b["pixel_values"].to(torch.bfloat16)
 
+    @torch.no_grad()
     def run():
-        if True:
-            if kind == "glimpse":
-                glimpse_greedy(model, b, new_tokens, compile=compile)
-            else:
-                out = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                     pixel_values=b["pixel_values"], max_new_tokens=new_tokens,
-                                     min_new_tokens=new_tokens, do_sample=False)
-                assert out.shape[1] == b["input_ids"].shape[1] + new_tokens
+        if kind == "glimpse":
+            glimpse_greedy(model, b, new_tokens, compile=compile)
+        else:
+            out = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                 pixel_values=b["pixel_values"], max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False)
+            assert out.shape[1] == b["input_ids"].shape[1] + new_tokens
 
-    if compile:  # the first run compiles the step for this batch's shapes: timed apart
+    if compile:  # the first run compiles the prefill and the step for this batch's shapes: timed apart
         t = time.perf_counter()
         run()
-        print(f"  compiling glimpse's decode step, batch {batch}: {time.perf_counter() - t:.0f} s (first run)")
-    return batch * new_tokens / _median_time(run, device, reps, warmup=1)
+        print(f"  compiling glimpse's prefill and decode step, batch {batch}: {time.perf_counter() - t:.0f} s")
+    return run
+
+
+def decode_tokens_per_s(runners: dict, batch: int, new_tokens: int, device, reps: int) -> dict:
+    """Greedy tokens/s of each runner (`decode_runner`), timed in turns (one run of each, `reps` times;
+    the median of each), so that a machine whose speed drifts during the benchmark (memory bandwidth
+    shared with neighbours) slows every contender alike."""
+    times = {name: [] for name in runners}
+    for run in runners.values():
+        run()  # warm-up
+    for _ in range(reps):
+        for name, run in runners.items():
+            _sync(device)
+            t = time.perf_counter()
+            run()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: batch * new_tokens / statistics.median(t) for name, t in times.items()}
 
 
 def glimpse_greedy(model, b: dict, new_tokens: int, compile: bool = False) -> None:
@@ -190,13 +207,14 @@ def roofline(ours, theirs, s: dict, device, precision: str, reps: int, compile: 
     roof = gbps * 1e9 / (w + kv)
     print(f"batch-1 decode steps against the memory roof: {(w + kv) / 1e6:.1f} MB a step (weights "
           f"{w / 1e6:.1f}, KV cache {kv / 1e6:.1f}), memory read {gbps:.1f} GB/s -> at most {roof:.1f} steps/s")
-    kinds = [("glimpse", ours, "glimpse", False), ("transformers", theirs, "hf", False)]
+    kinds = {"glimpse": (ours, "glimpse", False), "transformers": (theirs, "hf", False)}
     if compile:
-        kinds.insert(1, ("glimpse, compiled steps", ours, "glimpse", True))
-    for name, model, kind, comp in kinds:
-        t_n = n / decode_tokens_per_s(model, kind, s, 1, n, device, precision, reps, compile=comp)
-        t_1 = 1 / decode_tokens_per_s(model, kind, s, 1, 1, device, precision, reps, compile=comp)
-        step = (t_n - t_1) / (n - 1)
+        kinds["glimpse, compiled steps"] = (ours, "glimpse", True)
+    rates = {k: decode_tokens_per_s({name: decode_runner(model, kind, s, 1, k, device, precision, comp)
+                                     for name, (model, kind, comp) in kinds.items()}, 1, k, device, reps)
+             for k in (n, 1)}
+    for name in kinds:
+        step = (n / rates[n][name] - 1 / rates[1][name]) / (n - 1)
         print(f"  {name:26s} {step * 1e3:7.2f} ms a step, {1 / step:6.1f} steps/s: {1 / step / roof:.2f} of the roof")
 
 
@@ -240,17 +258,19 @@ def main() -> None:
             plain = copy.deepcopy(ours)
             plain.lm._glimpse_packed = True  # pack_linears then leaves it as it is
         for bs in (1, 16):
-            g = decode_tokens_per_s(ours, "glimpse", s, bs, a.new_tokens, device, a.precision, max(2, a.steps // 2))
-            h = decode_tokens_per_s(theirs, "hf", s, bs, a.new_tokens, device, a.precision, max(2, a.steps // 2))
-            rows.append((f"greedy tokens/s, batch {bs}", g, h))
+            runners = {"hf": decode_runner(theirs, "hf", s, bs, a.new_tokens, device, a.precision),
+                       "glimpse": decode_runner(ours, "glimpse", s, bs, a.new_tokens, device, a.precision)}
             if plain is not None:
-                p = decode_tokens_per_s(plain, "glimpse", s, bs, a.new_tokens, device, a.precision,
-                                        max(2, a.steps // 2))
-                rows.append((f"  ... F.linear weights, batch {bs}", p, h))
+                runners["plain"] = decode_runner(plain, "glimpse", s, bs, a.new_tokens, device, a.precision)
             if a.compile_decode:
-                c = decode_tokens_per_s(ours, "glimpse", s, bs, a.new_tokens, device, a.precision,
-                                        max(2, a.steps // 2), compile=True)
-                rows.append((f"  ... compiled steps, batch {bs}", c, h))
+                runners["compiled"] = decode_runner(ours, "glimpse", s, bs, a.new_tokens, device, a.precision,
+                                                    compile=True)
+            r = decode_tokens_per_s(runners, bs, a.new_tokens, device, max(2, a.steps // 2))
+            rows.append((f"greedy tokens/s, batch {bs}", r["glimpse"], r["hf"]))
+            if plain is not None:
+                rows.append((f"  ... F.linear weights, batch {bs}", r["plain"], r["hf"]))
+            if a.compile_decode:
+                rows.append((f"  ... compiled steps, batch {bs}", r["compiled"], r["hf"]))
     if a.roofline:
         roofline(ours, theirs, s, device, a.precision, max(3, a.steps // 2), a.compile_decode)
     print(f"{'':28s} {'glimpse':>10s} {'transformers':>13s} {'ratio':>7s}")

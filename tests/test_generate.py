@@ -410,6 +410,13 @@ def test_packed_linear_equals_linear_and_never_goes_stale():
         assert not torch.allclose(changed, packed, atol=1e-3)
         torch.testing.assert_close(changed, model[2](torch.nn.functional.gelu(
             torch.nn.functional.linear(x, model[0].weight, model[0].bias))), atol=1e-5, rtol=1e-5)
+        one = x[:1, :1]  # one row: packed or F.linear, whichever this machine runs faster (timed once)
+        torch.testing.assert_close(model[0](one), torch.nn.functional.linear(one, model[0].weight, model[0].bias),
+                                   atol=1e-5, rtol=1e-5)
+        assert isinstance(model[0]._one_row_packed, bool)
+        model[0]._one_row_packed = not model[0]._one_row_packed  # and the other way gives the same
+        torch.testing.assert_close(model[0](one), torch.nn.functional.linear(one, model[0].weight, model[0].bias),
+                                   atol=1e-5, rtol=1e-5)
         twin = copy.deepcopy(model)  # a used model copies (randomised explanations, EMA teachers) and pickles
         assert twin[0]._packed is None and type(twin[0]) is PackedLinear
         torch.testing.assert_close(twin(x), model(x))

@@ -16,6 +16,8 @@ LM's linear weights' memory once more.  The packed product is oneDNN's, so it ma
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,7 @@ class PackedLinear(nn.Linear):
 
     _packed: torch.Tensor | None = None
     _packed_of: tuple[int, int] = (-1, -1)  # (data_ptr, version) of the weight it was made from
+    _one_row_packed: bool | None = None  # whether one row runs faster packed (timed at first use)
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the packed weight behind (oneDNN's opaque tensor has no storage to copy):
@@ -56,8 +59,28 @@ class PackedLinear(nn.Linear):
             self._packed_of = key
         bias = None if self.bias is None else self.bias.detach()
         rows = x.reshape(-1, self.in_features).contiguous()  # a no-op unless x is a strided view
+        if rows.shape[0] == 1:
+            if self._one_row_packed is None:
+                self._one_row_packed = _packed_is_faster(rows, w.detach(), self._packed, bias)
+            if not self._one_row_packed:
+                return F.linear(x, w, self.bias)
         y = torch.ops.mkldnn._linear_pointwise(rows, self._packed, bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
+
+
+def _packed_is_faster(rows: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias, reps: int = 5) -> bool:
+    """Whether the packed product of `rows` beats F.linear on this machine: each run `reps` times, in
+    turns, the best of each compared."""
+    best = {True: float("inf"), False: float("inf")}
+    for _ in range(reps):
+        for use_packed in (True, False):
+            t = time.perf_counter()
+            if use_packed:
+                torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+            else:
+                F.linear(rows, weight, bias)
+            best[use_packed] = min(best[use_packed], time.perf_counter() - t)
+    return best[True] < best[False]
 
 
 def pack_linears(model: nn.Module) -> int:
