@@ -240,7 +240,7 @@ def test_cuda_graph_decoding_equals_eager(arch, compile):
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor's CPU code needs a C++ compiler")
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_compiled_cpu_decoding_equals_eager(arch):
+def test_compiled_cpu_decoding_equals_eager(arch, monkeypatch):
     """The compiled CPU step and prefill (weights frozen as constants) give eager's tokens, greedy and
     seeded sampling; prompts of another length in the same cache bucket reuse the compiled programs
     (learned positions too); and weights changed in place after compiling are not run stale."""
@@ -248,6 +248,7 @@ def test_compiled_cpu_decoding_equals_eager(arch):
 
     from glimpse.infer import static_decode
     from glimpse.infer.generate import GenerationConfig, generate
+    from glimpse.models import attention
     from glimpse.models.decoder import CausalLM, DecoderConfig
 
     torch.manual_seed(0)
@@ -269,10 +270,14 @@ def test_compiled_cpu_decoding_equals_eager(arch):
     if arch == "llama":
         eager, compiled = both(prompts, do_sample=True, temperature=0.8, top_p=0.9, seed=3)
         assert compiled == eager
+        one_query = attention._one_query
+        calls = []
+        monkeypatch.setattr(attention, "_one_query", lambda *a: calls.append(1) or one_query(*a))
         eager, compiled = both(prompts[:1])  # batch 1: the step's attention is `_one_query`'s products
-        assert compiled == eager
+        assert compiled == eager and calls
     with torch.no_grad():
         m.lm_head.weight.mul_(-1.0)  # in place: the same tensors, a new version
+        m.blocks[0].attn.o.weight.add_(torch.randn_like(m.blocks[0].attn.o.weight))  # inside prefill and step
     eager, compiled = both(prompts)
     assert compiled == eager
     with pytest.raises(ValueError, match="beam search"):

@@ -57,8 +57,8 @@ class GenerationConfig:
     ignore_eos: bool = False  # benchmarks decode a fixed number of tokens
     cuda_graph: bool = True  # on CUDA, replay each greedy/sampling step as a CUDA graph (infer/static_decode.py)
     # run each step of a fixed batch compiled (infer/static_decode.py; on CUDA inside the step's CUDA
-    # graph): about a minute of compiling per batch shape, then faster tokens; for long or many
-    # generations of one shape
+    # graph; on a CPU the prefill too): about a minute of compiling per batch shape, then faster tokens;
+    # for long or many generations of one shape
     compile: bool = False
 
 

@@ -33,7 +33,8 @@ def available() -> bool:
 
 class PackedLinear(nn.Linear):
     """An nn.Linear (same parameters, same state dict) that multiplies small fp32 CPU batches with a
-    oneDNN-packed copy of its weight when no gradient is wanted.  Made by `pack_linears`."""
+    oneDNN-packed copy of its weight when no gradient is wanted (one row: only where that was timed
+    faster, see the module docstring).  Made by `pack_linears`."""
 
     _packed: torch.Tensor | None = None
     _packed_of: tuple[int, int] = (-1, -1)  # (data_ptr, version) of the weight it was made from
@@ -45,6 +46,7 @@ class PackedLinear(nn.Linear):
         state = super().__getstate__()
         state.pop("_packed", None)
         state.pop("_packed_of", None)
+        state.pop("_one_row_packed", None)  # timed on this machine: a copy elsewhere times its own
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ program serves every prompt length): with the products at the matmul rate alread
 and the MLP's gating around them are what a compiled prefill saves (a fifth of a batch-16 prefill).
 Both are tied to the same weights and reset together.  A step's shapes are compiled once and run once
 before the first token (a machine that cannot compile fails early); later generations of the same
-shapes skip that run.
+shapes skip that run (after a `torch._dynamo.reset()` other than `invalidate`'s, their first token
+compiles).
 """
 
 from __future__ import annotations
@@ -144,7 +145,9 @@ class StaticDecoder:
             else:
                 # the first time for these shapes, compile now (one step, into the slot the first real
                 # step overwrites), so that a machine that cannot compile fails before any token
-                shapes = (B, S, cache.k[0].dtype, device)
+                memory = tuple((key, tuple(t.shape for t in (v if isinstance(v, tuple) else (v,))))
+                               for key, v in sorted(cache.memory.items(), key=lambda kv: str(kv[0])))
+                shapes = (B, S, cache.k[0].dtype, device, memory)  # a cross-attention memory's too
                 if shapes not in _warm_steps:
                     self._run_compiled()
                     _warm_steps.add(shapes)

@@ -1,5 +1,6 @@
 """Every attention layer of glimpse computes its attention through `attend`: the fused kernel
-(`scaled_dot_product_attention`) normally, explicit probabilities in explain mode.
+(`scaled_dot_product_attention`) normally, explicit probabilities in explain mode, and two products
+for the one query of a compiled batch-1 decode step on a CPU (`_one_query`).
 
 SDPA returns no attention weights (transformers' SDPA path neither, transformers#31990), and an
 explanation needs them, with their gradients.  Inside `record_attention()`, `attend` computes
@@ -58,11 +59,11 @@ def record_attention():
 
 
 def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of one sequence's one new token (a compiled decode step at batch 1), as two products
-    and a softmax that inductor fuses: SDPA's CPU kernel has a fixed cost of ~90 us a layer, more than
+    """Attention of one sequence's one new token (a compiled fp32 decode step at batch 1 on a CPU, where
+    it was measured), as two products and a softmax that inductor fuses: SDPA's CPU kernel has a fixed cost of ~90 us a layer, more than
     this work; about 1 ms of a 15 ms step of bench/vlm_vs_transformers.py's model (at batch 16 SDPA's
     one pass over the cache wins, bench/RESULTS.md).  Grouped-query heads: the query heads of a kv
-    head are its rows."""
+    head are its rows.  A mask with no True gives NaN here (SDPA gives zeros); no decode step has one."""
     H, hd, KV = q.shape[1], q.shape[3], k.shape[1]
     scores = (q.reshape(1, KV, H // KV, hd) @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # [1, KV, G, S]
     if mask is not None:
@@ -76,7 +77,8 @@ def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     a bool mask is True where a query may attend, a float mask is added to the scores; `is_causal`
     aligns the causal triangle to the top left, as SDPA does."""
     recorder = _RECORDER.get() if _ACTIVE else None
-    if recorder is None and q.shape[0] == 1 and q.shape[2] == 1 and torch.compiler.is_compiling() \
+    if recorder is None and q.shape[0] == 1 and q.shape[2] == 1 and not is_causal and q.device.type == "cpu" \
+            and q.dtype == torch.float32 and torch.compiler.is_compiling() \
             and (attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.numel() == k.shape[-2])):
         return _one_query(q, k, v, attn_mask)
     if recorder is None:
