@@ -42,6 +42,8 @@ import weakref
 
 import torch
 
+from glimpse.models.decoder import attention_mask_for
+
 # A compiled step is specialised to its batch's shapes; cache lengths are rounded up to this, so
 # that prompts of similar lengths share one compiled program.
 COMPILE_LENGTH_BUCKET = 64
@@ -102,12 +104,8 @@ def compiled_prefill(model, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tens
     fuses the norms, RoPE and the MLP's gating around the products, which in eager mode cost a fifth
     of a batch-16 prefill on a CPU (bench/RESULTS.md).  `mask` [B, T] as `_prefill`'s; compiled with
     the weights as constants on a CPU, so tied to the model's weights as the step is."""
-    if bool(mask.all()):
-        ready = None  # no padding: SDPA's causal path, and no data-dependent check in the program
-    else:
-        from glimpse.models.decoder import attention_mask_for
-
-        ready = attention_mask_for(mask, x.shape[1], 0, x.device)[0]
+    # no padding: SDPA's causal path; else the ready mask, and no data-dependent check in the program
+    ready = None if bool(mask.all()) else attention_mask_for(mask, x.shape[1], 0, x.device)[0]
     fn = _fresh_compile(model, "prefill")
     with torch._inductor.config.patch(freezing=x.device.type == "cpu"):
         return fn(model, x, ready, pos, cache)
@@ -145,8 +143,7 @@ class StaticDecoder:
             else:
                 # the first time for these shapes, compile now (one step, into the slot the first real
                 # step overwrites), so that a machine that cannot compile fails before any token
-                memory = tuple((key, tuple(t.shape for t in (v if isinstance(v, tuple) else (v,))))
-                               for key, v in sorted(cache.memory.items(), key=lambda kv: str(kv[0])))
+                memory = tuple(t.shape for v in cache.memory.values() for t in (v if isinstance(v, tuple) else (v,)))
                 shapes = (B, S, cache.k[0].dtype, device, memory)  # a cross-attention memory's too
                 if shapes not in _warm_steps:
                     self._run_compiled()

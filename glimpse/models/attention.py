@@ -60,10 +60,11 @@ def record_attention():
 
 def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of one sequence's one new token (a compiled fp32 decode step at batch 1 on a CPU, where
-    it was measured), as two products and a softmax that inductor fuses: SDPA's CPU kernel has a fixed cost of ~90 us a layer, more than
-    this work; about 1 ms of a 15 ms step of bench/vlm_vs_transformers.py's model (at batch 16 SDPA's
-    one pass over the cache wins, bench/RESULTS.md).  Grouped-query heads: the query heads of a kv
-    head are its rows.  A mask with no True gives NaN here (SDPA gives zeros); no decode step has one."""
+    it was measured), as two products and a softmax that inductor fuses: SDPA's CPU kernel has a fixed
+    cost of ~90 us a layer, more than this work; about 1 ms of a 15 ms step of bench/vlm_vs_transformers.py's
+    model (at batch 16 SDPA's one pass over the cache wins, bench/RESULTS.md).  Grouped-query heads: the
+    query heads of a kv head are its rows.  A mask with no True gives NaN here (SDPA gives zeros); no
+    decode step has one."""
     H, hd, KV = q.shape[1], q.shape[3], k.shape[1]
     scores = (q.reshape(1, KV, H // KV, hd) @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # [1, KV, G, S]
     if mask is not None:
