@@ -94,14 +94,17 @@ def model_part(model: torch.nn.Module, part: str, why: str = "") -> torch.nn.Mod
     return sub
 
 
-def load_part(model: torch.nn.Module, part: str, path: str | Path) -> None:
-    """Strictly load one top-level submodule from a run's weights: the tensors under "part." when the
-    file has any (the vision tower of a dual encoder), else the whole file (a language-model run)."""
+def load_part(model: torch.nn.Module, part: str, path: str | Path, source: str = "") -> None:
+    """Strictly load one top-level submodule from a run's weights: the tensors under "source." (`source`
+    given: a recipe's `init_parts: {second_vision: RUN#vision}`), else under "part." when the file has
+    any (the vision tower of a dual encoder), else the whole file (a language-model run)."""
     sub = model_part(model, part, "init_parts: ")
     tensors = read_weights(path)
-    prefix = part + "."
-    picked = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)} or tensors
-    load_tensors(sub, picked, f"{path} (for {part})")
+    prefix = (source or part) + "."
+    picked = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if source and not picked:
+        raise GlimpseError(f"init_parts: {path} has no part {source!r} (no tensor under {prefix!r})")
+    load_tensors(sub, picked or tensors, f"{path} (for {part})")
 
 
 def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> None:

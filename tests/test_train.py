@@ -193,6 +193,27 @@ def test_init_parts_and_freeze(tiny_run, world, tmp_path):
         train(recipe, tmp_path / "other", progress=False)
 
 
+def test_init_parts_takes_a_named_part_of_a_run(tiny_run):
+    """RUN#name: a part filled from another part of a run (a dual encoder's vision tower as a video LLaVA's
+    second tower); a name the run lacks is refused by name."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from glimpse.runs import load_part, run_weights
+
+    src = load_file(str(run_weights(tiny_run)))
+    holder = torch.nn.Module()
+    holder.second_vision = copy.deepcopy(glimpse.load(tiny_run).model.vision)
+    for p in holder.second_vision.parameters():
+        torch.nn.init.normal_(p.data)
+    load_part(holder, "second_vision", run_weights(tiny_run), source="vision")
+    tensors = holder.second_vision.state_dict()
+    assert tensors and all(torch.equal(v, src["vision." + k]) for k, v in tensors.items())
+    with pytest.raises(GlimpseError, match="has no part 'eyes'"):
+        load_part(holder, "second_vision", run_weights(tiny_run), source="eyes")
+
+
 def test_lr_scale_gives_a_part_its_own_learning_rate(world, tiny_run, tmp_path):
     """train.lr_scale: a part fine-tuned at a fraction of the lr (here nearly frozen) while the
     rest trains at the full rate; an unknown part is refused by name."""

@@ -166,6 +166,50 @@ def test_slow_frames_add_their_unpooled_patches_after_every_frames_pooled_tokens
         torch.testing.assert_close(model.reverse_features(feats), model.tower_features(clip.flip(1)))
 
 
+def test_a_second_tower_joins_the_first_by_channel_and_the_convolution_reads_the_first_alone():
+    from glimpse.families.video_llava.model import VideoLanguageModel, VideoLLaVAConfig
+    from glimpse.models.decoder import DecoderConfig
+    from glimpse.models.vision import VisionConfig
+
+    torch.manual_seed(0)
+    vision = VisionConfig(image_size=32, patch_size=8, width=16, layers=1, heads=2, class_token=False, pool="mean")
+    lm = DecoderConfig(vocab_size=40, width=16, layers=1, heads=2, context_length=96)
+    settings = dict(vision=vision, lm=lm, num_frames=5, image_token_id=3, temporal_conv=3, slow_frames=1)
+    one = VideoLanguageModel(VideoLLaVAConfig(**settings)).eval()
+    two = VideoLanguageModel(VideoLLaVAConfig(**settings, second_tower=True)).eval()
+    torch.nn.init.normal_(one.st_conv.weight, std=0.1)
+    shapes = {k: v.shape for k, v in two.state_dict().items()}
+    assert shapes["connector.linear_1.weight"] == (16, 32)  # both towers' channels
+    assert two.image_tokens == one.image_tokens == 5 * 4 + 16  # the tokens are as many as with one tower
+    # the first tower's weights, the second's columns of the projector at zero: the one-tower model exactly
+    state = one.state_dict()
+    state["connector.linear_1.weight"] = torch.cat([state["connector.linear_1.weight"], torch.zeros(16, 16)], 1)
+    missing = two.load_state_dict(state, strict=False).missing_keys
+    assert missing and all(k.startswith("second_vision.") for k in missing)
+    clip = torch.randn(2, 5, 3, 32, 32)
+    with torch.no_grad():
+        feats = two.tower_features(clip)
+        assert feats.shape == (2, 5 * 16, 32)  # unpooled grids (convolution, slow frame) of both towers
+        torch.testing.assert_close(feats[..., :16], one.tower_features(clip))
+        torch.testing.assert_close(feats[..., 16:], two.second_vision.forward_features(
+            clip.flatten(0, 1), layer=-1).view(2, 80, 16))
+        torch.testing.assert_close(two.project(feats), one.project(one.tower_features(clip)))
+        torch.testing.assert_close(two.reverse_features(feats), two.tower_features(clip.flip(1)))
+        torch.nn.init.normal_(two.connector.linear_1.weight)  # now the second tower's channels count
+        tokens = two.project(feats)
+        seen = feats.clone()
+        seen[..., 16:] = 0
+        assert not torch.allclose(two.project(seen), tokens)
+        # the convolution reads the first tower's channels only: with them alike in every frame, changing the
+        # second tower's in frame 3 changes frame 3's pooled tokens alone
+        flat = feats.view(2, 5, 16, 32).clone()
+        flat[..., :16] = flat[:, :1, :, :16]
+        other = flat.clone()
+        other[:, 3, :, 16:] = torch.randn(2, 16, 16)
+        a, b = (two.project(f.view(2, 80, 32))[:, :20].view(2, 5, 4, -1) for f in (flat, other))
+        assert [torch.allclose(a[:, t], b[:, t]) for t in range(5)] == [True, True, True, False, True]
+
+
 def test_spatial_positions_start_at_zero_and_follow_the_pool_and_the_slow_patches():
     from glimpse.families.video_llava.model import VideoLanguageModel, VideoLLaVAConfig
     from glimpse.models.decoder import DecoderConfig
@@ -213,10 +257,11 @@ def test_a_run_answers_and_captions_clips_and_reports_the_controls(run, pipe, vi
         pipe.ask([videos[0]], ["what colour is the square?"], max_new_tokens=4)
 
 
-@pytest.mark.parametrize("temporal_tokens,temporal_conv,slow_frames", [(False, 0, 0), (True, 0, 0), (False, 3, 1)])
+@pytest.mark.parametrize("temporal_tokens,temporal_conv,slow_frames,second_tower",
+                         [(False, 0, 0, False), (True, 0, 0, False), (False, 3, 1, False), (False, 3, 0, True)])
 def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_clip(video_world, tmp_path, capsys,
                                                                                    temporal_tokens, temporal_conv,
-                                                                                   slow_frames):
+                                                                                   slow_frames, second_tower):
     import shutil
 
     world = tmp_path / "world"
@@ -226,7 +271,8 @@ def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_cli
     # with reversed twins: the cache's twin rows are its clips' rows with the frames reversed, as decoded
     # and with still twins (their rows: the held middle frame's features, encoded as the loader reads them) and
     # every question of each clip asked
-    common = {"train.max_steps": 2, "freeze": "[vision]", "data.root": str(world), "model.reverse_twins": True,
+    common = {"train.max_steps": 2, "freeze": "[vision, second_vision]" if second_tower else "[vision]",
+              "model.second_tower": second_tower, "data.root": str(world), "model.reverse_twins": True,
               "model.still_twins": True, "model.all_questions": True,
               "model.temporal_tokens": temporal_tokens, "model.answer_traces": temporal_tokens,
               "model.temporal_conv": temporal_conv, "model.slow_frames": slow_frames,

@@ -75,8 +75,13 @@ class VisionLanguageModel(nn.Module):
         (or [N, Dv] pooled, for the pooled prefix mapper).  A frozen tower's are cacheable."""
         if self.cfg.connector == "prefix" and self.cfg.prefix_source == "pooled":
             return self.vision(pixel_values)
-        x = self.vision.forward_features(pixel_values, layer=self.cfg.vision_feature_layer)  # [N, T, Dv]
-        if self.cfg.vision_feature_select == "patch" and self.vision.class_token is not None:
+        return self.patch_features(self.vision, pixel_values)
+
+    def patch_features(self, tower: VisionTransformer, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, T, Dv]: `tower`'s features of the chosen layer, its class token dropped
+        when only patches are kept."""
+        x = tower.forward_features(pixel_values, layer=self.cfg.vision_feature_layer)
+        if self.cfg.vision_feature_select == "patch" and tower.class_token is not None:
             x = x[:, 1:]
         return x
 

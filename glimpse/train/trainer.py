@@ -198,8 +198,9 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     for part, run in recipe.init_parts.items():
         if is_hf_folder(run):
             families.init_part_from_hf(model, part, run)
-        else:
-            runs.load_part(model, part, runs.run_weights(run))
+        else:  # RUN#name: that run's part `name` (a dual encoder's vision tower as a second tower)
+            run, _, source = run.partition("#")
+            runs.load_part(model, part, runs.run_weights(run), source)
     for part in recipe.freeze:
         runs.model_part(model, part, "freeze: ").requires_grad_(False)
     if tc.lora.r > 0:  # adapters on the targets outside the frozen parts; only they train (PEFT's default)

@@ -62,6 +62,11 @@ class VideoLLaVAFamily(Family):
         check(m.slow_frames == 0 or (m.spatial_pool != "none" and 1 <= m.slow_frames <= m.num_frames),
               "model.slow_frames", m.slow_frames,
               "must be 0 (off) or from 1 to model.num_frames, beside a spatial_pool (the fast frames' tokens)")
+        check(not m.second_tower or not m.temporal_tokens, "model.second_tower", m.second_tower,
+              "cannot go with model.temporal_tokens (the temporal head reads one tower's embeddings)")
+        check(not (m.second_tower and recipe.train.cache_vision_features) or "second_vision" in recipe.freeze,
+              "train.cache_vision_features", True,
+              "needs the second tower in the freeze list too (freeze: [vision, second_vision])")
         for key in ("answer_traces", "still_twins", "all_questions"):
             check(not getattr(m, key) or recipe.data.source == "shapes-video", f"model.{key}", getattr(m, key),
                   "needs the moving-shapes world's annotations (data.source: shapes-video)")
@@ -107,7 +112,7 @@ class VideoLLaVAFamily(Family):
                 model, [clip for clip in clips if not reversed_source(clip)[1]], self.transform,
                 self.recipe.data.max_pixels, device, self.recipe.eval.batch_size, progress,
                 settings=(c.vision_feature_layer, c.num_frames, c.spatial_pool, c.spatial_pool_stride,
-                          c.temporal_tokens, VideoLanguageModel.pools_in_project(c)),
+                          c.temporal_tokens, VideoLanguageModel.pools_in_project(c), c.second_tower),
                 loader=self.load_clip)
             self.image_rows, self.feature_cache = _with_twins(rows, cache, clips, model.reverse_features)
 

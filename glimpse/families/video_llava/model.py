@@ -28,6 +28,13 @@ where a token lies in its frame, as Qwen2-VL's M-RoPE gives each visual token it
 time.  The frozen tower was trained for a mean-pooled image embedding, so its patch features need not say
 where they are; to follow "the red circle" from the slow frame to the fast tokens the LM needs to.  Zero at
 the start, so the model starts as it was (a trained run continues with it exactly).
+
+With `second_tower`, a second image tower of the same architecture (`second_vision`, frozen, e.g. one tuned
+to say what shape each patch holds: experiments/dense_tower.py) reads every frame too, and its patch features
+join the first tower's channel by channel: the pooled tokens carry both to a projector twice as wide, the
+spatial-temporal convolution reads the first tower's alone.  Tuning the one tower for identity lost the motion
+the LM had read from the CLIP tower's tokens (docs/results.md, sessions 29-30); two towers keep both
+(Prismatic's and Cambrian's fused towers, here simply by channel).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from torch import nn
 
 from glimpse.models.connectors import Projector
 from glimpse.models.temporal import TemporalPool
+from glimpse.models.vision import VisionTransformer
 from glimpse.models.vlm import VisionLanguageModel, VLMConfig
 
 POOLS = ("average", "max", "none")
@@ -75,6 +83,7 @@ class VideoLLaVAConfig(VLMConfig):
     slow_frames: int = 0  # frames also given unpooled, every patch a token (module docstring); 0: off
     # a learned embedding per grid patch, pooled with the features (module docstring); worse in the recipe (session 28)
     spatial_positions: bool = False
+    second_tower: bool = False  # a second tower's patch features beside the first's (module docstring)
 
 
 class VideoLanguageModel(VisionLanguageModel):
@@ -90,6 +99,10 @@ class VideoLanguageModel(VisionLanguageModel):
             self.temporal = TemporalPool(cfg.temporal_dim, "seqTransf", cfg.temporal_layers, cfg.temporal_heads,
                                          cfg.temporal_max_frames)
             self.temporal_connector = Projector("mlp2x_gelu", cfg.temporal_dim, self.lm.cfg.width)
+        if cfg.second_tower:  # the projector reads both towers' channels
+            self.second_vision = VisionTransformer(cfg.vision)
+            self.connector = Projector(cfg.connector, 2 * cfg.vision.width, self.lm.cfg.width,
+                                       self.image_tokens if cfg.image_positions else 0, cfg.projector_norm)
         if cfg.temporal_conv:
             s = cfg.spatial_pool_stride  # a (2s-1)-patch kernel at stride s: the pool's grid, each token's neighbours
             self.st_conv = nn.Conv3d(cfg.vision.width, cfg.vision.width, (cfg.temporal_conv, 2 * s - 1, 2 * s - 1),
@@ -137,6 +150,8 @@ class VideoLanguageModel(VisionLanguageModel):
         if T != self.cfg.num_frames:
             raise ValueError(f"clips of {T} frames: this model reads {self.cfg.num_frames}")
         x = super().tower_features(pixel_values.flatten(0, 1))  # [N*T, P, Dv], class token dropped
+        if self.cfg.second_tower:  # [N*T, P, 2 Dv]
+            x = torch.cat([x, self.patch_features(self.second_vision, pixel_values.flatten(0, 1))], dim=-1)
         if self.cfg.spatial_pool != "none" and not self.pools_in_project(self.cfg):
             x = self._pool(x)
         x = x.reshape(N, -1, x.shape[-1])
@@ -153,13 +168,14 @@ class VideoLanguageModel(VisionLanguageModel):
         return pool(grid, s, s).flatten(2).transpose(1, 2)
 
     def _pool_with_motion(self, patches: torch.Tensor) -> torch.Tensor:
-        """[N, T, g*g, Dv] -> [N, T, tokens, Dv]: the pooled grid plus the convolution over neighbouring frames."""
+        """[N, T, g*g, D] -> [N, T, tokens, D]: the pooled grid plus the convolution over neighbouring frames
+        (over the first tower's Dv channels: with a second tower, D = 2 Dv)."""
         N, T, P, D = patches.shape
         pooled = self._pool(patches.flatten(0, 1)).view(N, T, -1, D)
-        g = math.isqrt(P)
-        grid = patches.reshape(N, T, g, g, D).permute(0, 4, 1, 2, 3)  # [N, Dv, T, g, g]
+        g, dv = math.isqrt(P), self.cfg.vision.width
+        grid = patches[..., :dv].reshape(N, T, g, g, dv).permute(0, 4, 1, 2, 3)  # [N, Dv, T, g, g]
         motion = self.st_conv(grid).flatten(3).permute(0, 2, 3, 1)  # [N, T, tokens, Dv]
-        return pooled + motion
+        return torch.cat([pooled[..., :dv] + motion, pooled[..., dv:]], dim=-1)
 
     def split_features(self, tower_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tower features -> (the patches [N, T, features_per_frame, Dv], the frames' pooled embeddings [N, T, Dv] or None)."""
