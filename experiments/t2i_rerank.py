@@ -6,7 +6,7 @@ candidate exact).
 
 Re-rankers (all use only the prompt's text and the run's CLIP; the parser only judges):
 - cosine: CLIP's cosine of image and prompt (the pipeline's best-of-N, as DALL-E);
-- contrast: the probability CLIP gives the prompt against hard negatives made from the prompt's own words
+- contrast: the probability CLIP gives the prompt against (up to --negatives) hard negatives made from its words
   (NegCLIP-style swapped bindings and replaced attributes, glimpse.data.negatives), at CLIP's logit scale:
   an image that fits a swapped caption as well as the prompt loses;
 - phrases: the least cosine of the image with each object phrase of the prompt alone (one-object prompts: the
@@ -60,7 +60,8 @@ def main() -> None:
         prompts = [s.captions[0] for s in scenes]
         truth = [s.scene for s in scenes]
         t0 = time.time()
-        images = pipe.generate_arrays(prompts, args.candidates, seed=0)  # [P, N, H, W, 3]: the eval's candidates
+        # [P, N, H, W, 3]: the rows eval's best-of-N samples (each prompt N times, in order), none re-ranked
+        images = pipe.generate_arrays(prompts, args.candidates, seed=0, candidates=1)
         seconds = time.time() - t0
         P, N = images.shape[:2]
         flat = images.reshape(P * N, *images.shape[2:])

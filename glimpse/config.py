@@ -136,7 +136,8 @@ class Recipe:
     init: str | None = None  # start from another run's weights (the whole model)
     # part (a top-level submodule, e.g. vision, lm) -> a run whose weights it starts from: that run's
     # tensors under "part." if it has any (a dual encoder's vision tower), else all of them (an LM run);
-    # RUN#name takes that run's part `name` instead (a dual encoder's vision tower as the second_vision)
+    # RUN#name takes that run's part `name` instead (a dual encoder's vision tower as the second_vision; in a
+    # YAML file write no space before the '#', or YAML reads the rest as a comment)
     init_parts: dict[str, str] = field(default_factory=dict)
     freeze: list[str] = field(default_factory=list)  # parts kept frozen (e.g. [vision, lm] for LLaVA stage 1)
 

@@ -94,6 +94,17 @@ def model_part(model: torch.nn.Module, part: str, why: str = "") -> torch.nn.Mod
     return sub
 
 
+def part_source(value: str | Path) -> tuple[str, str]:
+    """A recipe's `init_parts` value -> (the run or folder, the part of it to take: "" for the default).
+    `RUN#name` names a part of a run; a path that exists as given is taken whole, so a folder whose own
+    name holds a '#' still loads (the part name is what follows the last '#')."""
+    value = str(value)
+    head, sep, name = value.rpartition("#")
+    if not sep or not head or not name or "/" in name or Path(value).exists():
+        return value, ""
+    return head, name
+
+
 def load_part(model: torch.nn.Module, part: str, path: str | Path, source: str = "") -> None:
     """Strictly load one top-level submodule from a run's weights: the tensors under "source." (`source`
     given: a recipe's `init_parts: {second_vision: RUN#vision}`), else under "part." when the file has

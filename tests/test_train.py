@@ -193,14 +193,23 @@ def test_init_parts_and_freeze(tiny_run, world, tmp_path):
         train(recipe, tmp_path / "other", progress=False)
 
 
-def test_init_parts_takes_a_named_part_of_a_run(tiny_run):
+def test_init_parts_takes_a_named_part_of_a_run(tiny_run, tmp_path):
     """RUN#name: a part filled from another part of a run (a dual encoder's vision tower as a video LLaVA's
-    second tower); a name the run lacks is refused by name."""
+    second tower); a name the run lacks is refused by name; a folder whose name holds a '#' is still a run."""
     import copy
+    import shutil
 
     from safetensors.torch import load_file
 
-    from glimpse.runs import load_part, run_weights
+    from glimpse.runs import load_part, part_source, run_weights
+
+    odd = tmp_path / "exp#2"
+    shutil.copytree(tiny_run, odd)
+    assert part_source(f"{tiny_run}#vision") == (str(tiny_run), "vision")
+    assert part_source(str(tiny_run)) == (str(tiny_run), "")
+    assert part_source(str(odd)) == (str(odd), "")  # exists as given: taken whole
+    assert part_source(f"{odd}#vision") == (str(odd), "vision")  # the part name follows the last '#'
+    assert part_source("pkg:some-package/folder") == ("pkg:some-package/folder", "")
 
     src = load_file(str(run_weights(tiny_run)))
     holder = torch.nn.Module()

@@ -208,6 +208,15 @@ def test_a_second_tower_joins_the_first_by_channel_and_the_convolution_reads_the
         other[:, 3, :, 16:] = torch.randn(2, 16, 16)
         a, b = (two.project(f.view(2, 80, 32))[:, :20].view(2, 5, 4, -1) for f in (flat, other))
         assert [torch.allclose(a[:, t], b[:, t]) for t in range(5)] == [True, True, True, False, True]
+    # a feature cache recognises the second tower: changing its weights alone gives another fingerprint
+    from glimpse.data.images import ImageTransform
+    from glimpse.families.feature_cache import tower_fingerprint
+
+    before = tower_fingerprint(two, (), ImageTransform(32), 10**6)
+    assert tower_fingerprint(two, (), ImageTransform(32), 10**6) == before
+    with torch.no_grad():
+        next(two.second_vision.parameters()).add_(1e-3)
+    assert tower_fingerprint(two, (), ImageTransform(32), 10**6) != before
 
 
 def test_spatial_positions_start_at_zero_and_follow_the_pool_and_the_slow_patches():
@@ -259,7 +268,7 @@ def test_a_run_answers_and_captions_clips_and_reports_the_controls(run, pipe, vi
 
 @pytest.mark.parametrize("temporal_tokens,temporal_conv,slow_frames,second_tower",
                          [(False, 0, 0, False), (True, 0, 0, False), (False, 3, 1, False), (False, 3, 0, True)])
-def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_clip(video_world, tmp_path, capsys,
+def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_clip(video_world, tmp_path, capsys, run,
                                                                                    temporal_tokens, temporal_conv,
                                                                                    slow_frames, second_tower):
     import shutil
@@ -277,6 +286,8 @@ def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_cli
               "model.temporal_tokens": temporal_tokens, "model.answer_traces": temporal_tokens,
               "model.temporal_conv": temporal_conv, "model.slow_frames": slow_frames,
               "model.lm.context_length": 192 if temporal_tokens or slow_frames else 128}  # traced answers need the room
+    if second_tower:  # another run's vision tower as the second one (RUN#name)
+        common["init_parts"] = f"{{second_vision: {run}#vision}}"
     a, b = tmp_path / "cached", tmp_path / "plain"
     train(load_recipe("shapes-video-llava", overrides(world, **common, **{"train.cache_vision_features": True})),
           a, progress=False)
@@ -288,6 +299,14 @@ def test_the_feature_cache_gives_the_losses_of_the_tower_and_both_skip_a_bad_cli
                 if '"loss"' in line]
 
     assert losses(a) == pytest.approx(losses(b), rel=1e-5)
+    if second_tower:
+        from safetensors.torch import load_file
+
+        from glimpse.runs import run_weights
+
+        src, got = load_file(str(run_weights(run))), load_file(str(run_weights(a)))
+        tower = [k for k in got if k.startswith("second_vision.")]
+        assert tower and all(torch.equal(got[k], src[k.removeprefix("second_")]) for k in tower)
 
 
 def test_the_cli_asks_and_captions_a_clip_file(run, video_world, cli_env):

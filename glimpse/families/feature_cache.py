@@ -45,7 +45,7 @@ def tower_fingerprint(model, settings, transform: ImageTransform, max_pixels: in
     whatever else of the model's config decides them (the feature layer, the tokens kept)."""
     h = hashlib.sha1(repr((model.cfg.vision, settings, transform.to_dict(), max_pixels)).encode())
     # parameters as the module holds them now, not state_dict(): under FSDP (gathered) that gives shards
-    towers = [model.vision] + ([model.second_vision] if hasattr(model, "second_vision") else [])  # video LLaVA's
+    towers = model.feature_towers() if hasattr(model, "feature_towers") else [model.vision]
     tensors = [(f"{i}.{n}", t) for i, tower in enumerate(towers) for n, t in [*tower.named_parameters(),
                                                                                  *tower.named_buffers()]]
     for name, t in sorted(tensors, key=lambda x: x[0]):

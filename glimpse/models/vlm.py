@@ -51,11 +51,21 @@ class VisionLanguageModel(nn.Module):
         self.vision = VisionTransformer(cfg.vision)
         self.lm = CausalLM(cfg.lm)
         d_lm = self.lm.cfg.width
+        width = self.feature_width(cfg)
         if cfg.connector == "prefix":
-            self.connector = PrefixMapper(cfg.vision.width, d_lm, cfg.prefix_tokens, cfg.prefix_source)
+            self.connector = PrefixMapper(width, d_lm, cfg.prefix_tokens, cfg.prefix_source)
         else:
-            self.connector = Projector(cfg.connector, cfg.vision.width * cfg.pixel_shuffle**2, d_lm,
+            self.connector = Projector(cfg.connector, width * cfg.pixel_shuffle**2, d_lm,
                                        self.image_tokens if cfg.image_positions else 0, cfg.projector_norm)
+
+    @staticmethod
+    def feature_width(cfg: VLMConfig) -> int:
+        """The width of a tower feature, what the connector reads per token (before pixel shuffle)."""
+        return cfg.vision.width
+
+    def feature_towers(self) -> list[nn.Module]:
+        """The towers whose weights decide `tower_features` (what a feature cache must recognise)."""
+        return [self.vision]
 
     @property
     def image_tokens(self) -> int:

@@ -195,11 +195,14 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
             families.init_from_hf(model, recipe.init)
         else:  # a family may load another member's run its own way (new heads)
             task.load_init(model, runs.run_weights(recipe.init))
-    for part, run in recipe.init_parts.items():
+    for part, value in recipe.init_parts.items():
+        run, source = runs.part_source(value)  # RUN#name: that run's part `name` (a vision tower as a second one)
         if is_hf_folder(run):
+            if source:
+                raise GlimpseError(f"init_parts.{part}: {value}: '#{source}' names a part of a glimpse run; a "
+                                   "Hugging Face folder gives the part its family reads for the recipe's part")
             families.init_part_from_hf(model, part, run)
-        else:  # RUN#name: that run's part `name` (a dual encoder's vision tower as a second tower)
-            run, _, source = run.partition("#")
+        else:
             runs.load_part(model, part, runs.run_weights(run), source)
     for part in recipe.freeze:
         runs.model_part(model, part, "freeze: ").requires_grad_(False)

@@ -64,9 +64,8 @@ class VideoLLaVAFamily(Family):
               "must be 0 (off) or from 1 to model.num_frames, beside a spatial_pool (the fast frames' tokens)")
         check(not m.second_tower or not m.temporal_tokens, "model.second_tower", m.second_tower,
               "cannot go with model.temporal_tokens (the temporal head reads one tower's embeddings)")
-        check(not (m.second_tower and recipe.train.cache_vision_features) or "second_vision" in recipe.freeze,
-              "train.cache_vision_features", True,
-              "needs the second tower in the freeze list too (freeze: [vision, second_vision])")
+        check(not m.second_tower or "second_vision" in recipe.freeze, "model.second_tower", True,
+              "needs the second tower in the freeze list (freeze: [vision, second_vision]): it is a frozen tower")
         for key in ("answer_traces", "still_twins", "all_questions"):
             check(not getattr(m, key) or recipe.data.source == "shapes-video", f"model.{key}", getattr(m, key),
                   "needs the moving-shapes world's annotations (data.source: shapes-video)")

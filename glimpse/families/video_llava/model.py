@@ -99,16 +99,21 @@ class VideoLanguageModel(VisionLanguageModel):
             self.temporal = TemporalPool(cfg.temporal_dim, "seqTransf", cfg.temporal_layers, cfg.temporal_heads,
                                          cfg.temporal_max_frames)
             self.temporal_connector = Projector("mlp2x_gelu", cfg.temporal_dim, self.lm.cfg.width)
-        if cfg.second_tower:  # the projector reads both towers' channels
+        if cfg.second_tower:  # the projector reads both towers' channels (feature_width)
             self.second_vision = VisionTransformer(cfg.vision)
-            self.connector = Projector(cfg.connector, 2 * cfg.vision.width, self.lm.cfg.width,
-                                       self.image_tokens if cfg.image_positions else 0, cfg.projector_norm)
         if cfg.temporal_conv:
             s = cfg.spatial_pool_stride  # a (2s-1)-patch kernel at stride s: the pool's grid, each token's neighbours
             self.st_conv = nn.Conv3d(cfg.vision.width, cfg.vision.width, (cfg.temporal_conv, 2 * s - 1, 2 * s - 1),
                                      stride=(1, s, s), padding=(cfg.temporal_conv // 2, s - 1, s - 1))
             nn.init.zeros_(self.st_conv.weight)  # starts as the plain pooler
             nn.init.zeros_(self.st_conv.bias)
+
+    @staticmethod
+    def feature_width(cfg: VideoLLaVAConfig) -> int:
+        return cfg.vision.width * (2 if cfg.second_tower else 1)
+
+    def feature_towers(self) -> list[nn.Module]:
+        return [self.vision, self.second_vision] if self.cfg.second_tower else [self.vision]
 
     @staticmethod
     def tokens_per_frame(cfg: VideoLLaVAConfig) -> int:
@@ -145,7 +150,8 @@ class VideoLanguageModel(VisionLanguageModel):
             + cfg.slow_frames * grid * grid
 
     def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Clips [N, T, 3, H, W] -> pooled patch features [N, T x tokens_per_frame, Dv] (cacheable)."""
+        """Clips [N, T, 3, H, W] -> patch features [N, T x features_per_frame, D] (cacheable; D: the towers'
+        widths together, `feature_width`), then (temporal_tokens) each frame's pooled embedding."""
         N, T = pixel_values.shape[:2]
         if T != self.cfg.num_frames:
             raise ValueError(f"clips of {T} frames: this model reads {self.cfg.num_frames}")
