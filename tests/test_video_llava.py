@@ -219,6 +219,26 @@ def test_a_second_tower_joins_the_first_by_channel_and_the_convolution_reads_the
     assert tower_fingerprint(two, (), ImageTransform(32), 10**6) != before
 
 
+def test_a_one_tower_run_continues_with_a_second_tower_exactly_as_it_was(run, video_world, tmp_path):
+    out = tmp_path / "two"
+    sets = {"init": str(run), "init_parts": f"{{second_vision: {run}#vision}}", "model.second_tower": True,
+            "freeze": "[vision, second_vision]", "train.lr": 1e-12, "train.max_steps": 1, "train.save_every": 1,
+            "eval.splits": "[]", "tokenizer": str(run / "tokenizer.json")}
+    train(load_recipe("shapes-video-llava", overrides(video_world, **sets)), out, progress=False)
+    one, two = glimpse.load(run), glimpse.load(out)
+    assert two.model.cfg.second_tower and two.model.connector.linear_1.weight.shape[1] == 64
+    clip = torch.stack([one.load_video(clips(video_world, 1)[0])])
+    with torch.no_grad():
+        a, b = (p.model.get_image_features(clip) for p in (one, two))
+        second = two.model.tower_features(clip)[..., 32:]
+        alone = two.model.patch_features(two.model.second_vision, clip[0]).reshape(1, -1, 32)
+    torch.testing.assert_close(b, a)  # the new channels enter through zero weights (one step at lr 1e-12)
+    torch.testing.assert_close(second, alone)
+    assert second.abs().sum() > 0  # though they are there
+    question = ["what colour is the square?"]
+    assert two.ask([clip[0]], question, max_new_tokens=4) == one.ask([clip[0]], question, max_new_tokens=4)
+
+
 def test_spatial_positions_start_at_zero_and_follow_the_pool_and_the_slow_patches():
     from glimpse.families.video_llava.model import VideoLanguageModel, VideoLLaVAConfig
     from glimpse.models.decoder import DecoderConfig

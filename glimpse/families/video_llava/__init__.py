@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glimpse import runs
 from glimpse.data.conversations import ConversationCollate, ConversationDataset
 from glimpse.data.shapes_video_traces import TRACE_STYLES, traced_answer_tokens
 from glimpse.data.video import clip_pixels
@@ -100,6 +101,22 @@ class VideoLLaVAFamily(Family):
 
     def build_model(self) -> nn.Module:
         return VideoLanguageModel(self.recipe.model)
+
+    def load_init(self, model: VideoLanguageModel, weights: Path) -> None:
+        """`init: RUN`, strictly; a one-tower run continues with a second tower exactly as it was: the
+        projector's first layer gets zero weights for the new channels, and the second tower comes from
+        `init_parts` (loaded after this)."""
+        tensors = runs.read_weights(weights)
+        if not model.cfg.second_tower or any(k.startswith("second_vision.") for k in tensors):
+            return runs.load_tensors(model, tensors, weights)
+        if "connector.norm.weight" in tensors:
+            raise GlimpseError(f"init: {weights} normalises its tower's features before the projector "
+                               "(projector_norm); it cannot continue with a second tower")
+        key, dv = "connector.linear_1.weight", model.cfg.vision.width
+        if key in tensors and tensors[key].shape[1] == dv:
+            tensors[key] = torch.cat([tensors[key], tensors[key].new_zeros(tensors[key].shape[0], dv)], dim=1)
+        own = {f"second_vision.{k}": v for k, v in model.second_vision.state_dict().items()}
+        runs.load_tensors(model, {**tensors, **own}, weights)
 
     def prepare(self, model: VideoLanguageModel, device: torch.device, progress: bool = True) -> None:
         """A frozen tower's pooled features of every training clip, computed once (train.cache_vision_features)."""
