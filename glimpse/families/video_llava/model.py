@@ -184,7 +184,7 @@ class VideoLanguageModel(VisionLanguageModel):
         return torch.cat([pooled[..., :dv] + motion, pooled[..., dv:]], dim=-1)
 
     def split_features(self, tower_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tower features -> (the patches [N, T, features_per_frame, Dv], the frames' pooled embeddings [N, T, Dv] or None)."""
+        """Tower features -> (the patches [N, T, features_per_frame, D], the frames' pooled embeddings [N, T, Dv] or None)."""
         N, T = tower_features.shape[0], self.cfg.num_frames
         patches = T * self.features_per_frame(self.cfg)
         frames = tower_features[:, patches:] if self.cfg.temporal_tokens else None
