@@ -12,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import PY, tiny_t2i_overrides
+from conftest import PY, tiny_t2i_overrides, tiny_vq_overrides
 
 from glimpse.data.shapes_words import parse_caption, scene_caption, scene_key
 from glimpse.errors import GlimpseError
@@ -27,13 +27,13 @@ from glimpse.models.vision import VisionConfig
 from glimpse.models.vq import VQConfig
 
 
-def tiny_model(kind: str) -> TextToImage:
+def tiny_model(kind: str, groups: int = 1) -> TextToImage:
     torch.manual_seed(0)
     vq = VQConfig(block_out_channels=[8, 8, 16], norm_num_groups=8, latent_channels=8, vq_embed_dim=4,
-                  num_vq_embeddings=16, sample_size=16)  # 4 x 4 codes
-    grid = 4
+                  num_vq_embeddings=16, sample_size=16, codebook_groups=groups)  # 4 x 4 codes (x groups)
     prior = DecoderConfig(arch="gpt2", vocab_size=17, width=32, layers=2, heads=2, cross_attention=True,
-                          bidirectional=kind == "maskgit", context_length=grid * grid + (kind == "autoregressive"))
+                          bidirectional=kind == "maskgit",
+                          context_length=vq.tokens_per_image + (kind == "autoregressive"))
     clip = DualEncoderConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),
                              text=TextConfig(vocab_size=50, context_length=12, width=32, layers=1, heads=2), embed_dim=16)
     return TextToImage(TextToImageConfig(clip=clip, vq=vq, prior=prior, kind=kind)).eval()
@@ -73,6 +73,23 @@ def test_one_maskgit_step_fills_the_grid_and_greedy_is_deterministic():
     with torch.no_grad():
         full = model(torch.full((3, 16), model.cfg.special_id), memory, memory_mask).argmax(-1)
     assert torch.equal(a, b) and torch.equal(a, full)
+
+
+@pytest.mark.parametrize("kind", ["maskgit", "autoregressive"])
+def test_priors_write_every_group_of_a_product_quantised_tokenizer(kind):
+    """With codebook groups the prior writes G codes a position (ids 0..K-1 in each group) and the
+    tokenizer decodes the flat sequence as its grid of [h, w, G] codes."""
+    model = tiny_model(kind, groups=2)
+    memory, memory_mask = model.text_memory(*prompts())
+    sample = sample_maskgit if kind == "maskgit" else sample_autoregressive
+    extra = {"steps": 4, "choice_temperature": 1.0} if kind == "maskgit" else {}
+    codes = sample(model, memory, memory_mask, guidance=2.0, temperature=1.0,
+                   generator=torch.Generator().manual_seed(0), **extra)
+    assert codes.shape == (3, 32) and 0 <= int(codes.min()) and int(codes.max()) < 16
+    with torch.no_grad():
+        images = model.vq.decode_tokens(codes)
+        torch.testing.assert_close(images, model.vq.decode_tokens(codes.view(3, 4, 4, 2)))
+    assert images.shape == (3, 3, 16, 16)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
@@ -236,6 +253,29 @@ def test_the_autoregressive_prior_trains_and_generates(world, tiny_run, tiny_vq_
         "model.kind": "autoregressive", "train.max_steps": 2, "eval.splits": "[]"}))
     train(recipe, tmp_path / "ar", progress=False)
     images = glimpse.load(tmp_path / "ar").generate_images("a small green square at the top", n=1, seed=0)
+    assert images[0].size == (32, 32)
+
+
+def test_a_product_quantised_tokenizer_trains_and_a_prior_generates_on_it(world, tiny_run, tmp_path):
+    """shapes-vq with model.vq.codebook_groups = 2 trains (k-means, restarts, evaluation over both groups'
+    codes), then shapes-t2i reads it through init_parts and generates."""
+    import glimpse
+    from glimpse.api import load_run
+    from glimpse.config import load_recipe
+    from glimpse.train.trainer import train
+
+    groups = {"model.vq.codebook_groups": 2}
+    train(load_recipe("shapes-vq", tiny_vq_overrides(world, **groups, **{"train.max_steps": 2})), tmp_path / "vq",
+          progress=False)
+    family, tokenizer = load_run(tmp_path / "vq")
+    family.root = world
+    figures = family.evaluate(tokenizer, ["test"])
+    assert 0 < figures["test/codebook_usage"] <= 1 and figures["test/perplexity"] <= 32
+    assert glimpse.load(tmp_path / "vq").tokens([sorted((world / "images" / "test").glob("*.png"))[0]]).shape == (1, 4, 4, 2)
+    recipe = load_recipe("shapes-t2i", tiny_t2i_overrides(world, tiny_run, tmp_path / "vq", **groups, **{
+        "train.max_steps": 2, "eval.splits": "[]"}))
+    train(recipe, tmp_path / "t2i", progress=False)
+    images = glimpse.load(tmp_path / "t2i").generate_images("a small green square at the top", n=1, seed=0)
     assert images[0].size == (32, 32)
 
 

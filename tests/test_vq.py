@@ -207,6 +207,59 @@ def test_dead_code_restarts_on_the_worst_latent():
     assert int(tok.restarts) == 1
 
 
+def test_product_quantisation_codes_each_slice_from_its_own_codebook():
+    """codebook_groups = 2: a 4-d latent is two 2-d slices, each quantised by its own codebook of K; the
+    indices are local per group [B, H, W, G], the lookup puts the slices' codes side by side, and flat
+    tokens (a position's codes together) decode as the grid does."""
+    vq = VQModel(VQConfig(block_out_channels=[8], norm_num_groups=8, latent_channels=4, num_vq_embeddings=3,
+                          codebook_groups=2, sample_size=2))
+    q = vq.quantize
+    assert q.embedding.weight.shape == (6, 2) and vq.cfg.tokens_per_image == 2 * 2 * 2
+    with torch.no_grad():
+        q.codebook(0).copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]))
+        q.codebook(1).copy_(torch.tensor([[-1.0, 0.0], [0.0, -1.0], [5.0, 5.0]]))
+    z = torch.tensor([[1.1, 0.9, 0.1, -0.9], [2.0, 2.1, -1.0, 0.1]]).t().reshape(1, 4, 1, 2)  # 2 positions
+    ids = q.indices(z)
+    assert ids.shape == (1, 1, 2, 2) and ids[0, 0].tolist() == [[1, 1], [2, 0]]
+    codes = q.lookup(ids)
+    torch.testing.assert_close(codes[0, :, 0].t(), torch.tensor([[1.0, 1.0, 0.0, -1.0], [2.0, 2.0, -1.0, 0.0]]))
+    grid = torch.randint(0, 3, (2, 2, 2, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(vq.decode_tokens(grid.flatten(1)), vq.decode_tokens(grid))
+    with pytest.raises(ValueError, match="codebook_groups"):
+        VQModel(VQConfig(latent_channels=4, block_out_channels=[8], norm_num_groups=8, codebook_groups=3))
+
+
+def test_product_quantisation_kmeans_and_restarts_per_group():
+    vq = VQConfig(block_out_channels=[8], norm_num_groups=8, latent_channels=4, num_vq_embeddings=2, codebook_groups=2)
+    tok = VQTokenizer(VQTokenizerConfig(vq=vq, restart_after=1, kmeans_iters=10))
+    assert tok.idle_steps.shape == (4,)
+    # slice 0 in two clusters at (+-5, 0), slice 1 in two at (0, +-7): each group's codes on its own clusters
+    g = torch.Generator().manual_seed(0)
+    s0 = torch.tensor([[5.0, 0.0], [-5.0, 0.0]])[torch.arange(40) % 2] + 0.1 * torch.randn(40, 2, generator=g)
+    s1 = torch.tensor([[0.0, 7.0], [0.0, -7.0]])[torch.arange(40) // 20] + 0.1 * torch.randn(40, 2, generator=g)
+    tok.kmeans_init(torch.cat([s0, s1], 1), seed=0)
+    q = tok.vq.quantize
+    assert sorted(q.codebook(0)[:, 0].round().tolist()) == [-5.0, 5.0]
+    assert sorted(q.codebook(1)[:, 1].round().tolist()) == [-7.0, 7.0]
+    # one step where group 1's code for (0, -7) goes unchosen: it alone moves, onto the worst slice-1 latent
+    z = torch.tensor([[5.0, 0.0, 0.0, 7.0], [-5.0, 0.0, 3.0, 3.0]]).t().reshape(1, 4, 1, 2)
+    before = q.embedding.weight.detach().clone()
+    ids = tok.restart_dead_codes(z, q.indices(z))
+    moved = (q.embedding.weight != before).any(1).nonzero().flatten().tolist()
+    assert len(moved) == 1 and moved[0] >= 2 and int(tok.restarts) == 1  # a group-1 code
+    torch.testing.assert_close(q.embedding.weight[moved[0]].detach(), torch.tensor([3.0, 3.0]))
+    assert ids[0, 0, 1].tolist() == [int(q.codebook(0)[:, 0].argmin()), moved[0] - 2]  # (-5, 0), the moved code
+
+
+def test_product_quantised_tokenizer_has_no_diffusers_form(tmp_path):
+    from glimpse.families.vq.hf import to_hf_folder
+
+    vq = VQModel(VQConfig(block_out_channels=[8], norm_num_groups=8, latent_channels=4, codebook_groups=2))
+    with pytest.raises(GlimpseError, match="codebook_groups 2"):
+        to_hf_folder(vq)
+
+
 def test_tiny_run_trains_evaluates_and_reconstructs(tiny_vq_run, world):
     from glimpse.api import load_run
 

@@ -58,6 +58,8 @@ def check_vq(v, key: str) -> None:
     check(v.vq_embed_dim >= 0, f"{key}.vq_embed_dim", v.vq_embed_dim, "must be 0 (latent_channels) or more")
     check(v.sample_size % v.downsample == 0, f"{key}.sample_size", v.sample_size,
           f"must be a multiple of the downsampling factor {v.downsample}")
+    check(v.codebook_groups >= 1 and v.embed_dim % v.codebook_groups == 0, f"{key}.codebook_groups",
+          v.codebook_groups, f"must be at least 1 and divide the code width ({v.embed_dim})")
 
 
 def check_llava(recipe) -> None:

@@ -36,14 +36,27 @@ class VQConfig:
     mid_block_add_attention: bool = True
     sample_size: int = 64
     beta: float = 0.25  # the commitment weight
+    # product quantisation: a position's code vector is cut into this many slices, each its own code
+    # from its own codebook of num_vq_embeddings (so G codes a position, K^G combinations); 1: plain VQ
+    codebook_groups: int = 1
 
     @property
     def embed_dim(self) -> int:
         return self.vq_embed_dim or self.latent_channels
 
     @property
+    def slice_dim(self) -> int:
+        """The width of one group's codes."""
+        return self.embed_dim // self.codebook_groups
+
+    @property
     def downsample(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Codes of one image at sample_size: (sample_size / f)^2 positions, G codes each."""
+        return (self.sample_size // self.downsample) ** 2 * self.codebook_groups
 
     def check(self) -> None:
         if not self.block_out_channels:
@@ -51,6 +64,9 @@ class VQConfig:
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"block width {c} is not divisible by norm_num_groups {self.norm_num_groups}")
+        if self.codebook_groups < 1 or self.embed_dim % self.codebook_groups:
+            raise ValueError(f"codebook_groups {self.codebook_groups} must be at least 1 and divide the code width "
+                             f"{self.embed_dim}")
 
 
 class ResnetBlock2D(nn.Module):
@@ -189,20 +205,45 @@ class Decoder(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
-    def __init__(self, num_embeddings: int, dim: int):
+    """Nearest-neighbour quantisation.  With `groups` G > 1 it is product quantisation (Jegou et al. 2011):
+    a code vector is cut into G slices, slice g quantised by codebook g (rows g*K .. (g+1)*K of one
+    embedding), and indices are the local ids 0..K-1 of each slice, [B, H, W, G]; G = 1 is diffusers'
+    `VectorQuantizer` and its indices [B, H, W]."""
+
+    def __init__(self, num_embeddings: int, dim: int, groups: int = 1):
         super().__init__()
-        self.embedding = nn.Embedding(num_embeddings, dim)
+        self.num_embeddings, self.groups = num_embeddings, groups
+        self.embedding = nn.Embedding(num_embeddings * groups, dim // groups)
         nn.init.uniform_(self.embedding.weight, -1.0 / num_embeddings, 1.0 / num_embeddings)  # taming's init
 
+    def codebook(self, g: int) -> torch.Tensor:
+        """Group g's codes [K, dim / G] (a view: writes reach the embedding)."""
+        K = self.num_embeddings
+        return self.embedding.weight[g * K:(g + 1) * K]
+
+    def slices(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents z [B, C, H, W] as [B * H * W, G, C / G]."""
+        return z.permute(0, 2, 3, 1).reshape(-1, self.groups, z.shape[1] // self.groups)
+
     def indices(self, z: torch.Tensor) -> torch.Tensor:
-        """Nearest code of each position: z [B, C, H, W] -> [B, H, W]."""
+        """Nearest code of each position (and slice): z [B, C, H, W] -> [B, H, W] (G = 1) or [B, H, W, G]."""
         B, C, H, W = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, C)
-        return torch.cdist(flat, self.embedding.weight).argmin(1).view(B, H, W)
+        flat = self.slices(z)
+        ids = torch.stack([torch.cdist(flat[:, g], self.codebook(g)).argmin(1) for g in range(self.groups)], 1)
+        return ids.view(B, H, W) if self.groups == 1 else ids.view(B, H, W, self.groups)
+
+    def global_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows of the embedding of local indices ([B, H, W] or [B, H, W, G])."""
+        if self.groups == 1:
+            return indices
+        return indices + torch.arange(self.groups, device=indices.device) * self.num_embeddings
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codes of indices [B, H, W] -> [B, C, H, W] (diffusers' get_codebook_entry)."""
-        return self.embedding(indices).permute(0, 3, 1, 2).contiguous()
+        """Codes of indices [B, H, W] (or [B, H, W, G]) -> [B, C, H, W] (diffusers' get_codebook_entry)."""
+        codes = self.embedding(self.global_ids(indices))
+        if self.groups > 1:
+            codes = codes.flatten(-2)  # the slices side by side
+        return codes.permute(0, 3, 1, 2).contiguous()
 
 
 class VQModel(nn.Module):
@@ -212,7 +253,7 @@ class VQModel(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.quant_conv = nn.Conv2d(cfg.latent_channels, cfg.embed_dim, 1)
-        self.quantize = VectorQuantizer(cfg.num_vq_embeddings, cfg.embed_dim)
+        self.quantize = VectorQuantizer(cfg.num_vq_embeddings, cfg.embed_dim, cfg.codebook_groups)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.latent_channels, 1)
         self.decoder = Decoder(cfg)
 
@@ -225,14 +266,16 @@ class VQModel(nn.Module):
 
     @torch.no_grad()
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The code grid [B, h, w] of images in [-1, 1]."""
+        """The code grid [B, h, w] of images in [-1, 1] ([B, h, w, G] with codebook groups)."""
         return self.quantize.indices(self.encode(pixels))
 
     def decode_tokens(self, indices: torch.Tensor) -> torch.Tensor:
-        """Images in about [-1, 1] from code grids [B, h, w] (or flat [B, h * w] for a square grid)."""
+        """Images in about [-1, 1] from code grids [B, h, w] ([B, h, w, G] with codebook groups), or flat
+        [B, h * w * G] for a square grid (`tokens(...).flatten(1)`: a position's G codes side by side)."""
+        G = self.cfg.codebook_groups
         if indices.ndim == 2:
-            side = int(round(indices.shape[1] ** 0.5))
-            indices = indices.view(-1, side, side)
+            side = int(round((indices.shape[1] // G) ** 0.5))
+            indices = indices.view(-1, side, side) if G == 1 else indices.view(-1, side, side, G)
         return self.decode_latents(self.quantize.lookup(indices))
 
     def quantize_latents(self, z: torch.Tensor, indices: torch.Tensor | None = None):

@@ -57,11 +57,10 @@ class TextToImageFamily(Family):
     def __init__(self, recipe, root: Path, tokenizer):
         super().__init__(recipe, root, tokenizer)
         m = recipe.model
-        grid = m.vq.sample_size // m.vq.downsample
         m.prior.vocab_size = m.vq.num_vq_embeddings + 1
         m.prior.cross_attention = True
         m.prior.bidirectional = m.kind == "maskgit"
-        m.prior.context_length = grid * grid + (m.kind == "autoregressive")
+        m.prior.context_length = m.vq.tokens_per_image + (m.kind == "autoregressive")
         m.clip.text.vocab_size = m.clip.text.vocab_size or tokenizer.vocab_size
         self.transform = recipe_transform(recipe, m.clip.vision)  # CLIP's view of images (re-ranking, judging)
         self.vq_transform = vq_transform(m.vq)

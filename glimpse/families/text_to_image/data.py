@@ -22,7 +22,7 @@ from glimpse.data.shapes_words import describe_scene
 @torch.no_grad()
 def encode_codes(vq, paths: list, transform, max_pixels: int, device: torch.device, batch_size: int = 128,
                  progress: bool = True) -> tuple[list[int | None], torch.Tensor, dict[str, str]]:
-    """(row of each image in the code table or None when unreadable, codes [rows, h*w] int16 on the cpu,
+    """(row of each image in the code table or None when unreadable, codes [rows, vq.cfg.tokens_per_image] int16 on the cpu,
     the unreadable images' messages by path)."""
     rows: list[int | None] = []
     chunks, bad, n = [], {}, 0

@@ -7,6 +7,8 @@
              `maskgit`: bidirectional, predicts masked codes, samples by iterative unmasking (MaskGIT, Muse);
              `autoregressive`: causal, one code after another with a KV cache (DALL-E, Parti) -- the baseline
              of the same size.  Its vocabulary is the K codes and one more: the mask (maskgit) or the start (AR).
+             It reads and writes an image's codes flat, `vq.tokens_per_image` of them: row by row, and with
+             codebook groups (product quantisation) a position's G codes side by side.
 
 The text memory the prior reads is [null, pooled, token states...]: the learned null slot is always
 readable, so a row whose text is dropped (classifier-free guidance's unconditional branch, trained by
@@ -55,11 +57,9 @@ class TextToImageConfig:
 
     @property
     def codes(self) -> int:
+        """The prior's code vocabulary: one codebook's K (with codebook groups, a token's group is its
+        place in the sequence, so the ids of every group are 0..K-1 alike)."""
         return self.vq.num_vq_embeddings
-
-    @property
-    def grid(self) -> int:
-        return self.vq.sample_size // self.vq.downsample
 
     @property
     def special_id(self) -> int:

@@ -74,7 +74,7 @@ def sample_maskgit(model: TextToImage, memory: torch.Tensor, memory_mask: torch.
     """Code grids [B, N] for text memories [B, S, D].  `phrases`: (memory, mask, owner [P], weight,
     mode) of the prompts' phrases, for composed guidance."""
     cfg = model.cfg
-    B, N, mask_id = memory.shape[0], cfg.grid ** 2, cfg.special_id
+    B, N, mask_id = memory.shape[0], cfg.vq.tokens_per_image, cfg.special_id
     memory, memory_mask = _both(memory, memory_mask)
     mix = None
     if phrases is not None:
@@ -110,7 +110,7 @@ def sample_autoregressive(model: TextToImage, memory: torch.Tensor, memory_mask:
                           generator: torch.Generator | None = None) -> torch.Tensor:
     """Code grids [B, N], one code after another with a KV cache."""
     cfg = model.cfg
-    B, N = memory.shape[0], cfg.grid ** 2
+    B, N = memory.shape[0], cfg.vq.tokens_per_image
     memory, memory_mask = _both(memory, memory_mask)
     cache = model.prior.new_cache(2 * B, N + 1)
     step = torch.full((2 * B, 1), cfg.special_id, dtype=torch.long, device=memory.device)

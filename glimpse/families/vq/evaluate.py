@@ -6,7 +6,8 @@
 - `psnr` (dB, pixels in [0, 1]) and `l1` of the reconstructions.
 - `codebook_usage`: the share of codes used at least once over the whole split (not per batch, which
   understates usage: bshall/VectorQuantizedVAE#3); `perplexity`: exp of the entropy of the codes'
-  frequencies over the split (K when all are used equally).
+  frequencies over the split (K when all are used equally).  With codebook groups (product
+  quantisation) every group's K codes count apart: usage over G * K codes, perplexity up to G * K.
 Unreadable images are skipped and counted (`skipped`); `n` images were scored.
 """
 
@@ -27,7 +28,7 @@ from glimpse.data.world import read_scenes
 def evaluate_tokenizer(vq, transform, root: Path, splits: list[str], batch_size: int, limit: int = 0,
                        max_pixels: int = 40_000_000) -> dict[str, float]:
     device = next(vq.parameters()).device
-    K = vq.cfg.num_vq_embeddings
+    K = vq.cfg.num_vq_embeddings * vq.cfg.codebook_groups  # every group's codes, counted apart
     results: dict[str, float] = {}
     for split in splits:
         scenes = read_scenes(root, split)
@@ -42,7 +43,7 @@ def evaluate_tokenizer(vq, transform, root: Path, splits: list[str], batch_size:
                 continue
             pixels = torch.stack([transform(im) for im in images]).to(device)
             indices = vq.tokens(pixels)
-            counts += torch.bincount(indices.reshape(-1).cpu(), minlength=K)
+            counts += torch.bincount(vq.quantize.global_ids(indices).reshape(-1).cpu(), minlength=K)
             recon = to_uint8(vq.decode_tokens(indices))
             real = to_uint8(pixels)
             diff = recon.astype(np.float32) / 255 - real.astype(np.float32) / 255

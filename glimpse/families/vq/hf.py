@@ -140,4 +140,7 @@ class DiffusersFolder:
 
 def to_hf_folder(vq: VQModel) -> DiffusersFolder:
     """The diffusers VQModel folder of glimpse's VQ-VAE (the run's `.vq`; training buffers left out)."""
+    if vq.cfg.codebook_groups > 1:
+        raise GlimpseError(f"a tokenizer with codebook_groups {vq.cfg.codebook_groups} (product quantisation) has "
+                           "no diffusers VQModel form: diffusers quantises each position with one codebook")
     return DiffusersFolder(diffusers_config(vq.cfg), dict(vq.state_dict()), rules(vq))

@@ -43,7 +43,7 @@ class VQTokenizer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vq = VQModel(cfg.vq)
-        K = cfg.vq.num_vq_embeddings
+        K = cfg.vq.num_vq_embeddings * cfg.vq.codebook_groups  # every group's codebook, one after another
         self.register_buffer("idle_steps", torch.zeros(K, dtype=torch.long))  # steps since each code was chosen
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))  # k-means done
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long))  # codes restarted so far
@@ -56,12 +56,19 @@ class VQTokenizer(nn.Module):
 
     @torch.no_grad()
     def kmeans_init(self, latents: torch.Tensor, seed: int = 0) -> None:
-        """Codebook := k-means centres of latent vectors [N, C]: Lloyd's algorithm started from k-means++
-        seeds (Arthur & Vassilvitskii 2007: each next seed drawn with probability proportional to its
-        squared distance from the seeds so far), which a plain random start is not: it can leave two
-        codes in one cluster and none in another, for good."""
+        """Codebook := k-means centres of latent vectors [N, C] (with codebook groups, each group's codebook
+        the centres of its slice of the latents): Lloyd's algorithm started from k-means++ seeds (Arthur &
+        Vassilvitskii 2007: each next seed drawn with probability proportional to its squared distance
+        from the seeds so far), which a plain random start is not: it can leave two codes in one cluster
+        and none in another, for good."""
+        quantize = self.vq.quantize
+        slices = latents.float().reshape(len(latents), quantize.groups, -1)
+        for g in range(quantize.groups):
+            quantize.codebook(g).copy_(self._kmeans(slices[:, g], seed + g))
+        self.initialised.fill_(True)
+
+    def _kmeans(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         K, iters = self.cfg.vq.num_vq_embeddings, self.cfg.kmeans_iters
-        x = latents.float()
         g = torch.Generator().manual_seed(seed)
         centres = x.new_empty(K, x.shape[1])
         centres[0] = x[torch.randint(len(x), (1,), generator=g)]
@@ -76,29 +83,36 @@ class VQTokenizer(nn.Module):
             counts = torch.bincount(assign, minlength=K).to(x.dtype)
             moved = counts > 0
             centres[moved] = sums[moved] / counts[moved, None]
-        self.vq.quantize.embedding.weight.copy_(centres)
-        self.initialised.fill_(True)
+        return centres
 
     @torch.no_grad()
     def restart_dead_codes(self, z: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Count this batch's choices; move codes idle for `restart_after` steps onto the batch's worst-
-        quantised latents.  Returns the indices, recomputed when codes moved."""
+        quantised latents (with codebook groups, a group's codes onto its worst-quantised slices).
+        Returns the indices, recomputed when codes moved."""
         after = self.cfg.restart_after
-        K = self.cfg.vq.num_vq_embeddings
-        used = torch.bincount(indices.reshape(-1), minlength=K) > 0
+        quantize = self.vq.quantize
+        K = len(self.idle_steps)
+        rows = quantize.global_ids(indices).reshape(-1)
+        used = torch.bincount(rows, minlength=K) > 0
         self.idle_steps.add_(1).masked_fill_(used, 0)
         dead = (self.idle_steps >= after).nonzero().flatten() if after > 0 else indices.new_zeros(0)
         if len(dead) == 0:
             return indices
-        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        codes = self.vq.quantize.embedding.weight
-        error = (flat - codes[indices.reshape(-1)]).pow(2).sum(1)
-        worst = error.argsort(descending=True)[: len(dead)]
-        worst = worst.repeat(len(dead) // len(worst) + 1)[: len(dead)]
-        codes[dead] = flat[worst].to(codes.dtype)
+        slices = quantize.slices(z)  # [N, G, C / G]
+        chosen = quantize.embedding.weight[rows].view_as(slices)
+        error = (slices - chosen).pow(2).sum(2)  # [N, G]
+        codes = quantize.embedding.weight
+        for g in range(quantize.groups):
+            dead_g = dead[dead // quantize.num_embeddings == g]
+            if len(dead_g) == 0:
+                continue
+            worst = error[:, g].argsort(descending=True)[: len(dead_g)]
+            worst = worst.repeat(len(dead_g) // len(worst) + 1)[: len(dead_g)]
+            codes[dead_g] = slices[worst, g].to(codes.dtype)
         self.idle_steps[dead] = 0
         self.restarts.add_(len(dead))
-        return self.vq.quantize.indices(z)
+        return quantize.indices(z)
 
     @torch.no_grad()
     def bank_latents(self, z: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ class VQPipeline:
 
     @torch.no_grad()
     def tokens(self, images: list) -> torch.Tensor:
-        """Code grids [N, h, w] of images (paths, bytes or PIL images)."""
+        """Code grids [N, h, w] ([N, h, w, G] with codebook groups) of images (paths, bytes or PIL images)."""
         self.model.eval()
         return self.model.tokens(self._pixels(images))
 
