@@ -226,6 +226,8 @@ def test_product_quantisation_codes_each_slice_from_its_own_codebook():
     grid = torch.randint(0, 3, (2, 2, 2, 2))
     with torch.no_grad():
         torch.testing.assert_close(vq.decode_tokens(grid.flatten(1)), vq.decode_tokens(grid))
+        with pytest.raises(ValueError, match=r"\[B, h, w, 2\]"):  # one code a position is not this tokenizer's
+            vq.decode_tokens(grid[..., 0])
     with pytest.raises(ValueError, match="codebook_groups"):
         VQModel(VQConfig(latent_channels=4, block_out_channels=[8], norm_num_groups=8, codebook_groups=3))
 

@@ -78,6 +78,8 @@ def run_t2i_demo(out: str | Path = "runs/demo-t2i", progress: bool = True, overr
         + "".join(_img_tag(a, cls="ok" if ok else "bad") for a, ok in row) + "</div>" for split, s, row in grid)
     px = vq_recipe.model.vq.sample_size
     codes = px // vq_recipe.model.vq.downsample
+    groups = vq_recipe.model.vq.codebook_groups
+    layout = f"{codes} x {codes}" + (f" x {groups}" if groups > 1 else "")
     report = out / "report.html"
     report.write_text(f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>glimpse text-to-image demo</title>
@@ -89,7 +91,7 @@ img.bad {{ border-color: #c33; }} img.real {{ border-color: #888; margin-right: 
 .qt {{ font-weight: 600; }}
 </style></head><body>
 <h1>glimpse text-to-image demo</h1>
-<p>A VQ-VAE tokenizer ({px} px to {codes} x {codes} codes) and a MaskGIT prior reading a CLIP text tower, all trained from
+<p>A VQ-VAE tokenizer ({px} px to {layout} codes) and a MaskGIT prior reading a CLIP text tower, all trained from
 scratch on the shapes world in {elapsed:.0f} s on a machine whose fp32 matmul runs at {gflops:.0f} GFLOP/s.
 Each row: the world's own image for the caption (grey), then {T2I_SAMPLES} generated images, green where the
 scene parser reads back exactly the scene asked for, red otherwise.  <code>test_novel</code> prompts hold a

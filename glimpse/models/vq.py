@@ -45,11 +45,6 @@ class VQConfig:
         return self.vq_embed_dim or self.latent_channels
 
     @property
-    def slice_dim(self) -> int:
-        """The width of one group's codes."""
-        return self.embed_dim // self.codebook_groups
-
-    @property
     def downsample(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
 
@@ -240,6 +235,9 @@ class VectorQuantizer(nn.Module):
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes of indices [B, H, W] (or [B, H, W, G]) -> [B, C, H, W] (diffusers' get_codebook_entry)."""
+        if self.groups > 1 and (indices.ndim != 4 or indices.shape[-1] != self.groups):
+            raise ValueError(f"codes of a tokenizer with {self.groups} codebook groups come as [B, h, w, {self.groups}] "
+                             f"(or flat, a position's {self.groups} together), not {tuple(indices.shape)}")
         codes = self.embedding(self.global_ids(indices))
         if self.groups > 1:
             codes = codes.flatten(-2)  # the slices side by side

@@ -26,7 +26,7 @@ class VQPipeline:
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
-        """PIL images of code grids [N, h, w] (or [N, h * w])."""
+        """PIL images of code grids [N, h, w] (or [N, h * w]); with codebook groups [N, h, w, G] (or [N, h * w * G])."""
         self.model.eval()
         device = next(self.model.parameters()).device
         return [Image.fromarray(a) for a in to_uint8(self.model.decode_tokens(tokens.to(device)))]
