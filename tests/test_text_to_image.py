@@ -32,7 +32,7 @@ def tiny_model(kind: str, groups: int = 1) -> TextToImage:
     torch.manual_seed(0)
     vq = VQConfig(block_out_channels=[8, 8, 16], norm_num_groups=8, latent_channels=8, vq_embed_dim=4,
                   num_vq_embeddings=16, sample_size=16, codebook_groups=groups)  # 4 x 4 codes (x groups)
-    prior = DecoderConfig(arch="gpt2", vocab_size=17, width=32, layers=2, heads=2, cross_attention=True,
+    prior = DecoderConfig(arch="gpt2", vocab_size=16 * groups + 1, width=32, layers=2, heads=2, cross_attention=True,
                           bidirectional=kind == "maskgit",
                           context_length=vq.tokens_per_image + (kind == "autoregressive"))
     clip = DualEncoderConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),
@@ -78,18 +78,22 @@ def test_one_maskgit_step_fills_the_grid_and_greedy_is_deterministic():
 
 @pytest.mark.parametrize("kind", ["maskgit", "autoregressive"])
 def test_priors_write_every_group_of_a_product_quantised_tokenizer(kind):
-    """With codebook groups the prior writes G codes a position (ids 0..K-1 in each group) and the
-    tokenizer decodes the flat sequence as its grid of [h, w, G] codes."""
+    """With codebook groups the prior writes G codes a position, group g's from its own ids (offset by
+    g * K, the other groups' ids never sampled there), and the tokenizer decodes them, back in its own ids,
+    as its grid of [h, w, G] codes."""
     model = tiny_model(kind, groups=2)
     memory, memory_mask = model.text_memory(*prompts())
     sample = sample_maskgit if kind == "maskgit" else sample_autoregressive
     extra = {"steps": 4, "choice_temperature": 1.0} if kind == "maskgit" else {}
-    codes = sample(model, memory, memory_mask, guidance=2.0, temperature=1.0,
+    codes = sample(model, memory, memory_mask, guidance=2.0, temperature=5.0,  # hot: every id is likely
                    generator=torch.Generator().manual_seed(0), **extra)
-    assert codes.shape == (3, 32) and 0 <= int(codes.min()) and int(codes.max()) < 16
+    assert codes.shape == (3, 32)
+    assert codes[:, 0::2].max() < 16 and codes[:, 1::2].min() >= 16 and codes[:, 1::2].max() < 32
+    tokens = model.vq_ids(codes)
+    assert torch.equal(model.prior_ids(tokens), codes) and tokens.max() < 16
     with torch.no_grad():
-        images = model.vq.decode_tokens(codes)
-        torch.testing.assert_close(images, model.vq.decode_tokens(codes.view(3, 4, 4, 2)))
+        images = model.vq.decode_tokens(tokens)
+        torch.testing.assert_close(images, model.vq.decode_tokens(tokens.view(3, 4, 4, 2)))
     assert images.shape == (3, 3, 16, 16)
 
 

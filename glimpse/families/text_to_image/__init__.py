@@ -57,7 +57,7 @@ class TextToImageFamily(Family):
     def __init__(self, recipe, root: Path, tokenizer):
         super().__init__(recipe, root, tokenizer)
         m = recipe.model
-        m.prior.vocab_size = m.vq.num_vq_embeddings + 1
+        m.prior.vocab_size = m.vq.num_vq_embeddings * m.vq.codebook_groups + 1
         m.prior.cross_attention = True
         m.prior.bidirectional = m.kind == "maskgit"
         m.prior.context_length = m.vq.tokens_per_image + (m.kind == "autoregressive")
@@ -87,7 +87,7 @@ class TextToImageFamily(Family):
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         inner = model.module if hasattr(model, "module") else model  # DDP wraps the model
         c = inner.cfg
-        codes = batch["codes"]
+        codes = inner.prior_ids(batch["codes"])  # the tokenizer's codes, offset by codebook group
         B, N = codes.shape
         keep = torch.rand(B, device=codes.device) >= c.cond_drop
         memory, memory_mask = inner.text_memory(batch["input_ids"], batch["attention_mask"], keep)

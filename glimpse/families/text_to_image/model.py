@@ -8,7 +8,8 @@
              `autoregressive`: causal, one code after another with a KV cache (DALL-E, Parti) -- the baseline
              of the same size.  Its vocabulary is the K codes and one more: the mask (maskgit) or the start (AR).
              It reads and writes an image's codes flat, `vq.tokens_per_image` of them: row by row, and with
-             codebook groups (product quantisation) a position's G codes side by side.
+             codebook groups (product quantisation) a position's G codes side by side, group g's ids offset
+             by g * K (`prior_ids`), each place's logits confined to its group's codes.
 
 The text memory the prior reads is [null, pooled, token states...]: the learned null slot is always
 readable, so a row whose text is dropped (classifier-free guidance's unconditional branch, trained by
@@ -57,14 +58,14 @@ class TextToImageConfig:
 
     @property
     def codes(self) -> int:
-        """The prior's code vocabulary: one codebook's K (with codebook groups, a token's group is its
-        place in the sequence, so the ids of every group are 0..K-1 alike)."""
-        return self.vq.num_vq_embeddings
+        """The prior's code vocabulary: every codebook's K codes, group g's ids offset by g * K (with codebook
+        groups, a code of one codebook and the same id in another are different symbols)."""
+        return self.vq.num_vq_embeddings * self.vq.codebook_groups
 
     @property
     def special_id(self) -> int:
         """The mask (maskgit) or start (autoregressive) token: the id after the codes."""
-        return self.vq.num_vq_embeddings
+        return self.codes
 
 
 class TextToImage(nn.Module):
@@ -101,5 +102,27 @@ class TextToImage(nn.Module):
         return memory, mask[:, None, None, :]
 
     def forward(self, inputs: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
-        """Logits over the codes [B, T, K] at every position of `inputs` [B, T]."""
-        return self.prior(inputs, memory=memory, memory_mask=memory_mask)[..., : self.cfg.codes]
+        """Logits over the codes [B, T, K] at every position of `inputs` [B, T] (the code at place t's)."""
+        return self.code_logits(self.prior(inputs, memory=memory, memory_mask=memory_mask)[..., : self.cfg.codes])
+
+    def code_logits(self, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Logits [B, T, codes] for places start .. start + T - 1, each confined to its own group's codes
+        (a large negative number elsewhere, not -inf, so that guidance's differences stay finite)."""
+        G, K = self.cfg.vq.codebook_groups, self.cfg.vq.num_vq_embeddings
+        if G == 1:
+            return logits
+        places = torch.arange(start, start + logits.shape[-2], device=logits.device)
+        other = (torch.arange(G * K, device=logits.device) // K)[None, :] != (places % G)[:, None]
+        return logits.masked_fill(other, -1e9)
+
+    def prior_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """The tokenizer's flat codes [B, N] (ids 0..K-1 in every group) as the prior's (offset by group)."""
+        return codes + self._offsets(codes)
+
+    def vq_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """The prior's codes [B, N] as the tokenizer's."""
+        return codes - self._offsets(codes)
+
+    def _offsets(self, codes: torch.Tensor) -> torch.Tensor:
+        G, K = self.cfg.vq.codebook_groups, self.cfg.vq.num_vq_embeddings
+        return torch.arange(codes.shape[-1], device=codes.device) % G * K

@@ -117,7 +117,7 @@ def sample_autoregressive(model: TextToImage, memory: torch.Tensor, memory_mask:
     out = []
     for i in range(N):  # the start token reads the text; later steps reuse its keys and mask from the cache
         text = {"memory": memory, "memory_mask": memory_mask} if i == 0 else {}
-        logits = model.prior(step, cache=cache, **text)[:, -1, : cfg.codes]
+        logits = model.code_logits(model.prior(step, cache=cache, **text)[:, -1:, : cfg.codes], start=i)[:, 0]
         code = _sample(_guided(logits, guidance), temperature, generator)  # [B]
         out.append(code)
         step = torch.cat([code, code])[:, None]
@@ -128,8 +128,9 @@ def sample_autoregressive(model: TextToImage, memory: torch.Tensor, memory_mask:
 def generate_codes(model: TextToImage, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, steps: int,
                    guidance: float, temperature: float, choice_temperature: float,
                    generator: torch.Generator | None = None, phrases: tuple | None = None) -> torch.Tensor:
-    """`phrases`: (input_ids [P, T'], attention_mask, owner [P], weight, mode), each phrase's tokens and
-    the prompt row it belongs to, for composed guidance (maskgit only)."""
+    """The tokenizer's codes [B, N] of generated images (the samplers give the prior's ids).  `phrases`:
+    (input_ids [P, T'], attention_mask, owner [P], weight, mode), each phrase's tokens and the prompt row
+    it belongs to, for composed guidance (maskgit only)."""
     memory, memory_mask = model.text_memory(input_ids, attention_mask)
     if phrases is not None and model.cfg.kind != "maskgit":
         raise ValueError("composed (per-phrase) guidance is for the maskgit prior")
@@ -137,7 +138,9 @@ def generate_codes(model: TextToImage, input_ids: torch.Tensor, attention_mask: 
         ids, mask, *rest = phrases
         phrases = (*model.text_memory(ids, mask), *rest)
     if model.cfg.kind == "maskgit":
-        return sample_maskgit(model, memory, memory_mask, steps=steps, guidance=guidance, temperature=temperature,
-                              choice_temperature=choice_temperature, generator=generator, phrases=phrases)
-    return sample_autoregressive(model, memory, memory_mask, guidance=guidance, temperature=temperature,
-                                 generator=generator)
+        codes = sample_maskgit(model, memory, memory_mask, steps=steps, guidance=guidance, temperature=temperature,
+                               choice_temperature=choice_temperature, generator=generator, phrases=phrases)
+    else:
+        codes = sample_autoregressive(model, memory, memory_mask, guidance=guidance, temperature=temperature,
+                                      generator=generator)
+    return model.vq_ids(codes)
