@@ -115,10 +115,11 @@ def load_part(model: torch.nn.Module, part: str, path: str | Path, source: str =
     picked = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if source and not picked:
         raise GlimpseError(f"init_parts: {path} has no part {source!r} (no tensor under {prefix!r})")
-    load_tensors(sub, picked or tensors, f"{path} (for {part})")
+    load_tensors(sub, picked or tensors, f"{path} (for {part})",
+                 shape_hint=f"; the recipe's settings for {part} must be that run's (its recipe.yaml)")
 
 
-def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
+def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path, shape_hint: str = "") -> None:
     expected = model.state_dict()
     # tied weights were saved once: fill in their aliases
     missing = [k for k in expected if k not in tensors]
@@ -137,5 +138,5 @@ def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path)
     for k, v in tensors.items():
         if v.shape != expected[k].shape:
             raise GlimpseError(f"checkpoint {path}: tensor {k} has shape {tuple(v.shape)}, "
-                               f"the model expects {tuple(expected[k].shape)}")
+                               f"the model expects {tuple(expected[k].shape)}{shape_hint}")
     model.load_state_dict(tensors, strict=False)

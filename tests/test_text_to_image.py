@@ -285,6 +285,10 @@ def test_a_product_quantised_tokenizer_trains_and_a_prior_generates_on_it(world,
     train(recipe, tmp_path / "t2i", progress=False)
     images = glimpse.load(tmp_path / "t2i").generate_images("a small green square at the top", n=1, seed=0)
     assert images[0].size == (32, 32)
+    # a recipe whose tokenizer settings are not the run's is told so
+    plain = load_recipe("shapes-t2i", tiny_t2i_overrides(world, tiny_run, tmp_path / "vq", **{"train.max_steps": 1}))
+    with pytest.raises(GlimpseError, match="settings for vq must be that run's"):
+        train(plain, tmp_path / "t2i-plain", progress=False)
 
 
 def test_recipe_checks_name_the_key(world, tiny_run, tiny_vq_run, tmp_path):
