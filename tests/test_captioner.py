@@ -97,6 +97,12 @@ def test_train_eval_load_caption_and_export(captioner_run, world, cli_env, tmp_p
     r = subprocess.run([PY, "-m", "glimpse", "caption", str(captioner_run), str(image), "--max-new-tokens", "8"],
                        capture_output=True, text=True, env=cli_env)
     assert r.returncode == 0 and r.stdout.strip() == caption, r.stderr
+    r = subprocess.run([PY, "-m", "glimpse", "ask", str(captioner_run), str(image), "what is this?",
+                        "--max-new-tokens", "8"], capture_output=True, text=True, env=cli_env)
+    assert r.returncode == 0 and r.stdout.strip() == caption, r.stderr
+    r = subprocess.run([PY, "-m", "glimpse", "chat", str(captioner_run), "--max-new-tokens", "8"],
+                       input=f"/image {image}\nwhat is this?\n/quit\n", capture_output=True, text=True, env=cli_env)
+    assert r.returncode == 0 and f"assistant> {caption}\n" in r.stdout, r.stderr
     dst = tmp_path / "hf"
     r = subprocess.run([PY, "-m", "glimpse", "convert", str(captioner_run), str(dst), "--to", "hf"],
                        capture_output=True, text=True, env=cli_env)

@@ -238,6 +238,22 @@ def test_cli_caption_and_eval(flamingo_run, world, cli_env, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "test/fewshot_acc_2" in json.loads(out.read_text())
     assert Image.open(image).size == (32, 32)
+    # ask, and a chat with two images attached to one message: the pipeline's answers, token for token
+    import glimpse
+    from glimpse.data.messages import user_message
+
+    pipe = glimpse.load(flamingo_run)
+    first, second = (str(p) for p in sorted((world / "images" / "test").glob("*.png"))[:2])
+    r = subprocess.run([PY, "-m", "glimpse", "ask", str(flamingo_run), first, "what colour is the shape?",
+                        "--max-new-tokens", "4"], capture_output=True, text=True, env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == pipe.ask([first], ["what colour is the shape?"], max_new_tokens=4)[0].strip()
+    r = subprocess.run([PY, "-m", "glimpse", "chat", str(flamingo_run), "--max-new-tokens", "4"],
+                       input=f"/image {first}\n/image {second}\nOutput:\n/quit\n", capture_output=True, text=True,
+                       env=cli_env)
+    assert r.returncode == 0, r.stderr
+    want = pipe.chat([user_message([first, second], "Output:")], max_new_tokens=4)
+    assert f"assistant> {want}\n" in r.stdout
 
 
 def test_text_binding_documents_keep_one_word_per_colour(world):

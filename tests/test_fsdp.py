@@ -25,8 +25,10 @@ def _sets(items: list[str]) -> list[str]:
 
 
 def _clip_args(world, **extra) -> list[str]:
+    # a CLIP-shaped tower (class token, cls pooling), so the sharded checkpoint exports as a transformers CLIPModel
     sets = tiny_overrides(world, **{"train.max_steps": 6, "train.save_every": 3, "eval.splits": "[test]",
-                                    "train.threads": 1, **extra})
+                                    "train.threads": 1, "model.vision.class_token": True, "model.vision.pool": "cls",
+                                    **extra})
     return ["--quiet", "train", "shapes-clip", *_sets(sets)]
 
 
@@ -97,6 +99,21 @@ def test_sharded_checkpoint_converts_to_one_file_that_glimpse_loads(fsdp_run, fs
     assert r.returncode == 0 and (first / runs.WEIGHTS).is_file(), r.stderr
     emb = glimpse.load(first).embed_texts(["a red circle"])
     assert emb.shape[0] == 1 and torch.isfinite(torch.as_tensor(emb)).all()
+    # and the HF export reads it: a CLIP folder that transformers loads whole, embedding as glimpse does
+    r = subprocess.run([PY, "-m", "glimpse", "convert", str(first), str(tmp_path / "hf"), "--to", "hf"], env=fsdp_env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from transformers import CLIPModel, PreTrainedTokenizerFast
+
+    hf_model, info = CLIPModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ids = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "hf"))(["<bos>a red circle<eos>"],
+                                                                           return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = hf_model.get_text_features(input_ids=ids)
+    theirs = theirs if torch.is_tensor(theirs) else theirs.pooler_output  # transformers 5 returns an output object
+    theirs = torch.nn.functional.normalize(theirs, dim=-1)
+    torch.testing.assert_close(theirs, torch.as_tensor(emb), atol=1e-5, rtol=1e-4)
     # a broken shard is one line naming the checkpoint
     shard = next((first / "sharded").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:50])
@@ -112,6 +129,20 @@ def _only(ckpt, tmp_path):
     run = tmp_path / "only"
     shutil.copytree(ckpt, run / runs.CHECKPOINTS / ckpt.name)
     return run
+
+
+def test_fsdp_in_bf16_computes_in_bf16_and_keeps_fp32_weights(world, tmp_path, fsdp_env, fsdp_run):
+    """Mixed precision under FSDP: blocks gathered in bf16 for the forward and backward, gradients reduced and
+    the shards (so the checkpoint) kept in fp32.  Its losses follow the fp32 run's to bf16's precision."""
+    out = tmp_path / "bf16"
+    args = _clip_args(world, **{"train.parallel": "fsdp", "train.precision": "bf16", "eval.splits": "[]"})
+    r = subprocess.run(_torchrun(args, out), env=fsdp_env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    low, full = [x for _, x in _losses(out)], [x for _, x in _losses(fsdp_run)]
+    assert len(low) == len(full) == 6 and low != full  # bf16 arithmetic: not the fp32 losses bit for bit
+    torch.testing.assert_close(torch.tensor(low), torch.tensor(full), rtol=0.03, atol=0.03)
+    weights = runs.read_weights(runs.list_checkpoints(out)[-1] / runs.WEIGHTS)
+    assert {w.dtype for w in weights.values() if w.is_floating_point()} == {torch.float32}
 
 
 def test_tensorboard_logs_the_metrics(fsdp_run):

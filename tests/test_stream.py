@@ -18,7 +18,7 @@ from glimpse.config import load_recipe
 from glimpse.data.formats import iter_webdataset
 from glimpse.data.images import ImageTransform
 from glimpse.data.pairs import PairCollate, StreamPairs
-from glimpse.data.stream import ShardStream, read_shard, shard_keys
+from glimpse.data.stream import ShardSample, ShardStream, read_shard, shard_keys
 from glimpse.data.tokenizer import Tokenizer
 from glimpse.distributed import shutdown_distributed
 from glimpse.errors import GlimpseError
@@ -299,6 +299,72 @@ def test_the_other_caption_families_train_on_a_stream(world, tmp_path, family):
     assert state["stream"]["batches"] == 2
 
 
+def _llava_stream_data(world, tmp_path) -> tuple[dict, list[dict]]:
+    """The world's LLaVA training records in 4 shards (each sample the record's image and the record as its
+    .json, as LLaVA-style WebDataset sets hold them), the --set items that stream them, and the records."""
+    root = tmp_path / "llava-data"
+    (root / "shards").mkdir(parents=True)
+    shutil.copy(world / "tokenizer.json", root / "tokenizer.json")
+    records = json.loads((world / "annotations" / "llava_train.json").read_text())[:64]
+    for s in range(4):
+        with tarfile.open(root / "shards" / f"train-{s}.tar", "w") as tar:
+            for r in records[s * 16:(s + 1) * 16]:
+                _add(tar, f"{r['id']}.png", (world / "images" / r["image"]).read_bytes())
+                _add(tar, f"{r['id']}.json", json.dumps(r).encode())
+    sets = {"data.source": "wds", "data.format": "llava", "data.vqa_mix": "false", "data.root": str(root),
+            "data.stream": "true", "data.files": "{train: 'shards/train-{0..3}.tar'}", "data.shuffle_buffer": 8,
+            "eval.splits": "[]", "train.threads": 1, "train.cache_vision_features": "false"}
+    return sets, records
+
+
+def test_llava_record_shards_stream_the_items_the_json_file_gives(world, tmp_path, capsys):
+    """Stage 2 from shards: each streamed sample is the item ConversationDataset makes of the same record read
+    from the world's LLaVA file; a record that is not LLaVA's is a bad sample, counted; and a run trains on it."""
+    from conftest import tiny_vlm_overrides
+
+    from glimpse.data.conversations import ConversationDataset, llava_records, stream_conversations
+    from glimpse.models.vlm import VisionLanguageModel
+
+    sets, records = _llava_stream_data(world, tmp_path)
+    recipe = load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world, **sets))
+    tok = Tokenizer(world / "tokenizer.json")
+    transform = ImageTransform(32, recipe.data.image_mean, recipe.data.image_std)
+    tokens = VisionLanguageModel.count_image_tokens(recipe.model)
+    whole = llava_records(recipe.data.__class__(source="shapes", format="llava"), world, "train")[:64]
+    dataset = ConversationDataset(whole, tok, recipe.model.chat_template, transform, 10**8, tokens,
+                                  recipe.model.lm.context_length)
+    stream = stream_conversations(recipe.data, tmp_path / "llava-data", tok, recipe.model.chat_template, transform,
+                                  tokens, recipe.model.lm.context_length, seed=0)
+    want = {r["id"]: dataset[(i, 0)] for i, r in enumerate(records)}
+
+    def decoded(path):
+        return {key: stream.decode(ShardSample(path, key, files, 0)) for key, files in read_shard(path)}
+
+    got = {k: v for path in stream.paths for k, v in decoded(path).items()}
+    assert got.keys() == want.keys()
+    for key, item in got.items():
+        assert item["input_ids"] == want[key]["input_ids"] and item["labels"] == want[key]["labels"], key
+        assert torch.equal(item["pixel_values"][0], want[key]["pixel_values"][0]), key
+
+    # records that are not LLaVA's: counted as bad samples, one line each, and training goes on
+    with tarfile.open(tmp_path / "llava-data" / "shards" / "train-3.tar", "a") as tar:
+        png = (world / "images" / records[0]["image"]).read_bytes()
+        for key, body in (("nojson", b"{not json"), ("noturns", b'{"id": "x"}'),
+                          ("badturn", b'{"conversations": [{"from": "robot", "value": "hi"}]}')):
+            _add(tar, f"{key}.png", png)
+            _add(tar, f"{key}.json", body)
+    last = decoded(str(tmp_path / "llava-data" / "shards" / "train-3.tar"))
+    bad = [last[k] for k in ("nojson", "noturns", "badturn")]
+    assert [b["error"] for b in bad] == ["corrupt", "format", "format"]
+    assert all("train-3.tar:" in b["message"] and "\n" not in b["message"] for b in bad)
+    out = tmp_path / "run"
+    train(load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world, **sets, **{"train.max_steps": 8,
+                                                                                  "train.save_every": 8})),
+          out, progress=False)
+    assert len([r for r in _records(out) if "loss" in r]) == 8
+    assert "skipped bad samples" in capsys.readouterr().out
+
+
 def test_recipes_refuse_a_stream_where_it_cannot_be_read():
     with pytest.raises(GlimpseError, match="data.stream.*data.source: wds"):
         load_recipe("shapes-clip", ["data.stream=true"])
@@ -306,7 +372,10 @@ def test_recipes_refuse_a_stream_where_it_cannot_be_read():
         load_recipe("shapes-lm", ["data.source=wds", "data.stream=true"])
     with pytest.raises(GlimpseError, match="data.stream.*not for model.objective vqa"):
         load_recipe("shapes-fusion-vqa", ["data.source=wds", "data.stream=true", "init=null"])
-    with pytest.raises(GlimpseError, match="data.stream.*not with data.format llava"):
-        load_recipe("shapes-llava-stage2", ["data.source=wds", "data.stream=true", "init=null"])
+    with pytest.raises(GlimpseError, match="data.stream.*not with data.vqa_mix"):
+        load_recipe("shapes-llava-stage2", ["data.source=wds", "data.stream=true", "init=null",
+                                            "train.cache_vision_features=false"])
+    with pytest.raises(GlimpseError, match="data.format.*set data.stream true"):
+        load_recipe("shapes-llava-stage2", ["data.source=wds", "data.vqa_mix=false", "init=null"])
     with pytest.raises(GlimpseError, match="cache_vision_features.*not with data.stream"):
         load_recipe("shapes-llava-stage1", ["data.source=wds", "data.stream=true"])

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import PY, tiny_t2i_overrides, tiny_vq_overrides
+from PIL import Image
 
 from glimpse.data.shapes_words import parse_caption, scene_caption, scene_key
 from glimpse.data.world import read_scenes
@@ -244,6 +245,17 @@ def test_train_evaluate_load_and_generate(tiny_t2i_run, world, cli_env, tmp_path
                        env=cli_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["0001-00.png", "0001-01.png"]
+    # --guidance reaches the sampler: the files are the API's images at that guidance
+    unguided = tmp_path / "unguided"
+    r = subprocess.run([PY, "-m", "glimpse", "generate", str(tiny_t2i_run), "a large red circle on the left",
+                        "--n", "2", "--out", str(unguided), "--seed", "1", "--steps", "2", "--guidance", "0"],
+                       env=cli_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    want = pipe.generate_images("a large red circle on the left", n=2, seed=1, steps=2, guidance=0.0)
+    got = [np.asarray(Image.open(unguided / f"0001-0{i}.png")) for i in range(2)]
+    assert all(np.array_equal(g, np.asarray(w)) for g, w in zip(got, want))
+    default = [np.asarray(Image.open(out / f"0001-0{i}.png")) for i in range(2)]
+    assert not all(np.array_equal(g, d) for g, d in zip(got, default))
     r = subprocess.run([PY, "-m", "glimpse", "generate", str(tiny_t2i_run), "x", "--n", "100"],
                        env=cli_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--n" in r.stderr

@@ -59,6 +59,29 @@ def test_bad_videos_are_one_line_errors_naming_the_file(tmp_path):
         read_video(path, 4, limits=VideoLimits(max_decoded=5))
     with pytest.raises(VideoError, match="too large"):
         read_video(path, 4, limits=VideoLimits(max_bytes=100))
+    with pytest.raises(VideoError, match=r"3 s > 1 s"):  # 12 frames at 4 a second, against a 1 s limit
+        read_video(path, 4, limits=VideoLimits(max_duration=1))
+    # an MP4 signature over data that is not a container
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 100)
+    with pytest.raises(VideoError) as e:
+        read_video(garbage, 4)
+    assert e.value.reason == "corrupt" and "garbage.mp4" in str(e.value)
+
+
+def test_a_codec_off_the_allowlist_is_refused_in_an_allowed_container(tmp_path):
+    import av
+
+    path = tmp_path / "png.mov"  # QuickTime (allowed) holding PNG frames (not on the codec allowlist)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("png", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "rgb24"
+        for frame in _moving_square(4):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    with pytest.raises(VideoError) as e:
+        read_video(path, 4)
+    assert e.value.reason == "format" and "'png' is not allowed" in str(e.value)
 
 
 # --- the world --------------------------------------------------------------------------------------
@@ -72,6 +95,24 @@ def test_the_world_is_deterministic_in_its_seed(video_world, tmp_path):
         if f.is_file():
             rel = f.relative_to(again)
             assert hashlib.sha256(f.read_bytes()).digest() == hashlib.sha256((video_world / rel).read_bytes()).digest(), rel
+
+
+def test_the_cli_writes_a_world_of_longer_clips(tmp_path, capsys):
+    from glimpse.cli import main
+
+    out = tmp_path / "world12"
+    main(["--quiet", "data", "shapes-video", "--out", str(out), "--train", "6", "--val", "2", "--test", "2",
+          "--frames", "12", "--image-size", "32", "--seed", "5"])
+    for split, n in (("train", 6), ("val", 2), ("test", 2), ("test_novel", 2)):
+        videos = sorted((out / "videos" / split).glob("*.mp4"))
+        assert len(videos) == n, split
+    clip = read_video(videos[0], 0, sampling="fps", fps=1000)  # every frame the file holds
+    assert clip.shape == (12, 32, 32, 3)
+    qa = json.loads((out / "annotations" / "qa_test.json").read_text())
+    assert qa and {"video_id", "question", "answer", "answer_type"} <= set(qa[0])
+    with pytest.raises(SystemExit):  # clips are 8 to 16 frames
+        main(["--quiet", "data", "shapes-video", "--out", str(tmp_path / "w"), "--frames", "40"])
+    assert "16" in capsys.readouterr().err
 
 
 def test_annotations_use_real_video_formats(video_world):

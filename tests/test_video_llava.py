@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from conftest import LiveServer
 
 import glimpse
 from glimpse.config import load_recipe
+from glimpse.data.video import write_video
 from glimpse.train.trainer import train
 
 pytest.importorskip("av")
@@ -269,8 +271,9 @@ def test_spatial_positions_start_at_zero_and_follow_the_pool_and_the_slow_patche
 def test_a_run_answers_and_captions_clips_and_reports_the_controls(run, pipe, video_world):
     results = json.loads((run / "eval.json").read_text())
     for key in ("temporal_acc", "chance_temporal", "shuffled_temporal_acc", "single_frame_temporal_acc",
-                "single_frame_static_acc", "cider"):
+                "single_frame_static_acc", "cider", "reversed_flip"):
         assert f"test/{key}" in results, key
+    assert 0 <= results["test/reversed_flip"] <= 1
     from glimpse.data.shapes_video_text import TEMPORAL_TYPES
     shuffled = {k.split("shuffled_acc_")[1] for k in results if k.startswith("test/shuffled_acc_")}
     assert shuffled and shuffled <= set(TEMPORAL_TYPES)  # per temporal type, beside its chance
@@ -352,7 +355,8 @@ def test_the_server_takes_video_url_parts_and_refuses_bad_ones_with_4xx(pipe, vi
     from glimpse.serve import ServerLimits, create_app
 
     video = clips(video_world, 1)[0]
-    with LiveServer(create_app(pipe, MODEL, ServerLimits(max_video_bytes=200_000, max_video_frames=50))) as s:
+    with LiveServer(create_app(pipe, MODEL, ServerLimits(max_video_bytes=200_000, max_video_frames=30,
+                                                       max_video_seconds=5))) as s:
         def chat(parts):
             return httpx.post(f"{s.url}/v1/chat/completions", timeout=60, json={
                 "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": parts}]})
@@ -366,9 +370,15 @@ def test_the_server_takes_video_url_parts_and_refuses_bad_ones_with_4xx(pipe, vi
         truncated.write_bytes(open(video, "rb").read()[:400])
         big = tmp_path / "big.mp4"
         big.write_bytes(open(video, "rb").read() + b"\x00" * 300_000)
+        still = np.full((40, 32, 32, 3), 200, np.uint8)
+        long, many = tmp_path / "long.mp4", tmp_path / "many.mp4"
+        write_video(still[:24], long, fps=4)  # 6 s, 24 frames: over the seconds limit only
+        write_video(still, many, fps=40)  # 1 s, 40 frames: over the frame limit only
         for parts, words in (([{"type": "image_url", "image_url": {"url": png}}], "video_url"),
                              ([{"type": "video_url", "video_url": {"url": _video_url(truncated)}}], "truncated"),
                              ([{"type": "video_url", "video_url": {"url": _video_url(big)}}], "byte limit"),
+                             ([{"type": "video_url", "video_url": {"url": _video_url(long)}}], "6 s > 5 s"),
+                             ([{"type": "video_url", "video_url": {"url": _video_url(many)}}], "frames > 30"),
                              ([{"type": "video_url", "video_url": {"url": "https://example.com/a.mp4"}}], "data:")):
             r = chat(parts + [{"type": "text", "text": "what happens?"}])
             assert 400 <= r.status_code < 500 and words in r.json()["error"]["message"], (r.status_code, r.text)
@@ -408,3 +418,24 @@ def test_the_context_must_hold_the_clip_a_question_and_a_traced_answer():
     with pytest.raises(GlimpseError, match="model.trace_style"):
         load_recipe("shapes-video-llava", ["model.answer_traces=true", "model.lm.context_length=264",
                                            "model.trace_style=sparse"])
+
+
+def test_demo_video_writes_a_report(video_world, tmp_path, capsys):
+    from glimpse.cli import main
+
+    clip = {"data.root": str(video_world), "data.image_size": 32, "data.train_size": 48, "data.val_size": 8,
+            "data.test_size": 16, "model.vision.image_size": 32, "model.vision.patch_size": 8,
+            "model.vision.width": 32, "model.vision.layers": 1, "model.text.width": 32, "model.text.layers": 1,
+            "model.embed_dim": 32, "model.temporal_layers": 1, "train.batch_size": 8, "train.max_steps": 2,
+            "train.warmup_steps": 1, "train.save_every": 2, "eval.batch_size": 8}
+    llava = {"model.lm.width": 32, "model.lm.layers": 1, "model.lm.heads": 2, "model.lm.kv_heads": 1,
+             "model.lm.context_length": 96, "train.batch_size": 8, "train.max_steps": 2, "train.warmup_steps": 1,
+             "train.save_every": 2, "eval.batch_size": 16, "eval.vqa_limit": 12}
+    main(["--quiet", "demo", "video", "--out", str(tmp_path / "demo"), *[f"--set={k}={v}" for k, v in clip.items()],
+          *[f"--set=llava.{k}={v}" for k, v in llava.items()]])
+    out = capsys.readouterr().out
+    assert "test/temporal_acc" in out and "test/pairs_t2v_r1" in out and "GFLOP/s" in out and "glimpse ask" in out
+    report = (tmp_path / "demo" / "report.html").read_text()
+    # each shown clip: its frames as one inline strip, its caption, and up to three questions marked right or wrong
+    assert report.count("<div class='clip'>") == 8 and report.count('<img src="data:image/png;base64,') == 8
+    assert report.count("<li class=") >= 8 and "src=\"http" not in report

@@ -18,6 +18,7 @@ supervised token, is dropped and counted by reason, never silently misaligned.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from glimpse.data.chat import IGNORE, VQA_INSTRUCTION, from_llava, tokenize_conversation
-from glimpse.data.formats import read_llava, read_vqa
+from glimpse.data.formats import IMAGE_EXTS, read_llava, read_vqa
 from glimpse.data.images import ImageError, ImageTransform, load_image, split_failures
 from glimpse.data.pairs import load_pairs, split_files, stream_caption
 from glimpse.data.stream import ShardSample, ShardStream
@@ -73,13 +74,24 @@ def llava_records(data_cfg, root: Path, split: str) -> list[dict]:
     records = []
     for r in read_llava(path, images):
         try:
-            messages = from_llava(r["conversations"])
+            messages = llava_messages(r["conversations"], len(r["images"]))
         except ValueError as e:
             raise GlimpseError(f"{path}: record {r['id']}: {e}") from None
-        if r["images"] and not any("<image>" in m["content"] for m in messages):
-            messages[0] = {**messages[0], "content": "<image>\n" + messages[0]["content"]}  # as LLaVA does
         records.append({"images": r["images"], "messages": messages})
     return records
+
+
+def llava_messages(conversations, n_images: int) -> list[dict]:
+    """A LLaVA record's turns as chat messages; an image no turn places goes before the first turn, as LLaVA
+    does.  ValueError for turns that are not LLaVA's."""
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError("no conversations (a non-empty list of {from, value} turns)")
+    if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in conversations):
+        raise ValueError("a turn without a text value")
+    messages = from_llava(conversations)
+    if n_images and not any("<image>" in m["content"] for m in messages):
+        messages[0] = {**messages[0], "content": "<image>\n" + messages[0]["content"]}
+    return messages
 
 
 def vqa_records(data_cfg, root: Path, split: str, per_conversation: int = 2) -> list[dict]:
@@ -216,29 +228,31 @@ class ConversationDataset(Dataset):
 
 def stream_conversations(data_cfg, root: Path, tokenizer, template: str, transform: ImageTransform,
                          image_tokens: int, context_length: int, seed: int) -> ShardStream:
-    """The training split's WebDataset shards as a stream (`data.stream`) of caption conversations: LLaVA's
-    stage 1 (image-caption pretraining, as on LCS-558K) read without holding the set in memory."""
+    """The training split's WebDataset shards as a stream (`data.stream`), never held in memory: caption
+    conversations (LLaVA's stage 1, image-caption pretraining as on LCS-558K), or with `data.format: llava`
+    LLaVA records (stage 2, visual instruction tuning): each sample an image and a .json holding the record's
+    "conversations", as LLaVA-style WebDataset sets are written."""
     files, _ = split_files(data_cfg, root, "train")
-    decode = StreamCaptionConversations(tokenizer, template, transform, data_cfg.max_pixels, image_tokens,
-                                        context_length, seed)
+    decode = StreamConversations(tokenizer, template, transform, data_cfg.max_pixels, image_tokens,
+                                 context_length, seed, llava=data_cfg.format == "llava")
     return ShardStream(files, decode, seed=seed, shuffle_buffer=data_cfg.shuffle_buffer)
 
 
-class StreamCaptionConversations:
-    """A stream's decoder: a shard sample -> the item ConversationDataset gives for a caption record (the
-    image, then its caption as the answer), or the bad-sample record."""
+class StreamConversations:
+    """A stream's decoder: a shard sample -> the item ConversationDataset gives for its record (a caption
+    record: the image, then its caption as the answer; a LLaVA record: its turns), or the bad-sample record."""
 
     def __init__(self, tokenizer, template: str, transform: ImageTransform, max_pixels: int, image_tokens: int,
-                 context_length: int, seed: int):
+                 context_length: int, seed: int, llava: bool = False):
         self.tokenizer, self.template, self.transform, self.max_pixels = tokenizer, template, transform, max_pixels
-        self.image_tokens, self.context_length, self.seed = image_tokens, context_length, seed
+        self.image_tokens, self.context_length, self.seed, self.llava = image_tokens, context_length, seed, llava
 
     def __call__(self, s: ShardSample) -> dict:
-        got = stream_caption(s, self.seed)
+        got = self._llava(s) if self.llava else stream_caption(s, self.seed)
         if isinstance(got, dict):
             return got
-        name, image, caption = got
-        messages = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": caption}]
+        name, image, messages = got if self.llava else (got[0], got[1], [
+            {"role": "user", "content": "<image>"}, {"role": "assistant", "content": got[2]}])
         encoded = encode_sample(self.tokenizer, self.template, messages, 1, self.image_tokens, self.context_length)
         if isinstance(encoded, str):
             return {"error": encoded, "message": f"{name} dropped: {DROP_REASONS[encoded]}"}
@@ -247,6 +261,22 @@ class StreamCaptionConversations:
         except ImageError as e:
             return {"error": e.reason, "message": str(e)}
         return {"input_ids": encoded[0], "labels": encoded[1], "pixel_values": [pixels]}
+
+    @staticmethod
+    def _llava(s: ShardSample) -> tuple[str, bytes, list[dict]] | dict:
+        """(the sample's name, its image bytes, its record's turns as messages), or the bad-sample record."""
+        name = f"{s.shard.rsplit('/', 1)[-1]}:{s.key}"
+        image = next((s.files[ext] for ext in IMAGE_EXTS if ext in s.files), None)
+        try:
+            record = json.loads(s.files["json"].decode("utf-8")) if "json" in s.files else None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            return {"error": "corrupt", "message": f"{name}.json is not valid JSON"}
+        if image is None or not isinstance(record, dict):
+            return {"error": "format", "message": f"{name}: a LLaVA sample is an image and a .json record"}
+        try:
+            return name, image, llava_messages(record.get("conversations"), 1)
+        except ValueError as e:
+            return {"error": "format", "message": f"{name}: {e}"}
 
 
 class ConversationCollate:

@@ -24,7 +24,7 @@ from glimpse.errors import GlimpseError
 
 PathLike = str | os.PathLike
 
-_IMAGE_EXTS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
+IMAGE_EXTS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
 _BRACES = re.compile(r"\{([^{}]*)\}")
 
 
@@ -373,12 +373,12 @@ def _iter_shard(path: str) -> Iterator[ImageText]:
 def wds_usable(suffixes) -> bool:
     """Whether a sample's member suffixes (lower case) can make an image-caption pair: an image and a
     .txt or a .json.  The stream (glimpse.data.stream) decides by the names alone which samples it counts."""
-    return any(ext in suffixes for ext in _IMAGE_EXTS) and ("txt" in suffixes or "json" in suffixes)
+    return any(ext in suffixes for ext in IMAGE_EXTS) and ("txt" in suffixes or "json" in suffixes)
 
 
 def wds_sample(path: str, key: str, files: dict[str, bytes]) -> ImageText | None:
     """The image and captions of one WebDataset sample (suffix -> bytes), None without an image or a caption."""
-    image = next((files[ext] for ext in _IMAGE_EXTS if ext in files), None)
+    image = next((files[ext] for ext in IMAGE_EXTS if ext in files), None)
     meta = None
     if "json" in files:
         try:

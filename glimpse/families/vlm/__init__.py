@@ -66,7 +66,7 @@ class VisionLanguageFamily(Family):
     train_options = frozenset({"padding_groups", "cache_vision_features"})
     data_formats = ("coco", "csv", "wds", "llava")
     hf_model_types = hf.MODEL_TYPES
-    streams = True  # image-caption shards (LLaVA's stage 1); conversations and VQA mixes are read whole
+    streams = True  # caption shards (LLaVA's stage 1) and LLaVA-record shards (stage 2); VQA mixes read whole
 
     @classmethod
     def validate(cls, recipe) -> None:
@@ -82,11 +82,12 @@ class VisionLanguageFamily(Family):
         check(m.connector == "prefix" or grid % m.pixel_shuffle == 0, "model.pixel_shuffle", m.pixel_shuffle,
               f"must divide the {grid}x{grid} patch grid")
         d = recipe.data
-        if d.stream:
-            check(d.format != "llava" and not d.vqa_mix, "data.stream", d.stream,
-                  "streams image-caption shards: not with data.format llava or data.vqa_mix")
+        if d.stream:  # caption shards (stage 1), or shards of LLaVA records (data.format llava: stage 2)
+            check(not d.vqa_mix, "data.stream", d.stream, "streams the shards alone: not with data.vqa_mix")
             check(not recipe.train.cache_vision_features, "train.cache_vision_features", True,
                   "caches the features of a set read whole: not with data.stream")
+        check(not (d.source == "wds" and d.format == "llava") or d.stream, "data.format", d.format,
+              "llava with data.source wds reads shards of LLaVA records as a stream: set data.stream true")
         for key in ("image_positions", "projector_norm"):  # parts of the projectors
             on = getattr(m, key)
             check(not on or m.connector != "prefix", f"model.{key}", on,
