@@ -12,6 +12,7 @@ from PIL import Image
 
 from glimpse.data import shapes, shapes_words
 from glimpse.data.shapes import CLASSES, NOVEL_COMBOS, SPLITS, generate_shapes, scene_key
+from glimpse.data.stream import shard_keys
 from glimpse.errors import GlimpseError
 
 # Tiny splits; 10-sample shards so that train spans several of them.
@@ -70,6 +71,9 @@ def test_layout_and_world_json(world):
         assert (world / "labels" / f"{split}.csv").is_file() and (world / f"{split}.csv").is_file()
     assert sorted(p.name for p in (world / "shards").glob("train-*.tar")) == \
         ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    llava = json.loads((world / "annotations" / "llava_train.json").read_text())  # and LLaVA's records, for stage 2
+    assert [k for p in sorted((world / "shards").glob("llava_train-*.tar")) for k in shard_keys(str(p))] == \
+        [r["id"] for r in llava]
     with Image.open(world / "images" / "val" / "val_000000.png") as image:
         assert image.size == (32, 32) and image.mode == "RGB"
 

@@ -299,68 +299,59 @@ def test_the_other_caption_families_train_on_a_stream(world, tmp_path, family):
     assert state["stream"]["batches"] == 2
 
 
-def _llava_stream_data(world, tmp_path) -> tuple[dict, list[dict]]:
-    """The world's LLaVA training records in 4 shards (each sample the record's image and the record as its
-    .json, as LLaVA-style WebDataset sets hold them), the --set items that stream them, and the records."""
-    root = tmp_path / "llava-data"
-    (root / "shards").mkdir(parents=True)
-    shutil.copy(world / "tokenizer.json", root / "tokenizer.json")
-    records = json.loads((world / "annotations" / "llava_train.json").read_text())[:64]
-    for s in range(4):
-        with tarfile.open(root / "shards" / f"train-{s}.tar", "w") as tar:
-            for r in records[s * 16:(s + 1) * 16]:
-                _add(tar, f"{r['id']}.png", (world / "images" / r["image"]).read_bytes())
-                _add(tar, f"{r['id']}.json", json.dumps(r).encode())
-    sets = {"data.source": "wds", "data.format": "llava", "data.vqa_mix": "false", "data.root": str(root),
-            "data.stream": "true", "data.files": "{train: 'shards/train-{0..3}.tar'}", "data.shuffle_buffer": 8,
-            "eval.splits": "[]", "train.threads": 1, "train.cache_vision_features": "false"}
-    return sets, records
-
-
 def test_llava_record_shards_stream_the_items_the_json_file_gives(world, tmp_path, capsys):
-    """Stage 2 from shards: each streamed sample is the item ConversationDataset makes of the same record read
-    from the world's LLaVA file; a record that is not LLaVA's is a bad sample, counted; and a run trains on it."""
+    """Stage 2 from shards: `glimpse data shapes --shards` writes the LLaVA records as shards (each sample an image
+    and its record as the .json, as LLaVA-style WebDataset sets hold them); each streamed sample is the item
+    ConversationDataset makes of the same record read from the LLaVA file; a record that is not LLaVA's is a
+    bad sample, counted; and a run trains on the stream."""
     from conftest import tiny_vlm_overrides
 
     from glimpse.data.conversations import ConversationDataset, llava_records, stream_conversations
     from glimpse.models.vlm import VisionLanguageModel
 
-    sets, records = _llava_stream_data(world, tmp_path)
+    root = tmp_path / "data"
+    (root / "shards").mkdir(parents=True)
+    shutil.copy(world / "tokenizer.json", root / "tokenizer.json")
+    for shard in (world / "shards").glob("llava_train-*.tar"):
+        shutil.copy(shard, root / "shards" / shard.name)
+    sets = {"data.source": "wds", "data.format": "llava", "data.vqa_mix": "false", "data.root": str(root),
+            "data.stream": "true", "data.files": "{train: 'shards/llava_train-*.tar'}", "data.shuffle_buffer": 8,
+            "eval.splits": "[]", "train.threads": 1, "train.cache_vision_features": "false"}
     recipe = load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world, **sets))
     tok = Tokenizer(world / "tokenizer.json")
     transform = ImageTransform(32, recipe.data.image_mean, recipe.data.image_std)
     tokens = VisionLanguageModel.count_image_tokens(recipe.model)
-    whole = llava_records(recipe.data.__class__(source="shapes", format="llava"), world, "train")[:64]
+    ids = [r["id"] for r in json.loads((world / "annotations" / "llava_train.json").read_text())]
+    whole = llava_records(recipe.data.__class__(source="shapes", format="llava"), world, "train")
     dataset = ConversationDataset(whole, tok, recipe.model.chat_template, transform, 10**8, tokens,
                                   recipe.model.lm.context_length)
-    stream = stream_conversations(recipe.data, tmp_path / "llava-data", tok, recipe.model.chat_template, transform,
-                                  tokens, recipe.model.lm.context_length, seed=0)
-    want = {r["id"]: dataset[(i, 0)] for i, r in enumerate(records)}
+    stream = stream_conversations(recipe.data, root, tok, recipe.model.chat_template, transform, tokens,
+                                  recipe.model.lm.context_length, seed=0)
 
     def decoded(path):
         return {key: stream.decode(ShardSample(path, key, files, 0)) for key, files in read_shard(path)}
 
     got = {k: v for path in stream.paths for k, v in decoded(path).items()}
-    assert got.keys() == want.keys()
-    for key, item in got.items():
-        assert item["input_ids"] == want[key]["input_ids"] and item["labels"] == want[key]["labels"], key
-        assert torch.equal(item["pixel_values"][0], want[key]["pixel_values"][0]), key
+    assert sorted(got) == sorted(ids) and len(ids) > 160  # every record, several an image
+    for i, key in enumerate(ids):
+        want = dataset[(i, 0)]
+        assert got[key]["input_ids"] == want["input_ids"] and got[key]["labels"] == want["labels"], key
+        assert torch.equal(got[key]["pixel_values"][0], want["pixel_values"][0]), key
 
     # records that are not LLaVA's: counted as bad samples, one line each, and training goes on
-    with tarfile.open(tmp_path / "llava-data" / "shards" / "train-3.tar", "a") as tar:
-        png = (world / "images" / records[0]["image"]).read_bytes()
+    last = stream.paths[-1]
+    with tarfile.open(last, "a") as tar:
+        png = (world / "images" / "train" / "train_000000.png").read_bytes()
         for key, body in (("nojson", b"{not json"), ("noturns", b'{"id": "x"}'),
                           ("badturn", b'{"conversations": [{"from": "robot", "value": "hi"}]}')):
             _add(tar, f"{key}.png", png)
             _add(tar, f"{key}.json", body)
-    last = decoded(str(tmp_path / "llava-data" / "shards" / "train-3.tar"))
-    bad = [last[k] for k in ("nojson", "noturns", "badturn")]
+    bad = [decoded(last)[k] for k in ("nojson", "noturns", "badturn")]
     assert [b["error"] for b in bad] == ["corrupt", "format", "format"]
-    assert all("train-3.tar:" in b["message"] and "\n" not in b["message"] for b in bad)
+    assert all(f"{last.rsplit('/', 1)[-1]}:" in b["message"] and "\n" not in b["message"] for b in bad)
     out = tmp_path / "run"
-    train(load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world, **sets, **{"train.max_steps": 8,
-                                                                                  "train.save_every": 8})),
-          out, progress=False)
+    more = {"train.max_steps": 8, "train.save_every": 8, "train.batch_size": 48}  # past the end: the bad ones too
+    train(load_recipe("shapes-llava-stage2", tiny_vlm_overrides(world, **sets, **more)), out, progress=False)
     assert len([r for r in _records(out) if "loss" in r]) == 8
     assert "skipped bad samples" in capsys.readouterr().out
 

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val", type=int, default=500)
     s.add_argument("--test", type=int, default=1000)
     s.add_argument("--image-size", type=int, default=64)
-    s.add_argument("--shards", action="store_true", help="also write WebDataset tar shards")
+    s.add_argument("--shards", action="store_true",
+                   help="also write WebDataset tar shards: image-caption samples, and LLaVA records (llava_SPLIT-*.tar)")
     s.set_defaults(func=cmd_data_shapes)
     s = data.add_parser("shapes-video", help="write the moving-shapes world: MP4 clips with captions, questions, "
                         "conversations")

@@ -105,17 +105,21 @@ def _write_split(out: Path, split: str, index: int, n: int, seed: int, size: int
     image_dir = out / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     images, captions, llava, questions, answers, labels, clip_rows, instances = [], [], [], [], [], [], [], []
-    writer = _ShardWriter(out / "shards", split) if shards else None
-    pending: list = []  # (stem, captions, scene, PNG future) in image order
+    # WebDataset shards: image-caption samples, and LLaVA's records (an image and its record) for stage 2
+    writer, llava_writer = (_ShardWriter(out / "shards", split), _ShardWriter(out / "shards", f"llava_{split}")) \
+        if shards else (None, None)
+    pending: list = []  # (stem, captions, scene, LLaVA records, PNG future) in image order
 
     def flush(keep: int) -> None:
         while len(pending) > keep:
-            stem, caps, objects, png = pending.pop(0)
+            stem, caps, objects, records, png = pending.pop(0)
             png = png.result()
             (image_dir / f"{stem}.png").write_bytes(png)
             if writer:
                 writer.add(stem, {"png": png, "txt": caps[0].encode("utf-8"),
                                   "json": _dumps({"captions": caps, "scene": objects}).encode("utf-8")})
+                for r in records:
+                    llava_writer.add(r["id"], {"png": png, "json": _dumps(r).encode("utf-8")})
 
     # Drawing draws from the seeded rng, so it stays in order; the downsampling and PNG encoding
     # (most of the time, and Pillow releases the GIL for both) run on two threads.
@@ -145,16 +149,18 @@ def _write_split(out: Path, split: str, index: int, n: int, seed: int, size: int
                 answers.append({"question_id": question_id, "image_id": i, "question_type": qa["question_type"],
                                 "answer_type": qa["answer_type"], "multiple_choice_answer": qa["answer"],
                                 "answers": _human_answers(qa["answer"], rng), "answer_sentence": qa["sentence"]})
-            llava += _conversations(stem, f"{split}/{file_name}", caps, qas, rng)
+            records = _conversations(stem, f"{split}/{file_name}", caps, qas, rng)
+            llava += records
             if len(objects) == 1:
                 labels.append((f"images/{split}/{file_name}", f"{objects[0]['colour']} {objects[0]['shape']}"))
-            pending.append((stem, caps, objects, png))
+            pending.append((stem, caps, objects, records, png))
             flush(keep=64)
         flush(keep=0)
     finally:
         pool.shutdown(cancel_futures=True)
         if writer:
             writer.close()
+            llava_writer.close()
 
     info = {"description": f"glimpse shapes world, {split} split", "version": "1", "seed": seed}
     licence = {"name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
