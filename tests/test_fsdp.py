@@ -139,8 +139,10 @@ def test_fsdp_in_bf16_computes_in_bf16_and_keeps_fp32_weights(world, tmp_path, f
     r = subprocess.run(_torchrun(args, out), env=fsdp_env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     low, full = [x for _, x in _losses(out)], [x for _, x in _losses(fsdp_run)]
-    assert len(low) == len(full) == 6 and low != full  # bf16 arithmetic: not the fp32 losses bit for bit
-    torch.testing.assert_close(torch.tensor(low), torch.tensor(full), rtol=0.03, atol=0.03)
+    # the first step's loss comes from the same weights and batch: FSDP in fp32 gives one process's loss to 1e-5
+    # (test above), so a larger gap is bf16 arithmetic; and the losses follow the fp32 run's to bf16's precision
+    assert len(low) == len(full) == 6 and abs(low[0] - full[0]) > 1e-4
+    torch.testing.assert_close(torch.tensor(low), torch.tensor(full), rtol=0.02, atol=0.01)
     weights = runs.read_weights(runs.list_checkpoints(out)[-1] / runs.WEIGHTS)
     assert {w.dtype for w in weights.values() if w.is_floating_point()} == {torch.float32}
 

@@ -338,16 +338,28 @@ def test_llava_record_shards_stream_the_items_the_json_file_gives(world, tmp_pat
         assert got[key]["input_ids"] == want["input_ids"] and got[key]["labels"] == want["labels"], key
         assert torch.equal(got[key]["pixel_values"][0], want["pixel_values"][0]), key
 
-    # records that are not LLaVA's: counted as bad samples, one line each, and training goes on
+    # a record whose turns place no image gets it before the first turn, as LLaVA (and the JSON file's reader)
+    # do; records that are not LLaVA's, or that name other than one image, are bad samples, one line each,
+    # counted, and training goes on; a sample with no image member is not a sample of the stream
     last = stream.paths[-1]
+    png = (world / "images" / "train" / "train_000000.png").read_bytes()
+    turns = [{"from": "human", "value": "what colour is the shape?"}, {"from": "gpt", "value": "red"}]
     with tarfile.open(last, "a") as tar:
-        png = (world / "images" / "train" / "train_000000.png").read_bytes()
-        for key, body in (("nojson", b"{not json"), ("noturns", b'{"id": "x"}'),
-                          ("badturn", b'{"conversations": [{"from": "robot", "value": "hi"}]}')):
+        for key, body in (("unplaced", {"image": "x.png", "conversations": turns}), ("nojson", b"{not json"),
+                          ("noturns", {"id": "x"}), ("badturn", {"conversations": [{"from": "robot", "value": "hi"}]}),
+                          ("twoimages", {"images": ["a.png", "b.png"], "conversations": turns})):
             _add(tar, f"{key}.png", png)
-            _add(tar, f"{key}.json", body)
-    bad = [decoded(last)[k] for k in ("nojson", "noturns", "badturn")]
-    assert [b["error"] for b in bad] == ["corrupt", "format", "format"]
+            _add(tar, f"{key}.json", body if isinstance(body, bytes) else json.dumps(body).encode())
+        _add(tar, "textonly.json", json.dumps({"conversations": turns}).encode())
+    streamed = decoded(last)
+    assert "textonly" not in streamed
+    placed = [{"role": "user", "content": "<image>\nwhat colour is the shape?"}, {"role": "assistant", "content": "red"}]
+    want = ConversationDataset([{"images": [png], "messages": placed}], tok, recipe.model.chat_template, transform,
+                               10**8, tokens, recipe.model.lm.context_length)[(0, 0)]
+    assert streamed["unplaced"]["input_ids"] == want["input_ids"] and streamed["unplaced"]["labels"] == want["labels"]
+    bad = [streamed[k] for k in ("nojson", "noturns", "badturn", "twoimages")]
+    assert [b["error"] for b in bad] == ["corrupt", "format", "format", "format"]
+    assert "names 2 images" in bad[3]["message"]
     assert all(f"{last.rsplit('/', 1)[-1]}:" in b["message"] and "\n" not in b["message"] for b in bad)
     out = tmp_path / "run"
     more = {"train.max_steps": 8, "train.save_every": 8, "train.batch_size": 48}  # past the end: the bad ones too

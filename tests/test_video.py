@@ -110,9 +110,9 @@ def test_the_cli_writes_a_world_of_longer_clips(tmp_path, capsys):
     assert clip.shape == (12, 32, 32, 3)
     qa = json.loads((out / "annotations" / "qa_test.json").read_text())
     assert qa and {"video_id", "question", "answer", "answer_type"} <= set(qa[0])
-    with pytest.raises(SystemExit):  # clips are 8 to 16 frames
+    with pytest.raises(SystemExit) as e:  # clips are 8 to 16 frames
         main(["--quiet", "data", "shapes-video", "--out", str(tmp_path / "w"), "--frames", "40"])
-    assert "16" in capsys.readouterr().err
+    assert e.value.code == 2 and "frames must be an integer from 8 to 16, not 40" in capsys.readouterr().err
 
 
 def test_annotations_use_real_video_formats(video_world):

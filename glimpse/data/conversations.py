@@ -5,8 +5,9 @@ A record is {"images": [path or bytes, ...], "messages": [...]} in chat-message 
 as a user turn holding only the image and an assistant turn holding the caption: LLaVA's
 stage-1 "plain" data).  Sources:
 
-- captions (COCO, CSV, WebDataset) through `load_pairs`;
-- LLaVA instruction files (`llava_{split}.json`), `<image>` placeholders in the human turns;
+- captions (COCO, CSV, WebDataset) through `load_pairs`, or streamed from shards (`stream_conversations`);
+- LLaVA instruction files (`llava_{split}.json`), `<image>` placeholders in the human turns, or shards of
+  LLaVA records streamed (one image a sample, its record as the .json);
 - VQA questions, an image's questions as conversations of up to 2 turns, each question
   followed by LLaVA-1.5's short-answer instruction (its VQAv2 training mix).
 
@@ -86,8 +87,9 @@ def llava_messages(conversations, n_images: int) -> list[dict]:
     does.  ValueError for turns that are not LLaVA's."""
     if not isinstance(conversations, list) or not conversations:
         raise ValueError("no conversations (a non-empty list of {from, value} turns)")
-    if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in conversations):
-        raise ValueError("a turn without a text value")
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise ValueError(f"turn {i} has no text value")
     messages = from_llava(conversations)
     if n_images and not any("<image>" in m["content"] for m in messages):
         messages[0] = {**messages[0], "content": "<image>\n" + messages[0]["content"]}
@@ -264,15 +266,21 @@ class StreamConversations:
 
     @staticmethod
     def _llava(s: ShardSample) -> tuple[str, bytes, list[dict]] | dict:
-        """(the sample's name, its image bytes, its record's turns as messages), or the bad-sample record."""
+        """(the sample's name, its image bytes, its record's turns as messages), or the bad-sample record.  A
+        sample is one image and its record (the stream passes over samples without an image member, uncounted,
+        as it does in caption shards); a record that names another number of images is a bad sample."""
         name = f"{s.shard.rsplit('/', 1)[-1]}:{s.key}"
-        image = next((s.files[ext] for ext in IMAGE_EXTS if ext in s.files), None)
+        image = next(s.files[ext] for ext in IMAGE_EXTS if ext in s.files)  # wds_usable: there is one
         try:
-            record = json.loads(s.files["json"].decode("utf-8")) if "json" in s.files else None
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            return {"error": "corrupt", "message": f"{name}.json is not valid JSON"}
-        if image is None or not isinstance(record, dict):
-            return {"error": "format", "message": f"{name}: a LLaVA sample is an image and a .json record"}
+            record = json.loads(s.files["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            return {"error": "corrupt", "message": f"{name}.json is not valid JSON ({str(e) or 'nested too deeply'})"}
+        if not isinstance(record, dict):
+            return {"error": "format", "message": f"{name}.json holds no LLaVA record (a JSON object)"}
+        named = record.get("images", record.get("image", "the member"))  # no field: the sample's image member
+        n = 1 if isinstance(named, str) else len(named) if isinstance(named, list) else 0
+        if n != 1:
+            return {"error": "format", "message": f"{name}: the record names {n} images; a shard sample holds one"}
         try:
             return name, image, llava_messages(record.get("conversations"), 1)
         except ValueError as e:

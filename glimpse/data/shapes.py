@@ -159,8 +159,10 @@ def _write_split(out: Path, split: str, index: int, n: int, seed: int, size: int
     finally:
         pool.shutdown(cancel_futures=True)
         if writer:
-            writer.close()
-            llava_writer.close()
+            try:
+                writer.close()
+            finally:
+                llava_writer.close()
 
     info = {"description": f"glimpse shapes world, {split} split", "version": "1", "seed": seed}
     licence = {"name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}

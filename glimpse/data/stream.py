@@ -18,9 +18,9 @@ samples before, without decoding them; whole epochs by the shards' sample counts
 headers alone), and within an epoch by replaying the shuffle on (shard, sample) numbers, then reading
 only the samples still in the buffer and the rest of the current shard.
 
-A shard's sample is usable when its member names hold an image and a caption file (formats.wds_usable);
-the others are passed over, as the in-memory reader does.  A usable sample that then fails (a bad image,
-a caption-less or broken .json) is yielded by the decoder as a bad-sample record, so the collate reports
+A shard's sample is usable when its member names hold an image and a .txt or .json (formats.wds_usable: a
+caption, or a LLaVA record); the others are passed over, as the in-memory reader does.  A usable sample
+that then fails (a bad image, a caption-less or broken .json, a record that is not LLaVA's) is yielded by the decoder as a bad-sample record, so the collate reports
 it and the trainer counts it.  An unreadable or truncated tar shard is an error naming it: it would
 silently lose up to a whole shard of samples, and a data set with a broken file wants fixing.
 """
@@ -346,7 +346,7 @@ class ShardStream(IterableDataset):
                     yield sample
             empty = 0 if n else empty + 1
             if empty > len(self.paths) and not any(self._count(p) for p in self.paths):
-                raise GlimpseError(f"data.stream: no usable sample (an image and a caption) in {len(self.paths)} "
+                raise GlimpseError(f"data.stream: no usable sample (an image and a .txt or .json) in {len(self.paths)} "
                                    f"shards ({self.paths[0]}, ...)")
             epoch += 1
 

@@ -66,7 +66,7 @@ class VisionLanguageFamily(Family):
     train_options = frozenset({"padding_groups", "cache_vision_features"})
     data_formats = ("coco", "csv", "wds", "llava")
     hf_model_types = hf.MODEL_TYPES
-    streams = True  # caption shards (LLaVA's stage 1) and LLaVA-record shards (stage 2); VQA mixes read whole
+    streams = True  # caption shards (LLaVA's stage 1) and LLaVA-record shards (stage 2); not with a VQA mix
 
     @classmethod
     def validate(cls, recipe) -> None:
