@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,10 @@ pytest.importorskip("av")
 
 from glimpse.data import shapes_video as sv  # noqa: E402
 from glimpse.data import shapes_video_text as svt  # noqa: E402
+from glimpse.data.stream import ShardSample, read_shard  # noqa: E402
 from glimpse.data.video import VideoError, VideoLimits, read_video, write_video  # noqa: E402
+from glimpse.errors import GlimpseError  # noqa: E402
+from glimpse.families.video_clip.data import video_usable  # noqa: E402
 from glimpse.metrics.retrieval import expected_recall  # noqa: E402
 from glimpse.models.temporal import TemporalPool  # noqa: E402
 
@@ -102,10 +107,18 @@ def test_the_cli_writes_a_world_of_longer_clips(tmp_path, capsys):
 
     out = tmp_path / "world12"
     main(["--quiet", "data", "shapes-video", "--out", str(out), "--train", "6", "--val", "2", "--test", "2",
-          "--frames", "12", "--image-size", "32", "--seed", "5"])
+          "--frames", "12", "--image-size", "32", "--seed", "5", "--shards"])
     for split, n in (("train", 6), ("val", 2), ("test", 2), ("test_novel", 2)):
         videos = sorted((out / "videos" / split).glob("*.mp4"))
         assert len(videos) == n, split
+        # and as WebDataset shards: each clip's file, byte for byte, beside its captions
+        captions = json.loads((out / "annotations" / f"captions_{split}.json").read_text())["sentences"]
+        samples = dict(read_shard(str(out / "shards" / f"{split}-000000.tar"), video_usable))
+        assert sorted(samples) == [v.stem for v in videos]
+        for v in videos:
+            assert samples[v.stem]["mp4"] == v.read_bytes()
+            assert json.loads(samples[v.stem]["json"])["captions"] == \
+                [c["caption"] for c in captions if c["video_id"] == v.stem]
     clip = read_video(videos[0], 0, sampling="fps", fps=1000)  # every frame the file holds
     assert clip.shape == (12, 32, 32, 3)
     qa = json.loads((out / "annotations" / "qa_test.json").read_text())
@@ -264,6 +277,78 @@ def test_video_clip_trains_skips_bad_clips_and_evaluates_the_controls(video_worl
     assert sorted(i for i, _ in pipe.rank("a red circle moves left", [str(c) for c in clips])) == [0, 1, 2]
     with pytest.raises(VideoError, match="train_000003"):
         pipe.embed_videos([str(bad)])
+
+
+def test_video_text_shards_stream_the_clips_the_files_give_and_train(video_world, tmp_path, capsys):
+    """The video dual encoder from streamed shards (WebVid-style: KEY.mp4 and its captions): each sample is the
+    clip VideoDataset decodes from the file, with one of its captions; a cut clip or a caption-less sample is a bad
+    sample, counted; a run trains on the stream and evaluates on MSR-VTT-style files."""
+    import tarfile
+
+    from glimpse.config import load_recipe
+    from glimpse.data.images import ImageTransform
+    from glimpse.data.shapes_video import read_clips
+    from glimpse.families.video_clip.data import StreamClips, VideoDataset
+    from glimpse.train.trainer import train
+
+    clips = read_clips(video_world / "annotations" / "captions_train.json", video_world / "videos" / "train")
+    root = tmp_path / "data"
+    (root / "shards").mkdir(parents=True)
+    shutil.copy(video_world / "tokenizer.json", root / "tokenizer.json")
+    for k in range(4):
+        with tarfile.open(root / "shards" / f"train-{k}.tar", "w") as tar:
+            for c in clips[k * 12:(k + 1) * 12]:
+                for ext, data in (("mp4", Path(c.path).read_bytes()), ("json", json.dumps({"captions": c.captions}).encode())):
+                    info = tarfile.TarInfo(f"{c.video_id}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            if k == 3:  # a clip cut short, and a clip without a caption
+                for key, ext, data in (("cut", "mp4", Path(clips[0].path).read_bytes()[:400]), ("cut", "txt", b"a clip"),
+                                       ("mute", "mp4", Path(clips[0].path).read_bytes()), ("mute", "json", b"{}")):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    transform = ImageTransform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    decode = StreamClips(8, transform, seed=0)
+    whole = VideoDataset(clips, 8, transform)
+    got = {key: decode(ShardSample(str(p), key, files, 0)) for p in sorted((root / "shards").glob("*.tar"))
+           for key, files in read_shard(str(p), video_usable)}
+    assert len(got) == len(clips) + 2
+    for i, c in enumerate(clips):
+        want = whole[(i, 0)]
+        assert torch.equal(got[c.video_id]["pixel_values"], want["pixel_values"]), c.video_id
+        assert got[c.video_id]["captions"][0] in c.captions
+    assert (got["cut"]["error"], got["mute"]["error"]) == ("truncated", "format")
+    assert "train-3.tar:cut" in got["cut"]["message"] and "train-3.tar:mute" in got["mute"]["message"]
+
+    sets = {"data.source": "wds", "data.stream": "true", "data.root": str(root), "data.image_size": 32,
+            "data.files": f"{{train: 'shards/train-{{0..3}}.tar', test: '{video_world}/annotations/captions_test.json'}}",
+            "data.images": f"{{test: '{video_world}/videos/test'}}", "data.shuffle_buffer": 8, "data.num_workers": 0,
+            "eval.splits": "[test]", "model.vision.image_size": 32, "model.vision.width": 32, "model.vision.layers": 1,
+            "model.text.width": 32, "model.text.layers": 1, "model.embed_dim": 32, "model.temporal_layers": 1,
+            "train.batch_size": 8, "train.max_steps": 8, "train.warmup_steps": 1, "train.log_every": 1,
+            "train.save_every": 4, "train.threads": 1, "eval.batch_size": 8}
+    recipe = [f"{k}={v}" for k, v in sets.items()]
+    out = tmp_path / "run"
+    train(load_recipe("shapes-video-clip", recipe), out, progress=False)
+    assert "skipped bad samples" in capsys.readouterr().out  # 50 samples, 64 read: the bad two came by
+    results = json.loads((out / "eval.json").read_text())
+    assert results["test/n"] == 16 and 0 <= results["test/t2v_r1"] <= 1
+    state = json.loads((out / "checkpoints" / "step_0000008" / "state.json").read_text())
+    assert state["stream"]["batches"] == 8
+    # resumed from step 4 (as if killed after it), the stream reads on where it was: the same losses
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000008")
+    train(load_recipe("shapes-video-clip", recipe + ["eval.splits=[]"]), resumed, resume=True, progress=False)
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]
+
+    assert len(losses(out)) == 8 and losses(resumed) == losses(out)
+    with pytest.raises(GlimpseError, match="set data.stream true"):
+        load_recipe("shapes-video-clip", ["data.source=wds"])
 
 
 def test_meanp_cannot_tell_a_minimal_pair_apart(video_world):

@@ -21,7 +21,7 @@ def cmd_data_shapes_video(a) -> None:
     from glimpse.data.world import make_video_world
 
     make_video_world(a.out, seed=a.seed, n_train=a.train, n_val=a.val, n_test=a.test, frames=a.frames,
-                     image_size=a.image_size, progress=not a.quiet)
+                     image_size=a.image_size, shards=a.shards, progress=not a.quiet)
     print(f"wrote the moving-shapes world to {a.out}")
 
 

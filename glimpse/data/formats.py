@@ -379,6 +379,12 @@ def wds_usable(suffixes) -> bool:
 def wds_sample(path: str, key: str, files: dict[str, bytes]) -> ImageText | None:
     """The image and captions of one WebDataset sample (suffix -> bytes), None without an image or a caption."""
     image = next((files[ext] for ext in IMAGE_EXTS if ext in files), None)
+    captions = wds_captions(path, key, files)
+    return ImageText(image, captions, key) if image is not None and captions else None
+
+
+def wds_captions(path: str, key: str, files: dict[str, bytes]) -> list[str]:
+    """A WebDataset sample's captions: its .json's "captions" list or "caption", else its .txt."""
     meta = None
     if "json" in files:
         try:
@@ -393,7 +399,4 @@ def wds_sample(path: str, key: str, files: dict[str, bytes]) -> ImageText | None
         captions = [meta["caption"]]
     else:
         captions = []
-    captions = [c.strip() for c in captions if c.strip()]
-    if image is None or not captions:
-        return None
-    return ImageText(image, captions, key)
+    return [c.strip() for c in captions if c.strip()]

@@ -106,7 +106,7 @@ def _write_split(out: Path, split: str, index: int, n: int, seed: int, size: int
     image_dir.mkdir(parents=True, exist_ok=True)
     images, captions, llava, questions, answers, labels, clip_rows, instances = [], [], [], [], [], [], [], []
     # WebDataset shards: image-caption samples, and LLaVA's records (an image and its record) for stage 2
-    writer, llava_writer = (_ShardWriter(out / "shards", split), _ShardWriter(out / "shards", f"llava_{split}")) \
+    writer, llava_writer = (ShardWriter(out / "shards", split), ShardWriter(out / "shards", f"llava_{split}")) \
         if shards else (None, None)
     pending: list = []  # (stem, captions, scene, LLaVA records, PNG future) in image order
 
@@ -278,7 +278,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
-class _ShardWriter:
+class ShardWriter:
     """Streams samples into WebDataset tar shards of at most _SHARD_SIZE samples, reproducibly."""
 
     def __init__(self, folder: Path, split: str):

@@ -121,9 +121,12 @@ def render(tracks: list[dict], background: np.ndarray) -> np.ndarray:
 
 
 def generate_shapes_video(out: str | Path, *, seed: int = 0, n_train: int = 4000, n_val: int = 200,
-                          n_test: int = 500, frames: int = 8, image_size: int = 64, progress: bool = True) -> dict:
-    """Write the moving-shapes world into `out` (a new or empty folder) and return its world.json.
-    The same arguments always write byte-identical files; world.json, written last, marks it complete."""
+                          n_test: int = 500, frames: int = 8, image_size: int = 64, shards: bool = False,
+                          progress: bool = True) -> dict:
+    """Write the moving-shapes world into `out` (a new or empty folder) and return its world.json; with `shards`,
+    also each split's clips and captions as WebDataset shards (`shards/SPLIT-*.tar`: KEY.mp4 and KEY.json with
+    its "captions", as WebVid-style sets hold them).  The same arguments always write byte-identical files;
+    world.json, written last, marks it complete."""
     out = Path(out)
     counts = {"train": n_train, "val": n_val, "test": n_test, "test_novel": n_test}
     for split, n in counts.items():
@@ -138,6 +141,8 @@ def generate_shapes_video(out: str | Path, *, seed: int = 0, n_train: int = 4000
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     for index, split in enumerate(SPLITS):
         _write_split(out, split, index, counts[split], seed, frames, image_size, progress)
+        if shards:
+            _write_shards(out, split)
     info = {"kind": "shapes-video", "version": 1, "seed": seed, "frames": frames, "fps": FPS,
             "image_size": image_size, "splits": counts, "colours": list(world.COLOURS),
             "shapes": list(world.SHAPES), "directions": DIRECTIONS + ["still"],
@@ -181,6 +186,24 @@ def _write_split(out: Path, split: str, index: int, n: int, seed: int, frames: i
     _write_json(ann / f"captions_{split}.json", {"info": info, "videos": videos, "sentences": sentences})
     _write_json(ann / f"qa_{split}.json", qa)
     _write_json(ann / f"llava_video_{split}.json", llava)
+
+
+def _write_shards(out: Path, split: str) -> None:
+    from glimpse.data.shapes import ShardWriter
+
+    data = json.loads((out / "annotations" / f"captions_{split}.json").read_text(encoding="utf-8"))
+    captions: dict[str, list[str]] = {}
+    for s in data["sentences"]:
+        captions.setdefault(s["video_id"], []).append(s["caption"])
+    (out / "shards").mkdir(exist_ok=True)
+    writer = ShardWriter(out / "shards", split)
+    try:
+        for v in data["videos"]:
+            clip = (out / "videos" / split / v["file_name"]).read_bytes()
+            meta = json.dumps({"captions": captions[v["video_id"]]}, ensure_ascii=False, separators=(",", ":"))
+            writer.add(v["video_id"], {"mp4": clip, "json": meta.encode("utf-8")})
+    finally:
+        writer.close()
 
 
 def _write_clip(path: Path, tracks: list[dict], background: np.ndarray) -> None:

@@ -19,7 +19,7 @@ headers alone), and within an epoch by replaying the shuffle on (shard, sample) 
 only the samples still in the buffer and the rest of the current shard.
 
 A shard's sample is usable when its member names hold an image and a .txt or .json (formats.wds_usable: a
-caption, or a LLaVA record); the others are passed over, as the in-memory reader does.  A usable sample
+caption, or a LLaVA record; a video stream's predicate asks for a video instead); the others are passed over, as the in-memory reader does.  A usable sample
 that then fails (a bad image, a caption-less or broken .json, a record that is not LLaVA's) is yielded by the decoder as a bad-sample record, so the collate reports
 it and the trainer counts it.  An unreadable or truncated tar shard is an error naming it: it would
 silently lose up to a whole shard of samples, and a data set with a broken file wants fixing.
@@ -47,6 +47,7 @@ from glimpse.errors import GlimpseError
 
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset.tariterators.tar_file_iterator's skip_meta
 _EMPTY = object()  # what a shuffle buffer gives back while it fills
+Usable = Callable[[list[str]], bool]  # a sample's member suffixes -> whether the stream counts it
 
 
 @dataclass
@@ -209,28 +210,28 @@ def _unreadable(path: str, e: BaseException) -> GlimpseError:
     return GlimpseError(f"{path}: not a readable tar file ({detail or type(e).__name__})")
 
 
-def _samples(path: str, data: bool) -> Iterator[dict]:
+def _samples(path: str, data: bool, usable: Usable) -> Iterator[dict]:
     """A shard's usable samples, grouped by key with webdataset's group_by_keys."""
     from webdataset.tariterators import group_by_keys
 
     try:
         with _Tar(path) as tar:
             for sample in group_by_keys(tar.members(data)):
-                if wds_usable([k for k in sample if not k.startswith("__")]):
+                if usable([k for k in sample if not k.startswith("__")]):
                     yield sample
     except _ERRORS as e:
         raise _unreadable(path, e) from None
 
 
-def shard_keys(path: str) -> list[str]:
+def shard_keys(path: str, usable: Usable = wds_usable) -> list[str]:
     """The keys of a shard's usable samples, in order, from its tar headers alone (no member is read,
     a plain shard's are skipped by seeking): exactly the samples `read_shard` yields."""
-    return [sample["__key__"] for sample in _samples(path, data=False)]
+    return [sample["__key__"] for sample in _samples(path, False, usable)]
 
 
-def read_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def read_shard(path: str, usable: Usable = wds_usable) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, members: lower-case suffix -> bytes) of a shard's usable samples, in order, streamed."""
-    for sample in _samples(path, data=True):
+    for sample in _samples(path, True, usable):
         yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
 
 
@@ -244,11 +245,12 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: PathLike | list[PathLike], decode: Callable[[ShardSample], object] = _raw, *,
                  seed: int = 0, shuffle_buffer: int = 1000, rank: int | None = None,
-                 world_size: int | None = None, epochs: int | None = None):
+                 world_size: int | None = None, epochs: int | None = None, usable: Usable = wds_usable):
         import webdataset.tariterators  # noqa: F401  imported once here: forked loader workers inherit it
 
         self.paths = expand_shards(shards)
         self.decode, self.seed, self.shuffle_buffer, self.epochs = decode, seed, shuffle_buffer, epochs
+        self.usable = usable  # which samples count, by their member names (a picklable function)
         if rank is None or world_size is None:  # read here, in the main process, not in a worker
             on = dist.is_available() and dist.is_initialized()
             rank, world_size = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
@@ -320,7 +322,7 @@ class ShardStream(IterableDataset):
 
     def _count(self, path: str) -> int:
         if path not in self._counts:
-            self._counts[path] = len(shard_keys(path))
+            self._counts[path] = len(shard_keys(path, self.usable))
         return self._counts[path]
 
     def _slot(self, slot: int, workers: int, skip: int) -> Iterator[ShardSample]:
@@ -346,7 +348,7 @@ class ShardStream(IterableDataset):
                     yield sample
             empty = 0 if n else empty + 1
             if empty > len(self.paths) and not any(self._count(p) for p in self.paths):
-                raise GlimpseError(f"data.stream: no usable sample (an image and a .txt or .json) in {len(self.paths)} "
+                raise GlimpseError(f"data.stream: no usable sample (an image or video and a .txt or .json) in {len(self.paths)} "
                                    f"shards ({self.paths[0]}, ...)")
             epoch += 1
 
@@ -356,7 +358,7 @@ class ShardStream(IterableDataset):
         if skip:
             start = self._replay(shards, buffer, epoch, skip)
         for i in range(start[0], len(shards)):
-            for j, (key, files) in enumerate(read_shard(shards[i])):
+            for j, (key, files) in enumerate(read_shard(shards[i], self.usable)):
                 if i == start[0] and j < start[1]:
                     continue
                 out = buffer.push(ShardSample(shards[i], key, files, epoch))
@@ -385,7 +387,7 @@ class ShardStream(IterableDataset):
         wanted: dict[tuple[int, int], int] = {ij: k for k, ij in enumerate(buffer.items)}
         for i in sorted({i for i, _ in wanted}):
             last = max(j for s, j in wanted if s == i)
-            for j, (key, files) in enumerate(read_shard(shards[i])):
+            for j, (key, files) in enumerate(read_shard(shards[i], self.usable)):
                 if (i, j) in wanted:
                     buffer.items[wanted[i, j]] = ShardSample(shards[i], key, files, epoch)
                 if j == last:

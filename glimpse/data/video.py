@@ -230,9 +230,11 @@ def _thin(kept: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     return {i: kept[i] for k, i in enumerate(sorted(kept)) if k % 2 == 0}
 
 
-def decode_clip(src, num_frames: int, transform: ImageTransform, limits: VideoLimits = DEFAULT_LIMITS) -> np.ndarray:
-    """uint8 [T, S, S, 3]: a clip's (a path's or bytes') uniform frames at the tower's size.  Raises VideoError."""
-    frames = read_video(src, num_frames, limits=limits)
+def decode_clip(src, num_frames: int, transform: ImageTransform, limits: VideoLimits = DEFAULT_LIMITS,
+                name: str | None = None) -> np.ndarray:
+    """uint8 [T, S, S, 3]: a clip's (a path's or bytes') uniform frames at the tower's size.  Raises VideoError
+    (naming `name`, for bytes)."""
+    frames = read_video(src, num_frames, limits=limits, name=name)
     S = transform.image_size
     if frames.shape[1:3] != (S, S):
         frames = np.stack([transform.resized_array(Image.fromarray(f)) for f in frames])

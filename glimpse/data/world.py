@@ -78,13 +78,13 @@ def ensure_shapes_video(data_cfg, progress: bool = True) -> Path:
 
 
 def make_video_world(out: str | Path, *, seed: int, n_train: int, n_val: int, n_test: int, frames: int,
-                     image_size: int, progress: bool = True) -> Path:
+                     image_size: int, shards: bool = False, progress: bool = True) -> Path:
     """Generate the moving-shapes world into `out` and train its tokenizer on the training split's text."""
     from glimpse.data import shapes_video
 
     out = Path(out)
     shapes_video.generate_shapes_video(out, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, frames=frames,
-                                       image_size=image_size, progress=progress)
+                                       image_size=image_size, shards=shards, progress=progress)
     train_tokenizer(shapes_video.world_texts(out), out / "tokenizer.json")
     return out
 

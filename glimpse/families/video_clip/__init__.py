@@ -19,7 +19,7 @@ from torch import nn
 from glimpse.families import checks
 from glimpse.families.base import Family, recipe_transform
 from glimpse.families.registry import register
-from glimpse.families.video_clip.data import TwinCollate, VideoDataset, load_clips
+from glimpse.families.video_clip.data import TwinCollate, VideoDataset, load_clips, stream_clips
 from glimpse.families.video_clip.evaluate import evaluate
 from glimpse.families.video_clip.model import VideoClipConfig, VideoDualEncoder
 from glimpse.families.video_clip.pipeline import VideoClipPipeline
@@ -33,13 +33,16 @@ class VideoClipFamily(Family):
     name = "video_clip"
     config = VideoClipConfig
     data_formats = ("msrvtt",)
+    streams = True  # video-text shards (data.source wds) for training; evaluation reads MSR-VTT-style files
 
     @classmethod
     def validate(cls, recipe) -> None:
         m = recipe.model
         choice("model.loss", m.loss, ("clip",))
         choice("model.temporal", m.temporal, MODES)
-        choice("data.source", recipe.data.source, ("shapes-video", "msrvtt"))
+        choice("data.source", recipe.data.source, ("shapes-video", "msrvtt", "wds"))
+        check(recipe.data.source != "wds" or recipe.data.stream, "data.source", "wds",
+              "video-text shards are read as a stream: set data.stream true")
         checks.check_towers(m)
         check(m.embed_dim >= 1, "model.embed_dim", m.embed_dim, "must be at least 1")
         check(1 <= m.num_frames <= m.max_frames, "model.num_frames", m.num_frames,
@@ -58,9 +61,12 @@ class VideoClipFamily(Family):
 
     def train_data(self):
         m = self.recipe.model
+        collate = TwinCollate(self.tokenizer, m.text.context_length)
+        if self.recipe.data.stream:  # no reversed twins: a shard's clip has no tracks to caption them by
+            return stream_clips(self.recipe.data, self.root, m.num_frames, self.transform, self.recipe.train.seed), collate
         dataset = VideoDataset(load_clips(self.recipe.data, self.root, "train"), m.num_frames, self.transform,
                                m.reverse_twins)
-        return dataset, TwinCollate(self.tokenizer, m.text.context_length)
+        return dataset, collate
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return contrastive_loss(model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]), "clip")

@@ -1,4 +1,5 @@
-"""Clips and captions for the video dual encoder: which files a split reads, and the training set.
+"""Clips and captions for the video dual encoder: which files a split reads, and the training set (read
+whole, or streamed from video-text WebDataset shards).
 
 A training clip is decoded once (`num_frames` uniform frames, resized to the tower's size) and kept in
 memory as uint8 while the set fits, as PairDataset keeps images.  A clip of the moving-shapes world comes
@@ -8,20 +9,24 @@ both captions, so a resumed run reads exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from glimpse.data.formats import wds_captions
 from glimpse.data.images import ImageTransform, split_failures
-from glimpse.data.pairs import PairCollate
+from glimpse.data.pairs import PairCollate, split_files
 from glimpse.data.shapes_video import Clip, read_clips
 from glimpse.data.shapes_video_text import clip_captions, reverse_tracks, video_caption
+from glimpse.data.stream import ShardSample, ShardStream
 from glimpse.data.video import DEFAULT_LIMITS, VideoError, VideoLimits, decode_clip, to_pixels
 from glimpse.errors import GlimpseError
 
 FRAME_CACHE_BYTES = 2 << 30
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")  # a shard sample's video member
 
 
 def load_clips(data_cfg, root: Path, split: str) -> list[Clip]:
@@ -81,3 +86,40 @@ class TwinCollate(PairCollate):
             batch["input_ids"], batch["attention_mask"] = self.tokenizer.pad(
                 [self._row(c) for s in good for c in s["captions"]])
         return batch
+
+
+def video_usable(suffixes) -> bool:
+    """Whether a shard sample is a clip with captions: a video member and a .txt or .json (as WebVid-style
+    shards hold them).  The stream counts, skips and resumes by this."""
+    return any(ext in suffixes for ext in VIDEO_EXTS) and ("txt" in suffixes or "json" in suffixes)
+
+
+def stream_clips(data_cfg, root: Path, num_frames: int, transform: ImageTransform, seed: int) -> ShardStream:
+    """The training split's video-text shards as a stream (`data.stream`), never held in memory."""
+    files, _ = split_files(data_cfg, root, "train")
+    return ShardStream(files, StreamClips(num_frames, transform, seed), seed=seed,
+                       shuffle_buffer=data_cfg.shuffle_buffer, usable=video_usable)
+
+
+class StreamClips:
+    """A stream's decoder: a shard sample -> the item VideoDataset gives for a clip without a twin (its frames
+    and one caption, drawn by (seed, epoch, key) so a replayed stream draws the same), or the bad-sample record."""
+
+    def __init__(self, num_frames: int, transform: ImageTransform, seed: int, limits: VideoLimits = DEFAULT_LIMITS):
+        self.num_frames, self.transform, self.seed, self.limits = num_frames, transform, seed, limits
+
+    def __call__(self, s: ShardSample) -> dict:
+        name = f"{s.shard.rsplit('/', 1)[-1]}:{s.key}"
+        try:
+            captions = wds_captions(s.shard, s.key, s.files)
+        except GlimpseError as e:
+            return {"error": "corrupt", "message": str(e)}
+        if not captions:
+            return {"error": "format", "message": f"{name}: no caption"}
+        video = next(s.files[ext] for ext in VIDEO_EXTS if ext in s.files)  # video_usable: there is one
+        try:
+            frames = decode_clip(video, self.num_frames, self.transform, self.limits, name=name)
+        except VideoError as e:
+            return {"error": e.reason, "message": str(e)}
+        choice = zlib.crc32(f"{self.seed}:{s.epoch}:{s.key}".encode())
+        return {"pixel_values": to_pixels(frames, self.transform)[None], "captions": [captions[choice % len(captions)]]}
