@@ -17,9 +17,8 @@ pytest.importorskip("av")
 from glimpse.data import shapes_video as sv  # noqa: E402
 from glimpse.data import shapes_video_text as svt  # noqa: E402
 from glimpse.data.stream import ShardSample, read_shard  # noqa: E402
-from glimpse.data.video import VideoError, VideoLimits, read_video, write_video  # noqa: E402
+from glimpse.data.video import VideoError, VideoLimits, read_video, video_usable, write_video  # noqa: E402
 from glimpse.errors import GlimpseError  # noqa: E402
-from glimpse.families.video_clip.data import video_usable  # noqa: E402
 from glimpse.metrics.retrieval import expected_recall  # noqa: E402
 from glimpse.models.temporal import TemporalPool  # noqa: E402
 
@@ -119,6 +118,11 @@ def test_the_cli_writes_a_world_of_longer_clips(tmp_path, capsys):
             assert samples[v.stem]["mp4"] == v.read_bytes()
             assert json.loads(samples[v.stem]["json"])["captions"] == \
                 [c["caption"] for c in captions if c["video_id"] == v.stem]
+        records = json.loads((out / "annotations" / f"llava_video_{split}.json").read_text())
+        llava = dict(read_shard(str(out / "shards" / f"llava_video_{split}-000000.tar"), video_usable))
+        assert sorted(llava) == sorted(r["id"] for r in records)
+        assert all(json.loads(llava[r["id"]]["json"]) == r and llava[r["id"]]["mp4"] == (out / r["video"]).read_bytes()
+                   for r in records)
     clip = read_video(videos[0], 0, sampling="fps", fps=1000)  # every frame the file holds
     assert clip.shape == (12, 32, 32, 3)
     qa = json.loads((out / "annotations" / "qa_test.json").read_text())

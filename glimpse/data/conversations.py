@@ -266,25 +266,35 @@ class StreamConversations:
 
     @staticmethod
     def _llava(s: ShardSample) -> tuple[str, bytes, list[dict]] | dict:
-        """(the sample's name, its image bytes, its record's turns as messages), or the bad-sample record.  A
-        sample is one image and its record (the stream passes over samples without an image member, uncounted,
-        as it does in caption shards); a record that names another number of images is a bad sample."""
-        name = f"{s.shard.rsplit('/', 1)[-1]}:{s.key}"
+        """(the sample's name, its image bytes, its record's turns as messages), or the bad-sample record."""
         image = next(s.files[ext] for ext in IMAGE_EXTS if ext in s.files)  # wds_usable: there is one
-        try:
-            record = json.loads(s.files["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            return {"error": "corrupt", "message": f"{name}.json is not valid JSON ({str(e) or 'nested too deeply'})"}
-        if not isinstance(record, dict):
-            return {"error": "format", "message": f"{name}.json holds no LLaVA record (a JSON object)"}
-        named = record.get("images", record.get("image", "the member"))  # no field: the sample's image member
-        n = 1 if isinstance(named, str) else len(named) if isinstance(named, list) else 0
-        if n != 1:
-            return {"error": "format", "message": f"{name}: the record names {n} images; a shard sample holds one"}
-        try:
-            return name, image, llava_messages(record.get("conversations"), 1)
-        except ValueError as e:
-            return {"error": "format", "message": f"{name}: {e}"}
+        got = shard_record(s)
+        return got if isinstance(got, dict) else (got[0], image, got[1])
+
+
+def shard_record(s: ShardSample, media: str = "image") -> tuple[str, list[dict]] | dict:
+    """(the sample's name, its LLaVA record's turns as messages) of a shard sample holding one `media` member and
+    the record as its .json, or the bad-sample record.  A video record's `<video>` is read as the `<image>` slot
+    its clip's tokens fill (LLaVA-Video's JSON); a record naming other than one image (or video) is a bad sample."""
+    name = f"{s.shard.rsplit('/', 1)[-1]}:{s.key}"
+    try:
+        record = json.loads(s.files["json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        return {"error": "corrupt", "message": f"{name}.json is not valid JSON ({str(e) or 'nested too deeply'})"}
+    if not isinstance(record, dict):
+        return {"error": "format", "message": f"{name}.json holds no LLaVA record (a JSON object)"}
+    named = record.get(f"{media}s", record.get(media, "the member"))  # no field: the sample's member
+    n = 1 if isinstance(named, str) else len(named) if isinstance(named, list) else 0
+    if n != 1:
+        return {"error": "format", "message": f"{name}: the record names {n} {media}s; a shard sample holds one"}
+    turns = record.get("conversations")
+    if media != "image" and isinstance(turns, list):
+        turns = [{**t, "value": t["value"].replace(f"<{media}>", "<image>")}
+                 if isinstance(t, dict) and isinstance(t.get("value"), str) else t for t in turns]
+    try:
+        return name, llava_messages(turns, 1)
+    except ValueError as e:
+        return {"error": "format", "message": f"{name}: {e}"}
 
 
 class ConversationCollate:

@@ -125,7 +125,8 @@ def generate_shapes_video(out: str | Path, *, seed: int = 0, n_train: int = 4000
                           progress: bool = True) -> dict:
     """Write the moving-shapes world into `out` (a new or empty folder) and return its world.json; with `shards`,
     also each split's clips and captions as WebDataset shards (`shards/SPLIT-*.tar`: KEY.mp4 and KEY.json with
-    its "captions", as WebVid-style sets hold them).  The same arguments always write byte-identical files;
+    its "captions", as WebVid-style sets hold them) and its LLaVA-Video records (`shards/llava_video_SPLIT-*.tar`:
+    the clip and the record).  The same arguments always write byte-identical files;
     world.json, written last, marks it complete."""
     out = Path(out)
     counts = {"train": n_train, "val": n_val, "test": n_test, "test_novel": n_test}
@@ -195,15 +196,26 @@ def _write_shards(out: Path, split: str) -> None:
     captions: dict[str, list[str]] = {}
     for s in data["sentences"]:
         captions.setdefault(s["video_id"], []).append(s["caption"])
+    records: dict[str, list[dict]] = {}
+    for r in json.loads((out / "annotations" / f"llava_video_{split}.json").read_text(encoding="utf-8")):
+        records.setdefault(r["id"].rsplit("_", 1)[0], []).append(r)
     (out / "shards").mkdir(exist_ok=True)
-    writer = ShardWriter(out / "shards", split)
+    writer, llava = ShardWriter(out / "shards", split), ShardWriter(out / "shards", f"llava_video_{split}")
     try:
         for v in data["videos"]:
             clip = (out / "videos" / split / v["file_name"]).read_bytes()
-            meta = json.dumps({"captions": captions[v["video_id"]]}, ensure_ascii=False, separators=(",", ":"))
-            writer.add(v["video_id"], {"mp4": clip, "json": meta.encode("utf-8")})
+            writer.add(v["video_id"], {"mp4": clip, "json": _dumps({"captions": captions[v["video_id"]]})})
+            for r in records.get(v["video_id"], []):
+                llava.add(r["id"], {"mp4": clip, "json": _dumps(r)})
     finally:
-        writer.close()
+        try:
+            writer.close()
+        finally:
+            llava.close()
+
+
+def _dumps(obj: object) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def _write_clip(path: Path, tracks: list[dict], background: np.ndarray) -> None:

@@ -246,14 +246,24 @@ def to_pixels(frames: np.ndarray, transform: ImageTransform) -> torch.Tensor:
     return torch.stack([transform.normalize(f) for f in frames])
 
 
-def clip_pixels(src, num_frames: int, transform: ImageTransform, limits: VideoLimits = DEFAULT_LIMITS) -> torch.Tensor:
+def clip_pixels(src, num_frames: int, transform: ImageTransform, limits: VideoLimits = DEFAULT_LIMITS,
+                name: str | None = None) -> torch.Tensor:
     """A clip (a path, bytes, or frames already decoded as a [T, 3, S, S] tensor) as a tower's input
     [T, 3, S, S]."""
     if isinstance(src, torch.Tensor):
         if src.ndim != 4 or src.shape[0] != num_frames:
             raise GlimpseError(f"a clip tensor must be [{num_frames}, 3, H, W], not {list(src.shape)}")
         return src
-    return to_pixels(decode_clip(src, num_frames, transform, limits), transform)
+    return to_pixels(decode_clip(src, num_frames, transform, limits, name), transform)
+
+
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")  # a WebDataset sample's video member
+
+
+def video_usable(suffixes) -> bool:
+    """Whether a WebDataset sample holds a clip and its text: a video member and a .txt or .json (as WebVid-style
+    sets and LLaVA-Video shards hold them).  A stream (glimpse.data.stream) counts, skips and resumes by this."""
+    return any(ext in suffixes for ext in VIDEO_EXTS) and ("txt" in suffixes or "json" in suffixes)
 
 
 @functools.lru_cache(maxsize=1)

@@ -22,11 +22,18 @@ from glimpse.data.pairs import PairCollate, split_files
 from glimpse.data.shapes_video import Clip, read_clips
 from glimpse.data.shapes_video_text import clip_captions, reverse_tracks, video_caption
 from glimpse.data.stream import ShardSample, ShardStream
-from glimpse.data.video import DEFAULT_LIMITS, VideoError, VideoLimits, decode_clip, to_pixels
+from glimpse.data.video import (
+    DEFAULT_LIMITS,
+    VIDEO_EXTS,
+    VideoError,
+    VideoLimits,
+    decode_clip,
+    to_pixels,
+    video_usable,
+)
 from glimpse.errors import GlimpseError
 
 FRAME_CACHE_BYTES = 2 << 30
-VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")  # a shard sample's video member
 
 
 def load_clips(data_cfg, root: Path, split: str) -> list[Clip]:
@@ -86,12 +93,6 @@ class TwinCollate(PairCollate):
             batch["input_ids"], batch["attention_mask"] = self.tokenizer.pad(
                 [self._row(c) for s in good for c in s["captions"]])
         return batch
-
-
-def video_usable(suffixes) -> bool:
-    """Whether a shard sample is a clip with captions: a video member and a .txt or .json (as WebVid-style
-    shards hold them).  The stream counts, skips and resumes by this."""
-    return any(ext in suffixes for ext in VIDEO_EXTS) and ("txt" in suffixes or "json" in suffixes)
 
 
 def stream_clips(data_cfg, root: Path, num_frames: int, transform: ImageTransform, seed: int) -> ShardStream:

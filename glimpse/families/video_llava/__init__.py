@@ -25,7 +25,13 @@ from glimpse.families.base import Family, HFBuild, Loaded, recipe_transform
 from glimpse.families.feature_cache import cache_tower_features
 from glimpse.families.registry import register
 from glimpse.families.video_llava import hf
-from glimpse.families.video_llava.data import hold_middle, reversed_source, still_source, video_records
+from glimpse.families.video_llava.data import (
+    hold_middle,
+    reversed_source,
+    still_source,
+    stream_video_conversations,
+    video_records,
+)
 from glimpse.families.video_llava.evaluate import evaluate
 from glimpse.families.video_llava.model import POOLS, VideoLanguageModel, VideoLLaVAConfig
 from glimpse.families.video_llava.pipeline import VideoLanguagePipeline
@@ -41,12 +47,20 @@ class VideoLLaVAFamily(Family):
     train_options = frozenset({"cache_vision_features"})
     data_formats = ("llava",)
     hf_model_types = hf.MODEL_TYPES
+    streams = True  # shards of LLaVA-Video records (data.source wds); evaluation needs the moving-shapes world
 
     @classmethod
     def validate(cls, recipe) -> None:
         m = recipe.model
         checks.check_llava(recipe)
-        choice("data.source", recipe.data.source, ("shapes-video", "msrvtt"))
+        choice("data.source", recipe.data.source, ("shapes-video", "msrvtt", "wds"))
+        if recipe.data.source == "wds":
+            check(recipe.data.stream, "data.source", "wds", "LLaVA-Video shards are read as a stream: set data.stream true")
+            check(not m.reverse_twins, "model.reverse_twins", True, "needs the moving-shapes world's tracks, not shards")
+            check(not recipe.train.cache_vision_features, "train.cache_vision_features", True,
+                  "caches the features of a set read whole: not with data.stream")
+            check(not recipe.eval.splits and not recipe.eval.during_train, "eval.splits", recipe.eval.splits,
+                  "the video LLaVA evaluates on the moving-shapes world: set eval.splits=[] and eval.during_train=[]")
         choice("model.connector", m.connector, ("linear", "mlp2x_gelu"))
         choice("model.vision_feature_select", m.vision_feature_select, ("patch",))
         choice("model.spatial_pool", m.spatial_pool, POOLS)
@@ -134,6 +148,11 @@ class VideoLLaVAFamily(Family):
 
     def train_data(self):
         m = self.recipe.model
+        if self.recipe.data.stream:
+            return stream_video_conversations(
+                self.recipe.data, self.root, self.tokenizer, m.chat_template, self.transform, m.num_frames,
+                VideoLanguageModel.count_image_tokens(m), m.lm.context_length, self.recipe.train.seed), \
+                ConversationCollate(self.tokenizer.pad_id)
         records = self.records if self.records is not None else self._records()
         dataset = ConversationDataset(records, self.tokenizer, m.chat_template, self.transform,
                                       self.recipe.data.max_pixels, VideoLanguageModel.count_image_tokens(m),

@@ -34,9 +34,14 @@ import numpy as np
 import torch
 
 from glimpse.data.chat import from_llava
+from glimpse.data.conversations import DROP_REASONS, encode_sample, shard_record
+from glimpse.data.images import ImageTransform
+from glimpse.data.pairs import split_files
 from glimpse.data.shapes_video import read_clips
 from glimpse.data.shapes_video_text import answer_of, reverse_tracks, video_caption
 from glimpse.data.shapes_video_traces import answer_trace, traced
+from glimpse.data.stream import ShardSample, ShardStream
+from glimpse.data.video import VIDEO_EXTS, VideoError, clip_pixels, video_usable
 from glimpse.errors import GlimpseError
 
 VIDEO = "<video>"
@@ -185,3 +190,37 @@ def _turns(questions: list[dict]) -> list[dict]:
     """World questions as LLaVA-Video turns: each question, then its answer."""
     return [turn for q in questions for turn in ({"from": "human", "value": q["question"]},
                                                  {"from": "gpt", "value": q["answer"]})]
+
+
+def stream_video_conversations(data_cfg, root: Path, tokenizer, template: str, transform: ImageTransform,
+                               num_frames: int, clip_tokens: int, context_length: int, seed: int) -> ShardStream:
+    """The training split's shards of LLaVA-Video records as a stream (`data.stream`): each sample a clip (its
+    video member) and the record (`conversations` with a `<video>` placeholder) as its .json."""
+    files, _ = split_files(data_cfg, root, "train")
+    decode = StreamVideoConversations(tokenizer, template, transform, num_frames, clip_tokens, context_length)
+    return ShardStream(files, decode, seed=seed, shuffle_buffer=data_cfg.shuffle_buffer, usable=video_usable)
+
+
+class StreamVideoConversations:
+    """A stream's decoder: a shard sample -> the item ConversationDataset gives for the record with its clip
+    (`video_records`' reading of the JSON file's), or the bad-sample record."""
+
+    def __init__(self, tokenizer, template: str, transform: ImageTransform, num_frames: int, clip_tokens: int,
+                 context_length: int):
+        self.tokenizer, self.template, self.transform, self.num_frames = tokenizer, template, transform, num_frames
+        self.clip_tokens, self.context_length = clip_tokens, context_length
+
+    def __call__(self, s: ShardSample) -> dict:
+        got = shard_record(s, "video")
+        if isinstance(got, dict):
+            return got
+        name, messages = got
+        encoded = encode_sample(self.tokenizer, self.template, messages, 1, self.clip_tokens, self.context_length)
+        if isinstance(encoded, str):
+            return {"error": encoded, "message": f"{name} dropped: {DROP_REASONS[encoded]}"}
+        video = next(s.files[ext] for ext in VIDEO_EXTS if ext in s.files)  # video_usable: there is one
+        try:
+            pixels = clip_pixels(video, self.num_frames, self.transform, name=name)
+        except VideoError as e:
+            return {"error": e.reason, "message": str(e)}
+        return {"input_ids": encoded[0], "labels": encoded[1], "pixel_values": [pixels]}
