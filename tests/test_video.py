@@ -328,7 +328,7 @@ def test_video_text_shards_stream_the_clips_the_files_give_and_train(video_world
     sets = {"data.source": "wds", "data.stream": "true", "data.root": str(root), "data.image_size": 32,
             "data.files": f"{{train: 'shards/train-{{0..3}}.tar', test: '{video_world}/annotations/captions_test.json'}}",
             "data.images": f"{{test: '{video_world}/videos/test'}}", "data.shuffle_buffer": 8, "data.num_workers": 0,
-            "eval.splits": "[test]", "model.vision.image_size": 32, "model.vision.width": 32, "model.vision.layers": 1,
+            "eval.splits": "[test]", "eval.during_train": "[]", "model.reverse_twins": "false", "model.vision.image_size": 32, "model.vision.width": 32, "model.vision.layers": 1,
             "model.text.width": 32, "model.text.layers": 1, "model.embed_dim": 32, "model.temporal_layers": 1,
             "train.batch_size": 8, "train.max_steps": 8, "train.warmup_steps": 1, "train.log_every": 1,
             "train.save_every": 4, "train.threads": 1, "eval.batch_size": 8}
@@ -353,6 +353,10 @@ def test_video_text_shards_stream_the_clips_the_files_give_and_train(video_world
     assert len(losses(out)) == 8 and losses(resumed) == losses(out)
     with pytest.raises(GlimpseError, match="set data.stream true"):
         load_recipe("shapes-video-clip", ["data.source=wds"])
+    with pytest.raises(GlimpseError, match="reverse_twins.*set it false"):
+        load_recipe("shapes-video-clip", recipe + ["model.reverse_twins=true"])
+    with pytest.raises(GlimpseError, match="set data.files.val"):  # evaluated during training: its file is needed
+        load_recipe("shapes-video-clip", recipe + ["eval.during_train=[val]", "train.eval_every=4"])
 
 
 def test_meanp_cannot_tell_a_minimal_pair_apart(video_world):

@@ -435,16 +435,18 @@ def test_llava_video_shards_stream_the_items_the_json_file_gives(video_world, tm
             for r in part:
                 add(tar, f"{r['id']}.mp4", (video_world / r["video"]).read_bytes())
                 add(tar, f"{r['id']}.json", json.dumps(r).encode())
-            if k == 1:  # a clip cut short, a record naming two videos, a record with no turns
+            if k == 1:  # a clip cut short, a record naming two videos, a record with no turns, a caption sample
                 clip = (video_world / records[0]["video"]).read_bytes()
                 for key, video, body in (("cut", clip[:400], records[0]), ("two", clip, {**records[0], "video": ["a", "b"]}),
                                          ("none", clip, {"id": "none"})):
                     add(tar, f"{key}.mp4", video)
                     add(tar, f"{key}.json", json.dumps(body).encode())
+                add(tar, "caption.mp4", clip)
+                add(tar, "caption.txt", b"a red circle moves left")
     sets = {"data.source": "wds", "data.stream": "true", "data.root": str(root), "model.reverse_twins": "false",
             "data.files": "{train: 'shards/train-{0..1}.tar'}", "data.shuffle_buffer": 8, "eval.splits": "[]",
             "eval.during_train": "[]", "data.num_workers": 0, "train.threads": 1}
-    steps = (len(records) + 3) // 8 + 1  # past the end of the first epoch: the bad samples come by
+    steps = (len(records) + 4) // 8 + 1  # past the end of the first epoch: the bad samples come by
     sets.update({"train.max_steps": steps, "train.save_every": steps})
     recipe = load_recipe("shapes-video-llava", overrides(video_world, **sets))
     m, tok = recipe.model, Tokenizer(video_world / "tokenizer.json")
@@ -457,12 +459,13 @@ def test_llava_video_shards_stream_the_items_the_json_file_gives(video_world, tm
                                 loader=lambda src, name=None: clip_pixels(src, m.num_frames, transform))
     got = {key: stream.decode(ShardSample(p, key, files, 0)) for p in stream.paths
            for key, files in read_shard(p, video_usable)}
-    assert len(got) == len(records) + 3
+    assert len(got) == len(records) + 4
     for i, r in enumerate(records):
         want = whole[(i, 0)]
         assert got[r["id"]]["input_ids"] == want["input_ids"] and got[r["id"]]["labels"] == want["labels"], r["id"]
         assert torch.equal(got[r["id"]]["pixel_values"][0], want["pixel_values"][0]), r["id"]
-    assert [got[k]["error"] for k in ("cut", "two", "none")] == ["truncated", "format", "format"]
+    assert [got[k]["error"] for k in ("cut", "two", "none", "caption")] == ["truncated", "format", "format", "format"]
+    assert "train-1.tar:caption: no .json record" in got["caption"]["message"]
     assert "names 2 videos" in got["two"]["message"] and "train-1.tar:none" in got["none"]["message"]
 
     train(recipe, tmp_path / "run", progress=False)

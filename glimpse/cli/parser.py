@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test", type=int, default=500, help="clips in test and in test_novel")
     s.add_argument("--frames", type=int, default=8, help="frames a clip, 8 to 16")
     s.add_argument("--image-size", type=int, default=64)
-    s.add_argument("--shards", action="store_true", help="also write WebDataset shards (KEY.mp4 + KEY.json captions)")
+    s.add_argument("--shards", action="store_true", help="also write WebDataset shards: clips with captions, and LLaVA-Video records (llava_video_SPLIT-*.tar)")
     s.set_defaults(func=cmd_data_shapes_video)
     s = data.add_parser("shapes-shop", help="write the shapes shop: items with pictures and titles, users' purchase "
                         "histories (RecBole and MMRec files)")

@@ -277,6 +277,8 @@ def shard_record(s: ShardSample, media: str = "image") -> tuple[str, list[dict]]
     the record as its .json, or the bad-sample record.  A video record's `<video>` is read as the `<image>` slot
     its clip's tokens fill (LLaVA-Video's JSON); a record naming other than one image (or video) is a bad sample."""
     name = f"{s.shard.rsplit('/', 1)[-1]}:{s.key}"
+    if "json" not in s.files:  # a caption sample (a .txt), not a record
+        return {"error": "format", "message": f"{name}: no .json record"}
     try:
         record = json.loads(s.files["json"].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

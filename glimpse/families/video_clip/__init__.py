@@ -41,8 +41,15 @@ class VideoClipFamily(Family):
         choice("model.loss", m.loss, ("clip",))
         choice("model.temporal", m.temporal, MODES)
         choice("data.source", recipe.data.source, ("shapes-video", "msrvtt", "wds"))
-        check(recipe.data.source != "wds" or recipe.data.stream, "data.source", "wds",
-              "video-text shards are read as a stream: set data.stream true")
+        d, e = recipe.data, recipe.eval
+        check(d.source != "wds" or d.stream, "data.source", "wds", "video-text shards are read as a stream: set data.stream true")
+        check(not d.stream or not m.reverse_twins, "model.reverse_twins", True,
+              "needs the moving-shapes world's tracks (a streamed clip has none): set it false with data.stream")
+        if d.source != "shapes-video":  # the splits evaluated come from MSR-VTT-style files
+            splits = [*e.splits, *(e.during_train if recipe.train.eval_every else [])]
+            missing = [s for s in dict.fromkeys(splits) if s not in d.files]
+            check(not missing, "eval.splits", splits, f"are read from data.files.SPLIT (MSR-VTT-style) and data.images.SPLIT: "
+                  f"set data.files.{missing[0] if missing else ''}, or leave the split out of eval.splits / eval.during_train")
         checks.check_towers(m)
         check(m.embed_dim >= 1, "model.embed_dim", m.embed_dim, "must be at least 1")
         check(1 <= m.num_frames <= m.max_frames, "model.num_frames", m.num_frames,

@@ -38,7 +38,8 @@ FRAME_CACHE_BYTES = 2 << 30
 
 def load_clips(data_cfg, root: Path, split: str) -> list[Clip]:
     """The clips of a split: the moving-shapes world's (source: shapes-video), or an MSR-VTT-style file
-    (source: msrvtt, with data.files.SPLIT the captions json and data.images.SPLIT the video folder)."""
+    (source: msrvtt, or wds for the splits evaluated beside streamed training shards; data.files.SPLIT the
+    captions json and data.images.SPLIT the video folder)."""
     if data_cfg.source == "shapes-video":
         return read_clips(root / "annotations" / f"captions_{split}.json", root / "videos" / split)
     if split not in data_cfg.files:

@@ -59,7 +59,8 @@ class VideoLLaVAFamily(Family):
             check(not m.reverse_twins, "model.reverse_twins", True, "needs the moving-shapes world's tracks, not shards")
             check(not recipe.train.cache_vision_features, "train.cache_vision_features", True,
                   "caches the features of a set read whole: not with data.stream")
-            check(not recipe.eval.splits and not recipe.eval.during_train, "eval.splits", recipe.eval.splits,
+            check(not recipe.eval.splits and not recipe.eval.during_train, "eval.splits/during_train",
+                  [*recipe.eval.splits, *recipe.eval.during_train],
                   "the video LLaVA evaluates on the moving-shapes world: set eval.splits=[] and eval.during_train=[]")
         choice("model.connector", m.connector, ("linear", "mlp2x_gelu"))
         choice("model.vision_feature_select", m.vision_feature_select, ("patch",))
