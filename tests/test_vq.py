@@ -280,6 +280,61 @@ def test_tiny_run_trains_evaluates_and_reconstructs(tiny_vq_run, world):
     assert pipe.tokens([path]).shape == (1, 4, 4)
 
 
+def test_image_shards_stream_for_the_tokenizer(world, tmp_path, capsys):
+    """The tokenizer from streamed image shards, captioned or not (ImageNet-style KEY.png + KEY.cls): each streamed
+    image is PairDataset's; k-means reads only the first model.kmeans_images; a corrupt image is counted."""
+    import io
+    import tarfile
+
+    from conftest import tiny_vq_overrides
+
+    from glimpse.config import load_recipe
+    from glimpse.data.formats import ImageText
+    from glimpse.data.pairs import PairDataset, StreamImages, first_images, image_usable
+    from glimpse.data.stream import ShardSample, read_shard
+    from glimpse.train.trainer import train
+
+    paths = sorted((world / "images" / "train").glob("*.png"))[:64]
+    root = tmp_path / "data"
+    (root / "shards").mkdir(parents=True)
+    (root / "tokenizer.json").write_bytes((world / "tokenizer.json").read_bytes())
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    for k in range(4):
+        with tarfile.open(root / "shards" / f"train-{k}.tar", "w") as tar:
+            for p in paths[k * 16:(k + 1) * 16]:
+                add(tar, f"{p.stem}.png", p.read_bytes())
+                add(tar, f"{p.stem}.cls", b"3")
+            if k == 3:
+                add(tar, "broken.png", paths[0].read_bytes()[:60])
+    sets = {"data.source": "wds", "data.stream": "true", "data.root": str(root), "data.shuffle_buffer": 8,
+            "data.files": "{train: 'shards/train-{0..3}.tar'}", "eval.splits": "[]", "eval.during_train": "[]",
+            "train.threads": 1, "model.kmeans_images": 20, "train.max_steps": 9, "train.save_every": 9}
+    recipe = load_recipe("shapes-vq", tiny_vq_overrides(world, **sets))
+    transform = vq_transform(recipe.model.vq)
+    whole = PairDataset([ImageText(str(p), ["x"], p.stem) for p in paths], transform, recipe.data.max_pixels)
+    decode = StreamImages(transform, recipe.data.max_pixels)
+    got = {key: decode(ShardSample(str(t), key, files, 0)) for t in sorted((root / "shards").glob("*.tar"))
+           for key, files in read_shard(str(t), image_usable)}
+    assert len(got) == 65 and got["broken"]["error"] == "truncated" and "train-3.tar:broken" in got["broken"]["message"]
+    assert all(torch.equal(got[p.stem]["pixel_values"], whole[(i, 0)]["pixel_values"]) for i, p in enumerate(paths))
+    assert first_images(recipe.data, root, 20) == [p.read_bytes() for p in paths[:20]]
+
+    out = tmp_path / "run"
+    train(recipe, out, progress=False)  # 9 x 8 = 72 samples: past the end of the first epoch
+    assert "skipped bad samples" in capsys.readouterr().out
+    from glimpse.api import load_run
+
+    _, model = load_run(out)
+    assert bool(model.initialised)
+    state = json.loads((out / "checkpoints" / "step_0000009" / "state.json").read_text())
+    assert state["stream"]["batches"] == 9
+
+
 def test_foreground_weight_weighs_saturated_pixels():
     tok = VQTokenizer(VQTokenizerConfig(vq=VQConfig(block_out_channels=[8], norm_num_groups=8, latent_channels=2,
                                                     num_vq_embeddings=4, sample_size=4),

@@ -14,10 +14,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from glimpse.data.formats import ImageText, iter_webdataset, read_coco_captions, read_csv_captions, wds_sample
+from glimpse.data.formats import (
+    IMAGE_EXTS,
+    ImageText,
+    expand_shards,
+    iter_webdataset,
+    read_coco_captions,
+    read_csv_captions,
+    wds_sample,
+)
 from glimpse.data.images import ImageError, ImageTransform, load_image, split_failures
 from glimpse.data.negatives import swapped_negative
-from glimpse.data.stream import ShardSample, ShardStream
+from glimpse.data.stream import ShardSample, ShardStream, read_shard
 from glimpse.errors import GlimpseError
 
 
@@ -76,6 +84,48 @@ class StreamPairs:
         except ImageError as e:
             return {"error": e.reason, "message": str(e)}
         return {"pixel_values": self.transform.normalize(arr), "caption": caption}
+
+
+def image_usable(suffixes) -> bool:
+    """Whether a shard sample holds an image: all an image tokenizer reads (ImageNet-style shards, KEY.jpg and
+    KEY.cls, count as well as captioned ones).  The stream counts, skips and resumes by this."""
+    return any(ext in suffixes for ext in IMAGE_EXTS)
+
+
+def stream_images(data_cfg, root: Path, transform: ImageTransform, seed: int) -> ShardStream:
+    """The training split's shards as a stream of images alone (`data.stream` for an image tokenizer)."""
+    files, _ = split_files(data_cfg, root, "train")
+    return ShardStream(files, StreamImages(transform, data_cfg.max_pixels), seed=seed,
+                       shuffle_buffer=data_cfg.shuffle_buffer, usable=image_usable)
+
+
+def first_images(data_cfg, root: Path, n: int) -> list[bytes]:
+    """The first `n` images of the training split's shards, in shard order, read no further (a k-means
+    initialisation's sample of a stream)."""
+    files, _ = split_files(data_cfg, root, "train")
+    out: list[bytes] = []
+    for path in expand_shards(files):
+        for _, members in read_shard(path, image_usable):
+            out.append(next(members[ext] for ext in IMAGE_EXTS if ext in members))
+            if len(out) == n:
+                return out
+    return out
+
+
+class StreamImages:
+    """A stream's decoder: a shard sample -> {"pixel_values"} as PairDataset gives them, or the bad-sample record."""
+
+    def __init__(self, transform: ImageTransform, max_pixels: int):
+        self.transform, self.max_pixels = transform, max_pixels
+
+    def __call__(self, s: ShardSample) -> dict:
+        image = next(s.files[ext] for ext in IMAGE_EXTS if ext in s.files)  # image_usable: there is one
+        try:
+            arr = self.transform.resized_array(load_image(image, max_pixels=self.max_pixels,
+                                                          name=f"{s.shard.rsplit('/', 1)[-1]}:{s.key}"))
+        except ImageError as e:
+            return {"error": e.reason, "message": str(e)}
+        return {"pixel_values": self.transform.normalize(arr)}
 
 
 def stream_caption(s: ShardSample, seed: int) -> tuple[str, bytes, str] | dict:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from glimpse.data.images import decode_each, split_failures
-from glimpse.data.pairs import PairDataset, load_pairs
+from glimpse.data.pairs import PairDataset, first_images, load_pairs, stream_images
 from glimpse.families import checks
 from glimpse.families.base import Family, HFBuild, Loaded, vq_transform
 from glimpse.families.registry import register
@@ -43,6 +43,7 @@ class VQFamily(Family):
     name = "vq"
     config = VQTokenizerConfig
     hf_class_names = hf.CLASS_NAMES  # diffusers folders: config.json's _class_name (they have no model_type)
+    streams = True  # image shards (data.source wds), captioned or not: a tokenizer reads images alone
 
     @classmethod
     def validate(cls, recipe) -> None:
@@ -68,10 +69,12 @@ class VQFamily(Family):
         m = self.recipe.model
         if not m.kmeans_init or m.quantize_after or bool(model.initialised):
             return
-        items = load_pairs(self.recipe.data, self.root, "train")[: m.kmeans_images]
+        d = self.recipe.data
+        sources = first_images(d, self.root, m.kmeans_images) if d.stream else \
+            [it.image for it in load_pairs(d, self.root, "train")[: m.kmeans_images]]
         latents = []
-        for start in range(0, len(items), 128):
-            _, images, _ = decode_each([it.image for it in items[start:start + 128]], self.recipe.data.max_pixels)
+        for start in range(0, len(sources), 128):
+            _, images, _ = decode_each(sources[start:start + 128], d.max_pixels)
             if images:
                 z = model.vq.encode(torch.stack([self.transform(im) for im in images]).to(device))
                 latents.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).cpu())
@@ -79,6 +82,8 @@ class VQFamily(Family):
             model.kmeans_init(torch.cat(latents), seed=self.recipe.train.seed)
 
     def train_data(self):
+        if self.recipe.data.stream:
+            return stream_images(self.recipe.data, self.root, self.transform, self.recipe.train.seed), ImageCollate()
         items = load_pairs(self.recipe.data, self.root, "train")
         return PairDataset(items, self.transform, self.recipe.data.max_pixels), ImageCollate()
 
