@@ -233,3 +233,13 @@ def image_data_url(path) -> str:
     import base64
 
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def tar_add(tar, name: str, data: bytes) -> None:
+    """Add a member `name` holding `data` to an open tarfile (a WebDataset shard's sample member)."""
+    import io
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))

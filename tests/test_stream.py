@@ -2,7 +2,6 @@
 epoch, flat memory, bad members counted, exact resume, and a streamed training run resumed."""
 
 import gzip
-import io
 import json
 import shutil
 import tarfile
@@ -11,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_overrides
+from conftest import tar_add, tiny_overrides
 from torch.utils.data import DataLoader
 
 from glimpse.config import load_recipe
@@ -25,12 +24,6 @@ from glimpse.errors import GlimpseError
 from glimpse.train.trainer import train
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _shards(folder, n_shards: int, per_shard: int) -> list[str]:
     """Shards of text-only "samples" (a tiny .png member, never decoded here, and a .txt)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -39,8 +32,8 @@ def _shards(folder, n_shards: int, per_shard: int) -> list[str]:
         paths.append(str(folder / f"part-{s:03d}.tar"))
         with tarfile.open(paths[-1], "w") as tar:
             for i in range(per_shard):
-                _add(tar, f"{s:03d}_{i:04d}.png", b"px")
-                _add(tar, f"{s:03d}_{i:04d}.txt", f"caption {s} {i}".encode())
+                tar_add(tar, f"{s:03d}_{i:04d}.png", b"px")
+                tar_add(tar, f"{s:03d}_{i:04d}.txt", f"caption {s} {i}".encode())
     return paths
 
 
@@ -156,10 +149,10 @@ def test_bad_members_are_skipped_and_counted_and_a_cut_shard_is_one_line(world, 
             for i in range(10):
                 key = f"{s}_{i:02d}"
                 bad = s == 1 and i in (3, 7)
-                _add(tar, f"{key}.png", b"this is not a png" if bad else png)
-                _add(tar, f"{key}.json", b"{broken" if s == 0 and i == 5 else
+                tar_add(tar, f"{key}.png", b"this is not a png" if bad else png)
+                tar_add(tar, f"{key}.json", b"{broken" if s == 0 and i == 5 else
                      json.dumps({"captions": [f"a caption {key}"]}).encode())
-            _add(tar, "no_image.txt", b"a caption without an image")  # not a sample at all
+            tar_add(tar, "no_image.txt", b"a caption without an image")  # not a sample at all
     tokenizer = Tokenizer(world / "tokenizer.json")
     stream = ShardStream(str(folder / "d-*.tar"), StreamPairs(ImageTransform(32), 10**7, 0), seed=0,
                          shuffle_buffer=4, epochs=1)
@@ -192,19 +185,19 @@ def test_headers_alone_count_what_reading_yields_on_odd_tar_files(tmp_path):
             info = tarfile.TarInfo("folder/")
             info.type = tarfile.DIRTYPE
             tar.addfile(info)
-            _add(tar, "__index__", b"meta")
-            _add(tar, "a.PNG", b"png")
-            _add(tar, "a.TXT", b"first")
-            _add(tar, "b.png", b"png")  # no caption
-            _add(tar, "b.cls", b"1")
+            tar_add(tar, "__index__", b"meta")
+            tar_add(tar, "a.PNG", b"png")
+            tar_add(tar, "a.TXT", b"first")
+            tar_add(tar, "b.png", b"png")  # no caption
+            tar_add(tar, "b.cls", b"1")
             if fmt != tarfile.USTAR_FORMAT:
-                _add(tar, long + ".png", b"png")
-                _add(tar, long + ".txt", b"long")
-            _add(tar, "c.json", json.dumps({"caption": "json only"}).encode())  # no image
-            _add(tar, "sub/d.seg.png", b"x")  # suffix "seg.png": not an image suffix
-            _add(tar, "sub/d.txt", b"d")
-            _add(tar, "e.jpg", b"jpg")
-            _add(tar, "e.json", json.dumps({"captions": ["one", "two"]}).encode())
+                tar_add(tar, long + ".png", b"png")
+                tar_add(tar, long + ".txt", b"long")
+            tar_add(tar, "c.json", json.dumps({"caption": "json only"}).encode())  # no image
+            tar_add(tar, "sub/d.seg.png", b"x")  # suffix "seg.png": not an image suffix
+            tar_add(tar, "sub/d.txt", b"d")
+            tar_add(tar, "e.jpg", b"jpg")
+            tar_add(tar, "e.json", json.dumps({"captions": ["one", "two"]}).encode())
         keys = shard_keys(str(path))
         assert keys == [k for k, _ in read_shard(str(path))]
         assert keys == ["a"] + ([long] if fmt != tarfile.USTAR_FORMAT else []) + ["e"]
@@ -253,8 +246,8 @@ def _stream_data(world, tmp_path) -> dict:
     for s in range(8):
         with tarfile.open(root / "shards" / f"train-{s:02d}.tar", "w") as tar:
             for it in samples[s * 20:(s + 1) * 20]:
-                _add(tar, f"{it.image_id}.png", it.image)
-                _add(tar, f"{it.image_id}.json", json.dumps({"captions": it.captions}).encode())
+                tar_add(tar, f"{it.image_id}.png", it.image)
+                tar_add(tar, f"{it.image_id}.json", json.dumps({"captions": it.captions}).encode())
     return {"data.source": "wds", "data.root": str(root), "data.stream": "true",
             "data.files": "{train: 'shards/train-{00..07}.tar'}", "data.shuffle_buffer": 16, "eval.splits": "[]",
             "train.threads": 1}
@@ -348,9 +341,9 @@ def test_llava_record_shards_stream_the_items_the_json_file_gives(world, tmp_pat
         for key, body in (("unplaced", {"image": "x.png", "conversations": turns}), ("nojson", b"{not json"),
                           ("noturns", {"id": "x"}), ("badturn", {"conversations": [{"from": "robot", "value": "hi"}]}),
                           ("twoimages", {"images": ["a.png", "b.png"], "conversations": turns})):
-            _add(tar, f"{key}.png", png)
-            _add(tar, f"{key}.json", body if isinstance(body, bytes) else json.dumps(body).encode())
-        _add(tar, "textonly.json", json.dumps({"conversations": turns}).encode())
+            tar_add(tar, f"{key}.png", png)
+            tar_add(tar, f"{key}.json", body if isinstance(body, bytes) else json.dumps(body).encode())
+        tar_add(tar, "textonly.json", json.dumps({"conversations": turns}).encode())
     streamed = decoded(last)
     assert "textonly" not in streamed
     placed = [{"role": "user", "content": "<image>\nwhat colour is the shape?"}, {"role": "assistant", "content": "red"}]

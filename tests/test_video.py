@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -289,6 +288,8 @@ def test_video_text_shards_stream_the_clips_the_files_give_and_train(video_world
     sample, counted; a run trains on the stream and evaluates on MSR-VTT-style files."""
     import tarfile
 
+    from conftest import tar_add
+
     from glimpse.config import load_recipe
     from glimpse.data.images import ImageTransform
     from glimpse.data.shapes_video import read_clips
@@ -302,16 +303,12 @@ def test_video_text_shards_stream_the_clips_the_files_give_and_train(video_world
     for k in range(4):
         with tarfile.open(root / "shards" / f"train-{k}.tar", "w") as tar:
             for c in clips[k * 12:(k + 1) * 12]:
-                for ext, data in (("mp4", Path(c.path).read_bytes()), ("json", json.dumps({"captions": c.captions}).encode())):
-                    info = tarfile.TarInfo(f"{c.video_id}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+                tar_add(tar, f"{c.video_id}.mp4", Path(c.path).read_bytes())
+                tar_add(tar, f"{c.video_id}.json", json.dumps({"captions": c.captions}).encode())
             if k == 3:  # a clip cut short, and a clip without a caption
-                for key, ext, data in (("cut", "mp4", Path(clips[0].path).read_bytes()[:400]), ("cut", "txt", b"a clip"),
-                                       ("mute", "mp4", Path(clips[0].path).read_bytes()), ("mute", "json", b"{}")):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+                for name, data in (("cut.mp4", Path(clips[0].path).read_bytes()[:400]), ("cut.txt", b"a clip"),
+                                   ("mute.mp4", Path(clips[0].path).read_bytes()), ("mute.json", b"{}")):
+                    tar_add(tar, name, data)
     transform = ImageTransform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     decode = StreamClips(8, transform, seed=0)
     whole = VideoDataset(clips, 8, transform)

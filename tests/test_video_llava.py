@@ -407,8 +407,9 @@ def test_llava_video_shards_stream_the_items_the_json_file_gives(video_world, tm
     """The video LLaVA from streamed shards of LLaVA-Video records (each sample the clip and its record): every
     record streams to the item the JSON file's reading gives (`video_records`); bad records are counted; a run
     trains on the stream; and the recipe check says what a stream cannot do."""
-    import io
     import tarfile
+
+    from conftest import tar_add
 
     from glimpse.data.conversations import ConversationDataset
     from glimpse.data.images import ImageTransform
@@ -424,25 +425,20 @@ def test_llava_video_shards_stream_the_items_the_json_file_gives(video_world, tm
     (root / "shards").mkdir(parents=True)
     (root / "tokenizer.json").write_bytes((video_world / "tokenizer.json").read_bytes())
 
-    def add(tar, name, data):
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-
     half = len(records) // 2
     for k, part in enumerate((records[:half], records[half:])):
         with tarfile.open(root / "shards" / f"train-{k}.tar", "w") as tar:
             for r in part:
-                add(tar, f"{r['id']}.mp4", (video_world / r["video"]).read_bytes())
-                add(tar, f"{r['id']}.json", json.dumps(r).encode())
+                tar_add(tar, f"{r['id']}.mp4", (video_world / r["video"]).read_bytes())
+                tar_add(tar, f"{r['id']}.json", json.dumps(r).encode())
             if k == 1:  # a clip cut short, a record naming two videos, a record with no turns, a caption sample
                 clip = (video_world / records[0]["video"]).read_bytes()
                 for key, video, body in (("cut", clip[:400], records[0]), ("two", clip, {**records[0], "video": ["a", "b"]}),
                                          ("none", clip, {"id": "none"})):
-                    add(tar, f"{key}.mp4", video)
-                    add(tar, f"{key}.json", json.dumps(body).encode())
-                add(tar, "caption.mp4", clip)
-                add(tar, "caption.txt", b"a red circle moves left")
+                    tar_add(tar, f"{key}.mp4", video)
+                    tar_add(tar, f"{key}.json", json.dumps(body).encode())
+                tar_add(tar, "caption.mp4", clip)
+                tar_add(tar, "caption.txt", b"a red circle moves left")
     sets = {"data.source": "wds", "data.stream": "true", "data.root": str(root), "model.reverse_twins": "false",
             "data.files": "{train: 'shards/train-{0..1}.tar'}", "data.shuffle_buffer": 8, "eval.splits": "[]",
             "eval.during_train": "[]", "data.num_workers": 0, "train.threads": 1}

@@ -283,10 +283,9 @@ def test_tiny_run_trains_evaluates_and_reconstructs(tiny_vq_run, world):
 def test_image_shards_stream_for_the_tokenizer(world, tmp_path, capsys):
     """The tokenizer from streamed image shards, captioned or not (ImageNet-style KEY.png + KEY.cls): each streamed
     image is PairDataset's; k-means reads only the first model.kmeans_images; a corrupt image is counted."""
-    import io
     import tarfile
 
-    from conftest import tiny_vq_overrides
+    from conftest import tar_add, tiny_vq_overrides
 
     from glimpse.config import load_recipe
     from glimpse.data.formats import ImageText
@@ -299,18 +298,13 @@ def test_image_shards_stream_for_the_tokenizer(world, tmp_path, capsys):
     (root / "shards").mkdir(parents=True)
     (root / "tokenizer.json").write_bytes((world / "tokenizer.json").read_bytes())
 
-    def add(tar, name, data):
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-
     for k in range(4):
         with tarfile.open(root / "shards" / f"train-{k}.tar", "w") as tar:
             for p in paths[k * 16:(k + 1) * 16]:
-                add(tar, f"{p.stem}.png", p.read_bytes())
-                add(tar, f"{p.stem}.cls", b"3")
+                tar_add(tar, f"{p.stem}.png", p.read_bytes())
+                tar_add(tar, f"{p.stem}.cls", b"3")
             if k == 3:
-                add(tar, "broken.png", paths[0].read_bytes()[:60])
+                tar_add(tar, "broken.png", paths[0].read_bytes()[:60])
     sets = {"data.source": "wds", "data.stream": "true", "data.root": str(root), "data.shuffle_buffer": 8,
             "data.files": "{train: 'shards/train-{0..3}.tar'}", "eval.splits": "[]", "eval.during_train": "[]",
             "train.threads": 1, "model.kmeans_images": 20, "train.max_steps": 9, "train.save_every": 9}
