@@ -256,6 +256,69 @@ def test_cli_caption_and_eval(flamingo_run, world, cli_env, tmp_path):
     assert f"assistant> {want}\n" in r.stdout
 
 
+def test_interleaved_documents_stream_from_shards_and_train(world, tok, tmp_path, capsys):
+    """MMC4 / OBELICS documents in shards (aligned "texts" and "images" in the .json, image members by position):
+    each image opens a chunk holding the text up to the next image, text before the first image is a chunk of its
+    own, images past model.max_images are left out; bad documents are counted; a run trains on the stream."""
+    import tarfile
+
+    from conftest import tar_add
+
+    from glimpse.config import load_recipe
+    from glimpse.data.images import ImageTransform, load_image
+    from glimpse.data.stream import ShardSample
+    from glimpse.errors import GlimpseError
+    from glimpse.families.flamingo.data import StreamDocuments, encode_chunks
+    from glimpse.train.trainer import train
+
+    images = sorted((world / "images" / "train").glob("*.png"))
+    transform = ImageTransform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    decode = StreamDocuments(tok, transform, 10**8, max_images=2, context_length=96)
+    doc = {"texts": ["a page about shapes.", None, "a red circle.", "it is small.", None, None, "more."],
+           "images": [None, "a.png", None, None, "b.png", "c.png", None]}
+    files = {"json": json.dumps(doc).encode(), "1.png": images[0].read_bytes(), "4.png": images[1].read_bytes(),
+             "5.png": images[2].read_bytes()}
+    item = decode(ShardSample("s/train-0.tar", "doc", files, 0))
+    want_ids, want_labels = encode_chunks(tok, ["a page about shapes.", "a red circle. it is small.", ""], 96,
+                                          text_only=[True, False, False])  # the third image is past max_images
+    assert item["input_ids"] == want_ids and item["labels"] == want_labels
+    want = torch.stack([transform.normalize(transform.resized_array(load_image(p))) for p in images[:2]])
+    assert torch.equal(item["pixel_values"], want)
+    for body, extra, words in ((b"{not json", {}, "not valid JSON"), (json.dumps({"texts": ["x"]}).encode(), {}, "aligned"),
+                               (json.dumps({"texts": [None], "images": ["a.png"]}).encode(), {"0.jpg": b"x"}, "bad image"),
+                               (json.dumps({"texts": [None, None], "images": ["a", "b"]}).encode(), {"0.png": b"x"},
+                                "no image member for position 1")):
+        bad = decode(ShardSample("s/train-0.tar", "bad", {"json": body, **extra}, 0))
+        assert "error" in bad and "train-0.tar:bad" in bad["message"] and words in bad["message"], bad
+
+    root = tmp_path / "docs"
+    (root / "shards").mkdir(parents=True)
+    (root / "tokenizer.json").write_bytes((world / "tokenizer.json").read_bytes())
+    captions = json.loads((world / "annotations" / "captions_train.json").read_text())["annotations"]
+    for k in range(2):
+        with tarfile.open(root / "shards" / f"train-{k}.tar", "w") as tar:
+            for d in range(k * 12, (k + 1) * 12):
+                picked = [images[(3 * d + j) % len(images)] for j in range(3)]
+                tar_add(tar, f"doc{d:03d}.json", json.dumps({
+                    "texts": [None, captions[3 * d]["caption"], None, captions[3 * d + 1]["caption"], None],
+                    "images": ["a", None, "b", None, "c"]}).encode())
+                for pos, p in zip((0, 2, 4), picked):
+                    tar_add(tar, f"doc{d:03d}.{pos}.png", p.read_bytes())
+            tar_add(tar, f"broken{k}.json", b"{")
+            tar_add(tar, f"broken{k}.0.png", images[0].read_bytes())
+    sets = {"data.source": "wds", "data.stream": "true", "data.root": str(root), "data.shuffle_buffer": 4,
+            "data.files": "{train: 'shards/train-{0..1}.tar'}", "eval.splits": "[]", "eval.during_train": "[]",
+            "train.threads": 1, "train.max_steps": 4, "train.save_every": 4, "model.lm.context_length": 96,
+            "train.cache_vision_features": "false"}
+    train(load_recipe("shapes-flamingo", tiny_flamingo_overrides(world, **sets)), tmp_path / "run", progress=False)
+    assert "skipped bad samples" in capsys.readouterr().out  # 26 samples, 32 read
+    assert len([r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]) == 4
+    for key, value, words in (("data.stream", "false", "set data.stream true"), ("eval.splits", "[test]", "eval.splits=")):
+        with pytest.raises(GlimpseError, match=words):
+            load_recipe("shapes-flamingo", tiny_flamingo_overrides(world, **{**sets, key: value}))
+
+
 def test_text_binding_documents_keep_one_word_per_colour(world):
     """shapes-lm-icl's documents: "colour word" lines, one made-up word per colour within a document."""
     from glimpse.config import load_recipe

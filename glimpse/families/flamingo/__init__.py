@@ -25,7 +25,13 @@ from glimpse.families import checks
 from glimpse.families.base import Family, HFBuild, Loaded, recipe_transform
 from glimpse.families.feature_cache import cache_tower_features
 from glimpse.families.flamingo import hf
-from glimpse.families.flamingo.data import END_OF_CHUNK, InterleavedCollate, InterleavedDataset, read_scenes
+from glimpse.families.flamingo.data import (
+    END_OF_CHUNK,
+    InterleavedCollate,
+    InterleavedDataset,
+    read_scenes,
+    stream_documents,
+)
 from glimpse.families.flamingo.evaluate import evaluate_flamingo
 from glimpse.families.flamingo.model import FlamingoConfig, FlamingoModel
 from glimpse.families.flamingo.pipeline import FlamingoPipeline
@@ -53,6 +59,7 @@ class FlamingoFamily(Family):
     config = FlamingoConfig
     hf_model_types = hf.MODEL_TYPES
     train_options = frozenset({"cache_vision_features"})
+    streams = True  # interleaved documents (MMC4 / OBELICS in shards); evaluation and episodes need the world
 
     @classmethod
     def validate(cls, recipe) -> None:
@@ -74,6 +81,14 @@ class FlamingoFamily(Family):
         check(m.max_shots >= 0, "model.max_shots", m.max_shots, "must be at least 0")
         check(not recipe.train.cache_vision_features or "vision" in recipe.freeze, "train.cache_vision_features",
               True, "needs the vision tower in the freeze list (a training tower changes its features)")
+        d, e = recipe.data, recipe.eval
+        choice("data.source", d.source, ("shapes", "wds"))
+        if d.source == "wds":
+            check(d.stream, "data.source", "wds", "interleaved documents are read as a stream: set data.stream true")
+            check(not recipe.train.cache_vision_features, "train.cache_vision_features", True,
+                  "caches the features of a set read whole: not with data.stream")
+            check(not e.splits and not e.during_train, "eval.splits/during_train", [*e.splits, *e.during_train],
+                  "Flamingo evaluates on the shapes world's episodes: set eval.splits=[] and eval.during_train=[]")
 
     def __init__(self, recipe, root: Path, tokenizer):
         super().__init__(recipe, root, tokenizer)
@@ -103,6 +118,9 @@ class FlamingoFamily(Family):
 
     def train_data(self):
         m, d = self.recipe.model, self.recipe.data
+        if d.stream:
+            return stream_documents(d, self.root, self.tokenizer, self.transform, m.max_images, m.lm.context_length,
+                                    self.recipe.train.seed), InterleavedCollate(self.tokenizer.pad_id)
         dataset = InterleavedDataset(read_scenes(d, self.root, "train"), self.tokenizer, self.transform, d.max_pixels,
                                      max_images=m.max_images, max_shots=m.max_shots, colours=m.episode_colours,
                                      episode_share=m.episode_share, text_share=m.episode_text_share, context_length=m.lm.context_length,

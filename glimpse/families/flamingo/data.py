@@ -17,6 +17,12 @@ A sample is fixed by its key (index, choice) alone (a seeded generator per key),
 sampler decides what is read and a resumed run reads what an uninterrupted one would.
 
 Labels: every text token after the first image except the `<image>` tokens (as OpenFlamingo trains).
+
+Real interleaved documents (MMC4 / OBELICS) stream from WebDataset shards (`data.source: wds`,
+`data.stream`): a sample is a document, its `.json` holding OBELICS's aligned `texts` and `images` lists
+(at each position a text or an image) and each image a member named by its position (`KEY.3.jpg` for
+position 3).  Each image opens a chunk holding the text up to the next image; text before the first image
+is a chunk of its own (`StreamDocuments`).
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ import torch
 from torch.utils.data import Dataset
 
 from glimpse.data.conversations import vqa_items
+from glimpse.data.formats import IMAGE_EXTS
 from glimpse.data.images import ImageError, ImageTransform, load_image, split_failures
 from glimpse.data.lm_text import nonce_words
+from glimpse.data.pairs import split_files
+from glimpse.data.stream import ShardSample, ShardStream
 from glimpse.errors import GlimpseError
 
 IGNORE = -100
@@ -234,3 +243,73 @@ class InterleavedCollate:
             ids[b, :t], labels[b, :t], mask[b, :t] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
         batch.update({"image_rows" if cached else "pixel_values": images}, image_valid=valid, input_ids=ids, attention_mask=mask, labels=labels)
         return batch
+
+
+def document_usable(suffixes) -> bool:
+    """Whether a shard sample is an interleaved document: a .json and at least one image member (`N.jpg`)."""
+    return "json" in suffixes and any(x.rsplit(".", 1)[-1] in IMAGE_EXTS for x in suffixes if "." in x)
+
+
+def stream_documents(data_cfg, root: Path, tokenizer, transform: ImageTransform, max_images: int,
+                     context_length: int, seed: int) -> ShardStream:
+    """The training split's shards of interleaved documents as a stream (`data.stream`)."""
+    files, _ = split_files(data_cfg, root, "train")
+    decode = StreamDocuments(tokenizer, transform, data_cfg.max_pixels, max_images, context_length)
+    return ShardStream(files, decode, seed=seed, shuffle_buffer=data_cfg.shuffle_buffer, usable=document_usable)
+
+
+class StreamDocuments:
+    """A stream's decoder: a document sample -> the item InterleavedDataset gives (its first `max_images` images
+    whose chunks fit the context, and the chunks' ids and labels), or the bad-sample record."""
+
+    def __init__(self, tokenizer, transform: ImageTransform, max_pixels: int, max_images: int, context_length: int):
+        self.tokenizer, self.transform, self.max_pixels = tokenizer, transform, max_pixels
+        self.max_images, self.context_length = max_images, context_length
+
+    def chunks(self, name: str, files: dict[str, bytes]) -> tuple[list[str], list[bool], list[str]] | dict:
+        """(chunk texts, whether each is text alone, the image members in order), or the bad-sample record."""
+        try:
+            doc = json.loads(files["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            return {"error": "corrupt", "message": f"{name}.json is not valid JSON ({str(e) or 'nested too deeply'})"}
+        texts, images = (doc.get("texts"), doc.get("images")) if isinstance(doc, dict) else (None, None)
+        if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
+            return {"error": "format", "message": f"{name}.json holds no interleaved document (aligned \"texts\" and "
+                                                  "\"images\" lists)"}
+        chunks: list[str] = []
+        alone: list[bool] = []
+        members: list[str] = []
+        for pos, (text, image) in enumerate(zip(texts, images)):
+            if image is not None:
+                if len(members) == self.max_images:
+                    break
+                member = next((f"{pos}.{ext}" for ext in IMAGE_EXTS if f"{pos}.{ext}" in files), None)
+                if member is None:
+                    return {"error": "format", "message": f"{name}: no image member for position {pos} ({pos}.jpg, ...)"}
+                members.append(member)
+                chunks.append("")
+                alone.append(False)
+            elif isinstance(text, str) and text.strip():
+                if chunks:  # the text after an image (or after text) joins its chunk
+                    chunks[-1] = f"{chunks[-1]} {text.strip()}".strip()
+                else:
+                    chunks.append(text.strip())
+                    alone.append(True)
+        return chunks, alone, members
+
+    def __call__(self, s: ShardSample) -> dict:
+        name = f"{s.shard.rsplit('/', 1)[-1]}:{s.key}"
+        got = self.chunks(name, s.files)
+        if isinstance(got, dict):
+            return got
+        chunks, alone, members = got
+        ids, labels = encode_chunks(self.tokenizer, chunks, self.context_length, text_only=alone)
+        n = ids.count(self.tokenizer.ids["image"])  # images whose chunk fits the context
+        if n == 0:
+            return {"error": "image_cut", "message": f"{name} dropped: no image's chunk fits the context"}
+        try:
+            pixels = torch.stack([self.transform.normalize(self.transform.resized_array(
+                load_image(s.files[m], max_pixels=self.max_pixels, name=f"{name}.{m}"))) for m in members[:n]])
+        except ImageError as e:
+            return {"error": e.reason, "message": str(e)}
+        return {"pixel_values": pixels, "input_ids": ids, "labels": labels}
