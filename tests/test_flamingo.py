@@ -268,28 +268,43 @@ def test_interleaved_documents_stream_from_shards_and_train(world, tok, tmp_path
     from glimpse.data.images import ImageTransform, load_image
     from glimpse.data.stream import ShardSample
     from glimpse.errors import GlimpseError
-    from glimpse.families.flamingo.data import StreamDocuments, encode_chunks
+    from glimpse.families.flamingo.data import StreamDocuments, document_usable
     from glimpse.train.trainer import train
 
     images = sorted((world / "images" / "train").glob("*.png"))
     transform = ImageTransform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     decode = StreamDocuments(tok, transform, 10**8, max_images=2, context_length=96)
-    doc = {"texts": ["a page about shapes.", None, "a red circle.", "it is small.", None, None, "more."],
+    doc = {"texts": ["a page about shapes.", None, "a red <image>circle.", "it is small.", None, None, "more."],
            "images": [None, "a.png", None, None, "b.png", "c.png", None]}
     files = {"json": json.dumps(doc).encode(), "1.png": images[0].read_bytes(), "4.png": images[1].read_bytes(),
              "5.png": images[2].read_bytes()}
     item = decode(ShardSample("s/train-0.tar", "doc", files, 0))
+    # a marker in the text is a space; the third image is past max_images; the opening text is context only
     want_ids, want_labels = encode_chunks(tok, ["a page about shapes.", "a red circle. it is small.", ""], 96,
-                                          text_only=[True, False, False])  # the third image is past max_images
-    assert item["input_ids"] == want_ids and item["labels"] == want_labels
+                                          text_only=[True, False, False])
+    first = want_ids.index(tok.ids["image"])
+    assert item["input_ids"] == want_ids and item["labels"] == [IGNORE] * first + want_labels[first:]
+    assert item["input_ids"].count(tok.ids["image"]) == 2
     want = torch.stack([transform.normalize(transform.resized_array(load_image(p))) for p in images[:2]])
     assert torch.equal(item["pixel_values"], want)
+    # a context that holds the first image's chunk only: one image; an opening text longer than the context: left out
+    short_ids, _ = encode_chunks(tok, ["a page about shapes.", "a red circle. it is small."], 96, text_only=[True, False])
+    short = StreamDocuments(tok, transform, 10**8, 2, len(short_ids) + 1)(ShardSample("s/t.tar", "doc", files, 0))
+    assert short["input_ids"] == short_ids and short["pixel_values"].shape[0] == 1
+    long_doc = {**doc, "texts": ["words " * 200, *doc["texts"][1:]]}
+    opened = decode(ShardSample("s/t.tar", "doc", {**files, "json": json.dumps(long_doc).encode()}, 0))
+    assert opened["input_ids"] == encode_chunks(tok, ["a red circle. it is small.", ""], 96)[0]
     for body, extra, words in ((b"{not json", {}, "not valid JSON"), (json.dumps({"texts": ["x"]}).encode(), {}, "aligned"),
                                (json.dumps({"texts": [None], "images": ["a.png"]}).encode(), {"0.jpg": b"x"}, "bad image"),
                                (json.dumps({"texts": [None, None], "images": ["a", "b"]}).encode(), {"0.png": b"x"},
-                                "no image member for position 1")):
+                                "no image member for position 1"),
+                               (json.dumps({"texts": ["x", None], "images": ["a", "b"]}).encode(), {"0.png": b"x"},
+                                "position 0 must hold a text or an image"),
+                               (json.dumps({"texts": ["only text"], "images": [None]}).encode(), {"0.png": b"x"},
+                                "holds no image")):
         bad = decode(ShardSample("s/train-0.tar", "bad", {"json": body, **extra}, 0))
         assert "error" in bad and "train-0.tar:bad" in bad["message"] and words in bad["message"], bad
+    assert document_usable(["json", "0.png"]) and not document_usable(["json", "png"])  # not a caption sample
 
     root = tmp_path / "docs"
     (root / "shards").mkdir(parents=True)
@@ -311,7 +326,7 @@ def test_interleaved_documents_stream_from_shards_and_train(world, tok, tmp_path
             "train.threads": 1, "train.max_steps": 4, "train.save_every": 4, "model.lm.context_length": 96,
             "train.cache_vision_features": "false"}
     train(load_recipe("shapes-flamingo", tiny_flamingo_overrides(world, **sets)), tmp_path / "run", progress=False)
-    assert "skipped bad samples" in capsys.readouterr().out  # 26 samples, 32 read
+    assert "skipped bad samples" in capsys.readouterr().out  # 26 samples (2 broken), 32 read: the broken came by
     assert len([r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
                 if "loss" in r]) == 4
     for key, value, words in (("data.stream", "false", "set data.stream true"), ("eval.splits", "[test]", "eval.splits=")):

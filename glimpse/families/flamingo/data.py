@@ -246,8 +246,10 @@ class InterleavedCollate:
 
 
 def document_usable(suffixes) -> bool:
-    """Whether a shard sample is an interleaved document: a .json and at least one image member (`N.jpg`)."""
-    return "json" in suffixes and any(x.rsplit(".", 1)[-1] in IMAGE_EXTS for x in suffixes if "." in x)
+    """Whether a shard sample is an interleaved document: a .json and at least one image member named by its
+    position (`KEY.3.jpg`: suffix `3.jpg`).  A caption sample (`KEY.jpg`) is not one."""
+    return "json" in suffixes and any(x.split(".")[0].isdigit() and x.rsplit(".", 1)[-1] in IMAGE_EXTS
+                                      for x in suffixes if "." in x)
 
 
 def stream_documents(data_cfg, root: Path, tokenizer, transform: ImageTransform, max_images: int,
@@ -260,14 +262,19 @@ def stream_documents(data_cfg, root: Path, tokenizer, transform: ImageTransform,
 
 class StreamDocuments:
     """A stream's decoder: a document sample -> the item InterleavedDataset gives (its first `max_images` images
-    whose chunks fit the context, and the chunks' ids and labels), or the bad-sample record."""
+    whose chunks fit the context, and the chunks' ids and labels), or the bad-sample record.  As OpenFlamingo
+    trains on MMC4, the text before the first image is context, not a target; an opening text too long for the
+    context is left out rather than the document.  Markers in the text (`<image>`, `<|endofchunk|>`) are read
+    as spaces: only the document's images make image tokens.  (MMC4's own layout, `text_list` and `image_info`,
+    is converted to this one first.)"""
 
     def __init__(self, tokenizer, transform: ImageTransform, max_pixels: int, max_images: int, context_length: int):
         self.tokenizer, self.transform, self.max_pixels = tokenizer, transform, max_pixels
         self.max_images, self.context_length = max_images, context_length
 
     def chunks(self, name: str, files: dict[str, bytes]) -> tuple[list[str], list[bool], list[str]] | dict:
-        """(chunk texts, whether each is text alone, the image members in order), or the bad-sample record."""
+        """(chunk texts, whether each is text alone, the image members in order), or the bad-sample record.
+        The text after the last image kept (the `max_images`-th) is left out with the images after it."""
         try:
             doc = json.loads(files["json"].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -280,6 +287,9 @@ class StreamDocuments:
         alone: list[bool] = []
         members: list[str] = []
         for pos, (text, image) in enumerate(zip(texts, images)):
+            if (image is None) == (text is None) or not (text is None or isinstance(text, str)):
+                return {"error": "format", "message": f"{name}: position {pos} must hold a text or an image, not both "
+                                                      "or neither"}
             if image is not None:
                 if len(members) == self.max_images:
                     break
@@ -289,12 +299,15 @@ class StreamDocuments:
                 members.append(member)
                 chunks.append("")
                 alone.append(False)
-            elif isinstance(text, str) and text.strip():
-                if chunks:  # the text after an image (or after text) joins its chunk
-                    chunks[-1] = f"{chunks[-1]} {text.strip()}".strip()
-                else:
-                    chunks.append(text.strip())
-                    alone.append(True)
+                continue
+            text = " ".join(text.replace("<image>", " ").replace(END_OF_CHUNK, " ").split())
+            if text and chunks:  # the text after an image (or after text) joins its chunk
+                chunks[-1] = f"{chunks[-1]} {text}".strip()
+            elif text:
+                chunks.append(text)
+                alone.append(True)
+        if not members:
+            return {"error": "format", "message": f"{name}: the document holds no image"}
         return chunks, alone, members
 
     def __call__(self, s: ShardSample) -> dict:
@@ -303,10 +316,15 @@ class StreamDocuments:
         if isinstance(got, dict):
             return got
         chunks, alone, members = got
+        image = self.tokenizer.ids["image"]
         ids, labels = encode_chunks(self.tokenizer, chunks, self.context_length, text_only=alone)
-        n = ids.count(self.tokenizer.ids["image"])  # images whose chunk fits the context
+        if image not in ids and alone[0]:  # the opening text alone outgrows the context: leave it out
+            ids, labels = encode_chunks(self.tokenizer, chunks[1:], self.context_length, text_only=alone[1:])
+        n = ids.count(image)  # images whose chunk fits the context (the text holds no image marker)
         if n == 0:
             return {"error": "image_cut", "message": f"{name} dropped: no image's chunk fits the context"}
+        first = ids.index(image)
+        labels = [IGNORE] * first + labels[first:]  # the text before the first image is context, not a target
         try:
             pixels = torch.stack([self.transform.normalize(self.transform.resized_array(
                 load_image(s.files[m], max_pixels=self.max_pixels, name=f"{name}.{m}"))) for m in members[:n]])
