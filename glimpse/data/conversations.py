@@ -267,16 +267,15 @@ class StreamConversations:
     @staticmethod
     def _llava(s: ShardSample) -> tuple[str, bytes, list[dict]] | dict:
         """(the sample's name, its image bytes, its record's turns as messages), or the bad-sample record."""
-        image = next(s.files[ext] for ext in IMAGE_EXTS if ext in s.files)  # wds_usable: there is one
         got = shard_record(s)
-        return got if isinstance(got, dict) else (got[0], image, got[1])
+        return got if isinstance(got, dict) else (got[0], s.member(IMAGE_EXTS), got[1])
 
 
 def shard_record(s: ShardSample, media: str = "image") -> tuple[str, list[dict]] | dict:
     """(the sample's name, its LLaVA record's turns as messages) of a shard sample holding one `media` member and
     the record as its .json, or the bad-sample record.  A video record's `<video>` is read as the `<image>` slot
     its clip's tokens fill (LLaVA-Video's JSON); a record naming other than one image (or video) is a bad sample."""
-    name = f"{s.shard.rsplit('/', 1)[-1]}:{s.key}"
+    name = s.name
     if "json" not in s.files:  # a caption sample (a .txt), not a record
         return {"error": "format", "message": f"{name}: no .json record"}
     try:

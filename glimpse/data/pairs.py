@@ -7,7 +7,6 @@ the dataset reports them, the collate drops them, and the trainer counts them by
 from __future__ import annotations
 
 import hashlib
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -119,10 +118,9 @@ class StreamImages:
         self.transform, self.max_pixels = transform, max_pixels
 
     def __call__(self, s: ShardSample) -> dict:
-        image = next(s.files[ext] for ext in IMAGE_EXTS if ext in s.files)  # image_usable: there is one
         try:
-            arr = self.transform.resized_array(load_image(image, max_pixels=self.max_pixels,
-                                                          name=f"{s.shard.rsplit('/', 1)[-1]}:{s.key}"))
+            arr = self.transform.resized_array(load_image(s.member(IMAGE_EXTS), max_pixels=self.max_pixels,
+                                                          name=s.name))
         except ImageError as e:
             return {"error": e.reason, "message": str(e)}
         return {"pixel_values": self.transform.normalize(arr)}
@@ -132,15 +130,14 @@ def stream_caption(s: ShardSample, seed: int) -> tuple[str, bytes, str] | dict:
     """(the sample's name, its image bytes, one of its captions) of a shard sample, or the bad-sample record (a
     .json that is broken or holds no caption).  The caption is drawn by (seed, epoch, key), so a replayed
     stream draws the same ones."""
-    name = f"{s.shard.rsplit('/', 1)[-1]}:{s.key}"  # the shard's file name and the sample's key
+    name = s.name
     try:
         item = wds_sample(s.shard, s.key, s.files)
     except GlimpseError as e:
         return {"error": "corrupt", "message": str(e)}
     if item is None:
         return {"error": "format", "message": f"{name}: no caption"}
-    choice = zlib.crc32(f"{seed}:{s.epoch}:{s.key}".encode())
-    return name, item.image, item.captions[choice % len(item.captions)]
+    return name, item.image, s.pick(item.captions, seed)
 
 
 # decoded training images a PairDataset keeps in memory (uint8, resized), when the whole set fits:

@@ -59,6 +59,19 @@ class ShardSample:
     files: dict[str, bytes]
     epoch: int
 
+    @property
+    def name(self) -> str:
+        """The shard's file name and the sample's key (`train-0003.tar:abc`), as errors name the sample."""
+        return f"{self.shard.rsplit('/', 1)[-1]}:{self.key}"
+
+    def pick(self, options: list, seed: int):
+        """One of `options` (a sample's captions), drawn by (seed, epoch, key): a replayed stream draws the same."""
+        return options[zlib.crc32(f"{seed}:{self.epoch}:{self.key}".encode()) % len(options)]
+
+    def member(self, suffixes) -> bytes:
+        """The first member with one of `suffixes` (the stream's `usable` predicate made sure there is one)."""
+        return next(self.files[ext] for ext in suffixes if ext in self.files)
+
 
 class ShuffleBuffer:
     """A buffer shuffle after webdataset's (the drain is its `webdataset.filters.pick`), its state kept in the open so that a

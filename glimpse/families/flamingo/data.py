@@ -311,7 +311,7 @@ class StreamDocuments:
         return chunks, alone, members
 
     def __call__(self, s: ShardSample) -> dict:
-        name = f"{s.shard.rsplit('/', 1)[-1]}:{s.key}"
+        name = s.name
         got = self.chunks(name, s.files)
         if isinstance(got, dict):
             return got

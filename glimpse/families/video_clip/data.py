@@ -9,7 +9,6 @@ both captions, so a resumed run reads exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -111,17 +110,15 @@ class StreamClips:
         self.num_frames, self.transform, self.seed, self.limits = num_frames, transform, seed, limits
 
     def __call__(self, s: ShardSample) -> dict:
-        name = f"{s.shard.rsplit('/', 1)[-1]}:{s.key}"
+        name = s.name
         try:
             captions = wds_captions(s.shard, s.key, s.files)
         except GlimpseError as e:
             return {"error": "corrupt", "message": str(e)}
         if not captions:
             return {"error": "format", "message": f"{name}: no caption"}
-        video = next(s.files[ext] for ext in VIDEO_EXTS if ext in s.files)  # video_usable: there is one
         try:
-            frames = decode_clip(video, self.num_frames, self.transform, self.limits, name=name)
+            frames = decode_clip(s.member(VIDEO_EXTS), self.num_frames, self.transform, self.limits, name=name)
         except VideoError as e:
             return {"error": e.reason, "message": str(e)}
-        choice = zlib.crc32(f"{self.seed}:{s.epoch}:{s.key}".encode())
-        return {"pixel_values": to_pixels(frames, self.transform)[None], "captions": [captions[choice % len(captions)]]}
+        return {"pixel_values": to_pixels(frames, self.transform)[None], "captions": [s.pick(captions, self.seed)]}

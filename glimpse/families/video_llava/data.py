@@ -218,9 +218,8 @@ class StreamVideoConversations:
         encoded = encode_sample(self.tokenizer, self.template, messages, 1, self.clip_tokens, self.context_length)
         if isinstance(encoded, str):
             return {"error": encoded, "message": f"{name} dropped: {DROP_REASONS[encoded]}"}
-        video = next(s.files[ext] for ext in VIDEO_EXTS if ext in s.files)  # video_usable: there is one
         try:
-            pixels = clip_pixels(video, self.num_frames, self.transform, name=name)
+            pixels = clip_pixels(s.member(VIDEO_EXTS), self.num_frames, self.transform, name=name)
         except VideoError as e:
             return {"error": e.reason, "message": str(e)}
         return {"input_ids": encoded[0], "labels": encoded[1], "pixel_values": [pixels]}
