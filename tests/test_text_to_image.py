@@ -261,6 +261,48 @@ def test_train_evaluate_load_and_generate(tiny_t2i_run, world, cli_env, tmp_path
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--n" in r.stderr
 
 
+def test_the_prior_trains_on_streamed_image_caption_shards(world, tiny_run, tiny_vq_run, tmp_path):
+    """From image-caption shards (`data.stream`), each batch's images are encoded by the frozen tokenizer in the
+    loss: the codes are those the cached path computes for the same images; the run trains; the recipe check
+    refuses what needs the world (evaluation by its scene parser, caption_drop's scene descriptions)."""
+    import shutil
+
+    from glimpse.api import load_run
+    from glimpse.config import load_recipe
+    from glimpse.data.pairs import StreamPairs
+    from glimpse.data.stream import ShardSample, read_shard
+    from glimpse.families.base import vq_transform
+    from glimpse.families.text_to_image.data import encode_codes
+    from glimpse.train.trainer import train
+
+    root = tmp_path / "data"
+    (root / "shards").mkdir(parents=True)
+    shutil.copy(world / "tokenizer.json", root / "tokenizer.json")
+    for shard in (world / "shards").glob("train-*.tar"):
+        shutil.copy(shard, root / "shards" / shard.name)
+    sets = {"data.source": "wds", "data.stream": "true", "data.root": str(root), "data.shuffle_buffer": 8,
+            "data.files": "{train: 'shards/train-*.tar'}", "eval.splits": "[]", "eval.during_train": "[]",
+            "train.threads": 1, "train.max_steps": 3, "train.save_every": 3}
+    recipe = load_recipe("shapes-t2i", tiny_t2i_overrides(world, tiny_run, tiny_vq_run, **sets))
+    train(recipe, tmp_path / "run", progress=False)
+    assert len([r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]) == 3
+    _, model = load_run(tmp_path / "run")
+    transform = vq_transform(recipe.model.vq)
+    shard = sorted((root / "shards").glob("*.tar"))[0]
+    samples = list(read_shard(str(shard)))[:6]
+    decode = StreamPairs(transform, recipe.data.max_pixels, 0)
+    pixels = torch.stack([decode(ShardSample(str(shard), k, f, 0))["pixel_values"] for k, f in samples])
+    streamed = model.vq.tokens(pixels).flatten(1)
+    _, cached, _ = encode_codes(model.vq, [f["png"] for _, f in samples], transform, recipe.data.max_pixels,
+                                torch.device("cpu"), progress=False)
+    assert torch.equal(streamed, cached.long())
+    for key, value, words in (("eval.splits", "[test]", "scene parser"), ("model.caption_drop", 0.3, "caption_drop"),
+                              ("data.stream", "false", "data.stream true")):
+        with pytest.raises(GlimpseError, match=words):
+            load_recipe("shapes-t2i", tiny_t2i_overrides(world, tiny_run, tiny_vq_run, **{**sets, key: value}))
+
+
 def test_the_autoregressive_prior_trains_and_generates(world, tiny_run, tiny_vq_run, tmp_path):
     import glimpse
     from glimpse.config import load_recipe

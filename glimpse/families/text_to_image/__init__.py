@@ -1,7 +1,8 @@
 """Text-to-image in the DALL-E style: a prior generates an image tokenizer's codes from the per-token
 text states of a frozen CLIP, and CLIP re-ranks the candidates.  The tokenizer (a `vq` run) and the
 CLIP (a `dual_encoder` run) come in through the recipe's `init_parts` and stay frozen; the training
-images are encoded into codes once, before the first step.
+images are encoded into codes once, before the first step (or, streamed from image-caption shards,
+batch by batch in the loss).
 
     model.py      TextToImage (TextToImageConfig): clip + vq + prior (maskgit or autoregressive)
     data.py       the code table of the training images and the caption pairs read from it
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glimpse.data.pairs import stream_pairs
 from glimpse.data.world import read_scenes
 from glimpse.errors import GlimpseError
 from glimpse.families import checks
@@ -37,6 +39,7 @@ IGNORE = -100
 class TextToImageFamily(Family):
     name = "text_to_image"
     config = TextToImageConfig
+    streams = True  # image-caption shards, encoded batch by batch; evaluation needs the shapes world's parser
 
     @classmethod
     def validate(cls, recipe) -> None:
@@ -49,8 +52,14 @@ class TextToImageFamily(Family):
         check(0.0 <= m.cond_drop < 1.0, "model.cond_drop", m.cond_drop, "must be in [0, 1)")
         check(m.steps >= 1, "model.steps", m.steps, "must be at least 1")
         check(m.candidates >= 1, "model.candidates", m.candidates, "must be at least 1")
-        check(recipe.data.source == "shapes", "data.source", recipe.data.source,
-              "must be shapes: the prior trains on the shapes world's captions and is judged by its scene parser")
+        d, e = recipe.data, recipe.eval
+        check(d.source == "shapes" or (d.source == "wds" and d.stream), "data.source", d.source,
+              "must be shapes (the prior is judged by its scene parser), or wds with data.stream true")
+        if d.stream:
+            check(not e.splits and not e.during_train, "eval.splits/during_train", [*e.splits, *e.during_train],
+                  "the prior is judged by the shapes world's scene parser: set eval.splits=[] and eval.during_train=[]")
+            check(m.caption_drop == 0, "model.caption_drop", m.caption_drop,
+                  "describes the world's scenes: set it 0 with data.stream")
         for part in ("clip", "vq"):
             check(part in recipe.freeze, "freeze", recipe.freeze, f"must hold {part}: the prior reads a fixed {part}")
 
@@ -70,7 +79,9 @@ class TextToImageFamily(Family):
         return TextToImage(self.recipe.model)
 
     def prepare(self, model: TextToImage, device: torch.device, progress: bool = True) -> None:
-        """The frozen tokenizer's codes of every training image, once."""
+        """The frozen tokenizer's codes of every training image, once (a stream's are encoded in the loss)."""
+        if self.recipe.data.stream:
+            return
         self.scenes = read_scenes(self.root, "train")
         model.vq.eval()
         self.code_rows, self.codes, self.bad = encode_codes(
@@ -78,15 +89,21 @@ class TextToImageFamily(Family):
             self.recipe.eval.batch_size, progress)
 
     def train_data(self):
+        m = self.recipe.model
+        if self.recipe.data.stream:
+            return stream_pairs(self.recipe.data, self.root, self.vq_transform, self.recipe.train.seed), \
+                CodeCollate(self.tokenizer, m.clip.text.context_length)
         if self.codes is None:
             raise GlimpseError("text_to_image: prepare() encodes the training images before train_data()")
-        m = self.recipe.model
         dataset = CodeDataset(self.scenes, self.code_rows, self.codes, self.bad, m.caption_drop, self.recipe.train.seed)
         return dataset, CodeCollate(self.tokenizer, m.clip.text.context_length)
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         inner = model.module if hasattr(model, "module") else model  # DDP wraps the model
         c = inner.cfg
+        if "codes" not in batch:  # streamed images: the frozen tokenizer's codes, as prepare() computes them
+            with torch.no_grad():
+                batch["codes"] = inner.vq.tokens(batch["pixel_values"]).flatten(1)
         codes = inner.prior_ids(batch["codes"])  # the tokenizer's codes, offset by codebook group
         B, N = codes.shape
         keep = torch.rand(B, device=codes.device) >= c.cond_drop

@@ -66,13 +66,16 @@ class CodeDataset(Dataset):
 
 
 class CodeCollate:
+    """The codes (or, streamed, the tokenizer's view of the images, encoded in the loss) and the padded captions."""
+
     def __init__(self, tokenizer, context_length: int):
         self.tokenizer, self.context_length = tokenizer, context_length
 
     def __call__(self, samples: list[dict]) -> dict:
         good, batch = split_failures(samples)
         if good:
-            batch["codes"] = torch.stack([s["codes"] for s in good])
+            key = "codes" if "codes" in good[0] else "pixel_values"
+            batch[key] = torch.stack([s[key] for s in good])
             batch["input_ids"], batch["attention_mask"] = self.tokenizer.pad(
                 [self.tokenizer.tower_ids(s["caption"], self.context_length) for s in good])
         return batch
