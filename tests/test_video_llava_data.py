@@ -1,5 +1,5 @@
 """The video LLaVA's training records from the moving-shapes world: reversed and still twins, every
-question of a clip, and answers traced frame by frame."""
+question of a clip, and answers traced frame by frame; and the same records streamed from shards."""
 
 from __future__ import annotations
 
@@ -167,3 +167,77 @@ def test_traced_answers_trace_the_asked_shapes_and_end_in_the_worlds_answer(vide
                 for _, cells in entries:
                     assert cells == "--" or (len(cells) == 2 and cells.isdigit() and max(cells) < "8"), part
     assert spelt > len(plain) // 4
+
+
+def test_llava_video_shards_stream_the_items_the_json_file_gives(video_world, tmp_path, capsys):
+    """The video LLaVA from streamed shards of LLaVA-Video records (each sample the clip and its record): every
+    record streams to the item the JSON file's reading gives (`video_records`); bad records are counted; a run
+    trains on the stream; and the recipe check says what a stream cannot do."""
+    import tarfile
+
+    from conftest import tar_add
+    from test_video_llava import overrides
+
+    from glimpse.config import load_recipe
+    from glimpse.data.conversations import ConversationDataset
+    from glimpse.data.images import ImageTransform
+    from glimpse.data.stream import ShardSample, read_shard
+    from glimpse.data.tokenizer import Tokenizer
+    from glimpse.data.video import clip_pixels, video_usable
+    from glimpse.errors import GlimpseError
+    from glimpse.families.video_llava.data import stream_video_conversations, video_records
+    from glimpse.families.video_llava.model import VideoLanguageModel
+    from glimpse.train.trainer import train
+
+    records = json.loads((video_world / "annotations" / "llava_video_train.json").read_text())
+    root = tmp_path / "data"
+    (root / "shards").mkdir(parents=True)
+    (root / "tokenizer.json").write_bytes((video_world / "tokenizer.json").read_bytes())
+
+    half = len(records) // 2
+    for k, part in enumerate((records[:half], records[half:])):
+        with tarfile.open(root / "shards" / f"train-{k}.tar", "w") as tar:
+            for r in part:
+                tar_add(tar, f"{r['id']}.mp4", (video_world / r["video"]).read_bytes())
+                tar_add(tar, f"{r['id']}.json", json.dumps(r).encode())
+            if k == 1:  # a clip cut short, a record naming two videos, a record with no turns, a caption sample
+                clip = (video_world / records[0]["video"]).read_bytes()
+                for key, video, body in (("cut", clip[:400], records[0]), ("two", clip, {**records[0], "video": ["a", "b"]}),
+                                         ("none", clip, {"id": "none"})):
+                    tar_add(tar, f"{key}.mp4", video)
+                    tar_add(tar, f"{key}.json", json.dumps(body).encode())
+                tar_add(tar, "caption.mp4", clip)
+                tar_add(tar, "caption.txt", b"a red circle moves left")
+    sets = {"data.source": "wds", "data.stream": "true", "data.root": str(root), "model.reverse_twins": "false",
+            "data.files": "{train: 'shards/train-{0..1}.tar'}", "data.shuffle_buffer": 8, "eval.splits": "[]",
+            "eval.during_train": "[]", "data.num_workers": 0, "train.threads": 1}
+    steps = (len(records) + 4) // 8 + 1  # past the end of the first epoch: the bad samples come by
+    sets.update({"train.max_steps": steps, "train.save_every": steps})
+    recipe = load_recipe("shapes-video-llava", overrides(video_world, **sets))
+    m, tok = recipe.model, Tokenizer(video_world / "tokenizer.json")
+    transform = ImageTransform(32, recipe.data.image_mean, recipe.data.image_std)
+    tokens = VideoLanguageModel.count_image_tokens(m)
+    stream = stream_video_conversations(recipe.data, root, tok, m.chat_template, transform, m.num_frames, tokens,
+                                        m.lm.context_length, seed=0)
+    whole = ConversationDataset(video_records(recipe.data.__class__(source="shapes-video"), video_world, "train"), tok,
+                                m.chat_template, transform, 10**8, tokens, m.lm.context_length,
+                                loader=lambda src, name=None: clip_pixels(src, m.num_frames, transform))
+    got = {key: stream.decode(ShardSample(p, key, files, 0)) for p in stream.paths
+           for key, files in read_shard(p, video_usable)}
+    assert len(got) == len(records) + 4
+    for i, r in enumerate(records):
+        want = whole[(i, 0)]
+        assert got[r["id"]]["input_ids"] == want["input_ids"] and got[r["id"]]["labels"] == want["labels"], r["id"]
+        assert torch.equal(got[r["id"]]["pixel_values"][0], want["pixel_values"][0]), r["id"]
+    assert [got[k]["error"] for k in ("cut", "two", "none", "caption")] == ["truncated", "format", "format", "format"]
+    assert "train-1.tar:caption: no .json record" in got["caption"]["message"]
+    assert "names 2 videos" in got["two"]["message"] and "train-1.tar:none" in got["none"]["message"]
+
+    train(recipe, tmp_path / "run", progress=False)
+    assert "skipped bad samples" in capsys.readouterr().out
+    assert len([r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]) == steps
+    for key, value, words in (("data.stream", "false", "set data.stream true"), ("model.reverse_twins", "true", "tracks"),
+                              ("eval.splits", "[test]", "eval.splits=")):
+        with pytest.raises(GlimpseError, match=words):
+            load_recipe("shapes-video-llava", overrides(video_world, **{**sets, key: value}))
