@@ -104,8 +104,8 @@ def first_images(data_cfg, root: Path, n: int) -> list[bytes]:
     files, _ = split_files(data_cfg, root, "train")
     out: list[bytes] = []
     for path in expand_shards(files):
-        for _, members in read_shard(path, image_usable):
-            out.append(next(members[ext] for ext in IMAGE_EXTS if ext in members))
+        for key, members in read_shard(path, image_usable):
+            out.append(ShardSample(path, key, members, 0).member(IMAGE_EXTS))
             if len(out) == n:
                 return out
     return out

@@ -18,10 +18,12 @@ samples before, without decoding them; whole epochs by the shards' sample counts
 headers alone), and within an epoch by replaying the shuffle on (shard, sample) numbers, then reading
 only the samples still in the buffer and the rest of the current shard.
 
-A shard's sample is usable when its member names hold an image and a .txt or .json (formats.wds_usable: a
-caption, or a LLaVA record; a video stream's predicate asks for a video instead); the others are passed over, as the in-memory reader does.  A usable sample
-that then fails (a bad image, a caption-less or broken .json, a record that is not LLaVA's) is yielded by the decoder as a bad-sample record, so the collate reports
-it and the trainer counts it.  An unreadable or truncated tar shard is an error naming it: it would
+A shard's sample is usable when its member names hold what the stream's `usable` predicate asks for: by
+default an image and a .txt or .json (formats.wds_usable: a caption, or a LLaVA record); a video, a
+document or a lone image for the families that read those.  The others are passed over, as the in-memory
+reader does.  A usable sample that then fails (a bad image, a caption-less or broken .json, a record that
+is not LLaVA's) is yielded by the decoder as a bad-sample record, so the collate reports it and the trainer
+counts it.  An unreadable or truncated tar shard is an error naming it: it would
 silently lose up to a whole shard of samples, and a data set with a broken file wants fixing.
 """
 
@@ -361,7 +363,7 @@ class ShardStream(IterableDataset):
                     yield sample
             empty = 0 if n else empty + 1
             if empty > len(self.paths) and not any(self._count(p) for p in self.paths):
-                raise GlimpseError(f"data.stream: no usable sample (an image or video and a .txt or .json) in {len(self.paths)} "
+                raise GlimpseError(f"data.stream: no usable sample (members its family reads) in {len(self.paths)} "
                                    f"shards ({self.paths[0]}, ...)")
             epoch += 1
 
